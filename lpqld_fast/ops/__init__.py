@@ -1,0 +1,22 @@
+"""lpqld_fast.ops: the one public entry to every kernel.
+
+Each op validates its inputs, then dispatches by device to the native C++
+(CPU), CUDA or Triton kernel, or to the plain-PyTorch reference in
+lpqld_fast.ops.reference. Force a backend with ``backend=`` per call,
+``force_backend(name)`` per block or LPQLD_BACKEND per process.
+"""
+from lpqld_fast.ops._dispatch import (  # noqa: F401
+    BACKENDS,
+    available_backends,
+    force_backend,
+    native_available,
+    native_has_cuda,
+)
+from lpqld_fast.ops.classwise_moments import (  # noqa: F401
+    ClasswiseMomentsAccumulator,
+    Moments,
+    classwise_ema_update_,
+    classwise_moments,
+    classwise_moments_accumulate_,
+    merge_moments_,
+)

@@ -1,0 +1,108 @@
+"""Backend selection shared by every op.
+
+Backends: "reference" (plain PyTorch oracle), "cpp" (native CPU kernels in
+lpqld_fast._C), "cuda" (native CUDA kernels in lpqld_fast._C) and "triton".
+"auto" follows the tensor's device: cpp on CPU, cuda (then triton) on GPU,
+falling back to the reference when nothing faster is available. A backend is
+forced per call (``backend=``), per block (``force_backend``) or per process
+(``LPQLD_BACKEND``).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+_forced: list[str] = []
+
+
+@functools.lru_cache(maxsize=None)
+def native_available() -> bool:
+    """True when lpqld_fast._C imported and registered its ops."""
+    try:
+        from lpqld_fast import _C  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch.ops, "lpqld")
+
+
+@functools.lru_cache(maxsize=None)
+def native_has_cuda() -> bool:
+    """True when the extension was built with its CUDA kernels."""
+    if not native_available():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("lpqld::classwise_moments_accumulate_", "CUDA")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs CUDA tensors natively and CPU tensors under TRITON_INTERPRET=1."""
+    if not triton_importable():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and triton_interpret()
+
+
+@contextlib.contextmanager
+def force_backend(name: str) -> Iterator[None]:
+    """Run every op inside the block with backend ``name``."""
+    if name not in BACKENDS and name != "auto":
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """The backends that can run tensors on ``device`` in this process."""
+    device = torch.device(device)
+    out = ["reference"]
+    if device.type == "cpu" and native_available():
+        out.append("cpp")
+    if device.type == "cuda" and native_has_cuda():
+        out.append("cuda")
+    if triton_usable(device):
+        out.append("triton")
+    return out
+
+
+def resolve_backend(op: str, device: torch.device, backend: str | None = None) -> str:
+    """Pick the backend for ``op`` on ``device``; raise if a forced one cannot run."""
+    name = backend or (_forced[-1] if _forced else None) or os.environ.get("LPQLD_BACKEND") or "auto"
+    if name == "auto":
+        if device.type == "cpu":
+            return "cpp" if native_available() else "reference"
+        if device.type == "cuda":
+            if native_has_cuda():
+                return "cuda"
+            return "triton" if triton_usable(device) else "reference"
+        return "reference"
+    if name not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    if name not in available_backends(device):
+        hint = {
+            "cpp": "build the extension (make build) and pass CPU tensors",
+            "cuda": "build the extension with CUDA and pass CUDA tensors",
+            "triton": "install triton and pass CUDA tensors, or set TRITON_INTERPRET=1 for CPU tensors",
+        }.get(name, "")
+        raise RuntimeError(f"{op}: backend {name!r} cannot run tensors on {device} here ({hint})")
+    return name

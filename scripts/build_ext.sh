@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Build lpqld_fast._C in place (editable install). Serialised with flock so
+# concurrent builds in one checkout do not clobber build/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+exec 9>/tmp/lpqld-build.lock
+flock 9
+if [ -z "${WITH_CUDA:-}" ] && [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-2}
+"$PY" setup.py -q build_ext --inplace "$@"
