@@ -31,11 +31,19 @@ def native_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def native_has_cuda() -> bool:
-    """True when the extension was built with its CUDA kernels."""
+def native_has_kernel(native_op: str, dispatch_key: str) -> bool:
+    """True when lpqld::<native_op> has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     if not native_available():
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("lpqld::classwise_moments_accumulate_", "CUDA")
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"lpqld::{native_op}", dispatch_key)
+    except RuntimeError:  # schema not registered (op not built)
+        return False
+
+
+def native_has_cuda() -> bool:
+    """True when the extension was built with its CUDA kernels."""
+    return native_has_kernel("classwise_moments_accumulate_", "CUDA")
 
 
 def triton_interpret() -> bool:
@@ -72,33 +80,42 @@ def force_backend(name: str) -> Iterator[None]:
         _forced.pop()
 
 
-def available_backends(device: torch.device | str) -> list[str]:
-    """The backends that can run tensors on ``device`` in this process."""
+def available_backends(device: torch.device | str, native_op: str = "classwise_moments_accumulate_") -> list[str]:
+    """The backends that can run tensors on ``device`` in this process.
+
+    ``native_op`` names the lpqld::<op> schema whose C++/CUDA kernels decide
+    whether "cpp"/"cuda" are available.
+    """
     device = torch.device(device)
     out = ["reference"]
-    if device.type == "cpu" and native_available():
+    if device.type == "cpu" and native_has_kernel(native_op, "CPU"):
         out.append("cpp")
-    if device.type == "cuda" and native_has_cuda():
+    if device.type == "cuda" and native_has_kernel(native_op, "CUDA"):
         out.append("cuda")
     if triton_usable(device):
         out.append("triton")
     return out
 
 
-def resolve_backend(op: str, device: torch.device, backend: str | None = None) -> str:
-    """Pick the backend for ``op`` on ``device``; raise if a forced one cannot run."""
+def resolve_backend(op: str, device: torch.device, backend: str | None = None, native_op: str | None = None) -> str:
+    """Pick the backend for ``op`` on ``device``; raise if a forced one cannot run.
+
+    ``native_op`` is the lpqld::<name> schema of the op's C++/CUDA kernels
+    (default: ``op``).
+    """
+    native_op = native_op or op
     name = backend or (_forced[-1] if _forced else None) or os.environ.get("LPQLD_BACKEND") or "auto"
     if name == "auto":
         if device.type == "cpu":
-            return "cpp" if native_available() else "reference"
+            return "cpp" if native_has_kernel(native_op, "CPU") else "reference"
         if device.type == "cuda":
-            if native_has_cuda():
+            if native_has_kernel(native_op, "CUDA"):
                 return "cuda"
             return "triton" if triton_usable(device) else "reference"
         return "reference"
     if name not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {('auto',) + BACKENDS}, got {name!r}")
-    if name not in available_backends(device):
+    if name not in available_backends(device, native_op):
         hint = {
             "cpp": "build the extension (make build) and pass CPU tensors",
             "cuda": "build the extension with CUDA and pass CUDA tensors",

@@ -16,6 +16,7 @@ from lpqld_fast.ops._dispatch import resolve_backend
 from lpqld_fast.ops.reference import classwise_moments as ref
 
 OP = "classwise_moments"
+NATIVE_OP = "classwise_moments_accumulate_"
 
 
 class Moments(NamedTuple):
@@ -75,7 +76,7 @@ def classwise_moments_accumulate_(
         raise ValueError("count must be contiguous (it is updated in place)")
     x3 = x.reshape(x.shape[0], channels, -1).contiguous()
     labels = labels.to(torch.int64).contiguous()
-    _run_accumulate(x3, labels, count, mean, m2, resolve_backend(OP, x.device, backend))
+    _run_accumulate(x3, labels, count, mean, m2, resolve_backend(OP, x.device, backend, NATIVE_OP))
 
 
 def classwise_moments(

@@ -1,0 +1,83 @@
+"""Training building blocks shared by squeeze (teacher) and train (student)."""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a dedicated generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay only on weights with ndim > 1 (not on biases or norm affine params)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+                    nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=betas)
+    raise ValueError(f"unknown optimizer {name!r}; choose sgd, adamw or adam")
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int = 0, floor: float = 0.0):
+    """LambdaLR factor: linear warm-up then cosine decay to ``floor``."""
+    total_steps = max(total_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, drop_last: bool) -> Iterator[torch.Tensor]:
+    """Index batches of a shuffled (generator given) or ordered range(n)."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    stop = (n // batch_size) * batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]
+
+
+def to_float_images(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float().div_(255.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
+             std: torch.Tensor, batch_size: int = 1000, bf16: bool = False) -> float:
+    """Top-1 accuracy (%) of ``model`` on an in-memory uint8 dataset."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    device = next(model.parameters()).device
+    mean = mean.view(1, -1, 1, 1).to(device)
+    std = std.view(1, -1, 1, 1).to(device)
+    for idx in batch_indices(len(labels), batch_size, None, drop_last=False):
+        x = (to_float_images(images_uint8[idx].to(device)) - mean) / std
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = model(x).argmax(dim=1)
+        correct += int((pred.cpu() == labels[idx]).sum())
+    model.train(was_training)
+    return 100.0 * correct / max(len(labels), 1)

@@ -1,0 +1,109 @@
+"""Per-dataset presets for every stage, with the papers' settings.
+
+fashion-mnist is the CPU preset (sized for 2 cores: ConvNet-BN teacher and
+student); tiny-imagenet, imagenet1k and imagenet21k follow the LPLD/LPQLD
+reference settings (DESIGN.md sections 2.2-2.4). Any field can be overridden
+from the CLI with ``--set stage.key=value``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "fashion-mnist": {
+        "dataset": "fashion-mnist",
+        "squeeze": {
+            "model": "convnet-bn",
+            "epochs": 8,
+            "batch_size": 256,
+            "optimizer": "sgd",
+            "lr": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "nesterov": True,
+            "label_smoothing": 0.1,
+            "warmup_epochs": 1,
+            "augment": "crop-flip",
+            "crop_pad": 2,
+            "bf16": True,
+            "channels_last": True,
+            "stats_mode": "exact",
+            "stats_momentum": 0.1,
+            "stats_batch_size": 500,
+        },
+        "recover": {"ipc": 10, "iterations": 1000, "lr": 0.1, "r_bn": 0.05, "jitter": 2, "first_bn_mult": 10.0},
+        "relabel": {"epochs": 300, "batch_size": 50, "prune_ratio": 0.0, "label": "mr", "k": 5, "cutmix": False},
+        "train": {"model": "convnet-bn", "epochs": 300, "batch_size": 50, "optimizer": "adamw", "lr": 1e-3,
+                  "weight_decay": 0.01, "temperature": "step", "calibrate": True, "t2_scale": False},
+    },
+    "tiny-imagenet": {
+        "dataset": "imagefolder",
+        "squeeze": {"model": "resnet18-small", "epochs": 50, "batch_size": 256, "optimizer": "sgd", "lr": 0.2,
+                    "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False, "label_smoothing": 0.0,
+                    "warmup_epochs": 0, "augment": "rrc-flip", "crop_pad": 4, "bf16": False, "channels_last": True,
+                    "stats_mode": "exact", "stats_momentum": 0.1, "stats_batch_size": 256},
+        "recover": {"ipc": 50, "iterations": 4000, "lr": 0.1, "r_bn": 0.05, "jitter": 4, "first_bn_mult": 10.0},
+        "relabel": {"epochs": 100, "batch_size": 64, "prune_ratio": 0.0, "label": "dense", "k": 200,
+                    "cutmix": False},
+        "train": {"model": "resnet18-small", "epochs": 100, "batch_size": 64, "optimizer": "sgd", "lr": 0.2,
+                  "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 5, "temperature": "step",
+                  "calibrate": True, "t2_scale": True},
+    },
+    "imagenet1k": {
+        "dataset": "imagefolder",
+        "squeeze": {"model": "resnet18", "checkpoint_required": True, "stats_mode": "exact",
+                    "stats_momentum": 0.1, "stats_batch_size": 256, "augment": "rrc-flip"},
+        "recover": {"ipc": 50, "iterations": 4000, "lr": 0.25, "r_bn": 0.01, "jitter": 32, "first_bn_mult": 10.0},
+        "relabel": {"epochs": 300, "batch_size": 128, "prune_ratio": 0.975, "label": "mr", "k": 100,
+                    "cutmix": True},
+        "train": {"model": "resnet18", "epochs": 300, "batch_size": 128, "optimizer": "adamw", "lr": 1e-3,
+                  "weight_decay": 0.01, "temperature": "step", "calibrate": True, "t2_scale": False},
+    },
+    "imagenet21k": {
+        "dataset": "imagefolder",
+        "squeeze": {"model": "resnet18", "checkpoint_required": True, "stats_mode": "exact",
+                    "stats_momentum": 0.1, "stats_batch_size": 256, "augment": "rrc-flip"},
+        "recover": {"ipc": 10, "iterations": 2000, "lr": 0.05, "r_bn": 0.25, "jitter": 32, "first_bn_mult": 10.0,
+                    "normalize_input": False},
+        "relabel": {"epochs": 300, "batch_size": 32, "prune_ratio": 0.99, "label": "mr", "k": 50,
+                    "cutmix": False, "cutout": True},
+        "train": {"model": "resnet18", "epochs": 300, "batch_size": 32, "optimizer": "adamw", "lr": 2e-3,
+                  "weight_decay": 0.01, "temperature": "step", "calibrate": True, "t2_scale": False},
+    },
+}
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """A deep copy of the named preset (safe to modify)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``stage.key=value`` overrides in place; unknown stages are an error."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override must look like stage.key=value, got {item!r}")
+        path, value = item.split("=", 1)
+        stage, key = path.split(".", 1)
+        if stage not in config or not isinstance(config[stage], dict):
+            raise ValueError(f"override {item!r}: unknown stage {stage!r} (stages: "
+                             f"{[k for k, v in config.items() if isinstance(v, dict)]})")
+        config[stage][key] = _parse_value(value)
+    return config

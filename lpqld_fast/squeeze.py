@@ -1,0 +1,198 @@
+"""Squeeze: train (or load) the teacher, then collect class-wise BN statistics.
+
+Output directory layout:
+    config.json                 the squeeze config, seed, dataset
+    checkpoints/epoch_XXX.pt    teacher weights after each epoch (experts for paper 001)
+    checkpoints/last.pt         full training state for resume (model, optimizer, scheduler, rng)
+    teacher.pt                  final teacher weights (state dict)
+    bn_stats.pt                 class-wise BN input statistics, '<layer>.mean'/'.var' [K, C]
+    metrics.json                per-epoch loss / accuracy / wall time
+    teacher_curve.png           training curve
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from lpqld_fast.bn_stats import ClasswiseBNStats, bn_layers, save_bn_stats
+from lpqld_fast.data import get_dataset
+from lpqld_fast.data.transforms import normalize, random_crop_flip
+from lpqld_fast.engine import batch_indices, build_optimizer, evaluate, seed_everything, to_float_images, warmup_cosine
+from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
+from lpqld_fast.models import get_model
+
+
+def build_teacher(cfg: dict[str, Any], meta: Any) -> nn.Module:
+    return get_model(cfg["model"], num_classes=meta.num_classes, in_chans=meta.in_chans, image_size=meta.image_size)
+
+
+def load_teacher(path: str | Path, model: nn.Module) -> nn.Module:
+    """Load teacher weights (state dict, safely) into ``model``; a clear error for another architecture."""
+    state = load_tensors(path, what="teacher checkpoint")
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ValueError(f"teacher checkpoint {path} does not fit model {type(model).__name__}: {first}") from None
+    return model
+
+
+def _augment(x_uint8: torch.Tensor, cfg: dict[str, Any], gen: torch.Generator, mean, std) -> torch.Tensor:
+    x = to_float_images(x_uint8)
+    if cfg.get("augment", "crop-flip") == "crop-flip":
+        x = random_crop_flip(x, pad=int(cfg.get("crop_pad", 2)), generator=gen)
+    return normalize(x, mean, std)
+
+
+def _plot_curve(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ep = [m["epoch"] for m in metrics]
+    ax.plot(ep, [m["test_acc"] for m in metrics], "o-", label="test top-1 %")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax2 = ax.twinx()
+    ax2.plot(ep, [m["train_loss"] for m in metrics], "s--", color="tab:red", label="train loss")
+    ax2.set_ylabel("train loss")
+    ax.set_title("teacher training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, device: str = "cpu",
+                  data_root: str | None = None) -> tuple[nn.Module, list[dict]]:
+    """Train the teacher with per-epoch checkpoints; resumes from checkpoints/last.pt."""
+    train = get_dataset(dataset, "train", root=data_root)
+    test = get_dataset(dataset, "test", root=data_root)
+    gen = seed_everything(seed)
+    model = build_teacher(cfg, train).to(device)
+    if cfg.get("channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    epochs = int(cfg["epochs"])
+    bs = int(cfg["batch_size"])
+    steps_per_epoch = len(train.labels) // bs
+    opt = build_optimizer(model, cfg["optimizer"], cfg["lr"], cfg.get("weight_decay", 0.0), cfg.get("momentum", 0.9),
+                          cfg.get("nesterov", False))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(epochs * steps_per_epoch, int(cfg.get("warmup_epochs", 0)) * steps_per_epoch))
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    metrics: list[dict] = []
+    start = 0
+    last = ckpt_dir / "last.pt"
+    if last.exists():
+        state = load_tensors(last, what="squeeze resume checkpoint")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start = int(state["epoch"])
+        metrics = read_json(out / "metrics.json", "squeeze metrics")["teacher"] if (out / "metrics.json").exists() else []
+        metrics = metrics[:start]
+        print(f"squeeze: resuming teacher training after epoch {start}")
+    mean, std = train.mean, train.std
+    bf16 = bool(cfg.get("bf16", False))
+    for epoch in range(start, epochs):
+        model.train()
+        t0 = time.perf_counter()
+        total, n = 0.0, 0
+        bar = tqdm(batch_indices(len(train.labels), bs, gen, drop_last=True), total=steps_per_epoch,
+                   desc=f"teacher epoch {epoch + 1}/{epochs}", leave=False)
+        for idx in bar:
+            x = _augment(train.images[idx], cfg, gen, mean, std).to(device)
+            y = train.labels[idx].to(device)
+            if cfg.get("channels_last", False):
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(x), y, label_smoothing=float(cfg.get("label_smoothing", 0.0)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+            n += len(idx)
+            bar.set_postfix(loss=f"{total / n:.3f}")
+        acc = evaluate(model, test.images, test.labels, mean, std, bf16=bf16)
+        metrics.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "test_acc": acc,
+                        "seconds": time.perf_counter() - t0})
+        print(f"teacher epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}, test top-1 {acc:.2f}%, "
+              f"{metrics[-1]['seconds']:.1f}s")
+        save_tensors(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", model.state_dict())
+        atomic_write_json(out / "metrics.json", {"teacher": metrics})
+        save_tensors(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                            "torch_rng": torch.get_rng_state(), "epoch": epoch + 1})
+    return model, metrics
+
+
+@torch.no_grad()
+def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], seed: int, device: str = "cpu",
+                        data_root: str | None = None, backend: str | None = None) -> tuple[dict, list[str]]:
+    """One eval-mode pass over the train set (train augmentation, as the reference) recording class-wise BN stats."""
+    train = get_dataset(dataset, "train", root=data_root)
+    model = model.to(device).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    collector = ClasswiseBNStats(model, train.num_classes, mode=cfg.get("stats_mode", "exact"),
+                                 momentum=float(cfg.get("stats_momentum", 0.1)), backend=backend)
+    bs = int(cfg.get("stats_batch_size", 500))
+    with collector.attached():
+        for idx in tqdm(list(batch_indices(len(train.labels), bs, gen, drop_last=False)), desc="class-wise BN stats",
+                        leave=False):
+            x = _augment(train.images[idx], cfg, gen, train.mean, train.std).to(device)
+            collector.observe(model, x, train.labels[idx])
+    return collector.result(), [n for n, _ in collector.layers]
+
+
+def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: str = "cpu",
+                checkpoint: str | None = None, data_root: str | None = None) -> dict[str, Any]:
+    """Teacher (trained, resumed or loaded) + class-wise BN statistics into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config["squeeze"]
+    dataset = config["dataset"]
+    atomic_write_json(out / "config.json", {"config": config, "seed": seed, "checkpoint": checkpoint})
+    t0 = time.perf_counter()
+    metrics: list[dict] = []
+    if checkpoint:
+        meta = get_dataset(dataset, "train", root=data_root)
+        model = load_teacher(checkpoint, build_teacher(cfg, meta))
+    elif (out / "teacher.pt").exists():
+        meta = get_dataset(dataset, "train", root=data_root)
+        model = load_teacher(out / "teacher.pt", build_teacher(cfg, meta))
+        metrics = read_json(out / "metrics.json", "squeeze metrics").get("teacher", [])
+        print(f"squeeze: teacher already trained ({out / 'teacher.pt'})")
+    else:
+        if cfg.get("checkpoint_required"):
+            raise ValueError(f"preset for {dataset} expects a teacher checkpoint (--checkpoint PATH)")
+        model, metrics = train_teacher(cfg, dataset, out, seed, device, data_root)
+        model = model.to(memory_format=torch.contiguous_format)
+        save_tensors(out / "teacher.pt", model.state_dict())
+        _plot_curve(metrics, out / "teacher_curve.png")
+    teacher_time = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    stats, layers = collect_class_stats(model, dataset, cfg, seed, device, data_root)
+    teacher_hash = sha256_tensors(model.state_dict())
+    save_bn_stats(out / "bn_stats.pt", stats, layers, cfg.get("stats_mode", "exact"), teacher_hash)
+    stats_time = time.perf_counter() - t1
+    test = get_dataset(dataset, "test", root=data_root)
+    acc = evaluate(model, test.images, test.labels, test.mean, test.std)
+    summary = {"teacher": metrics, "teacher_test_acc": acc, "teacher_sha256": teacher_hash,
+               "bn_layers": len(bn_layers(model)), "teacher_seconds": teacher_time, "stats_seconds": stats_time}
+    atomic_write_json(out / "metrics.json", summary)
+    print(f"squeeze: teacher test top-1 {acc:.2f}% | class-wise stats of {len(layers)} BN layers in "
+          f"{stats_time:.1f}s | {out}")
+    return summary
