@@ -1,0 +1,80 @@
+"""Smoke test of the benchmark machinery (bench/): tiny sizes, no timing asserted."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from bench import common
+from bench import run as bench_run
+
+ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["pytester"]
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as f:
+        r = csv.DictReader(f)
+        return list(r.fieldnames or []), list(r)
+
+
+def test_quick_suite_machinery_writes_csv_markdown_png(tmp_path):
+    rc = bench_run.main(["--tiny", "--threads", "1", "--out", str(tmp_path), "--only", "classwise_moments"])
+    assert rc == 0
+    header, rows = _read_csv(tmp_path / "results.csv")
+    assert header == list(common.SCHEMA)
+    kernels = {r["kernel"] for r in rows}
+    assert {"bandwidth", "classwise_moments"} <= kernels
+    impls = {r["impl"] for r in rows if r["kernel"] == "classwise_moments"}
+    assert {"reference-loop", "torch-index_add", "read-pass"} <= impls
+    for r in rows:
+        assert r["mode"] in common.MODES
+        assert float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
+        assert int(r["bytes"]) > 0
+        assert float(r["frac_read_bw"]) > 0  # bandwidth was measured first
+        assert common.parse_sizes(common.format_sizes(common.parse_sizes(r["sizes"]))) == common.parse_sizes(r["sizes"])
+    md = (tmp_path / "results.md").read_text()
+    assert "## classwise_moments" in md and "speed-up vs reference-loop" in md and "time / read-pass" in md
+    png = tmp_path / "classwise_moments.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --only keeps the other kernels' rows and replaces the selected one's
+    common.append_rows(tmp_path / "results.csv", [dict(rows[-1], kernel="other_kernel")])
+    assert bench_run.main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert "## other_kernel" in (tmp_path / "results.md").read_text()
+
+
+def test_markdown_ratios_and_schema_guard(tmp_path):
+    case = common.Case("k", "reference-loop", {"N": 4}, lambda: None, bytes=10**9)
+    rows = [
+        common.make_row(case, [0.4, 0.5, 0.6], read_bw_gbps=10.0),
+        common.make_row(common.Case("k", "fast", "N=4", lambda: None, bytes=10**9), [0.05], read_bw_gbps=10.0),
+        common.make_row(common.Case("k", "floor", "N=4", lambda: None, bytes=10**9), [0.025], read_bw_gbps=10.0),
+    ]
+    assert rows[0]["sizes"] == "N=4" and float(rows[0]["gbps"]) == pytest.approx(2.0)
+    assert float(rows[0]["frac_read_bw"]) == pytest.approx(0.2)
+    md = common.to_markdown(rows, limits={"k": "floor"})
+    fast_line = next(line for line in md.splitlines() if "| fast |" in line)
+    assert "10.0x" in fast_line and "2.00x" in fast_line
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="schema"):
+        common.append_rows(bad, rows)
+    with pytest.raises(ValueError, match="mode"):
+        common.make_row(common.Case("k", "x", "N=1", lambda: None, bytes=1, mode="bogus"), [0.1], read_bw_gbps=None)
+
+
+def test_pytest_benchmark_fixture_records_into_csv(tmp_path, pytester, monkeypatch):
+    # In-process (no second interpreter start): bench/conftest.py's record_benchmark fixture
+    # times through pytest-benchmark and appends schema rows to LPQLD_BENCH_CSV.
+    monkeypatch.setenv("LPQLD_BENCH_CSV", str(tmp_path / "pb.csv"))
+    monkeypatch.setenv("LPQLD_BENCH_PROFILE", "tiny")
+    res = pytester.runpytest_inprocess(
+        str(ROOT / "bench" / "bench_classwise_moments.py"), "-q", "-p", "no:cacheprovider",
+        "-k", "C512-7x7-K10- and (read-pass or torch-index_add)", f"--rootdir={ROOT}",
+    )
+    assert res.ret == 0, "\n".join(res.outlines[-40:])
+    header, rows = _read_csv(tmp_path / "pb.csv")
+    assert header == list(common.SCHEMA)
+    assert {r["impl"] for r in rows if r["kernel"] == "classwise_moments"} == {"read-pass", "torch-index_add"}
