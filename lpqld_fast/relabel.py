@@ -1,0 +1,335 @@
+"""Relabel: stored augmentations + teacher soft labels, only for the kept batches (DESIGN 2.3).
+
+Batch ids b in [0, E * floor(N/B)) (the partial last batch of an epoch is
+dropped). Batch b belongs to epoch e = b // nb and holds positions
+[p*B, (p+1)*B), p = b % nb, of epoch e's permutation of the N images.
+Of the E*nb batches, K = int(E*nb*(1 - r)) are kept (chosen at random, sorted)
+and only those are generated: for each, the augmentation parameters are drawn
+from a generator seeded by (seed, b), the batch is built with
+:func:`lpqld_fast.augment.replay_batch`, the teacher runs in float32 under
+``torch.no_grad``, and the encoded logits are written to the store slot.
+
+Random streams (all ``torch.Generator`` on CPU, seeded with
+:func:`derive_seed`): ``("keep", 0)`` the kept ids = randperm(E*nb)[:K] sorted;
+``("epoch", e)`` the image permutation of epoch e; ``("batch", b)`` the
+augmentation of batch b, drawn in the order boxes, flips, cutout, cutmix.
+A batch's bytes therefore depend only on (seed, b), the images, the teacher
+and the config: a killed run resumes (unfinished slots are recomputed) and
+ends byte-identical to an uninterrupted one when the teacher forward is
+deterministic (CPU, same thread count).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import lpqld_fast
+from lpqld_fast.augment import replay_batch, sample_aug_params
+from lpqld_fast.store.layout import component_specs, encode_slot
+from lpqld_fast.store.quantize import MODES, VALUE_DTYPES, encode_labels, index_dtype_for, stored_k
+from lpqld_fast.store.reader import LabelStore
+from lpqld_fast.store.writer import StoreWriter
+
+__all__ = ["DEFAULT_CONFIG", "normalize_config", "derive_seed", "seeded_generator", "kept_count",
+           "select_kept_batch_ids", "batch_image_indices", "run_relabel"]
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "epochs": None,  # required
+    "batch_size": None,  # required
+    "prune_ratio": 0.0,
+    "label": "mr",  # one of quantize.MODES ("mode" is accepted as an alias)
+    "k": 10,
+    "value_dtype": "fp16",
+    "temperature": 1.0,  # relabel temperature of the probabilities of "ms" / "topk_norenorm"
+    "cutmix": False,
+    "cutout": False,
+    "cutout_factor": 0.5,
+    "flip": True,
+    "rrc_scale": [0.08, 1.0],
+    "rrc_ratio": [3 / 4, 4 / 3],
+    "out_size": None,  # default: the image size
+    "num_classes": None,  # default: from one probe forward of the teacher
+}
+
+
+def _pos_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+        raise ValueError(f"relabel config {name} must be a positive int, got {v!r}")
+    return int(v)
+
+
+def _pair(name: str, v: Any) -> list[float]:
+    try:
+        a, b = (float(x) for x in v)
+    except (TypeError, ValueError):
+        raise ValueError(f"relabel config {name} must be a pair of numbers, got {v!r}") from None
+    if not (0 < a <= b):
+        raise ValueError(f"relabel config {name} must satisfy 0 < {name}[0] <= {name}[1], got {v!r}")
+    return [a, b]
+
+
+def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate a relabel config and fill in defaults (a new dict; unknown keys are an error)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    cfg = dict(config)
+    if "mode" in cfg:
+        alias = cfg.pop("mode")
+        if "label" in cfg and cfg["label"] != alias:
+            raise ValueError(f"relabel config has both label={cfg['label']!r} and mode={alias!r}")
+        cfg["label"] = alias
+    unknown = sorted(set(cfg) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise ValueError(f"unknown relabel config keys {unknown}; known: {sorted(DEFAULT_CONFIG)}")
+    out = {**DEFAULT_CONFIG, **cfg}
+    out["epochs"] = _pos_int("epochs", out["epochs"])
+    out["batch_size"] = _pos_int("batch_size", out["batch_size"])
+    r = out["prune_ratio"]
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= float(r) < 1.0) or math.isnan(float(r)):
+        raise ValueError(f"relabel config prune_ratio must be a number in [0, 1), got {r!r}")
+    out["prune_ratio"] = float(r)
+    if out["label"] not in MODES:
+        raise ValueError(f"relabel config label must be one of {MODES}, got {out['label']!r}")
+    out["k"] = _pos_int("k", out["k"])
+    if out["value_dtype"] not in VALUE_DTYPES:
+        raise ValueError(f"relabel config value_dtype must be one of {VALUE_DTYPES}, got {out['value_dtype']!r}")
+    t = out["temperature"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not float(t) > 0 or math.isinf(float(t)):
+        raise ValueError(f"relabel config temperature must be a positive number, got {t!r}")
+    out["temperature"] = float(t)
+    for key in ("cutmix", "cutout", "flip"):
+        if not isinstance(out[key], bool):
+            raise ValueError(f"relabel config {key} must be true or false, got {out[key]!r}")
+    f = out["cutout_factor"]
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < float(f) <= 1.0):
+        raise ValueError(f"relabel config cutout_factor must be in (0, 1], got {f!r}")
+    out["cutout_factor"] = float(f)
+    out["rrc_scale"] = _pair("rrc_scale", out["rrc_scale"])
+    out["rrc_ratio"] = _pair("rrc_ratio", out["rrc_ratio"])
+    if out["out_size"] is not None:
+        s = out["out_size"]
+        s = [s, s] if isinstance(s, int) and not isinstance(s, bool) else list(s)
+        if len(s) != 2:
+            raise ValueError(f"relabel config out_size must be an int or [height, width], got {out['out_size']!r}")
+        out["out_size"] = [_pos_int("out_size", v) for v in s]
+    if out["num_classes"] is not None:
+        out["num_classes"] = _pos_int("num_classes", out["num_classes"])
+    return out
+
+
+def derive_seed(seed: int, tag: str, index: int) -> int:
+    """A 63-bit seed for the stream (tag, index) of run ``seed``: sha256 of the three, so streams never collide."""
+    digest = hashlib.sha256(f"lpqld-relabel/{tag}/{int(seed)}/{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def seeded_generator(seed: int, tag: str, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, tag, index))
+
+
+def kept_count(total_batches: int, prune_ratio: float) -> int:
+    """K = int(total * (1 - r)), with a 1e-9 tolerance so that floating error never drops a batch
+    (plain int(10 * (1 - 0.9)) is 0)."""
+    if not (0.0 <= prune_ratio < 1.0):
+        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio!r}")
+    return int(math.floor(total_batches * (1.0 - prune_ratio) + 1e-9))
+
+
+def select_kept_batch_ids(total_batches: int, num_kept: int, seed: int) -> np.ndarray:
+    """The kept batch ids, sorted: randperm(total)[:K] of the ("keep", 0) stream (all ids when K == total)."""
+    if not (0 < num_kept <= total_batches):
+        raise ValueError(f"num_kept must be in [1, {total_batches}], got {num_kept}")
+    if num_kept == total_batches:
+        return np.arange(total_batches, dtype=np.int64)
+    ids = torch.randperm(total_batches, generator=seeded_generator(seed, "keep", 0))[:num_kept]
+    return torch.sort(ids).values.numpy().astype(np.int64)
+
+
+class _EpochPermutations:
+    """Epoch permutations of the N images, one cached (kept ids are sorted, so epochs come in order)."""
+
+    def __init__(self, num_images: int, seed: int):
+        self.n = num_images
+        self.seed = seed
+        self._epoch = -1
+        self._perm: torch.Tensor | None = None
+
+    def __call__(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            self._perm = torch.randperm(self.n, generator=seeded_generator(self.seed, "epoch", epoch))
+            self._epoch = epoch
+        assert self._perm is not None
+        return self._perm
+
+
+def batch_image_indices(batch_id: int, num_images: int, batch_size: int, seed: int,
+                        _perms: _EpochPermutations | None = None) -> torch.Tensor:
+    """Image indices int64 [B] of batch ``batch_id``: positions [p*B, (p+1)*B) of epoch e's permutation."""
+    nb = num_images // batch_size
+    if nb < 1:
+        raise ValueError(f"batch_size {batch_size} exceeds the number of images {num_images}")
+    e, p = divmod(int(batch_id), nb)
+    perm = (_perms or _EpochPermutations(num_images, seed))(e)
+    return perm[p * batch_size:(p + 1) * batch_size].clone()
+
+
+def _check_sha(name: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{name} must be a non-empty hex string, got {v!r}")
+    return v
+
+
+def _as_list(name: str, v: Sequence[float] | torch.Tensor, channels: int) -> list[float]:
+    vals = [float(x) for x in torch.as_tensor(v, dtype=torch.float64).flatten().tolist()]
+    if len(vals) == 1:
+        vals = vals * channels
+    if len(vals) != channels:
+        raise ValueError(f"{name} has {len(vals)} values but the images have {channels} channels")
+    return vals
+
+
+def run_relabel(
+    images_uint8: torch.Tensor,
+    image_labels: torch.Tensor,
+    teacher: nn.Module,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    config: dict[str, Any],
+    out_dir: str | os.PathLike,
+    seed: int,
+    *,
+    teacher_sha256: str,
+    images_sha256: str,
+    progress: bool = True,
+    slot_range: range | None = None,
+    finalize: bool = True,
+    commit_every: int = 16,
+) -> LabelStore | None:
+    """Generate the label store of the kept batches in ``out_dir`` (resuming a partial one).
+
+    ``images_uint8`` [N, C, H, W] uint8 (the distilled or real image set),
+    ``image_labels`` [N] their classes (validated against the teacher's C),
+    ``teacher`` in eval mode. ``slot_range`` restricts the work to the slots a
+    rank owns (multi-writer); with ``finalize=False`` the store is left
+    incomplete for another process to finalise and None is returned.
+    Returns the opened :class:`LabelStore`.
+    """
+    if not isinstance(images_uint8, torch.Tensor) or images_uint8.dim() != 4 or images_uint8.dtype != torch.uint8:
+        raise ValueError("images_uint8 must be a uint8 tensor [N, C, H, W]")
+    n, c_img, h, w = images_uint8.shape
+    if not isinstance(image_labels, torch.Tensor) or image_labels.shape != (n,) or image_labels.is_floating_point():
+        raise ValueError(f"image_labels must be an integer tensor of shape [{n}], got "
+                         f"{getattr(image_labels, 'shape', type(image_labels).__name__)}")
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+    if any(mod.training for mod in teacher.modules()):
+        raise ValueError("teacher must be in eval mode (call teacher.eval()): training-mode BatchNorm/dropout "
+                         "would make the labels depend on batch composition and change the teacher")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    teacher_sha256 = _check_sha("teacher_sha256", teacher_sha256)
+    images_sha256 = _check_sha("images_sha256", images_sha256)
+    cfg = normalize_config(config)
+    b_size, epochs = cfg["batch_size"], cfg["epochs"]
+    nb = n // b_size
+    if nb < 1:
+        raise ValueError(f"batch_size {b_size} exceeds the number of images {n}")
+    total = epochs * nb
+    k_slots = kept_count(total, cfg["prune_ratio"])
+    if k_slots < 1:
+        raise ValueError(f"prune_ratio {cfg['prune_ratio']} keeps no batch of {total}")
+    out_size = tuple(cfg["out_size"]) if cfg["out_size"] is not None else (h, w)
+    mean_l, std_l = _as_list("mean", mean, c_img), _as_list("std", std, c_img)
+    if min(std_l) <= 0:
+        raise ValueError(f"std must be positive, got {std_l}")
+    try:
+        device = next(teacher.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = teacher(x.to(device))
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
+            raise ValueError(f"teacher must return logits [batch, C], got {getattr(z, 'shape', type(z).__name__)}")
+        return z.to(torch.float32)
+
+    num_classes = cfg["num_classes"]
+    if num_classes is None:  # one probe forward of a single blank image
+        num_classes = int(forward(torch.zeros((1, c_img, *out_size), dtype=torch.float32)).shape[1])
+    if image_labels.numel() and (int(image_labels.min()) < 0 or int(image_labels.max()) >= num_classes):
+        raise ValueError(f"image_labels must lie in [0, {num_classes}) (the teacher's classes)")
+    kk = stored_k(cfg["label"], cfg["k"], num_classes)
+    kept = select_kept_batch_ids(total, k_slots, seed)
+
+    manifest: dict[str, Any] = {
+        "code_version": lpqld_fast.__version__,
+        "config": cfg,
+        "seed": seed,
+        "teacher_sha256": teacher_sha256,
+        "images_sha256": images_sha256,
+        "num_images": n,
+        "image_shape": [c_img, h, w],
+        "out_size": list(out_size),
+        "mean": mean_l,
+        "std": std_l,
+        "num_classes": num_classes,
+        "batch_size": b_size,
+        "epochs": epochs,
+        "batches_per_epoch": nb,
+        "total_batches": total,
+        "prune_ratio": cfg["prune_ratio"],
+        "num_kept": k_slots,
+        "kept_batch_ids": {"count": k_slots, "component": "batch_ids",
+                           "rule": "all ids if K == total, else sorted(torch.randperm(total, "
+                                   "generator=seeded_generator(seed, 'keep', 0))[:K])"},
+        "label": {"mode": cfg["label"], "k": cfg["k"], "stored_k": kk, "value_dtype": cfg["value_dtype"],
+                  "index_dtype": None if cfg["label"] == "dense" else str(index_dtype_for(num_classes)),
+                  "temperature": cfg["temperature"]},
+        "augment": {"rrc_scale": cfg["rrc_scale"], "rrc_ratio": cfg["rrc_ratio"], "flip": cfg["flip"],
+                    "cutmix": cfg["cutmix"], "cutout": cfg["cutout"], "cutout_factor": cfg["cutout_factor"],
+                    "order": "gather, crop_resize_flip (0..255), cutout, (x/255-mean)/std, cutmix"},
+        "rng": "torch.Generator().manual_seed(derive_seed(seed, tag, index)), derive_seed = low 63 bits of the "
+               "first 8 bytes (little endian) of sha256('lpqld-relabel/{tag}/{seed}/{index}'); tags: keep/0 kept "
+               "ids, epoch/e image permutation randperm(N) of epoch e, batch/b augmentation of batch id b drawn "
+               "as boxes, flips, cutout, cutmix",
+    }
+    writer = StoreWriter.create_or_resume(out_dir, manifest, kept, commit_every=commit_every)
+    if writer is None:  # already complete
+        return LabelStore.open(out_dir, expect_teacher_sha256=teacher_sha256, expect_images_sha256=images_sha256)
+    specs = component_specs(writer.manifest)
+    perms = _EpochPermutations(n, seed)
+    try:
+        todo = writer.pending_slots(slot_range)
+        from tqdm.auto import tqdm
+
+        for slot in tqdm(todo, desc="relabel", unit="batch", disable=not progress):
+            bid = int(kept[slot])
+            idx = batch_image_indices(bid, n, b_size, seed, perms)
+            aug = sample_aug_params(
+                idx, h, w, c_img, out_size, seeded_generator(seed, "batch", bid),
+                scale=cfg["rrc_scale"], ratio=cfg["rrc_ratio"], flip=cfg["flip"], cutmix=cfg["cutmix"],
+                cutout=cfg["cutout"], cutout_factor=cfg["cutout_factor"],
+            )
+            logits = forward(replay_batch(images_uint8, aug, mean_l, std_l))
+            if logits.shape[1] != num_classes:
+                raise ValueError(f"teacher returned {logits.shape[1]} classes, expected num_classes={num_classes}")
+            enc = encode_labels(logits, mode=cfg["label"], k=cfg["k"], value_dtype=cfg["value_dtype"],
+                                temperature=cfg["temperature"])
+            writer.write_slot(slot, encode_slot(writer.manifest, specs, aug, enc))
+        writer.commit()
+        if not finalize:
+            return None
+        writer.finalize()
+    finally:
+        writer.close()
+    return LabelStore.open(out_dir, expect_teacher_sha256=teacher_sha256, expect_images_sha256=images_sha256,
+                           verify="size")
+
