@@ -101,7 +101,8 @@ def test_golden_int8():
 
 def test_int8_round_trip_bound():
     g = torch.Generator().manual_seed(0)
-    v = torch.randn(4000, 16, generator=g) * torch.rand(4000, 1, generator=g) * 30 + torch.randn(4000, 1, generator=g) * 5
+    v = torch.randn(4000, 16, generator=g) * torch.rand(4000, 1, generator=g) * 30
+    v = v + torch.randn(4000, 1, generator=g) * 5
     q, scale, offset = quantize_int8(v)
     dec = dequantize_int8(q, scale, offset)
     ulp = 4 * torch.finfo(torch.float32).eps * v.abs().amax(dim=1, keepdim=True)  # float32 rounding of q*s+o
@@ -168,3 +169,20 @@ def test_bad_inputs():
         decode_labels(EncodedLabels(values=torch.zeros(2, 2)), "mr")
     with pytest.raises(ValueError, match="scale"):
         decode_labels(EncodedLabels(values=torch.zeros(2, 2, dtype=torch.int8)), "dense")
+
+
+@pytest.mark.parametrize("value_dtype", ["fp16", "int8"])
+@pytest.mark.parametrize("mode", ["dense", "mr", "mrs", "ms", "topk_norenorm"])
+def test_decoded_labels_feed_the_loss_op(mode, value_dtype):
+    """decode_labels(...).kl_kwargs() is accepted by lpqld_fast.ops.soft_label_kl and matches the oracle."""
+    import lpqld_fast.ops as ops
+
+    if not hasattr(ops, "soft_label_kl"):
+        pytest.skip("lpqld_fast.ops.soft_label_kl not available yet")
+    ref = pytest.importorskip("lpqld_fast.ops.reference.soft_label_kl")
+    g = torch.Generator().manual_seed(4)
+    z, s = torch.randn(5, 40, generator=g) * 3, torch.randn(5, 40, generator=g)
+    lab = decode_labels(encode_labels(z, mode=mode, k=7, value_dtype=value_dtype, temperature=2.0), mode)
+    got = ops.soft_label_kl(s, **lab.kl_kwargs(), T=3.0, t_s=0.7)
+    want = ref.soft_label_kl(s, **lab.kl_kwargs(), T=3.0, t_s=0.7)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,5 @@
 """Augmentation parameters and the relabel stage: K formula, only kept batches generated,
 determinism, resume byte equality (exception and real SIGKILL), replay invariant."""
-import math
 import os
 import signal
 import subprocess
@@ -368,7 +367,9 @@ def test_replay_reproduces_stored_logits(tmp_path, cfg):
             z = teacher(x)
         raw = rec.encoded
         lab = rec.labels
-        values = lab.values.float() if lab.scale is None else lab.values.float() * lab.scale[:, None] + lab.offset[:, None]
+        values = lab.values.float()
+        if lab.scale is not None:
+            values = values * lab.scale[:, None] + lab.offset[:, None]
         if cfg["label"] in ("ms", "topk_norenorm"):
             target = torch.softmax(z / cfg.get("temperature", 1.0), dim=1)
         else:

@@ -127,7 +127,8 @@ def storage_markdown(report: StorageReport) -> str:
         "|---|---|---:|---:|---:|",
     ]
     for r in report.rows:
-        lines.append(f"| {r.component} | {', '.join(r.files)} | {r.bytes} | {_human(r.bytes)} | {100 * r.fraction:.2f}% |")
+        files = ", ".join(r.files)
+        lines.append(f"| {r.component} | {files} | {r.bytes} | {_human(r.bytes)} | {100 * r.fraction:.2f}% |")
     lines += [
         f"| **total** | | {report.total_bytes} | {_human(report.total_bytes)} | 100.00% |",
         "",

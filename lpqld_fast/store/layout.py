@@ -187,7 +187,9 @@ def _checked_int(name: str, t: torch.Tensor, dtype: str, upper: int) -> np.ndarr
     return t.numpy().astype(dtype)
 
 
-def encode_slot(m: dict[str, Any], specs: dict[str, Component], aug: AugParams, enc: EncodedLabels) -> dict[str, np.ndarray]:
+def encode_slot(
+    m: dict[str, Any], specs: dict[str, Component], aug: AugParams, enc: EncodedLabels
+) -> dict[str, np.ndarray]:
     """One batch's augmentation parameters and encoded labels -> the row of every component."""
     _, h, w = (int(v) for v in m["image_shape"])
     oh, ow = (int(v) for v in m["out_size"])

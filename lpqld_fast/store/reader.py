@@ -95,7 +95,8 @@ class LabelStore:
         mpath = path / MANIFEST
         m = read_json(mpath, "label store manifest")
         if not isinstance(m, dict) or m.get("format") != FORMAT:
-            raise ValueError(f"{mpath}: not a label store manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
+            fmt = m.get("format") if isinstance(m, dict) else None
+            raise ValueError(f"{mpath}: not a label store manifest (format {fmt!r})")
         if m.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"{mpath}: schema_version {m.get('schema_version')!r} is not supported "
                              f"(this version reads {SCHEMA_VERSION})")
@@ -183,7 +184,8 @@ class LabelStore:
         b = int(batch_id)
         s = int(torch.searchsorted(self._kept, torch.tensor(b)))
         if s >= len(self) or int(self._kept[s]) != b:
-            raise KeyError(f"batch id {b} is not in the store (pruned, or outside [0, {self.manifest['total_batches']}))")
+            total = self.manifest["total_batches"]
+            raise KeyError(f"batch id {b} is not in the store (pruned, or outside [0, {total}))")
         return s
 
     def __getitem__(self, slot: int) -> BatchRecord:
