@@ -51,7 +51,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "cutmix": False,
     "cutout": False,
     "cutout_factor": 0.5,
-    "flip": True,
+    "flip": None,  # default: on, except with cutout (the IN21K recipe stores cutout instead of flips)
     "rrc_scale": [0.08, 1.0],
     "rrc_ratio": [3 / 4, 4 / 3],
     "out_size": None,  # default: the image size
@@ -104,6 +104,8 @@ def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not float(t) > 0 or math.isinf(float(t)):
         raise ValueError(f"relabel config temperature must be a positive number, got {t!r}")
     out["temperature"] = float(t)
+    if out["flip"] is None:
+        out["flip"] = not out["cutout"]
     for key in ("cutmix", "cutout", "flip"):
         if not isinstance(out[key], bool):
             raise ValueError(f"relabel config {key} must be true or false, got {out[key]!r}")

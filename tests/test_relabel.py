@@ -207,6 +207,9 @@ def test_config_errors():
     with pytest.raises(ValueError, match="batch_size"):
         normalize_config({**CFG, "batch_size": 0})
     assert normalize_config({**{k: v for k, v in CFG.items() if k != "label"}, "mode": "ms"})["label"] == "ms"
+    assert normalize_config(CFG)["flip"] is True
+    assert normalize_config({**CFG, "cutout": True})["flip"] is False  # IN21K: cutout instead of flips
+    assert normalize_config({**CFG, "cutout": True, "flip": True})["flip"] is True
 
 
 @pytest.mark.parametrize("total,r,k", [(10, 0.9, 1), (360000, 0.975, 9000), (100, 0.0, 100), (7, 0.5, 3),
