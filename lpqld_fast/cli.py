@@ -38,6 +38,56 @@ def _squeeze(args: argparse.Namespace, config: dict[str, Any]) -> Any:
                        checkpoint=args.checkpoint, data_root=args.data_root)
 
 
+@command("recover")
+def _recover(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    from lpqld_fast.pipeline import stage_dirs
+    from lpqld_fast.recover import run_recover
+
+    d = stage_dirs(args.out)
+    return run_recover(config, d["squeeze"], d["recover"], seed=args.seed, device=args.device,
+                       units_at_once=args.units_at_once)
+
+
+@command("relabel")
+def _relabel(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    from lpqld_fast.pipeline import run_relabel_stage
+
+    store = run_relabel_stage(config, args.out, seed=args.seed, device=args.device)
+    print(store)
+    return store
+
+
+@command("train")
+def _train(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    from lpqld_fast.pipeline import stage_dirs
+    from lpqld_fast.train import run_train
+
+    d = stage_dirs(args.out)
+    summary = run_train(config, d["recover"], d["relabel"], d["train"], seed=args.seed, device=args.device)
+    print(f"student test top-1: best {summary['best_acc']:.2f}%, last {summary['last_acc']:.2f}%")
+    return summary
+
+
+@command("distill")
+def _distill(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    from lpqld_fast.pipeline import run_distill
+
+    return run_distill(config, args.out, seed=args.seed, device=args.device, checkpoint=args.checkpoint)
+
+
+@command("report")
+def _report(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    if args.what == "storage":
+        from lpqld_fast.store.accounting import storage_markdown, storage_report
+
+        path = Path(args.out) / "relabel" if (Path(args.out) / "relabel").is_dir() else Path(args.out)
+        print(storage_markdown(storage_report(path)))
+        return None
+    from lpqld_fast.report import write_report
+
+    return write_report(args.out, diversity=not args.no_diversity)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lpqld", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("squeeze", help="train/load the teacher and collect class-wise BN statistics")
     common(p)
     p.add_argument("--checkpoint", default=None, help="teacher weights to use instead of training one")
+    p = sub.add_parser("recover", help="synthesise IPC images per class (class-wise batching + BN supervision)")
+    common(p)
+    p.add_argument("--units-at-once", type=int, default=None,
+                   help="classes optimised in one forward pass (default: chosen from free memory)")
+    p = sub.add_parser("relabel", help="store augmentations + pruned, top-k quantised teacher labels")
+    common(p)
+    p = sub.add_parser("train", help="train the student on the distilled images and stored labels")
+    common(p)
+    p = sub.add_parser("distill", help="squeeze -> recover -> relabel -> train -> report")
+    common(p)
+    p.add_argument("--checkpoint", default=None, help="teacher weights to use instead of training one")
+    p = sub.add_parser("report", help="write the run report (or print the storage table)")
+    common(p)
+    p.add_argument("what", nargs="?", default="run", choices=["run", "storage"])
+    p.add_argument("--no-diversity", action="store_true", help="skip the diversity metrics")
     return parser
 
 

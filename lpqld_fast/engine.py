@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,15 +65,15 @@ def to_float_images(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
-             std: torch.Tensor, batch_size: int = 1000, bf16: bool = False) -> float:
+def evaluate(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+             std: Sequence[float] | torch.Tensor, batch_size: int = 1000, bf16: bool = False) -> float:
     """Top-1 accuracy (%) of ``model`` on an in-memory uint8 dataset."""
     was_training = model.training
     model.eval()
     correct = 0
     device = next(model.parameters()).device
-    mean = mean.view(1, -1, 1, 1).to(device)
-    std = std.view(1, -1, 1, 1).to(device)
+    mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1).to(device)
     for idx in batch_indices(len(labels), batch_size, None, drop_last=False):
         x = (to_float_images(images_uint8[idx].to(device)) - mean) / std
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

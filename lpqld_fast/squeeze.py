@@ -188,8 +188,9 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
     teacher_hash = sha256_tensors(model.state_dict())
     save_bn_stats(out / "bn_stats.pt", stats, layers, cfg.get("stats_mode", "exact"), teacher_hash)
     stats_time = time.perf_counter() - t1
+    train = get_dataset(dataset, "train", root=data_root)
     test = get_dataset(dataset, "test", root=data_root)
-    acc = evaluate(model, test.images, test.labels, test.mean, test.std)
+    acc = evaluate(model, test.images, test.labels, train.mean, train.std)
     summary = {"teacher": metrics, "teacher_test_acc": acc, "teacher_sha256": teacher_hash,
                "bn_layers": len(bn_layers(model)), "teacher_seconds": teacher_time, "stats_seconds": stats_time}
     atomic_write_json(out / "metrics.json", summary)

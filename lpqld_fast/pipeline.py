@@ -1,0 +1,74 @@
+"""Stage glue: each stage reads the previous stage's folder inside one run directory.
+
+    <run>/squeeze   teacher + class-wise BN statistics
+    <run>/recover   distilled images (images.pt, PNGs, grid.png, manifest.json)
+    <run>/relabel   label store (manifest.json + packed arrays)
+    <run>/train     student, train_metrics.json
+    <run>/report    REPORT.md + PNG plots
+Every stage resumes where a killed run stopped; rerunning a finished stage is a no-op.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from lpqld_fast.io_utils import atomic_write_json, read_json
+
+
+def stage_dirs(run: str | Path) -> dict[str, Path]:
+    run = Path(run)
+    return {s: run / s for s in ("squeeze", "recover", "relabel", "train", "report")}
+
+
+def run_relabel_stage(config: dict[str, Any], run: str | Path, seed: int = 0, device: str = "cpu",
+                      progress: bool = True):
+    """Relabel the recovered images with the squeezed teacher into <run>/relabel."""
+    from lpqld_fast.data import dataset_info
+    from lpqld_fast.recover import load_recovered
+    from lpqld_fast.relabel import run_relabel
+    from lpqld_fast.squeeze import build_teacher, load_teacher
+
+    d = stage_dirs(run)
+    images, labels, manifest = load_recovered(d["recover"])
+    info = dataset_info(config["dataset"])
+    teacher = load_teacher(d["squeeze"] / "teacher.pt", build_teacher(config["squeeze"], info)).to(device).eval()
+    from lpqld_fast.io_utils import sha256_tensors
+
+    teacher_hash = sha256_tensors(teacher.state_dict())
+    if teacher_hash != manifest["teacher_sha256"]:
+        raise ValueError(f"{d['recover']} was recovered with another teacher than {d['squeeze'] / 'teacher.pt'}")
+    relabel_cfg = {k: v for k, v in config["relabel"].items()}
+    relabel_cfg.setdefault("num_classes", info.num_classes)
+    return run_relabel(images, labels, teacher, info.mean, info.std, relabel_cfg, d["relabel"], seed,
+                       teacher_sha256=teacher_hash, images_sha256=manifest["images_sha256"], progress=progress)
+
+
+def run_distill(config: dict[str, Any], run: str | Path, seed: int = 0, device: str = "cpu",
+                checkpoint: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """squeeze -> recover -> relabel -> train -> report, timing each stage."""
+    from lpqld_fast.recover import run_recover
+    from lpqld_fast.report import write_report
+    from lpqld_fast.squeeze import run_squeeze
+    from lpqld_fast.train import run_train
+
+    d = stage_dirs(run)
+    timings: dict[str, float] = {}
+    prev = Path(run) / "timings.json"
+    if prev.exists():
+        timings = read_json(prev, "timings")
+
+    def timed(name: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        atomic_write_json(prev, timings)
+        return out
+
+    timed("squeeze", run_squeeze, config, d["squeeze"], seed=seed, device=device, checkpoint=checkpoint)
+    timed("recover", run_recover, config, d["squeeze"], d["recover"], seed=seed, device=device, progress=progress)
+    timed("relabel", run_relabel_stage, config, run, seed=seed, device=device, progress=progress)
+    summary = timed("train", run_train, config, d["recover"], d["relabel"], d["train"], seed=seed, device=device,
+                    progress=progress)
+    report = write_report(run)
+    return {"train": summary, "timings": timings, "report": str(report)}

@@ -1,0 +1,351 @@
+"""Recover: synthesise IPC images per class from the squeezed teacher (LPLD Eq. 6).
+
+Loss per class c (one "unit" of IPC images optimised together):
+    CE(f(x_aug), c) + r_bn * sum_l w_l (||mu_c^l - mu^l(x_aug)||_2 + ||var_c^l - var^l(x_aug)||_2)
+with w_1 = first_bn_mult (10) and 1 for every other BN layer, batch statistics of
+each BN input over (N, H, W), the teacher in eval mode. Adam(0.5, 0.9) on
+normalised pixels from randn, cosine lr to 0, per-channel clipping, last
+iterate saved.
+
+Many classes share one forward pass exactly: in eval mode images do not
+interact, the BN loss is computed per class segment (``segment_bn_loss``) and
+each segment draws its own crop / flip / jitter from its own per-class
+generator; Adam is elementwise. So the images do not depend on how many
+classes are batched together (nor, later, on how classes are sharded across
+ranks) up to float rounding.
+
+Modes (paper 002 Table 4 ablations):
+- classwise_batching=True : a unit is the IPC images of one class (LPLD);
+  False: a unit is one image of every class (SRe2L batching, one crop per batch).
+- classwise_supervision=True : BN targets are the class-wise statistics;
+  False: the teacher's global running statistics (SRe2L).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from lpqld_fast.augment import sample_flips, sample_rrc_boxes
+from lpqld_fast.bn_stats import bn_layers, load_bn_stats
+from lpqld_fast.io_utils import atomic_path, atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
+from lpqld_fast.ops import batched_roll, crop_resize_flip, segment_bn_loss
+
+RECOVER_SCHEMA = 1
+
+
+@dataclass
+class Unit:
+    """One optimisation unit: images that share augmentation draws and BN targets."""
+
+    uid: int
+    labels: torch.Tensor  # [n] class of each image
+    target: int  # index into the BN target table (class id, or 0 for global stats)
+
+
+def _unit_generator(seed: int, uid: int) -> torch.Generator:
+    # Distinct, well-mixed stream per unit, independent of batching and ranks.
+    return torch.Generator().manual_seed((seed * 1_000_003 + uid * 7919 + 12345) % (2**63 - 1))
+
+
+def make_units(num_classes: int, ipc: int, classwise_batching: bool) -> list[Unit]:
+    if classwise_batching:
+        return [Unit(c, torch.full((ipc,), c, dtype=torch.int64), c) for c in range(num_classes)]
+    return [Unit(i, torch.arange(num_classes), -1) for i in range(ipc)]
+
+
+class BNInputCapture:
+    """Forward pre-hooks that keep every BN input (with grad) of one forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = bn_layers(model)
+        self.inputs: list[torch.Tensor] = []
+        self._handles = [m.register_forward_pre_hook(self._hook) for _, m in self.layers]
+
+    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self.inputs.append(inputs[0])
+
+    def pop(self) -> list[torch.Tensor]:
+        out, self.inputs = self.inputs, []
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def bn_targets(model: nn.Module, stats_path: str | Path | None, classwise: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per BN layer (mean [T, C], var [T, C]): class-wise table or the global running stats (T = 1)."""
+    layers = bn_layers(model)
+    if not classwise:
+        return [(m.running_mean.detach()[None].float(), m.running_var.detach()[None].float()) for _, m in layers]
+    if stats_path is None:
+        raise ValueError("class-wise supervision needs the squeeze output bn_stats.pt")
+    payload = load_bn_stats(stats_path)
+    names = [n for n, _ in layers]
+    if list(payload["layers"]) != names:
+        raise ValueError(f"{stats_path} was collected on other BN layers ({len(payload['layers'])} layers) than "
+                         f"this teacher ({len(names)} layers)")
+    t = payload["tensors"]
+    return [(t[f"{n}.mean"].float(), t[f"{n}.var"].float()) for n in names]
+
+
+def _draw_augmentation(gens: list[torch.Generator], sizes: list[int], h: int, w: int, jitter: int,
+                       scale: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One crop box, flip and jitter shift per unit, expanded to its images."""
+    boxes, flips, shifts = [], [], []
+    for g, n in zip(gens, sizes):
+        shift = torch.randint(0, jitter + 1, (2,), generator=g) if jitter > 0 else torch.zeros(2, dtype=torch.int64)
+        box = sample_rrc_boxes(1, h, w, scale=scale, generator=g)
+        flip = sample_flips(1, generator=g)
+        shifts.append(shift.expand(n, 2))
+        boxes.append(box.expand(n, 4))
+        flips.append(flip.expand(n))
+    return torch.cat(boxes), torch.cat(flips), torch.cat(shifts)
+
+
+def synthesize_units(
+    teacher: nn.Module,
+    units: list[Unit],
+    targets: list[tuple[torch.Tensor, torch.Tensor]],
+    cfg: dict[str, Any],
+    image_shape: tuple[int, int, int],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    seed: int,
+    device: str = "cpu",
+    progress: bool = True,
+) -> torch.Tensor:
+    """Optimise the images of ``units`` together; return the last iterate in normalised space."""
+    c, h, w = image_shape
+    sizes = [len(u.labels) for u in units]
+    gens = [_unit_generator(seed, u.uid) for u in units]
+    # randn init per unit from its own generator, so batching does not change it.
+    x0 = torch.cat([torch.randn(n, c, h, w, generator=g) for g, n in zip(gens, sizes)])
+    x = x0.to(device).requires_grad_(True)
+    labels = torch.cat([u.labels for u in units]).to(device)
+    seg = torch.repeat_interleave(torch.arange(len(units)), torch.tensor(sizes)).to(device)
+    classwise = units[0].target >= 0
+    if classwise:
+        tidx = torch.tensor([u.target for u in units])
+        layer_targets = [(m[tidx].to(device), v[tidx].to(device)) for m, v in targets]
+    else:  # SRe2L: every unit matched to the global statistics
+        layer_targets = [(m.expand(len(units), -1).to(device), v.expand(len(units), -1).to(device))
+                         for m, v in targets]
+    iters = int(cfg["iterations"])
+    lr = float(cfg["lr"])
+    r_bn = float(cfg["r_bn"])
+    first_mult = float(cfg.get("first_bn_mult", 10.0))
+    jitter = int(cfg.get("jitter", 0))
+    scale = tuple(cfg.get("crop_scale", (0.08, 1.0)))
+    opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9), eps=1e-8)
+    lo = ((0.0 - mean) / std).view(1, -1, 1, 1).to(device)
+    hi = ((1.0 - mean) / std).view(1, -1, 1, 1).to(device)
+    capture = BNInputCapture(teacher)
+    try:
+        bar = tqdm(range(iters), desc=f"recover {len(units)} unit(s)", leave=False, disable=not progress)
+        for it in bar:
+            for group in opt.param_groups:
+                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * it / iters))
+            boxes, flips, shifts = _draw_augmentation(gens, sizes, h, w, jitter, scale)
+            xa = batched_roll(x, shifts.to(device))
+            xa = crop_resize_flip(xa, boxes.to(device), flips.to(device), (h, w))
+            logits = teacher(xa)
+            inputs = capture.pop()
+            ce = F.cross_entropy(logits, labels, reduction="none")
+            # Mean CE within a unit, summed over units = the per-unit losses added up.
+            ce_units = torch.zeros(len(units), device=device).index_add_(0, seg, ce) / torch.tensor(
+                sizes, device=device, dtype=ce.dtype)
+            loss_bn = 0.0
+            for li, (hin, (tm, tv)) in enumerate(zip(inputs, layer_targets)):
+                wl = first_mult if li == 0 else 1.0
+                loss_bn = loss_bn + wl * segment_bn_loss(hin, seg, tm, tv)
+            loss = (ce_units + r_bn * loss_bn).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+            if progress and (it % 50 == 0 or it == iters - 1):
+                bar.set_postfix(ce=f"{float(ce_units.mean()):.3f}", bn=f"{float(loss_bn.mean()):.3f}")
+    finally:
+        capture.close()
+    return x.detach()
+
+
+def to_uint8(x_norm: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    x = x_norm.cpu() * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def units_per_pass(teacher: nn.Module, image_shape: tuple[int, int, int], unit_size: int, device: str,
+                   budget_fraction: float = 0.25) -> int:
+    """How many units fit in memory at once, from one probe forward's activation bytes."""
+    capture = BNInputCapture(teacher)
+    with torch.no_grad():
+        teacher(torch.zeros(1, *image_shape, device=device))
+    per_image = sum(t.numel() * t.element_size() for t in capture.pop()) * 6  # acts, grads, saved tensors
+    capture.close()
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+    else:
+        free = _mem_available_bytes()
+    return max(1, int(free * budget_fraction) // max(per_image * unit_size, 1))
+
+
+def _mem_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def save_png(path: Path, img_uint8: torch.Tensor) -> None:
+    from PIL import Image
+
+    arr = img_uint8.permute(1, 2, 0).numpy()
+    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG")
+
+
+def save_grid(path: Path, images: torch.Tensor, labels: torch.Tensor, num_classes: int, max_per_class: int = 10) -> None:
+    """One row per class, up to ``max_per_class`` images each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = min(max_per_class, max(int((labels == c).sum()) for c in range(num_classes)))
+    rows = min(num_classes, 50)
+    fig, axes = plt.subplots(rows, per, figsize=(per * 0.8, rows * 0.8), squeeze=False)
+    for r in range(rows):
+        idx = torch.nonzero(labels == r).flatten()[:per]
+        for col in range(per):
+            ax = axes[r][col]
+            ax.axis("off")
+            if col < len(idx):
+                img = images[idx[col]].permute(1, 2, 0).numpy()
+                ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None)
+    fig.tight_layout(pad=0.1)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_recover(
+    config: dict[str, Any],
+    squeeze_dir: str | Path,
+    out: str | Path,
+    seed: int = 0,
+    device: str = "cpu",
+    units_at_once: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Synthesise the distilled image set into ``out`` (resumes per unit after a kill)."""
+    from lpqld_fast.data import dataset_info
+    from lpqld_fast.squeeze import build_teacher, load_teacher
+
+    cfg = config["recover"]
+    out = Path(out)
+    squeeze_dir = Path(squeeze_dir)
+    info = dataset_info(config["dataset"])
+    ipc = int(cfg["ipc"])
+    if ipc < 1:
+        raise ValueError(f"recover.ipc must be >= 1, got {ipc}")
+    teacher = load_teacher(squeeze_dir / "teacher.pt", build_teacher(config["squeeze"], info)).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher_hash = sha256_tensors(teacher.state_dict())
+    classwise_batching = bool(cfg.get("classwise_batching", True))
+    classwise_sup = bool(cfg.get("classwise_supervision", True))
+    targets = bn_targets(teacher, squeeze_dir / "bn_stats.pt" if classwise_sup else None, classwise_sup)
+    units = make_units(info.num_classes, ipc, classwise_batching)
+    if not classwise_sup:
+        for u in units:
+            u.target = -1
+    elif not classwise_batching:
+        # SRe2L batching with class-wise targets: every image is its own segment.
+        units = [Unit(u.uid * info.num_classes + c, torch.tensor([c]), c) for u in units
+                 for c in range(info.num_classes)]
+    mean = torch.tensor(info.mean)
+    std = torch.tensor(info.std)
+    if not cfg.get("normalize_input", True):
+        mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    shape = (info.in_chans, info.image_size, info.image_size)
+    unit_dir = out / "units"
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    run_cfg = {"recover": cfg, "dataset": config["dataset"], "seed": seed, "teacher_sha256": teacher_hash}
+    state_path = out / "recover_state.json"
+    if state_path.exists():
+        prev = read_json(state_path, "recover state")
+        if prev.get("run") != run_cfg:
+            raise ValueError(f"{out} holds a recover run with another config/teacher/seed; use a new --out")
+    atomic_write_json(state_path, {"run": run_cfg})
+    todo = [u for u in units if not (unit_dir / f"unit_{u.uid:06d}.pt").exists()]
+    per_pass = units_at_once or units_per_pass(teacher, shape, len(units[0].labels), device)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="recover units", disable=not progress)
+    for start in range(0, len(todo), per_pass):
+        group = todo[start:start + per_pass]
+        x = synthesize_units(teacher, group, targets, cfg, shape, mean, std, seed, device, progress)
+        imgs = to_uint8(x, mean, std)
+        offset = 0
+        for u in group:
+            n = len(u.labels)
+            save_tensors(unit_dir / f"unit_{u.uid:06d}.pt", {"images": imgs[offset:offset + n].clone(),
+                                                             "labels": u.labels.clone()})
+            offset += n
+        bar.update(len(group))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return finalize_recover(out, units, info.num_classes, run_cfg, seconds)
+
+
+def finalize_recover(out: Path, units: list[Unit], num_classes: int, run_cfg: dict, seconds: float) -> dict:
+    """Pack all units into images.pt (+ PNGs per class folder, a grid, the manifest)."""
+    imgs, labels = [], []
+    for u in units:
+        payload = load_tensors(out / "units" / f"unit_{u.uid:06d}.pt", what="recovered unit")
+        imgs.append(payload["images"])
+        labels.append(payload["labels"])
+    images = torch.cat(imgs)
+    labels = torch.cat(labels)
+    order = torch.argsort(labels, stable=True)  # class-major order for every mode
+    images, labels = images[order].contiguous(), labels[order].contiguous()
+    save_tensors(out / "images.pt", {"images": images, "labels": labels})
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for i in range(len(labels)):
+        c = int(labels[i])
+        save_png(out / "png" / f"{c:05d}" / f"{int(counts[c]):04d}.png", images[i])
+        counts[c] += 1
+    save_grid(out / "grid.png", images, labels, num_classes)
+    images_hash = sha256_tensors({"images": images, "labels": labels})
+    manifest = {"schema": RECOVER_SCHEMA, **run_cfg, "images_sha256": images_hash, "num_images": len(labels),
+                "num_classes": num_classes, "shape": list(images.shape[1:]), "seconds": seconds,
+                "images_file_bytes": os.path.getsize(out / "images.pt")}
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def load_recovered(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Load a recover output (images uint8 [N, C, H, W], labels [N], manifest); verify its hash."""
+    path = Path(path)
+    manifest = read_json(path / "manifest.json", "recover manifest")
+    payload = load_tensors(path / "images.pt", what="distilled images")
+    images, labels = payload["images"], payload["labels"]
+    if sha256_tensors({"images": images, "labels": labels}) != manifest.get("images_sha256"):
+        raise ValueError(f"{path / 'images.pt'} does not match the hash in {path / 'manifest.json'} "
+                         "(modified or corrupt)")
+    return images, labels, manifest

@@ -1,0 +1,164 @@
+"""Train: the student replays stored augmentations and learns from compressed labels.
+
+Per training epoch e (from 1): the label pool picks floor(N/B) stored batch
+ids (label_pool.epoch_batch_ids); each is replayed exactly (augment.replay_batch,
+the function relabel used) and the student learns from its stored labels
+through the fused ``soft_label_kl`` op at teacher temperature T(e) (dynamic
+knowledge reuse) and student temperature t_s, which calibrated alignment
+re-fits at the end of every epoch. Evaluated on the real test set every
+``eval_every`` epochs and at the end; best and last are both reported.
+Resumes from ``out/last.pt`` after a kill.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lpqld_fast.augment import replay_batch
+from lpqld_fast.data import get_dataset
+from lpqld_fast.engine import build_optimizer, evaluate, seed_everything, warmup_cosine
+from lpqld_fast.io_utils import atomic_write_json, load_tensors, save_tensors
+from lpqld_fast.label_pool import epoch_batch_ids, temperature_at
+from lpqld_fast.models import get_model
+from lpqld_fast.ops import calibrate_student_temperature, soft_label_kl
+from lpqld_fast.recover import load_recovered
+from lpqld_fast.store import LabelStore
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "model": "convnet-bn",
+    "epochs": 300,
+    "optimizer": "adamw",
+    "lr": 1e-3,
+    "weight_decay": 0.01,
+    "momentum": 0.9,
+    "warmup_epochs": 0,
+    "pool": "lpqld",
+    "temperature": "step",  # step | cosine | constant
+    "t0": 20.0,
+    "t_decay": 0.7,
+    "t_step": 30,
+    "t_floor": 2.0,
+    "calibrate": True,
+    "calibrate_batches": 1,  # 1 = the last mini-batch, as the reference
+    "t2_scale": False,
+    "eval_every": 25,
+    "checkpoint_every": 10,
+    "bf16": False,
+}
+
+
+def train_config(config: dict[str, Any]) -> dict[str, Any]:
+    cfg = {**TRAIN_DEFAULTS, **config.get("train", {})}
+    unknown = set(cfg) - set(TRAIN_DEFAULTS) - {"batch_size"}
+    if unknown:
+        raise ValueError(f"unknown train settings {sorted(unknown)}; valid: {sorted(TRAIN_DEFAULTS)}")
+    return cfg
+
+
+def run_train(
+    config: dict[str, Any],
+    recover_dir: str | Path,
+    relabel_dir: str | Path,
+    out: str | Path,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    cfg = train_config(config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, _, manifest = load_recovered(recover_dir)
+    store = LabelStore.open(relabel_dir, expect_images_sha256=manifest["images_sha256"],
+                            expect_teacher_sha256=manifest["teacher_sha256"], verify="size")
+    if cfg.get("batch_size") not in (None, store.batch_size):
+        raise ValueError(f"train.batch_size {cfg['batch_size']} differs from the label store's batch size "
+                         f"{store.batch_size}: the student replays whole stored batches")
+    test = get_dataset(config["dataset"], "test")
+    gen = seed_everything(seed)
+    student = get_model(cfg["model"], num_classes=test.num_classes, in_chans=images.shape[1],
+                        image_size=images.shape[2]).to(device)
+    images = images.to(device)
+    epochs = int(cfg["epochs"])
+    nb = store.batches_per_epoch
+    opt = build_optimizer(student, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * nb, int(cfg["warmup_epochs"]) * nb))
+    t_s = 1.0
+    metrics: dict[str, Any] = {"epochs": [], "evals": []}
+    start = 1
+    last_path = out / "last.pt"
+    if last_path.exists():
+        state = load_tensors(last_path, what="train resume checkpoint")
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["generator"])
+        t_s = float(state["t_s"])
+        start = int(state["epoch"]) + 1
+        from lpqld_fast.io_utils import read_json
+
+        metrics = read_json(out / "train_metrics.json", "train metrics")
+        print(f"train: resuming after epoch {start - 1}")
+    mean, std = store.mean, store.std
+    t_begin = time.perf_counter()
+    bar = tqdm(range(start, epochs + 1), desc="train student", disable=not progress)
+    for epoch in bar:
+        student.train()
+        T = temperature_at(epoch, epochs, cfg["temperature"], cfg["t0"], cfg["t_decay"], cfg["t_step"],
+                           cfg["t_floor"])
+        ids = epoch_batch_ids(store.kept_batch_ids, cfg["pool"], epoch, nb, seed)
+        total = 0.0
+        calib: list[tuple[torch.Tensor, Any]] = []
+        for i, bid in enumerate(ids.tolist()):
+            rec = store.batch(bid)
+            x = replay_batch(images, rec, mean, std)
+            labels = rec.labels.to(device)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"])):
+                logits = student(x)
+            loss = soft_label_kl(logits.float(), **labels.kl_kwargs(), T=T, t_s=t_s, t2_scale=bool(cfg["t2_scale"]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss)
+            if i >= len(ids) - int(cfg["calibrate_batches"]):
+                calib.append((logits.detach().float(), labels))
+        if cfg["calibrate"]:
+            t_s = calibrate_on(calib, T)
+        entry = {"epoch": epoch, "loss": total / max(len(ids), 1), "T": T, "t_s": t_s}
+        metrics["epochs"].append(entry)
+        if epoch % int(cfg["eval_every"]) == 0 or epoch == epochs:
+            acc = evaluate(student, test.images, test.labels, mean, std)
+            metrics["evals"].append({"epoch": epoch, "test_acc": acc})
+            bar.set_postfix(acc=f"{acc:.2f}", T=f"{T:.1f}", t_s=f"{t_s:.2f}")
+        if epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs:
+            atomic_write_json(out / "train_metrics.json", metrics)
+            save_tensors(last_path, {"model": student.state_dict(), "optimizer": opt.state_dict(),
+                                     "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                                     "generator": gen.get_state(), "t_s": t_s, "epoch": epoch})
+    accs = [e["test_acc"] for e in metrics["evals"]]
+    summary = {"best_acc": max(accs), "last_acc": accs[-1], "epochs": epochs, "t_s_final": t_s,
+               "seconds": time.perf_counter() - t_begin + metrics.get("seconds", 0.0)}
+    metrics.update(summary)
+    atomic_write_json(out / "train_metrics.json", metrics)
+    save_tensors(out / "student.pt", student.state_dict())
+    return summary
+
+
+def calibrate_on(batches: list[tuple[torch.Tensor, Any]], T: float) -> float:
+    """Calibrated alignment: the student temperature that best matches the teacher on ``batches``."""
+    logits = torch.cat([b[0] for b in batches])
+    labels = batches[0][1]
+    if len(batches) > 1:
+        from lpqld_fast.store.quantize import SoftLabels
+
+        def cat(name: str):
+            parts = [getattr(b[1], name) for b in batches]
+            return None if parts[0] is None else torch.cat(parts)
+
+        labels = SoftLabels(labels.mode, cat("values"), cat("indices"), cat("fill"), cat("scale"), cat("offset"))
+    return float(calibrate_student_temperature(logits, **labels.kl_kwargs(), T=T))
