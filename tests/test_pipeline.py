@@ -1,0 +1,84 @@
+"""End-to-end smoke run of squeeze -> recover -> relabel -> train -> report on tiny synthetic data."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lpqld_fast.cli import main
+from lpqld_fast.label_pool import epoch_batch_ids, temperature_at
+
+TINY = [
+    "--dataset", "fashion-mnist",
+    "--set", "squeeze.epochs=1", "--set", "squeeze.batch_size=20", "--set", "squeeze.stats_batch_size=50",
+    "--set", "recover.ipc=2", "--set", "recover.iterations=3",
+    "--set", "relabel.epochs=3", "--set", "relabel.batch_size=5", "--set", "relabel.k=3",
+    "--set", "relabel.prune_ratio=0.5",
+    "--set", "train.epochs=3", "--set", "train.eval_every=1", "--set", "train.model=convnet-bn",
+]
+
+
+@pytest.fixture()
+def synthetic_preset(monkeypatch):
+    """Point the fashion-mnist preset at the small synthetic dataset (no 60k-image teacher training in tests)."""
+    import lpqld_fast.presets as presets
+
+    p = presets.get_preset("fashion-mnist")
+    p["dataset"] = "synthetic"
+    monkeypatch.setitem(presets.PRESETS, "fashion-mnist", p)
+    return p
+
+
+def test_distill_end_to_end_and_resume(tmp_path, synthetic_preset, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["distill", "--out", str(run), *TINY]) == 0
+    report = (run / "report" / "REPORT.md").read_text()
+    assert "student test top-1" in report
+    for png in ("training_curves.png", "distilled_images.png", "accuracy_vs_storage.png"):
+        assert (run / "report" / png).stat().st_size > 1000
+    metrics = json.loads((run / "train" / "train_metrics.json").read_text())
+    assert len(metrics["epochs"]) == 3 and 0 <= metrics["best_acc"] <= 100
+    assert metrics["epochs"][0]["T"] == 20.0  # step schedule, e = 1
+    assert 0.01 <= metrics["epochs"][-1]["t_s"] <= 1.0
+    manifest = json.loads((run / "relabel" / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    # A second run reuses every stage (resume / no-op) and gives the same student.
+    before = (run / "train" / "student.pt").read_bytes()
+    assert main(["distill", "--out", str(run), *TINY]) == 0
+    assert (run / "train" / "student.pt").read_bytes() == before
+    out = capsys.readouterr().out
+    assert "storage" in out
+    assert main(["report", "storage", "--out", str(run), *TINY]) == 0
+    assert "label" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, synthetic_preset, capsys) -> None:
+    assert main(["recover", "--out", str(tmp_path / "none"), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher checkpoint not found" in err[0]
+    assert main(["squeeze", "--out", str(tmp_path), "--set", "bogus=1"]) == 2
+    assert "stage.key=value" in capsys.readouterr().err
+
+
+def test_temperature_schedules() -> None:
+    assert temperature_at(1, 300) == 20.0
+    assert temperature_at(29, 300) == 20.0 and temperature_at(30, 300) == pytest.approx(14.0)
+    assert temperature_at(300, 300) == 2.0  # floor
+    assert temperature_at(1, 10, "cosine") == 20.0 and temperature_at(10, 10, "cosine") == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="schedule"):
+        temperature_at(1, 10, "linear")
+
+
+def test_label_pools_are_seeded_and_keyed_by_batch_id() -> None:
+    kept = torch.tensor([0, 2, 3, 5, 7, 8, 10, 11])  # 4 batches per epoch, 3 stored epochs, some pruned
+    assert epoch_batch_ids(kept, "epoch", 1, 4, 0).tolist() == [0, 2, 3]
+    assert epoch_batch_ids(kept, "epoch", 2, 4, 0).tolist() == [5, 7]
+    assert epoch_batch_ids(kept, "epoch", 4, 4, 0).tolist() == [0, 2, 3]  # cycles
+    a = epoch_batch_ids(kept, "lpqld", 3, 4, 0)
+    assert a.tolist() == epoch_batch_ids(kept, "lpqld", 3, 4, 0).tolist()  # seeded
+    assert len(set(a.tolist())) == 4 and set(a.tolist()) <= set(kept.tolist())  # no repeats within an epoch
+    b = epoch_batch_ids(kept, "lpld", 3, 4, 0)
+    assert len(b) == 4 and set(b.tolist()) <= set(kept.tolist())
+    with pytest.raises(ValueError, match="pool"):
+        epoch_batch_ids(kept, "random", 1, 4, 0)
