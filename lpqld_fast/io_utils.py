@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -59,9 +60,14 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Any]) -> None:
-    """Atomically save a dict of tensors / plain values loadable with weights_only=True."""
-    with atomic_path(path) as tmp:
-        torch.save(tensors, tmp)
+    """Atomically save a dict of tensors / plain values loadable with weights_only=True.
+
+    Serialised in memory first: torch.save names the zip archive after the
+    file, and the temp file's random name would make equal contents differ.
+    """
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_tensors(path: str | os.PathLike, what: str = "checkpoint", map_location: str | torch.device = "cpu") -> Any:
@@ -92,7 +98,7 @@ def sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name]
         if not isinstance(t, torch.Tensor):
             continue
-        t = t.detach().cpu().contiguous()
+        t = t.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

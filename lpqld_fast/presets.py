@@ -35,7 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "recover": {"ipc": 10, "iterations": 1000, "lr": 0.1, "r_bn": 0.05, "jitter": 2, "first_bn_mult": 10.0},
         "relabel": {"epochs": 300, "batch_size": 50, "prune_ratio": 0.0, "label": "mr", "k": 5, "cutmix": False},
-        "train": {"model": "convnet-bn", "epochs": 300, "batch_size": 50, "optimizer": "adamw", "lr": 1e-3,
+        "train": {"model": "convnet-bn", "epochs": 300, "optimizer": "adamw", "lr": 1e-3,
                   "weight_decay": 0.01, "temperature": "step", "calibrate": True, "t2_scale": False},
     },
     "tiny-imagenet": {
@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "recover": {"ipc": 50, "iterations": 4000, "lr": 0.1, "r_bn": 0.05, "jitter": 4, "first_bn_mult": 10.0},
         "relabel": {"epochs": 100, "batch_size": 64, "prune_ratio": 0.0, "label": "dense", "k": 200,
                     "cutmix": False},
-        "train": {"model": "resnet18-small", "epochs": 100, "batch_size": 64, "optimizer": "sgd", "lr": 0.2,
+        "train": {"model": "resnet18-small", "epochs": 100, "optimizer": "sgd", "lr": 0.2,
                   "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 5, "temperature": "step",
                   "calibrate": True, "t2_scale": True},
     },
@@ -58,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "recover": {"ipc": 50, "iterations": 4000, "lr": 0.25, "r_bn": 0.01, "jitter": 32, "first_bn_mult": 10.0},
         "relabel": {"epochs": 300, "batch_size": 128, "prune_ratio": 0.975, "label": "mr", "k": 100,
                     "cutmix": True},
-        "train": {"model": "resnet18", "epochs": 300, "batch_size": 128, "optimizer": "adamw", "lr": 1e-3,
+        "train": {"model": "resnet18", "epochs": 300, "optimizer": "adamw", "lr": 1e-3,
                   "weight_decay": 0.01, "temperature": "step", "calibrate": True, "t2_scale": False},
     },
     "imagenet21k": {
@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "normalize_input": False},
         "relabel": {"epochs": 300, "batch_size": 32, "prune_ratio": 0.99, "label": "mr", "k": 50,
                     "cutmix": False, "cutout": True},
-        "train": {"model": "resnet18", "epochs": 300, "batch_size": 32, "optimizer": "adamw", "lr": 2e-3,
+        "train": {"model": "resnet18", "epochs": 300, "optimizer": "adamw", "lr": 2e-3,
                   "weight_decay": 0.01, "temperature": "step", "calibrate": True, "t2_scale": False},
     },
 }

@@ -37,7 +37,8 @@ from tqdm import tqdm
 from lpqld_fast.augment import sample_flips, sample_rrc_boxes
 from lpqld_fast.bn_stats import bn_layers, load_bn_stats
 from lpqld_fast.io_utils import atomic_path, atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
-from lpqld_fast.ops import batched_roll, crop_resize_flip, segment_bn_loss
+from lpqld_fast.ops import segment_bn_loss
+from lpqld_fast.ops.crop_resize_flip import batched_roll, crop_resize_flip
 
 RECOVER_SCHEMA = 1
 
@@ -175,7 +176,7 @@ def synthesize_units(
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, hi), lo))
             if progress and (it % 50 == 0 or it == iters - 1):
-                bar.set_postfix(ce=f"{float(ce_units.mean()):.3f}", bn=f"{float(loss_bn.mean()):.3f}")
+                bar.set_postfix(ce=f"{float(ce_units.detach().mean()):.3f}", bn=f"{float(loss_bn.detach().mean()):.3f}")
     finally:
         capture.close()
     return x.detach()
@@ -293,6 +294,11 @@ def run_recover(
         if prev.get("run") != run_cfg:
             raise ValueError(f"{out} holds a recover run with another config/teacher/seed; use a new --out")
     atomic_write_json(state_path, {"run": run_cfg})
+    if (out / "manifest.json").exists() and (out / "images.pt").exists():
+        done = read_json(out / "manifest.json", "recover manifest")
+        if all(done.get(k) == v for k, v in run_cfg.items()):
+            print(f"recover: done already ({out})")
+            return done
     todo = [u for u in units if not (unit_dir / f"unit_{u.uid:06d}.pt").exists()]
     per_pass = units_at_once or units_per_pass(teacher, shape, len(units[0].labels), device)
     t0 = time.perf_counter()

@@ -123,7 +123,7 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             n += len(idx)
             bar.set_postfix(loss=f"{total / n:.3f}")
         acc = evaluate(model, test.images, test.labels, mean, std, bf16=bf16)
@@ -184,15 +184,22 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
         _plot_curve(metrics, out / "teacher_curve.png")
     teacher_time = time.perf_counter() - t0
     t1 = time.perf_counter()
-    stats, layers = collect_class_stats(model, dataset, cfg, seed, device, data_root)
     teacher_hash = sha256_tensors(model.state_dict())
+    summary_path = out / "metrics.json"
+    if (out / "bn_stats.pt").exists() and summary_path.exists():
+        done = read_json(summary_path, "squeeze metrics")
+        if done.get("teacher_sha256") == teacher_hash and done.get("stats_mode") == cfg.get("stats_mode", "exact"):
+            print(f"squeeze: done already ({out})")
+            return done
+    stats, layers = collect_class_stats(model, dataset, cfg, seed, device, data_root)
     save_bn_stats(out / "bn_stats.pt", stats, layers, cfg.get("stats_mode", "exact"), teacher_hash)
     stats_time = time.perf_counter() - t1
     train = get_dataset(dataset, "train", root=data_root)
     test = get_dataset(dataset, "test", root=data_root)
     acc = evaluate(model, test.images, test.labels, train.mean, train.std)
     summary = {"teacher": metrics, "teacher_test_acc": acc, "teacher_sha256": teacher_hash,
-               "bn_layers": len(bn_layers(model)), "teacher_seconds": teacher_time, "stats_seconds": stats_time}
+               "bn_layers": len(bn_layers(model)), "teacher_seconds": teacher_time, "stats_seconds": stats_time,
+               "stats_mode": cfg.get("stats_mode", "exact")}
     atomic_write_json(out / "metrics.json", summary)
     print(f"squeeze: teacher test top-1 {acc:.2f}% | class-wise stats of {len(layers)} BN layers in "
           f"{stats_time:.1f}s | {out}")

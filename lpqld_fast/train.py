@@ -124,7 +124,7 @@ def run_train(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += float(loss.detach())
             if i >= len(ids) - int(cfg["calibrate_batches"]):
                 calib.append((logits.detach().float(), labels))
         if cfg["calibrate"]:
@@ -141,7 +141,7 @@ def run_train(
                                      "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                                      "generator": gen.get_state(), "t_s": t_s, "epoch": epoch})
     accs = [e["test_acc"] for e in metrics["evals"]]
-    summary = {"best_acc": max(accs), "last_acc": accs[-1], "epochs": epochs, "t_s_final": t_s,
+    summary = {"best_acc": max(accs), "last_acc": accs[-1], "num_epochs": epochs, "t_s_final": t_s,
                "seconds": time.perf_counter() - t_begin + metrics.get("seconds", 0.0)}
     metrics.update(summary)
     atomic_write_json(out / "train_metrics.json", metrics)
