@@ -122,11 +122,11 @@ def native_backends(device: torch.device | str) -> list[str]:
 
     device = torch.device(device)
     out = []
+    avail = ops.available_backends(device)  # first: this loads lpqld_fast._C, which registers torch.ops.lpqld
     try:
         have_op = hasattr(torch.ops.lpqld, "classwise_moments_accumulate_")
     except Exception:  # noqa: BLE001 - the namespace may not exist without the extension
         have_op = False
-    avail = ops.available_backends(device)
     if device.type == "cpu" and "cpp" in avail and have_op:
         out.append("cpp")
     if device.type == "cuda" and "cuda" in avail and have_op:

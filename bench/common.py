@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import functools
+import json
 import math
 import os
 import platform
@@ -505,8 +506,12 @@ def to_markdown(
     rows: Iterable[Mapping[str, str]],
     baselines: Mapping[str, str] | None = None,
     limits: Mapping[str, str] | None = None,
+    runs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """Markdown tables, one per kernel, rows grouped per size.
+
+    ``runs`` (from run_meta.json, see record_run) lists per kernel the exact
+    command, wall time and machine load of the run that measured it.
 
     ``baselines`` maps kernel -> the impl every other impl's speed-up is
     measured against (default "reference-loop", else the first "reference*");
@@ -535,6 +540,18 @@ def to_markdown(
             "p50 / p20..p80: per-call wall time in ms; GB/s = minimal bytes / p50; frac read bw = GB/s / best "
             "read bandwidth; speed-up = baseline p50 / impl p50 (same size, same process)."
         )
+        lines.append("")
+    if runs:
+        lines.append("Runs (exact command, wall time, 1-minute load average at start/end, commit of the checkout):")
+        lines.append("")
+        for kernel, m in sorted(runs.items()):
+            load = "/".join(f"{v:.1f}" for v in (m.get("loadavg_start", [float("nan")])[0],
+                                                  m.get("loadavg_end", [float("nan")])[0]))
+            lines.append(
+                f"- {kernel}: `{m.get('command', '?')}` — {m.get('wall_s', float('nan')):.0f} s, "
+                f"load {load} on {m.get('cpus', '?')} CPUs, {m.get('threads', '?')} threads, commit "
+                f"{m.get('git_commit', '?')}, _C sha1 {m.get('native_so_sha1', '?')}, {m.get('finished', '?')}"
+            )
         lines.append("")
     for kernel, krows in _group(rows).items():
         impls = list(dict.fromkeys(r["impl"] for r in krows))
@@ -630,6 +647,28 @@ def plot(rows: Iterable[Mapping[str, str]], out_dir: str | os.PathLike, skip: Se
     return written
 
 
+RUN_META = "run_meta.json"
+
+
+def read_runs(out_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    path = Path(out_dir) / RUN_META
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_run(out_dir: str | os.PathLike, kernels: Iterable[str], meta: Mapping[str, Any]) -> None:
+    """Note in OUT/run_meta.json which run (command, wall time, load, commit) measured ``kernels``."""
+    runs = read_runs(out_dir)
+    for k in kernels:
+        runs[k] = dict(meta)
+    atomic_write_text(Path(out_dir) / RUN_META, json.dumps(runs, indent=1, sort_keys=True) + "\n")
+
+
 def write_report(
     csv_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -638,7 +677,9 @@ def write_report(
 ) -> tuple[Path, str, list[Path]]:
     """results.md + one PNG per kernel from the CSV; returns (md path, markdown, PNG paths)."""
     rows = read_rows(csv_path)
-    md = to_markdown(rows, baselines, limits)
+    present = {r["kernel"] for r in rows}
+    runs = {k: v for k, v in read_runs(out_dir).items() if k in present}
+    md = to_markdown(rows, baselines, limits, runs)
     md_path = Path(out_dir) / "results.md"
     atomic_write_text(md_path, md + "\n")
     pngs = plot(rows, out_dir)

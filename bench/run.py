@@ -4,7 +4,8 @@ Discovers every bench/bench_*.py module, measures memory bandwidth first
 (bench_bandwidth), then calls each module's ``run(ctx)`` with one shared
 :class:`bench.common.BenchContext`; rows go to OUT/results.csv as they are
 measured, then OUT/results.md and OUT/<kernel>.png are written and the
-markdown is printed.
+markdown is printed. OUT/run_meta.json notes per kernel the command, wall
+time, machine load, commit and native library hash of the run that measured it.
 
 Without --only the CSV starts empty. With --only the rows of the other kernels
 are kept and those of the selected kernels (and the bandwidth rows) replaced,
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
 import sys
 import time
 import traceback
@@ -27,7 +30,7 @@ from types import ModuleType
 
 import torch
 
-from bench.common import BenchContext, read_rows, write_report, write_rows
+from bench.common import BenchContext, read_rows, record_run, write_report, write_rows
 
 BENCH_DIR = Path(__file__).resolve().parent
 FIRST = "bench_bandwidth"
@@ -64,12 +67,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _main(args, profile)
+        return _main(args, profile, argv)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _main(args: argparse.Namespace, profile: str) -> int:
+def git_commit() -> str:
+    """HEAD commit (short), "+dirty" when csrc/, lpqld_fast/ or bench/ have changed or uncommitted files."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "lpqld_fast", "bench",
+                                ":!bench/results"], cwd=BENCH_DIR.parent, capture_output=True, text=True,
+                               timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty.strip() else "")
+
+
+def native_so_sha1() -> str:
+    """First 12 hex digits of the sha1 of the built lpqld_fast._C library (which kernels were timed)."""
+    import hashlib
+
+    libs = sorted((BENCH_DIR.parent / "lpqld_fast").glob("_C*.so"))
+    if not libs:
+        return "none"
+    return hashlib.sha1(libs[0].read_bytes()).hexdigest()[:12]
+
+
+def _main(args: argparse.Namespace, profile: str, argv: list[str] | None) -> int:
     out = Path(args.out)
     csv_path = out / "results.csv"
     only = {k.strip() for item in args.only for k in item.split(",") if k.strip()}
@@ -103,6 +129,7 @@ def _main(args: argparse.Namespace, profile: str) -> int:
             opts["bw_bytes"] = 8 << 20
         ctx = BenchContext(csv_path, profile=profile, options=opts)
         t_all = time.perf_counter()
+        load_start = list(os.getloadavg())
         for name in selected:
             mod = modules[name]
             if not hasattr(mod, "run"):
@@ -119,7 +146,20 @@ def _main(args: argparse.Namespace, profile: str) -> int:
             if name == FIRST and ctx.read_bw_gbps is None:
                 failures.append("bench_bandwidth did not set ctx.read_bw_gbps")
         failures.extend(ctx.failures)
-        print(f"== total {time.perf_counter() - t_all:.1f} s; rows in {csv_path}", flush=True)
+        wall = time.perf_counter() - t_all
+        print(f"== total {wall:.1f} s; rows in {csv_path}", flush=True)
+        record_run(out, rerun, {
+            "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
+            "profile": profile,
+            "wall_s": round(wall, 1),
+            "loadavg_start": load_start,
+            "loadavg_end": list(os.getloadavg()),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "git_commit": git_commit(),
+            "native_so_sha1": native_so_sha1(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
 
     md_path, md, pngs = write_report(csv_path, out, baselines, limits)
     print()
