@@ -43,6 +43,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "t_step": 30,
     "t_floor": 2.0,
     "calibrate": True,
+    # Student temperature when not calibrated: a number, or "teacher" = the teacher's T(e)
+    # (SRe2L / LPLD divide student and teacher logits by the same temperature).
+    "student_t": 1.0,
     "calibrate_batches": 1,  # 1 = the last mini-batch, as the reference
     "t2_scale": False,
     "eval_every": 25,
@@ -110,6 +113,8 @@ def run_train(
         student.train()
         T = temperature_at(epoch, epochs, cfg["temperature"], cfg["t0"], cfg["t_decay"], cfg["t_step"],
                            cfg["t_floor"])
+        if not cfg["calibrate"]:
+            t_s = T if cfg["student_t"] == "teacher" else float(cfg["student_t"])
         ids = epoch_batch_ids(store.kept_batch_ids, cfg["pool"], epoch, nb, seed)
         total = 0.0
         calib: list[tuple[torch.Tensor, Any]] = []
