@@ -48,6 +48,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "student_t": 1.0,
     "calibrate_batches": 1,  # 1 = the last mini-batch, as the reference
     "t2_scale": False,
+    # Hard-label baseline: one-hot labels of the replayed images (CutMix-mixed), stored soft labels ignored.
+    "hard_labels": False,
     "eval_every": 25,
     "checkpoint_every": 10,
     "bf16": False,
@@ -74,7 +76,7 @@ def run_train(
     cfg = train_config(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    images, _, manifest = load_recovered(recover_dir)
+    images, image_labels, manifest = load_recovered(recover_dir)
     store = LabelStore.open(relabel_dir, expect_images_sha256=manifest["images_sha256"],
                             expect_teacher_sha256=manifest["teacher_sha256"], verify="size")
     if cfg.get("batch_size") not in (None, store.batch_size):
@@ -124,7 +126,11 @@ def run_train(
             labels = rec.labels.to(device)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"])):
                 logits = student(x)
-            loss = soft_label_kl(logits.float(), **labels.kl_kwargs(), T=T, t_s=t_s, t2_scale=bool(cfg["t2_scale"]))
+            if cfg["hard_labels"]:
+                loss = hard_label_loss(logits.float(), image_labels.to(device), rec.aug)
+            else:
+                loss = soft_label_kl(logits.float(), **labels.kl_kwargs(), T=T, t_s=t_s,
+                                     t2_scale=bool(cfg["t2_scale"]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -132,7 +138,7 @@ def run_train(
             total += float(loss.detach())
             if i >= len(ids) - int(cfg["calibrate_batches"]):
                 calib.append((logits.detach().float(), labels))
-        if cfg["calibrate"]:
+        if cfg["calibrate"] and not cfg["hard_labels"]:
             t_s = calibrate_on(calib, T)
         entry = {"epoch": epoch, "loss": total / max(len(ids), 1), "T": T, "t_s": t_s}
         metrics["epochs"].append(entry)
@@ -152,6 +158,17 @@ def run_train(
     atomic_write_json(out / "train_metrics.json", metrics)
     save_tensors(out / "student.pt", student.state_dict())
     return summary
+
+
+def hard_label_loss(logits: torch.Tensor, image_labels: torch.Tensor, aug: Any) -> torch.Tensor:
+    """Cross-entropy with the replayed images' classes (mixed by the record's CutMix, if any)."""
+    y = image_labels[aug.image_indices.to(image_labels.device)]
+    if aug.cutmix is None:
+        return torch.nn.functional.cross_entropy(logits, y)
+    lam = float(aug.cutmix.lam)
+    y2 = y[aug.cutmix.perm.to(y.device)]
+    ce = torch.nn.functional.cross_entropy
+    return lam * ce(logits, y) + (1 - lam) * ce(logits, y2)
 
 
 def calibrate_on(batches: list[tuple[torch.Tensor, Any]], T: float) -> float:
