@@ -20,8 +20,12 @@ $(FMNIST):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist
 
+# In-place build + a development install into .venv (a .pth entry and the `lpqld` command),
+# so `import lpqld_fast` and `.venv/bin/lpqld` work from anywhere. `pip install .` builds a wheel instead.
 build: venv
 	scripts/build_ext.sh
+	$(PY) -c "import site, sys; open(site.getsitepackages()[0] + '/lpqld_fast_dev.pth', 'w').write(sys.argv[1] + '\n')" "$(CURDIR)"
+	printf '#!/bin/sh\nexec "%s" -m lpqld_fast.cli "$$@"\n' "$(CURDIR)/$(PY)" > .venv/bin/lpqld && chmod +x .venv/bin/lpqld
 
 # Compile-only check of the CUDA sources (no GPU needed; skipped without nvcc).
 cuda-check: venv
