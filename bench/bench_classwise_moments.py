@@ -267,34 +267,39 @@ def run(ctx: BenchContext) -> None:
                     ctx.fail(f"{KERNEL}/{impl} N={batch} C={c} H={h} W={w} K={k} on {device}: {msg}")
                 ctx.time_group(list(cases.values()))  # round-robin: load noise hits every impl alike
                 del cases
-    for line in acceptance(ctx.rows[rows_before:]):
+    for line in summary(ctx.rows[rows_before:]):
         ctx.log(line)
 
 
-def acceptance(rows: list[dict[str, str]]) -> list[str]:
-    """The targets we report against: cpp >= 5x reference-loop, cpp <= 2x read-pass, on every shape."""
-    by_size: dict[tuple[str, str], dict[str, float]] = {}
+def summary(rows: list[dict[str, str]]) -> list[str]:
+    """The targets we report against: cpp >= 5x reference-loop, cpp <= 2x read-pass, on every shape.
+
+    Judged on p50; the p20-based worst case is shown too (closer to an unloaded machine).
+    """
+    by_size: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
     for r in rows:
         if r["kernel"] == KERNEL:
-            by_size.setdefault((r["sizes"], r["device"]), {})[r["impl"]] = float(r["p50_ms"])
+            by_size.setdefault((r["sizes"], r["device"]), {})[r["impl"]] = (float(r["p50_ms"]), float(r["p20_ms"]))
     speedups, limits = [], []
     for (sizes, _dev), t in by_size.items():
         if "cpp" in t:
             if "reference-loop" in t:
-                speedups.append((t["reference-loop"] / t["cpp"], sizes))
+                speedups.append((t["reference-loop"][0] / t["cpp"][0], t["reference-loop"][1] / t["cpp"][1], sizes))
             if "read-pass" in t:
-                limits.append((t["cpp"] / t["read-pass"], sizes))
+                limits.append((t["cpp"][0] / t["read-pass"][0], t["cpp"][1] / t["read-pass"][1], sizes))
     if not speedups and not limits:
         return ["classwise_moments acceptance: no cpp rows (kernel not built)"]
     out = []
     if speedups:
         worst = min(speedups)
         out.append(f"classwise_moments acceptance: cpp >= 5x reference-loop on every shape: "
-                   f"{'MET' if worst[0] >= 5 else 'NOT MET'} (worst {worst[0]:.1f}x at {worst[1]})")
+                   f"{'MET' if worst[0] >= 5 else 'NOT MET'} (worst p50 ratio {worst[0]:.1f}x at {worst[2]}; "
+                   f"worst p20 ratio {min(s[1] for s in speedups):.1f}x)")
     if limits:
         worst = max(limits)
         out.append(f"classwise_moments acceptance: cpp within 2x of read-pass on every shape: "
-                   f"{'MET' if worst[0] <= 2 else 'NOT MET'} (worst {worst[0]:.2f}x at {worst[1]})")
+                   f"{'MET' if worst[0] <= 2 else 'NOT MET'} (worst p50 ratio {worst[0]:.2f}x at {worst[2]}; "
+                   f"worst p20 ratio {max(s[1] for s in limits):.2f}x)")
     return out
 
 

@@ -55,13 +55,14 @@ SCHEMA: tuple[str, ...] = (
     "timestamp",
 )
 MODES = ("fwd", "bwd", "full")
+NOISY = 2.0  # results.md flags a row whose p80 exceeds NOISY x its p20
 
 # Run profiles: "full" is the real benchmark, "quick" a < 2 minute pass, "tiny"
 # only exercises the machinery (tests). Each module picks its problem sizes
 # from ctx.profile; these are the timing knobs.
 PROFILES: dict[str, dict[str, float]] = {
-    "full": {"warmup": 1, "repeats": 10, "min_repeats": 3, "max_seconds": 6.0},
-    "quick": {"warmup": 1, "repeats": 5, "min_repeats": 3, "max_seconds": 1.5},
+    "full": {"warmup": 1, "repeats": 30, "min_repeats": 3, "max_seconds": 5.0},
+    "quick": {"warmup": 1, "repeats": 10, "min_repeats": 3, "max_seconds": 1.0},
     "tiny": {"warmup": 1, "repeats": 2, "min_repeats": 1, "max_seconds": 0.2},
 }
 
@@ -507,11 +508,13 @@ def to_markdown(
     baselines: Mapping[str, str] | None = None,
     limits: Mapping[str, str] | None = None,
     runs: Mapping[str, Mapping[str, Any]] | None = None,
+    notes: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """Markdown tables, one per kernel, rows grouped per size.
 
     ``runs`` (from run_meta.json, see record_run) lists per kernel the exact
-    command, wall time and machine load of the run that measured it.
+    command, wall time and machine load of the run that measured it; ``notes``
+    maps kernel -> lines printed under its table (a module's summary(rows)).
 
     ``baselines`` maps kernel -> the impl every other impl's speed-up is
     measured against (default "reference-loop", else the first "reference*");
@@ -538,7 +541,8 @@ def to_markdown(
         lines.append("")
         lines.append(
             "p50 / p20..p80: per-call wall time in ms; GB/s = minimal bytes / p50; frac read bw = GB/s / best "
-            "read bandwidth; speed-up = baseline p50 / impl p50 (same size, same process)."
+            "read bandwidth; speed-up = baseline p50 / impl p50 (same size, same process); "
+            f"(noisy): p80 > {NOISY} x p20, i.e. other load disturbed the calls: read its ratios with care."
         )
         lines.append("")
     if runs:
@@ -558,12 +562,12 @@ def to_markdown(
         base = baselines.get(kernel) or default_baseline(impls)
         limit = limits.get(kernel)
         title = f"## {kernel}"
-        notes = []
+        tags = []
         if base:
-            notes.append(f"baseline: {base}")
+            tags.append(f"baseline: {base}")
         if limit:
-            notes.append(f"limit: {limit}")
-        lines.append(title + (f" ({'; '.join(notes)})" if notes else ""))
+            tags.append(f"limit: {limit}")
+        lines.append(title + (f" ({'; '.join(tags)})" if tags else ""))
         lines.append("")
         head = ["sizes", "device", "impl", "mode", "p50 ms", "p20..p80 ms", "GB/s", "frac read bw"]
         if base:
@@ -587,7 +591,7 @@ def to_markdown(
                     r["impl"],
                     mode,
                     _fmt_ms(p50),
-                    f"{_fmt_ms(p20)}..{_fmt_ms(p80)}",
+                    f"{_fmt_ms(p20)}..{_fmt_ms(p80)}" + (" (noisy)" if p80 > NOISY * p20 else ""),
                     _fmt(_f(r["gbps"]), ".2f"),
                     _fmt(_f(r["frac_read_bw"]), ".2f"),
                 ]
@@ -597,6 +601,10 @@ def to_markdown(
                     cells.append(_fmt(p50 / lim_p50 if lim_p50 > 0 else float("nan"), ".2f", "x"))
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        for note in (notes or {}).get(kernel, ()):
+            lines.append(f"- {note}")
+        if (notes or {}).get(kernel):
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -674,12 +682,26 @@ def write_report(
     out_dir: str | os.PathLike,
     baselines: Mapping[str, str] | None = None,
     limits: Mapping[str, str] | None = None,
+    summaries: Mapping[str, Callable[[list[dict[str, str]]], list[str]]] | None = None,
 ) -> tuple[Path, str, list[Path]]:
-    """results.md + one PNG per kernel from the CSV; returns (md path, markdown, PNG paths)."""
+    """results.md + one PNG per kernel from the CSV; returns (md path, markdown, PNG paths).
+
+    ``summaries`` maps kernel -> summary(rows) (a module's optional hook); its
+    lines go under the kernel's table.
+    """
     rows = read_rows(csv_path)
     present = {r["kernel"] for r in rows}
     runs = {k: v for k, v in read_runs(out_dir).items() if k in present}
-    md = to_markdown(rows, baselines, limits, runs)
+    latest = latest_rows(rows)
+    notes: dict[str, list[str]] = {}
+    for kernel, fn in (summaries or {}).items():
+        krows = [r for r in latest if r["kernel"] == kernel]
+        if krows:
+            try:
+                notes[kernel] = [str(line) for line in fn(krows)]
+            except Exception as e:  # noqa: BLE001 - a summary must not break the report
+                notes[kernel] = [f"summary() failed: {type(e).__name__}: {e}"]
+    md = to_markdown(rows, baselines, limits, runs, notes)
     md_path = Path(out_dir) / "results.md"
     atomic_write_text(md_path, md + "\n")
     pngs = plot(rows, out_dir)

@@ -13,8 +13,10 @@ so one kernel can be re-measured without re-running the rest.
 
 Module contract (see bench/README.md): module-level KERNEL (str, defaults to
 the file name after "bench_"), optional BASELINE (impl the speed-ups are
-relative to) and LIMIT (impl that is the practical floor), and
-``run(ctx: BenchContext) -> None`` which builds Cases and calls ctx.time(case).
+relative to) and LIMIT (impl that is the practical floor),
+``run(ctx: BenchContext) -> None`` which builds Cases and calls
+ctx.time_group(cases) / ctx.time(case), and optionally
+``summary(rows) -> list[str]`` whose lines go under the kernel's table.
 """
 from __future__ import annotations
 
@@ -113,6 +115,7 @@ def _main(args: argparse.Namespace, profile: str, argv: list[str] | None) -> int
                 print(f"note: bench.{name} does not import (not selected, ignored)", file=sys.stderr)
     baselines = {kernel_of(n, m): m.BASELINE for n, m in modules.items() if getattr(m, "BASELINE", None)}
     limits = {kernel_of(n, m): m.LIMIT for n, m in modules.items() if getattr(m, "LIMIT", None)}
+    summaries = {kernel_of(n, m): m.summary for n, m in modules.items() if callable(getattr(m, "summary", None))}
 
     if not args.report_only:
         selected = [n for n, m in modules.items()
@@ -161,7 +164,7 @@ def _main(args: argparse.Namespace, profile: str, argv: list[str] | None) -> int
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
 
-    md_path, md, pngs = write_report(csv_path, out, baselines, limits)
+    md_path, md, pngs = write_report(csv_path, out, baselines, limits, summaries)
     print()
     print(md)
     print(f"wrote {md_path} and {', '.join(str(p) for p in pngs) or 'no plots'}")

@@ -36,6 +36,7 @@ def test_quick_suite_machinery_writes_csv_markdown_png(tmp_path):
         assert common.parse_sizes(common.format_sizes(common.parse_sizes(r["sizes"]))) == common.parse_sizes(r["sizes"])
     md = (tmp_path / "results.md").read_text()
     assert "## classwise_moments" in md and "speed-up vs reference-loop" in md and "time / read-pass" in md
+    assert "- classwise_moments acceptance" in md  # the module's summary(rows) lines
     assert "Runs (exact command" in md and "--tiny" in md  # run_meta.json: how the rows were made
     png = tmp_path / "classwise_moments.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
