@@ -112,6 +112,27 @@ class ClasswiseBNStats:
                 out[f"{name}.mean"], out[f"{name}.var"] = (t.cpu().clone() for t in self._ema[name])
         return out
 
+    def all_reduce_(self) -> None:
+        """Combine the exact-mode state of every torch.distributed rank, in place (no-op for 1 process).
+
+        Issue 8: see lpqld_fast.distributed.all_reduce_moments_ for the numerics. A
+        rank that saw no batch contributes zero state (created here from the BN sizes).
+        """
+        from lpqld_fast import distributed
+
+        if distributed.world_size() == 1:
+            return
+        if self.mode != "exact":
+            raise ValueError("only exact-mode statistics can be combined across ranks (EMA depends on batch order)")
+        for name, module in self.layers:
+            acc = self._acc.get(name)
+            if acc is None:
+                device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+                acc = self._acc[name] = ClasswiseMomentsAccumulator(self.num_classes, module.num_features,
+                                                                    device=device)
+            distributed.all_reduce_moments_(acc.count, acc.mean, acc.m2, acc.samples)
+        distributed.all_reduce_(self.samples)
+
     def accumulator_state(self) -> dict[str, torch.Tensor]:
         """The exact-mode float64 state, for merging across ranks or resuming."""
         out: dict[str, torch.Tensor] = {}

@@ -2,6 +2,8 @@
 
 Stages: squeeze, recover, relabel, train, distill (all of them), report.
 User errors print one line and exit with status 2.
+Multi-process: ``torchrun --standalone --nproc_per_node=N -m lpqld_fast.cli <stage> ...``
+(gloo on CPU, NCCL with --device cuda; see docs/LAUNCH.md).
 """
 from __future__ import annotations
 
@@ -50,21 +52,25 @@ def _recover(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 
 @command("relabel")
 def _relabel(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    from lpqld_fast.distributed import is_main
     from lpqld_fast.pipeline import run_relabel_stage
 
     store = run_relabel_stage(config, args.out, seed=args.seed, device=args.device)
-    print(store)
+    if is_main():  # issue 8: one line per run, not per rank
+        print(store)
     return store
 
 
 @command("train")
 def _train(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    from lpqld_fast.distributed import is_main
     from lpqld_fast.pipeline import stage_dirs
     from lpqld_fast.train import run_train
 
     d = stage_dirs(args.out)
     summary = run_train(config, d["recover"], d["relabel"], d["train"], seed=args.seed, device=args.device)
-    print(f"student test top-1: best {summary['best_acc']:.2f}%, last {summary['last_acc']:.2f}%")
+    if is_main():  # issue 8
+        print(f"student test top-1: best {summary['best_acc']:.2f}%, last {summary['last_acc']:.2f}%")
     return summary
 
 
@@ -72,7 +78,8 @@ def _train(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 def _distill(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     from lpqld_fast.pipeline import run_distill
 
-    return run_distill(config, args.out, seed=args.seed, device=args.device, checkpoint=args.checkpoint)
+    return run_distill(config, args.out, seed=args.seed, device=args.device, checkpoint=args.checkpoint,
+                       units_at_once=args.units_at_once)
 
 
 @command("report")
@@ -118,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="squeeze -> recover -> relabel -> train -> report")
     common(p)
     p.add_argument("--checkpoint", default=None, help="teacher weights to use instead of training one")
+    p.add_argument("--units-at-once", type=int, default=None,  # issue 8: fixes recover's grouping across runs
+                   help="recover: classes optimised in one forward pass (default: chosen from free memory)")
     p = sub.add_parser("report", help="write the run report (or print the storage table)")
     common(p)
     p.add_argument("what", nargs="?", default="run", choices=["run", "storage"])
@@ -128,15 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from lpqld_fast import distributed
+
     try:
         config = _config(args)
+        # Issue 8: under torchrun (WORLD_SIZE > 1) join the process group; "cuda" becomes cuda:LOCAL_RANK.
+        args.device = distributed.init_from_env(args.device)
         _COMMANDS[args.command](args, config)
     except (ValueError, FileNotFoundError, IndexError, PermissionError, OSError) as e:
-        print(f"lpqld {args.command}: error: {e}", file=sys.stderr)
+        rank = f" [rank {distributed.rank()}]" if distributed.world_size() > 1 else ""
+        print(f"lpqld {args.command}{rank}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lpqld {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -25,8 +25,8 @@ def run_relabel_stage(config: dict[str, Any], run: str | Path, seed: int = 0, de
                       progress: bool = True):
     """Relabel the recovered images with the squeezed teacher into <run>/relabel."""
     from lpqld_fast.data import dataset_info
+    from lpqld_fast.distributed import run_relabel_sharded
     from lpqld_fast.recover import load_recovered
-    from lpqld_fast.relabel import run_relabel
     from lpqld_fast.squeeze import build_teacher, load_teacher
 
     d = stage_dirs(run)
@@ -40,13 +40,17 @@ def run_relabel_stage(config: dict[str, Any], run: str | Path, seed: int = 0, de
         raise ValueError(f"{d['recover']} was recovered with another teacher than {d['squeeze'] / 'teacher.pt'}")
     relabel_cfg = {k: v for k, v in config["relabel"].items()}
     relabel_cfg.setdefault("num_classes", info.num_classes)
-    return run_relabel(images, labels, teacher, info.mean, info.std, relabel_cfg, d["relabel"], seed,
-                       teacher_sha256=teacher_hash, images_sha256=manifest["images_sha256"], progress=progress)
+    # Issue 8: run_relabel itself for 1 process; under torchrun the slots are split over ranks (one store).
+    return run_relabel_sharded(images, labels, teacher, info.mean, info.std, relabel_cfg, out_dir=d["relabel"],
+                               seed=seed, teacher_sha256=teacher_hash, images_sha256=manifest["images_sha256"],
+                               progress=progress)
 
 
 def run_distill(config: dict[str, Any], run: str | Path, seed: int = 0, device: str = "cpu",
-                checkpoint: str | None = None, progress: bool = True) -> dict[str, Any]:
+                checkpoint: str | None = None, progress: bool = True,
+                units_at_once: int | None = None) -> dict[str, Any]:
     """squeeze -> recover -> relabel -> train -> report, timing each stage."""
+    from lpqld_fast import distributed
     from lpqld_fast.recover import run_recover
     from lpqld_fast.report import write_report
     from lpqld_fast.squeeze import run_squeeze
@@ -62,13 +66,15 @@ def run_distill(config: dict[str, Any], run: str | Path, seed: int = 0, device: 
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-        atomic_write_json(prev, timings)
+        if distributed.is_main():  # issue 8: rank 0 writes shared files
+            atomic_write_json(prev, timings)
         return out
 
     timed("squeeze", run_squeeze, config, d["squeeze"], seed=seed, device=device, checkpoint=checkpoint)
-    timed("recover", run_recover, config, d["squeeze"], d["recover"], seed=seed, device=device, progress=progress)
+    timed("recover", run_recover, config, d["squeeze"], d["recover"], seed=seed, device=device, progress=progress,
+          units_at_once=units_at_once)
     timed("relabel", run_relabel_stage, config, run, seed=seed, device=device, progress=progress)
     summary = timed("train", run_train, config, d["recover"], d["relabel"], d["train"], seed=seed, device=device,
                     progress=progress)
-    report = write_report(run)
+    report = distributed.on_main(write_report, run)  # issue 8: rank 0 only (None elsewhere)
     return {"train": summary, "timings": timings, "report": str(report)}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from lpqld_fast import distributed
 from lpqld_fast.augment import sample_flips, sample_rrc_boxes
 from lpqld_fast.bn_stats import bn_layers, load_bn_stats
 from lpqld_fast.io_utils import atomic_path, atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
@@ -254,12 +255,19 @@ def run_recover(
     units_at_once: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Synthesise the distilled image set into ``out`` (resumes per unit after a kill)."""
+    """Synthesise the distilled image set into ``out`` (resumes per unit after a kill).
+
+    Issue 8: under torchrun the groups of ``units_at_once`` units (the groups one
+    process forms) go round-robin to the ranks, each rank writes its unit files,
+    and rank 0 packs them after a barrier; with the same ``units_at_once`` and
+    per-process thread count the images equal the 1-process ones bit for bit.
+    """
     from lpqld_fast.data import dataset_info
     from lpqld_fast.squeeze import build_teacher, load_teacher
 
     cfg = config["recover"]
     out = Path(out)
+    progress = progress and distributed.is_main()  # issue 8: one progress bar
     squeeze_dir = Path(squeeze_dir)
     info = dataset_info(config["dataset"])
     ipc = int(cfg["ipc"])
@@ -293,18 +301,25 @@ def run_recover(
         prev = read_json(state_path, "recover state")
         if prev.get("run") != run_cfg:
             raise ValueError(f"{out} holds a recover run with another config/teacher/seed; use a new --out")
-    atomic_write_json(state_path, {"run": run_cfg})
+    if distributed.is_main():  # issue 8
+        atomic_write_json(state_path, {"run": run_cfg})
     if (out / "manifest.json").exists() and (out / "images.pt").exists():
         done = read_json(out / "manifest.json", "recover manifest")
         if all(done.get(k) == v for k, v in run_cfg.items()):
             print(f"recover: done already ({out})")
             return done
-    todo = [u for u in units if not (unit_dir / f"unit_{u.uid:06d}.pt").exists()]
     per_pass = units_at_once or units_per_pass(teacher, shape, len(units[0].labels), device)
+    per_pass = distributed.all_reduce_min_int(per_pass)  # issue 8: every rank forms the same groups
+    # Issue 8: fixed groups of the full unit list, round-robin over ranks; each rank skips its finished units.
+    groups = [units[i:i + per_pass] for i in range(0, len(units), per_pass)]
+    groups = groups[distributed.rank()::distributed.world_size()]
+    done = lambda u: (unit_dir / f"unit_{u.uid:06d}.pt").exists()  # noqa: E731
     t0 = time.perf_counter()
-    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="recover units", disable=not progress)
-    for start in range(0, len(todo), per_pass):
-        group = todo[start:start + per_pass]
+    bar = tqdm(total=len(units), initial=sum(done(u) for u in units), desc="recover units", disable=not progress)
+    for group in groups:
+        group = [u for u in group if not done(u)]
+        if not group:
+            continue
         x = synthesize_units(teacher, group, targets, cfg, shape, mean, std, seed, device, progress)
         imgs = to_uint8(x, mean, std)
         offset = 0
@@ -316,7 +331,11 @@ def run_recover(
         bar.update(len(group))
     bar.close()
     seconds = time.perf_counter() - t0
-    return finalize_recover(out, units, info.num_classes, run_cfg, seconds)
+    # Issue 8: rank 0 packs every rank's units once all are written; the others read its manifest.
+    distributed.barrier()
+    manifest = finalize_recover(out, units, info.num_classes, run_cfg, seconds) if distributed.is_main() else None
+    distributed.barrier()
+    return manifest if manifest is not None else read_json(out / "manifest.json", "recover manifest")
 
 
 def finalize_recover(out: Path, units: list[Unit], num_classes: int, run_cfg: dict, seconds: float) -> dict:

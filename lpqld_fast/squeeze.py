@@ -11,6 +11,7 @@ Output directory layout:
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from lpqld_fast import distributed
 from lpqld_fast.bn_stats import ClasswiseBNStats, bn_layers, save_bn_stats
 from lpqld_fast.data import get_dataset
 from lpqld_fast.data.transforms import normalize, random_crop_flip
-from lpqld_fast.engine import batch_indices, build_optimizer, evaluate, seed_everything, to_float_images, warmup_cosine
+from lpqld_fast.engine import batch_indices, build_optimizer, seed_everything, to_float_images, warmup_cosine
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models import get_model
 
@@ -81,6 +83,8 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
     model = build_teacher(cfg, train).to(device)
     if cfg.get("channels_last", False):
         model = model.to(memory_format=torch.channels_last)
+    # Issue 8: under torchrun, DDP + synchronised BN (model itself for 1 process); optimizer on the shared params.
+    net = distributed.ddp_model(model, device)
     epochs = int(cfg["epochs"])
     bs = int(cfg["batch_size"])
     steps_per_epoch = len(train.labels) // bs
@@ -107,54 +111,81 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
     mean, std = train.mean, train.std
     bf16 = bool(cfg.get("bf16", False))
     for epoch in range(start, epochs):
-        model.train()
+        net.train()
         t0 = time.perf_counter()
         total, n = 0.0, 0
         bar = tqdm(batch_indices(len(train.labels), bs, gen, drop_last=True), total=steps_per_epoch,
-                   desc=f"teacher epoch {epoch + 1}/{epochs}", leave=False)
+                   desc=f"teacher epoch {epoch + 1}/{epochs}", leave=False, disable=not distributed.is_main())
         for idx in bar:
             x = _augment(train.images[idx], cfg, gen, mean, std).to(device)
             y = train.labels[idx].to(device)
+            # Issue 8: every rank draws the global batch (same generator), then keeps its rows; share = 1.0 alone.
+            rows, share = distributed.batch_share(len(idx))
+            x, y = x[rows], y[rows]
             if cfg.get("channels_last", False):
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(x), y, label_smoothing=float(cfg.get("label_smoothing", 0.0)))
+                loss = F.cross_entropy(net(x), y, label_smoothing=float(cfg.get("label_smoothing", 0.0)))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share if share != 1.0 else loss).backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(idx)
-            n += len(idx)
+            total += float(loss.detach()) * len(y)
+            n += len(y)
             bar.set_postfix(loss=f"{total / n:.3f}")
-        acc = evaluate(model, test.images, test.labels, mean, std, bf16=bf16)
+        total, n = distributed.all_reduce_scalar(total), int(distributed.all_reduce_scalar(n))  # issue 8
+        acc = distributed.evaluate_sharded(model, test.images, test.labels, mean, std, bf16=bf16)
         metrics.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "test_acc": acc,
                         "seconds": time.perf_counter() - t0})
-        print(f"teacher epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}, test top-1 {acc:.2f}%, "
-              f"{metrics[-1]['seconds']:.1f}s")
-        save_tensors(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", model.state_dict())
-        atomic_write_json(out / "metrics.json", {"teacher": metrics})
-        save_tensors(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                            "torch_rng": torch.get_rng_state(), "epoch": epoch + 1})
+        if distributed.is_main():  # issue 8: rank 0 writes checkpoints and metrics
+            print(f"teacher epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}, test top-1 {acc:.2f}%, "
+                  f"{metrics[-1]['seconds']:.1f}s")
+            save_tensors(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", model.state_dict())
+            atomic_write_json(out / "metrics.json", {"teacher": metrics})
+            save_tensors(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                                "torch_rng": torch.get_rng_state(), "epoch": epoch + 1})
     return model, metrics
 
 
 @torch.no_grad()
 def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], seed: int, device: str = "cpu",
                         data_root: str | None = None, backend: str | None = None) -> tuple[dict, list[str]]:
-    """One eval-mode pass over the train set (train augmentation, as the reference) recording class-wise BN stats."""
+    """One eval-mode pass over the train set (train augmentation, as the reference) recording class-wise BN stats.
+
+    Batch b of the seeded order is augmented with its own generator (seed, b), so
+    each image gets the same pixels however the pass is split. Issue 8: under
+    torchrun, exact mode gives batch b to rank b % world and all-reduces the
+    float64 moments (every rank returns the same result); EMA mode depends on
+    batch order, so rank 0 runs it alone (the other ranks return ({}, layers)).
+    """
     train = get_dataset(dataset, "train", root=data_root)
     model = model.to(device).eval()
     gen = torch.Generator().manual_seed(seed + 1)
-    collector = ClasswiseBNStats(model, train.num_classes, mode=cfg.get("stats_mode", "exact"),
+    mode = cfg.get("stats_mode", "exact")
+    collector = ClasswiseBNStats(model, train.num_classes, mode=mode,
                                  momentum=float(cfg.get("stats_momentum", 0.1)), backend=backend)
     bs = int(cfg.get("stats_batch_size", 500))
+    batches = list(batch_indices(len(train.labels), bs, gen, drop_last=False))
+    rank, world = distributed.rank(), distributed.world_size()
+    layers = [n for n, _ in collector.layers]
+    if mode != "exact" and rank != 0:
+        return {}, layers
+    mine = range(rank, len(batches), world) if mode == "exact" else range(len(batches))
     with collector.attached():
-        for idx in tqdm(list(batch_indices(len(train.labels), bs, gen, drop_last=False)), desc="class-wise BN stats",
-                        leave=False):
-            x = _augment(train.images[idx], cfg, gen, train.mean, train.std).to(device)
+        for b in tqdm(mine, desc="class-wise BN stats", leave=False, disable=rank != 0):
+            idx = batches[b]
+            x = _augment(train.images[idx], cfg, _stats_generator(seed, b), train.mean, train.std).to(device)
             collector.observe(model, x, train.labels[idx])
-    return collector.result(), [n for n, _ in collector.layers]
+    if mode == "exact":
+        collector.all_reduce_()
+    return collector.result(), layers
+
+
+def _stats_generator(seed: int, batch: int) -> torch.Generator:
+    """The augmentation stream of batch ``batch`` of the statistics pass (independent of how batches are sharded)."""
+    digest = hashlib.sha256(f"lpqld-squeeze-stats/{int(seed)}/{int(batch)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: str = "cpu",
@@ -164,7 +195,8 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
     out.mkdir(parents=True, exist_ok=True)
     cfg = config["squeeze"]
     dataset = config["dataset"]
-    atomic_write_json(out / "config.json", {"config": config, "seed": seed, "checkpoint": checkpoint})
+    if distributed.is_main():  # issue 8: rank 0 writes shared files
+        atomic_write_json(out / "config.json", {"config": config, "seed": seed, "checkpoint": checkpoint})
     t0 = time.perf_counter()
     metrics: list[dict] = []
     if checkpoint:
@@ -180,8 +212,9 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
             raise ValueError(f"preset for {dataset} expects a teacher checkpoint (--checkpoint PATH)")
         model, metrics = train_teacher(cfg, dataset, out, seed, device, data_root)
         model = model.to(memory_format=torch.contiguous_format)
-        save_tensors(out / "teacher.pt", model.state_dict())
-        _plot_curve(metrics, out / "teacher_curve.png")
+        if distributed.is_main():  # issue 8
+            save_tensors(out / "teacher.pt", model.state_dict())
+            _plot_curve(metrics, out / "teacher_curve.png")
     teacher_time = time.perf_counter() - t0
     t1 = time.perf_counter()
     teacher_hash = sha256_tensors(model.state_dict())
@@ -192,15 +225,18 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
             print(f"squeeze: done already ({out})")
             return done
     stats, layers = collect_class_stats(model, dataset, cfg, seed, device, data_root)
-    save_bn_stats(out / "bn_stats.pt", stats, layers, cfg.get("stats_mode", "exact"), teacher_hash)
+    if distributed.is_main():  # issue 8
+        save_bn_stats(out / "bn_stats.pt", stats, layers, cfg.get("stats_mode", "exact"), teacher_hash)
     stats_time = time.perf_counter() - t1
     train = get_dataset(dataset, "train", root=data_root)
     test = get_dataset(dataset, "test", root=data_root)
-    acc = evaluate(model, test.images, test.labels, train.mean, train.std)
+    acc = distributed.evaluate_sharded(model, test.images, test.labels, train.mean, train.std)
     summary = {"teacher": metrics, "teacher_test_acc": acc, "teacher_sha256": teacher_hash,
                "bn_layers": len(bn_layers(model)), "teacher_seconds": teacher_time, "stats_seconds": stats_time,
                "stats_mode": cfg.get("stats_mode", "exact")}
-    atomic_write_json(out / "metrics.json", summary)
-    print(f"squeeze: teacher test top-1 {acc:.2f}% | class-wise stats of {len(layers)} BN layers in "
-          f"{stats_time:.1f}s | {out}")
+    if distributed.is_main():
+        atomic_write_json(out / "metrics.json", summary)
+        print(f"squeeze: teacher test top-1 {acc:.2f}% | class-wise stats of {len(layers)} BN layers in "
+              f"{stats_time:.1f}s | {out}")
+    distributed.barrier()  # issue 8: the next stage reads what rank 0 wrote
     return summary

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lpqld_fast import distributed
 from lpqld_fast.augment import replay_batch
 from lpqld_fast.data import get_dataset
-from lpqld_fast.engine import build_optimizer, evaluate, seed_everything, warmup_cosine
+from lpqld_fast.engine import build_optimizer, seed_everything, warmup_cosine
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, save_tensors
 from lpqld_fast.label_pool import epoch_batch_ids, temperature_at
 from lpqld_fast.models import get_model
@@ -87,6 +88,8 @@ def run_train(
     student = get_model(cfg["model"], num_classes=test.num_classes, in_chans=images.shape[1],
                         image_size=images.shape[2]).to(device)
     images = images.to(device)
+    # Issue 8: under torchrun, DDP + synchronised BN; each rank trains on its rows of every stored batch.
+    net = distributed.ddp_model(student, device)
     epochs = int(cfg["epochs"])
     nb = store.batches_per_epoch
     opt = build_optimizer(student, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
@@ -110,9 +113,9 @@ def run_train(
         print(f"train: resuming after epoch {start - 1}")
     mean, std = store.mean, store.std
     t_begin = time.perf_counter()
-    bar = tqdm(range(start, epochs + 1), desc="train student", disable=not progress)
+    bar = tqdm(range(start, epochs + 1), desc="train student", disable=not (progress and distributed.is_main()))
     for epoch in bar:
-        student.train()
+        net.train()
         T = temperature_at(epoch, epochs, cfg["temperature"], cfg["t0"], cfg["t_decay"], cfg["t_step"],
                            cfg["t_floor"])
         if not cfg["calibrate"]:
@@ -124,29 +127,33 @@ def run_train(
             rec = store.batch(bid)
             x = replay_batch(images, rec, mean, std)
             labels = rec.labels.to(device)
+            rows, share = distributed.batch_share(x.shape[0])  # issue 8: all rows, share 1.0 for 1 process
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"])):
-                logits = student(x)
+                logits = net(x[rows])
             if cfg["hard_labels"]:
-                loss = hard_label_loss(logits.float(), image_labels.to(device), rec.aug)
+                loss = hard_label_loss(logits.float(), image_labels.to(device), rec.aug, rows)
             else:
-                loss = soft_label_kl(logits.float(), **labels.kl_kwargs(), T=T, t_s=t_s,
-                                     t2_scale=bool(cfg["t2_scale"]))
+                loss = soft_label_kl(logits.float(), **distributed.slice_soft_labels(labels, rows).kl_kwargs(),
+                                     T=T, t_s=t_s, t2_scale=bool(cfg["t2_scale"]))
+            if share != 1.0:
+                loss = loss * share  # DDP averages: world * n_local / B makes it the full-batch mean
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += float(loss.detach())
             if i >= len(ids) - int(cfg["calibrate_batches"]):
-                calib.append((logits.detach().float(), labels))
+                calib.append((distributed.gather_rows(logits.detach().float(), x.shape[0]), labels))
+        total = distributed.all_reduce_scalar(total) / distributed.world_size()  # issue 8: mean over ranks
         if cfg["calibrate"] and not cfg["hard_labels"]:
             t_s = calibrate_on(calib, T)
         entry = {"epoch": epoch, "loss": total / max(len(ids), 1), "T": T, "t_s": t_s}
         metrics["epochs"].append(entry)
         if epoch % int(cfg["eval_every"]) == 0 or epoch == epochs:
-            acc = evaluate(student, test.images, test.labels, mean, std)
+            acc = distributed.evaluate_sharded(student, test.images, test.labels, mean, std)
             metrics["evals"].append({"epoch": epoch, "test_acc": acc})
             bar.set_postfix(acc=f"{acc:.2f}", T=f"{T:.1f}", t_s=f"{t_s:.2f}")
-        if epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs:
+        if (epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs) and distributed.is_main():  # issue 8
             atomic_write_json(out / "train_metrics.json", metrics)
             save_tensors(last_path, {"model": student.state_dict(), "optimizer": opt.state_dict(),
                                      "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -155,20 +162,26 @@ def run_train(
     summary = {"best_acc": max(accs), "last_acc": accs[-1], "num_epochs": epochs, "t_s_final": t_s,
                "seconds": time.perf_counter() - t_begin + metrics.get("seconds", 0.0)}
     metrics.update(summary)
-    atomic_write_json(out / "train_metrics.json", metrics)
-    save_tensors(out / "student.pt", student.state_dict())
+    if distributed.is_main():  # issue 8: rank 0 writes, the others wait for it
+        atomic_write_json(out / "train_metrics.json", metrics)
+        save_tensors(out / "student.pt", student.state_dict())
+    distributed.barrier()
     return summary
 
 
-def hard_label_loss(logits: torch.Tensor, image_labels: torch.Tensor, aug: Any) -> torch.Tensor:
-    """Cross-entropy with the replayed images' classes (mixed by the record's CutMix, if any)."""
+def hard_label_loss(logits: torch.Tensor, image_labels: torch.Tensor, aug: Any,
+                    rows: slice = slice(None)) -> torch.Tensor:
+    """Cross-entropy with the replayed images' classes (mixed by the record's CutMix, if any).
+
+    ``rows``: the batch rows ``logits`` belong to (a DDP rank's share; all by default).
+    """
     y = image_labels[aug.image_indices.to(image_labels.device)]
     if aug.cutmix is None:
-        return torch.nn.functional.cross_entropy(logits, y)
+        return torch.nn.functional.cross_entropy(logits, y[rows])
     lam = float(aug.cutmix.lam)
     y2 = y[aug.cutmix.perm.to(y.device)]
     ce = torch.nn.functional.cross_entropy
-    return lam * ce(logits, y) + (1 - lam) * ce(logits, y2)
+    return lam * ce(logits, y[rows]) + (1 - lam) * ce(logits, y2[rows])
 
 
 def calibrate_on(batches: list[tuple[torch.Tensor, Any]], T: float) -> float:
