@@ -20,3 +20,4 @@ from lpqld_fast.ops.classwise_moments import (  # noqa: F401
     classwise_moments_accumulate_,
     merge_moments_,
 )
+from lpqld_fast.ops.crop_resize_flip import batched_roll, crop_resize_flip, crop_resize_flip_gather, pixel_boxes  # noqa: F401,E402

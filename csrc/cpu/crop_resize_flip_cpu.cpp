@@ -1,0 +1,281 @@
+// CPU kernels of lpqld::crop_resize_flip and its backward.
+//
+// Per sample, the source rows and columns of every output row/column and
+// their bilinear weights are computed once (PyTorch's rules for
+// align_corners=False without a scale factor: scale = in / out,
+// src = max(scale * (d + 0.5) - 0.5, 0), i0 = min(floor(src), in - 1),
+// l1 = clamp(src - i0, 0, 1), i1 = i0 + (i0 < in - 1); in == out copies).
+// The horizontal flip is folded into the column table (reversed). Then
+// at::parallel_for runs over (sample, channel) planes; x is read through its
+// strides (no copy for non-contiguous input), uint8 directly. Both directions
+// are separable: a horizontal pass per referenced source row, then a
+// contiguous (vectorisable) vertical blend; the backward is its adjoint and
+// adds grad * weight into the crop window of each plane (planes are disjoint:
+// no atomics).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+
+template <typename T>
+struct OutType {
+  using type = T;
+};
+template <>
+struct OutType<uint8_t> {
+  using type = float;
+};
+
+template <typename acc_t>
+struct Tap {
+  int64_t off0;  // offset (in elements, times the stride) of the first source pixel
+  int64_t off1;
+  acc_t w0;
+  acc_t w1;
+};
+
+// Taps along one axis for a crop [start, start + len) resized to `out`,
+// offsets multiplied by `stride`; reversed when `reverse` (the flip).
+template <typename acc_t>
+void axis_taps(int64_t start, int64_t len, int64_t out, int64_t stride, bool reverse, Tap<acc_t>* taps) {
+  if (len == out) {
+    for (int64_t d = 0; d < out; ++d) {
+      taps[d] = {(start + d) * stride, (start + d) * stride, acc_t(1), acc_t(0)};
+    }
+  } else {
+    const acc_t scale = static_cast<acc_t>(len) / static_cast<acc_t>(out);
+    for (int64_t d = 0; d < out; ++d) {
+      // Fused multiply-add, as PyTorch's own (FMA-enabled) CPU and CUDA builds
+      // compute it: every backend then finds the same source index and weight.
+      acc_t src = std::fma(scale, static_cast<acc_t>(d) + acc_t(0.5), acc_t(-0.5));
+      if (src < acc_t(0)) src = acc_t(0);
+      const int64_t i0 = std::min(static_cast<int64_t>(std::floor(src)), len - 1);
+      const acc_t l1 = std::min(std::max(src - static_cast<acc_t>(i0), acc_t(0)), acc_t(1));
+      const int64_t i1 = i0 + (i0 < len - 1 ? 1 : 0);
+      taps[d] = {(start + i0) * stride, (start + i1) * stride, acc_t(1) - l1, l1};
+    }
+  }
+  if (reverse) std::reverse(taps, taps + out);
+}
+
+void check_common(const at::Tensor& t, const char* tname, const at::Tensor& boxes, const at::Tensor& flips,
+                  int64_t h_img, int64_t w_img) {
+  TORCH_CHECK(t.dim() == 4, "crop_resize_flip: ", tname, " must be [N, C, H, W], got ", t.sizes());
+  const int64_t n = t.size(0);
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == n && boxes.size(1) == 4,
+              "crop_resize_flip: boxes must be [N, 4] with N = ", n, ", got ", boxes.sizes());
+  TORCH_CHECK(boxes.scalar_type() == at::kLong, "crop_resize_flip: boxes must be int64 pixel boxes, got ",
+              boxes.scalar_type());
+  TORCH_CHECK(flips.dim() == 1 && flips.size(0) == n, "crop_resize_flip: flips must be [N] with N = ", n,
+              ", got ", flips.sizes());
+  TORCH_CHECK(flips.scalar_type() == at::kBool, "crop_resize_flip: flips must be bool, got ", flips.scalar_type());
+  TORCH_CHECK(boxes.device().is_cpu() && flips.device().is_cpu() && t.device().is_cpu(),
+              "crop_resize_flip: all tensors must be on the CPU");
+  TORCH_CHECK(h_img >= 1 && w_img >= 1, "crop_resize_flip: image size must be positive, got ", h_img, "x", w_img);
+  auto b = boxes.accessor<int64_t, 2>();
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t i = b[k][0], j = b[k][1], h = b[k][2], w = b[k][3];
+    TORCH_CHECK(h >= 1 && w >= 1 && i >= 0 && j >= 0 && i + h <= h_img && j + w <= w_img,
+                "crop_resize_flip: boxes[", k, "] = (", i, ", ", j, ", ", h, ", ", w,
+                ") is not a non-empty box inside the ", h_img, "x", w_img, " image");
+  }
+}
+
+// Tables for all samples: y taps [N, oh] (offsets * sH), x taps [N, ow] (offsets * sW).
+template <typename acc_t>
+void build_tables(const at::Tensor& boxes, const at::Tensor& flips, int64_t oh, int64_t ow, int64_t sH, int64_t sW,
+                  std::vector<Tap<acc_t>>& ytab, std::vector<Tap<acc_t>>& xtab) {
+  const int64_t n = boxes.size(0);
+  ytab.resize(static_cast<size_t>(n * oh));
+  xtab.resize(static_cast<size_t>(n * ow));
+  const int64_t* b = boxes.data_ptr<int64_t>();
+  const bool* f = flips.data_ptr<bool>();
+  for (int64_t k = 0; k < n; ++k) {
+    axis_taps<acc_t>(b[4 * k + 0], b[4 * k + 2], oh, sH, false, ytab.data() + k * oh);
+    axis_taps<acc_t>(b[4 * k + 1], b[4 * k + 3], ow, sW, f[k], xtab.data() + k * ow);
+  }
+}
+
+// Horizontal pass of one source row into `dst` [ow]: dst[ox] = row[x0] * wx0 + row[x1] * wx1.
+template <typename scalar_t, typename acc_t>
+inline void interp_row(const scalar_t* row, const Tap<acc_t>* xt, int64_t ow, acc_t* dst) {
+  for (int64_t ox = 0; ox < ow; ++ox) {
+    const Tap<acc_t>& t = xt[ox];
+    dst[ox] = static_cast<acc_t>(row[t.off0]) * t.w0 + static_cast<acc_t>(row[t.off1]) * t.w1;
+  }
+}
+
+// Separable forward: each output row blends two horizontally interpolated
+// source rows, out = top * wy0 + bot * wy1 (the same arithmetic, in the same
+// order, as the direct 2-D formula). Source rows are monotone in the output
+// row, so a two-slot cache computes every referenced source row once per
+// plane (upscaling reuses each row for several output rows).
+template <typename scalar_t>
+void forward_impl(const at::Tensor& x, const at::Tensor& boxes, const at::Tensor& flips, at::Tensor& out) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  using out_t = typename OutType<scalar_t>::type;
+  const int64_t n = x.size(0), c = x.size(1);
+  const int64_t oh = out.size(2), ow = out.size(3);
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  std::vector<Tap<acc_t>> ytab, xtab;
+  build_tables<acc_t>(boxes, flips, oh, ow, sH, sW, ytab, xtab);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  out_t* op = out.data_ptr<out_t>();
+  const int64_t plane = oh * ow;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(plane, 1));
+  at::parallel_for(0, n * c, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> slots(static_cast<size_t>(2 * ow));
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t k = p / c, ch = p % c;
+      const scalar_t* base = xp + k * sN + ch * sC;
+      const Tap<acc_t>* yt = ytab.data() + k * oh;
+      const Tap<acc_t>* xt = xtab.data() + k * ow;
+      out_t* dst = op + p * plane;
+      acc_t* buf[2] = {slots.data(), slots.data() + ow};
+      int64_t tag[2] = {-1, -1};  // source row offset held by each slot
+      for (int64_t oy = 0; oy < oh; ++oy) {
+        const int64_t r0 = yt[oy].off0, r1 = yt[oy].off1;
+        int s0 = tag[0] == r0 ? 0 : (tag[1] == r0 ? 1 : -1);
+        if (s0 < 0) {
+          s0 = tag[0] == r1 ? 1 : 0;  // keep the slot that already holds r1
+          interp_row<scalar_t, acc_t>(base + r0, xt, ow, buf[s0]);
+          tag[s0] = r0;
+        }
+        int s1 = s0;
+        if (r1 != r0) {
+          s1 = 1 - s0;
+          if (tag[s1] != r1) {
+            interp_row<scalar_t, acc_t>(base + r1, xt, ow, buf[s1]);
+            tag[s1] = r1;
+          }
+        }
+        const acc_t* top = buf[s0];
+        const acc_t* bot = buf[s1];
+        const acc_t wy0 = yt[oy].w0, wy1 = yt[oy].w1;
+        out_t* drow = dst + oy * ow;
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          drow[ox] = static_cast<out_t>(top[ox] * wy0 + bot[ox] * wy1);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor crop_resize_flip_cpu(const at::Tensor& x, const at::Tensor& boxes_in, const at::Tensor& flips_in,
+                                int64_t out_h, int64_t out_w) {
+  TORCH_CHECK(out_h >= 1 && out_w >= 1, "crop_resize_flip: out_h and out_w must be positive, got ", out_h, ", ",
+              out_w);
+  TORCH_CHECK(x.dim() == 4, "crop_resize_flip: x must be [N, C, H, W], got ", x.sizes());
+  const at::Tensor boxes = boxes_in.contiguous();
+  const at::Tensor flips = flips_in.contiguous();
+  check_common(x, "x", boxes, flips, x.size(2), x.size(3));
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16 || st == at::kByte,
+              "crop_resize_flip: x must be float16/bfloat16/float32/float64 or uint8, got ", st);
+  const auto out_dtype = st == at::kByte ? at::kFloat : st;
+  at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, st, "crop_resize_flip_cpu",
+                                  [&] { forward_impl<scalar_t>(x, boxes, flips, out); });
+  return out;
+}
+
+// Separable backward (the adjoint of the forward above): per output row, the
+// grad row is scattered horizontally into a crop-width buffer (tmp[x0] +=
+// wx0 * g, tmp[x1] += wx1 * g), which is then added into the two source rows
+// with weights wy0, wy1. Planes are disjoint, so no atomics.
+template <typename scalar_t>
+void backward_impl(const at::Tensor& g, const at::Tensor& boxes, const at::Tensor& flips, at::Tensor& gx) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr bool direct = std::is_same_v<acc_t, scalar_t>;
+  const int64_t n = g.size(0), c = g.size(1), oh = g.size(2), ow = g.size(3);
+  const int64_t hi = gx.size(2), wi = gx.size(3);
+  const int64_t in_plane = hi * wi, out_plane = oh * ow;
+  // Row offsets index a contiguous [H, W] plane; column offsets are relative to the crop's first column.
+  std::vector<Tap<acc_t>> ytab, xtab;
+  build_tables<acc_t>(boxes, flips, oh, ow, wi, 1, ytab, xtab);
+  const int64_t* bx = boxes.data_ptr<int64_t>();
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  scalar_t* gxp = gx.data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(std::max(out_plane, in_plane), 1));
+  at::parallel_for(0, n * c, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(direct ? 0 : static_cast<size_t>(in_plane));
+    std::vector<acc_t> tmp(static_cast<size_t>(wi));
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t k = p / c;
+      const int64_t j = bx[4 * k + 1], w = bx[4 * k + 3];
+      const Tap<acc_t>* yt = ytab.data() + k * oh;
+      const Tap<acc_t>* xt = xtab.data() + k * ow;
+      const scalar_t* src = gp + p * out_plane;
+      acc_t* acc;
+      if constexpr (direct) {
+        acc = reinterpret_cast<acc_t*>(gxp + p * in_plane);  // zero-initialised by the caller
+      } else {
+        std::fill(scratch.begin(), scratch.end(), acc_t(0));
+        acc = scratch.data();
+      }
+      acc_t* trow = tmp.data() - j;  // trow[col] for col in [j, j + w)
+      for (int64_t oy = 0; oy < oh; ++oy) {
+        std::fill(tmp.begin(), tmp.begin() + w, acc_t(0));
+        const scalar_t* grow = src + oy * ow;
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          const Tap<acc_t>& t = xt[ox];
+          const acc_t v = static_cast<acc_t>(grow[ox]);
+          trow[t.off0] += t.w0 * v;
+          trow[t.off1] += t.w1 * v;
+        }
+        acc_t* r0 = acc + yt[oy].off0 + j;
+        acc_t* r1 = acc + yt[oy].off1 + j;
+        const acc_t wy0 = yt[oy].w0, wy1 = yt[oy].w1;
+        for (int64_t col = 0; col < w; ++col) r0[col] += wy0 * tmp[col];
+        for (int64_t col = 0; col < w; ++col) r1[col] += wy1 * tmp[col];
+      }
+      if constexpr (!direct) {
+        scalar_t* dst = gxp + p * in_plane;
+        for (int64_t e = 0; e < in_plane; ++e) dst[e] = static_cast<scalar_t>(scratch[e]);
+      }
+    }
+  });
+}
+
+at::Tensor crop_resize_flip_backward_cpu(const at::Tensor& grad_out, const at::Tensor& boxes_in,
+                                         const at::Tensor& flips_in, int64_t in_h, int64_t in_w) {
+  TORCH_CHECK(grad_out.dim() == 4, "crop_resize_flip_backward: grad_out must be [N, C, oh, ow], got ",
+              grad_out.sizes());
+  const at::Tensor boxes = boxes_in.contiguous();
+  const at::Tensor flips = flips_in.contiguous();
+  check_common(grad_out, "grad_out", boxes, flips, in_h, in_w);
+  const auto st = grad_out.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "crop_resize_flip_backward: grad_out must be floating point, got ", st);
+  const at::Tensor g = grad_out.contiguous();
+  at::Tensor gx = at::zeros({g.size(0), g.size(1), in_h, in_w}, g.options());
+  if (g.numel() == 0) return gx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "crop_resize_flip_backward_cpu",
+                                  [&] { backward_impl<scalar_t>(g, boxes, flips, gx); });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lpqld, CPU, m) {
+  m.impl("crop_resize_flip", &crop_resize_flip_cpu);
+  m.impl("crop_resize_flip_backward", &crop_resize_flip_backward_cpu);
+}
