@@ -38,8 +38,7 @@ from lpqld_fast import distributed
 from lpqld_fast.augment import sample_flips, sample_rrc_boxes
 from lpqld_fast.bn_stats import bn_layers, load_bn_stats
 from lpqld_fast.io_utils import atomic_path, atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
-from lpqld_fast.ops import segment_bn_loss
-from lpqld_fast.ops.crop_resize_flip import batched_roll, crop_resize_flip
+from lpqld_fast.ops import batched_roll, crop_resize_flip, segment_bn_loss
 
 RECOVER_SCHEMA = 1
 
