@@ -6,8 +6,8 @@ Two rows, kernel "bandwidth":
   copy  y.copy_(x); bytes = 2 * the buffer (one read + one write; write-allocate
         traffic is not counted)
 The best read GB/s (fastest call) becomes ctx.read_bw_gbps, the denominator of
-every later row's frac_read_bw. The buffer is max(256 MiB, 4 x LLC), capped at
-2 GiB; ctx.options["bw_bytes"] overrides it (tests use a tiny one).
+every later row's frac_read_bw. The buffer is max(256 MiB, 4 x LLC) (2 x LLC in
+quick), capped at 2 GiB; ctx.options["bw_bytes"] overrides it (tests use a tiny one).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ KERNEL = "bandwidth"
 def buffer_bytes(ctx: BenchContext) -> int:
     if ctx.options.get("bw_bytes"):
         return int(ctx.options["bw_bytes"])
-    return int(min(max(256 << 20, 4 * last_level_cache_bytes()), 2 << 30))
+    llc_multiple = 4 if ctx.profile == "full" else 2  # quick: smaller, still well beyond the LLC
+    return int(min(max(256 << 20, llc_multiple * last_level_cache_bytes()), 2 << 30))
 
 
 def run(ctx: BenchContext) -> None:
@@ -31,7 +32,7 @@ def run(ctx: BenchContext) -> None:
     y = torch.zeros_like(x)
     sizes = {"MiB": round(n * 4 / 2**20), "dtype": "float32"}
     # Timing knobs: enough calls that "best" means something, without a long run.
-    reps = max(int(ctx.timing["repeats"]), 5 if ctx.profile != "tiny" else 2)
+    reps = {"full": 10, "quick": 5}.get(ctx.profile, 2)
     ctx.log(f"bandwidth: buffer {n * 4 / 2**20:.0f} MiB (LLC {last_level_cache_bytes() / 2**20:.0f} MiB)")
 
     read_times = time_callable(x.sum, warmup=1, repeats=reps, min_repeats=reps)

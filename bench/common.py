@@ -62,7 +62,7 @@ NOISY = 2.0  # results.md flags a row whose p80 exceeds NOISY x its p20
 # from ctx.profile; these are the timing knobs.
 PROFILES: dict[str, dict[str, float]] = {
     "full": {"warmup": 1, "repeats": 30, "min_repeats": 3, "max_seconds": 5.0},
-    "quick": {"warmup": 1, "repeats": 10, "min_repeats": 3, "max_seconds": 1.0},
+    "quick": {"warmup": 1, "repeats": 5, "min_repeats": 2, "max_seconds": 0.5},
     "tiny": {"warmup": 1, "repeats": 2, "min_repeats": 1, "max_seconds": 0.2},
 }
 
