@@ -1,0 +1,383 @@
+// CPU kernels of lpqld::segment_bn_loss_fwd / _bwd (schemas in csrc/segment_bn_loss.cpp).
+//
+// Forward, one pass over x from memory, no per-row buffer:
+//   tasks (segment, 16 channels) in parallel; each walks the segment's rows
+//   (counting sort by segment id) and reduces row (n, c) to its exact mean and
+//   M2 with two sweeps while it sits in cache (sums of x - shift in SIMD lanes
+//   of float (double for float64 x), folded into double every kChunk elements;
+//   the first sweep shifts by the row's first value, a second sweep by the
+//   first sweep's mean runs only when the shift was far from the mean), then
+//   merges it into the float64 state of (s, c) with Chan's formula, so large
+//   means do not cancel. Then per segment the variance and the loss.
+// Backward, one elementwise pass: grad = scale * ((x - mean_hi) - mean_lo) + alpha,
+// per (segment, channel) coefficients; mean is split into hi + lo parts of the
+// compute type so x - mean stays accurate for large means.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kChunk = 2048;        // elements per float partial sum (then folded into double)
+constexpr int64_t kChannelBlock = 16;  // channels per forward task
+constexpr int64_t kShortRow = 64;      // rows up to this length take the inline path
+
+template <typename scalar_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+template <typename scalar_t>
+constexpr bool kDirect = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+
+// p[start, start + n) as acc_t: the data itself for float/double, else converted into tmp.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* chunk_as_acc(const scalar_t* p, int64_t start, int64_t n, acc_t* tmp) {
+  if constexpr (kDirect<scalar_t>) {
+    (void)n;
+    (void)tmp;
+    return p + start;
+  } else {
+    for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<acc_t>(p[start + i]);
+    return tmp;
+  }
+}
+
+// The two hot loops, vectorised with `omp simd` and compiled per ISA level
+// (function multiversioning: AVX-512 / AVX2+FMA / baseline, picked at load
+// time), since the extension itself is built with portable flags.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define LPQLD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LPQLD_CLONES
+#endif
+
+// s1 += sum (p[i] - shift), s2 += sum (p[i] - shift)^2 over n <= kChunk values
+// (partial sums in lanes of T, folded into double once per chunk).
+#define LPQLD_SHIFTED_SUMS(T, NAME)                                      \
+  LPQLD_CLONES void NAME(const T* p, int64_t n, T shift, double& s1, double& s2) { \
+    T a1 = 0, a2 = 0;                                                    \
+    _Pragma("omp simd reduction(+ : a1, a2)") for (int64_t i = 0; i < n; ++i) { \
+      const T d = p[i] - shift;                                          \
+      a1 += d;                                                           \
+      a2 += d * d;                                                       \
+    }                                                                    \
+    s1 += static_cast<double>(a1);                                       \
+    s2 += static_cast<double>(a2);                                       \
+  }
+LPQLD_SHIFTED_SUMS(float, shifted_sums_f32)
+LPQLD_SHIFTED_SUMS(double, shifted_sums_f64)
+
+// g[i] = sc * ((x[i] - hi) - lo) + al
+#define LPQLD_AFFINE(T, NAME)                                                      \
+  LPQLD_CLONES void NAME(const T* x, T* g, int64_t n, T sc, T al, T hi, T lo) {      \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) g[i] = sc * ((x[i] - hi) - lo) + al; \
+  }
+LPQLD_AFFINE(float, affine_f32)
+LPQLD_AFFINE(double, affine_f64)
+
+inline void shifted_sums(const float* p, int64_t n, float shift, double& s1, double& s2) {
+  shifted_sums_f32(p, n, shift, s1, s2);
+}
+inline void shifted_sums(const double* p, int64_t n, double shift, double& s1, double& s2) {
+  shifted_sums_f64(p, n, shift, s1, s2);
+}
+inline void affine(const float* x, float* g, int64_t n, float sc, float al, float hi, float lo) {
+  affine_f32(x, g, n, sc, al, hi, lo);
+}
+inline void affine(const double* x, double* g, int64_t n, double sc, double al, double hi, double lo) {
+  affine_f64(x, g, n, sc, al, hi, lo);
+}
+
+// Exact mean and M2 (sum of squared deviations) of the row p[0, L), L >= 1.
+template <typename scalar_t>
+inline void row_moments(const scalar_t* p, int64_t L, typename AccType<scalar_t>::type* tmp, double& mean,
+                        double& m2) {
+  using acc_t = typename AccType<scalar_t>::type;
+  if (L == 1) {
+    mean = static_cast<double>(p[0]);
+    m2 = 0.0;
+    return;
+  }
+  if (L <= kShortRow) {
+    // short rows (e.g. 7x7, 8x8 maps): exact two-pass in registers, inline. Values are
+    // shifted by p[0] first, so the float sums see deviations, not the (large) mean.
+    acc_t d[kShortRow];
+    const acc_t p0 = static_cast<acc_t>(p[0]);
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < L; ++i) {
+      d[i] = static_cast<acc_t>(p[i]) - p0;
+      s += d[i];
+    }
+    const acc_t m = s / static_cast<acc_t>(L);
+    acc_t e = 0, q = 0;
+#pragma omp simd reduction(+ : e, q)
+    for (int64_t i = 0; i < L; ++i) {
+      const acc_t t = d[i] - m;
+      e += t;
+      q += t * t;
+    }
+    const double de = static_cast<double>(e);
+    mean = static_cast<double>(p0) + static_cast<double>(m) + de / static_cast<double>(L);
+    m2 = std::max(static_cast<double>(q) - de * de / static_cast<double>(L), 0.0);
+    return;
+  }
+  const double inv_l = 1.0 / static_cast<double>(L);
+  double shift = static_cast<double>(static_cast<acc_t>(p[0]));
+  double s1 = 0.0, s2 = 0.0;
+  for (int sweep = 0; sweep < 2; ++sweep) {
+    s1 = 0.0;
+    s2 = 0.0;
+    const acc_t sh = static_cast<acc_t>(shift);
+    shift = static_cast<double>(sh);
+    for (int64_t start = 0; start < L; start += kChunk) {
+      const int64_t n = std::min(kChunk, L - start);
+      shifted_sums(chunk_as_acc<scalar_t, acc_t>(p, start, n, tmp), n, sh, s1, s2);
+    }
+    if (sweep == 0) {
+      const double m1 = shift + s1 * inv_l;
+      // The first sweep is exact enough when the shift lies within ~1.5 std of the mean.
+      const double m2_1 = s2 - s1 * s1 * inv_l;
+      if ((s1 * inv_l) * (s1 * inv_l) <= 2.0 * std::max(m2_1, 0.0) * inv_l) break;
+      shift = m1;
+    }
+  }
+  mean = shift + s1 * inv_l;
+  m2 = std::max(s2 - s1 * s1 * inv_l, 0.0);
+}
+
+// g[0, L) = sc * ((x - hi) - lo) + al, computed in acc_t.
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+inline void grad_row(const scalar_t* xr, scalar_t* gr, int64_t L, acc_t sc, acc_t al, acc_t hi, acc_t lo, acc_t* tmp) {
+  if constexpr (kDirect<scalar_t>) {
+    (void)tmp;
+    affine(xr, gr, L, sc, al, hi, lo);
+  } else {
+    for (int64_t start = 0; start < L; start += kChunk) {
+      const int64_t n = std::min(kChunk, L - start);
+      const acc_t* src = chunk_as_acc<scalar_t, acc_t>(xr, start, n, tmp);
+      affine(src, tmp, n, sc, al, hi, lo);  // in place in tmp
+      for (int64_t k = 0; k < n; ++k) gr[start + k] = static_cast<scalar_t>(tmp[k]);
+    }
+  }
+}
+
+struct Layout {
+  int64_t N, C, L, S;
+};
+
+Layout check_common(const Tensor& x, const Tensor& seg, const Tensor& tm, const Tensor& tv) {
+  TORCH_CHECK(x.dim() == 3, "segment_bn_loss: x must be [N, C, L], got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "segment_bn_loss: x must be contiguous");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16,
+              "segment_bn_loss: x must be float32/float64/float16/bfloat16, got ", x.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), L = x.size(2);
+  TORCH_CHECK(C >= 1 && L >= 1, "segment_bn_loss: x must have C >= 1 and L >= 1, got ", x.sizes());
+  TORCH_CHECK(seg.dim() == 1 && seg.size(0) == N && seg.scalar_type() == at::kLong && seg.is_contiguous(),
+              "segment_bn_loss: segment_ids must be a contiguous int64 [N] tensor");
+  TORCH_CHECK(tm.dim() == 2 && tm.size(1) == C && tm.size(0) >= 1 && tm.scalar_type() == at::kDouble &&
+                  tm.is_contiguous(),
+              "segment_bn_loss: target_mean must be a contiguous float64 [S, C] tensor, got ", tm.sizes());
+  TORCH_CHECK(tv.sizes() == tm.sizes() && tv.scalar_type() == at::kDouble && tv.is_contiguous(),
+              "segment_bn_loss: target_var must be a contiguous float64 tensor shaped like target_mean");
+  for (const Tensor* t : {&seg, &tm, &tv}) {
+    TORCH_CHECK(t->device() == x.device(), "segment_bn_loss: all inputs must be on ", x.device());
+  }
+  return {N, C, L, tm.size(0)};
+}
+
+// Counting sort of the rows by segment: offsets [S + 1], order [N]; checks the range.
+void sort_by_segment(const int64_t* seg, int64_t N, int64_t S, std::vector<int64_t>& offsets,
+                     std::vector<int64_t>& order) {
+  offsets.assign(S + 1, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t s = seg[n];
+    TORCH_CHECK_INDEX(s >= 0 && s < S, "segment_bn_loss: segment_ids holds ", s, " outside [0, ", S, ")");
+    ++offsets[s + 1];
+  }
+  for (int64_t s = 0; s < S; ++s) offsets[s + 1] += offsets[s];
+  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+  order.resize(N);
+  for (int64_t n = 0; n < N; ++n) order[fill[seg[n]]++] = n;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> segment_bn_loss_fwd_cpu(const Tensor& x, const Tensor& segment_ids,
+                                                                    const Tensor& target_mean,
+                                                                    const Tensor& target_var) {
+  const Layout d = check_common(x, segment_ids, target_mean, target_var);
+  const int64_t N = d.N, C = d.C, L = d.L, S = d.S;
+  const auto f64 = x.options().dtype(at::kDouble);
+  Tensor loss = at::zeros({S}, f64);
+  Tensor mean = at::zeros({S, C}, f64);
+  Tensor var = at::zeros({S, C}, f64);
+  Tensor count = at::zeros({S}, x.options().dtype(at::kLong));
+
+  std::vector<int64_t> offsets, order;
+  sort_by_segment(segment_ids.data_ptr<int64_t>(), N, S, offsets, order);
+  int64_t* cnt = count.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) cnt[s] = offsets[s + 1] - offsets[s];
+  if (N == 0) return {loss, mean, var, count};
+
+  // 1. moments: tasks = (segment, block of kChannelBlock channels); a task walks the
+  //    segment's rows, reduces each row (n, c) to (mean, M2) while it is in cache and
+  //    merges it into the running float64 state of (s, c) with Chan's formula (all
+  //    rows hold L elements, so row i of the segment merges with weight 1 / (i + 1)).
+  //    No per-row buffer: x is read once, the state is the output.
+  double* pm = mean.data_ptr<double>();
+  double* pv = var.data_ptr<double>();
+  const int64_t n_cb = (C + kChannelBlock - 1) / kChannelBlock;
+  const double dl = static_cast<double>(L);
+  const int64_t work_per_task = std::max<int64_t>(1, (N / S) * std::min(C, kChannelBlock) * L);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segment_bn_loss_fwd_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, S * n_cb, std::max<int64_t>(1, 32768 / work_per_task), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> tmp(kDirect<scalar_t> ? 0 : kChunk);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t s = t / n_cb;
+        const int64_t c0 = (t % n_cb) * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
+        double* ms = pm + s * C;
+        double* vs = pv + s * C;  // M2 until finalised below
+        for (int64_t j = offsets[s]; j < offsets[s + 1]; ++j) {
+          const double i = static_cast<double>(j - offsets[s]);  // rows merged so far
+          const double w_new = 1.0 / (i + 1.0), w_cross = dl * i * w_new;
+          const scalar_t* xr = px + (order[j] * C + c0) * L;
+          for (int64_t c = c0; c < c1; ++c, xr += L) {
+            double rm, r2;
+            row_moments<scalar_t>(xr, L, tmp.data(), rm, r2);
+            const double delta = rm - ms[c];
+            ms[c] += delta * w_new;
+            vs[c] += r2 + delta * delta * w_cross;
+          }
+        }
+      }
+    });
+  });
+
+  // 2. per segment: variance and loss
+  const double* ptm = target_mean.const_data_ptr<double>();
+  const double* ptv = target_var.const_data_ptr<double>();
+  double* pl = loss.data_ptr<double>();
+  at::parallel_for(0, S, std::max<int64_t>(1, 8192 / C), [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      if (cnt[s] == 0) continue;
+      const double inv_n = 1.0 / (static_cast<double>(cnt[s]) * dl);
+      double sm = 0.0, sv = 0.0;
+      for (int64_t c = s * C; c < (s + 1) * C; ++c) {
+        pv[c] *= inv_n;
+        const double em = ptm[c] - pm[c];
+        const double ev = ptv[c] - pv[c];
+        sm += em * em;
+        sv += ev * ev;
+      }
+      pl[s] = std::sqrt(sm) + std::sqrt(sv);
+    }
+  });
+  return {loss, mean, var, count};
+}
+
+Tensor segment_bn_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& x, const Tensor& segment_ids,
+                               const Tensor& target_mean, const Tensor& target_var, const Tensor& mean,
+                               const Tensor& var, const Tensor& count) {
+  const Layout d = check_common(x, segment_ids, target_mean, target_var);
+  const int64_t N = d.N, C = d.C, L = d.L, S = d.S;
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == S && grad_loss.scalar_type() == at::kDouble &&
+                  grad_loss.is_contiguous(),
+              "segment_bn_loss_bwd: grad_loss must be a contiguous float64 [S] tensor");
+  TORCH_CHECK(mean.sizes() == target_mean.sizes() && var.sizes() == target_mean.sizes() &&
+                  mean.scalar_type() == at::kDouble && var.scalar_type() == at::kDouble && mean.is_contiguous() &&
+                  var.is_contiguous(),
+              "segment_bn_loss_bwd: mean and var must be contiguous float64 [S, C] tensors");
+  TORCH_CHECK(count.dim() == 1 && count.size(0) == S && count.scalar_type() == at::kLong && count.is_contiguous(),
+              "segment_bn_loss_bwd: count must be a contiguous int64 [S] tensor");
+  Tensor grad_x = at::empty_like(x);
+  if (N == 0) return grad_x;
+  const int64_t* seg = segment_ids.const_data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK_INDEX(seg[n] >= 0 && seg[n] < S, "segment_bn_loss: segment_ids holds ", seg[n], " outside [0, ", S,
+                      ")");
+  }
+  const double* g = grad_loss.const_data_ptr<double>();
+  const double* pm = mean.const_data_ptr<double>();
+  const double* pv = var.const_data_ptr<double>();
+  const double* ptm = target_mean.const_data_ptr<double>();
+  const double* ptv = target_var.const_data_ptr<double>();
+  const int64_t* cnt = count.const_data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segment_bn_loss_bwd_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    // per (segment, channel): grad = scale * ((x - mhi) - mlo) + alpha
+    std::vector<acc_t> scale(S * C), alpha(S * C), mhi(S * C), mlo(S * C);
+    at::parallel_for(0, S, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        double nm = 0.0, nv = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          const double em = pm[s * C + c] - ptm[s * C + c];
+          const double ev = pv[s * C + c] - ptv[s * C + c];
+          nm += em * em;
+          nv += ev * ev;
+        }
+        nm = std::sqrt(nm);
+        nv = std::sqrt(nv);
+        const double ns = static_cast<double>(cnt[s]) * static_cast<double>(L);
+        const double gs = (cnt[s] > 0) ? g[s] / ns : 0.0;
+        const double fa = nm > 0.0 ? gs / nm : 0.0;
+        const double fb = nv > 0.0 ? 2.0 * gs / nv : 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = s * C + c;
+          const acc_t hi = static_cast<acc_t>(pm[i]);
+          mhi[i] = hi;
+          mlo[i] = static_cast<acc_t>(pm[i] - static_cast<double>(hi));
+          alpha[i] = static_cast<acc_t>(fa * (pm[i] - ptm[i]));
+          scale[i] = static_cast<acc_t>(fb * (pv[i] - ptv[i]));
+        }
+      }
+    });
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* pg = grad_x.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / L);
+    at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> tmp(kDirect<scalar_t> ? 0 : kChunk);
+      int64_t n = begin / C, c = begin % C;
+      int64_t i = seg[n] * C + c;
+      for (int64_t r = begin; r < end; ++r, ++i) {
+        if (c == C) {  // next sample
+          c = 0;
+          i = seg[++n] * C;
+        }
+        ++c;
+        const acc_t sc = scale[i], al = alpha[i], hi = mhi[i], lo = mlo[i];
+        const scalar_t* xr = px + r * L;
+        scalar_t* gr = pg + r * L;
+        if (L <= kShortRow) {  // inline for short rows (no call per row)
+          for (int64_t k = 0; k < L; ++k) {
+            gr[k] = static_cast<scalar_t>(sc * ((static_cast<acc_t>(xr[k]) - hi) - lo) + al);
+          }
+        } else {
+          grad_row<scalar_t>(xr, gr, L, sc, al, hi, lo, tmp.data());
+        }
+      }
+    });
+  });
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lpqld, CPU, m) {
+  m.impl("segment_bn_loss_fwd", &segment_bn_loss_fwd_cpu);
+  m.impl("segment_bn_loss_bwd", &segment_bn_loss_bwd_cpu);
+}

@@ -1,0 +1,30 @@
+// Schemas of the fused segmented BN-statistics matching loss (recover, DESIGN 2.2).
+//
+// segment_bn_loss_fwd(x, segment_ids, target_mean, target_var)
+//     -> (loss, mean, var, count)
+//   x [N, C, L] contiguous float32/float16/bfloat16/float64, segment_ids [N]
+//   int64 in [0, S), target_mean/target_var [S, C] contiguous float64.
+//   One pass over x: per (sample, channel) row the exact mean and M2, then the
+//   rows of each segment are combined (equal counts L) in float64.
+//   loss [S] float64: ||target_mean[s] - mean[s]|| + ||target_var[s] - var[s]||
+//   (0 for empty segments); mean, var [S, C] float64 (biased var; 0 when
+//   empty); count [S] int64 samples per segment.
+//
+// segment_bn_loss_bwd(grad_loss, x, segment_ids, target_mean, target_var, mean, var, count)
+//     -> grad_x
+//   grad_loss [S] float64; the rest as produced/consumed by the forward.
+//   One elementwise pass: grad_x[n, c, l] = scale[s, c] * (x - mean[s, c]) + alpha[s, c]
+//   with s = segment_ids[n], n_s = count[s] * L,
+//     alpha = g_s * (mean - target_mean) / ||mean - target_mean|| / n_s
+//     scale = g_s * 2 * (var - target_var) / ||var - target_var|| / n_s
+//   (a direction with zero norm contributes 0). grad_x has x's dtype and shape.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(lpqld, m) {
+  m.def(
+      "segment_bn_loss_fwd(Tensor x, Tensor segment_ids, Tensor target_mean, Tensor target_var)"
+      " -> (Tensor loss, Tensor mean, Tensor var, Tensor count)");
+  m.def(
+      "segment_bn_loss_bwd(Tensor grad_loss, Tensor x, Tensor segment_ids, Tensor target_mean, "
+      "Tensor target_var, Tensor mean, Tensor var, Tensor count) -> Tensor");
+}

@@ -1,0 +1,155 @@
+"""Fused segmented BN-statistics matching loss (recover with many classes per forward pass).
+
+For x [N, C, *spatial], segment_ids [N] in [0, S) and constant targets
+target_mean, target_var [S, C], per segment s:
+
+    mu_s  = mean of x over (samples of segment s, spatial)         [C]
+    var_s = BIASED variance over the same elements                  [C]
+    loss_s = ||target_mean[s] - mu_s||_2 + ||target_var[s] - var_s||_2
+
+with plain (not squared) L2 norms over the channels (DESIGN 2.2, Eq. 6 of
+paper 002 per class segment). Returns loss [S]: float32, or float64 for
+float64 x; an empty segment gives 0 and no gradient.
+
+Forward: one pass over x for the per-segment moments (per (sample, channel)
+row an exact mean/M2 while the row is in cache, rows combined per segment in
+float64), the loss from the [S, C] moments. Backward: one elementwise pass,
+
+    dloss_s/dx[n, c, l] = (mu - tm)[c] / ||mu - tm|| / n_s
+                        + 2 (var - tv)[c] / ||var - tv|| * (x - mu[c]) / n_s
+
+for n in segment s, n_s = (samples in s) * spatial size; a norm that is
+exactly 0 contributes a zero gradient (the convention of
+torch.linalg.vector_norm). Computation is in float32 for float16/bfloat16/
+float32 x (float64 moments) and float64 for float64 x.
+
+The targets are constants: they are detached and get no gradient (a target
+with requires_grad=True is allowed; its .grad stays untouched). Double
+backward is not supported. A non-contiguous x (e.g. channels_last) is copied
+to contiguous first.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from lpqld_fast.ops import _validate as V
+from lpqld_fast.ops._dispatch import resolve_backend
+from lpqld_fast.ops.reference import segment_bn_loss as ref
+
+OP = "segment_bn_loss"
+NATIVE_OP = "segment_bn_loss_fwd"  # lpqld::<schema> of the C++/CUDA forward (the backward ships with it)
+
+__all__ = ["segment_bn_loss", "OP", "NATIVE_OP"]
+
+
+def _check_inputs(x: object, segment_ids: object, target_mean: object, target_var: object) -> None:
+    V.check_tensor("x", x, ndim=range(2, 8), dtypes=V.FLOAT_DTYPES)
+    assert isinstance(x, torch.Tensor)
+    if x.shape[1] < 1 or any(d < 1 for d in x.shape[2:]):
+        raise ValueError(f"x must have at least one channel and non-empty spatial dims, got shape {tuple(x.shape)}")
+    V.check_tensor("segment_ids", segment_ids, ndim=1, dtypes=V.INDEX_DTYPES, device=x.device)
+    assert isinstance(segment_ids, torch.Tensor)
+    if segment_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"segment_ids has {segment_ids.shape[0]} entries but x has {x.shape[0]} samples")
+    V.check_tensor("target_mean", target_mean, ndim=2, dtypes=V.FLOAT_DTYPES, device=x.device)
+    assert isinstance(target_mean, torch.Tensor)
+    num_segments, channels = target_mean.shape
+    if num_segments < 1:
+        raise ValueError(f"target_mean must hold at least one segment, got shape {tuple(target_mean.shape)}")
+    if channels != x.shape[1]:
+        raise ValueError(f"target_mean has {channels} channels but x has {x.shape[1]} (x is [N, C, ...])")
+    V.check_tensor("target_var", target_var, ndim=2, dtypes=V.FLOAT_DTYPES, device=x.device)
+    assert isinstance(target_var, torch.Tensor)
+    V.check_shape("target_var", target_var, tuple(target_mean.shape))
+    V.check_finite("target_mean", target_mean)
+    V.check_finite("target_var", target_var)
+    V.check_index_range("segment_ids", segment_ids, num_segments, what="segment id")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    """lpqld_fast.kernels.segment_bn_loss, also from a source checkout that is not installed."""
+    try:
+        return importlib.import_module("lpqld_fast.kernels.segment_bn_loss")
+    except ImportError:
+        pass
+    path = Path(__file__).resolve().parents[2] / "kernels" / "segment_bn_loss.py"
+    if not path.is_file():
+        raise RuntimeError(f"{OP}: the Triton kernel is not installed (looked for lpqld_fast.kernels and {path})")
+    spec = importlib.util.spec_from_file_location("_lpqld_kernels_segment_bn_loss", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fwd(backend: str):
+    if backend == "triton":
+        return _triton_module().segment_bn_loss_fwd
+    return torch.ops.lpqld.segment_bn_loss_fwd  # cpp and cuda are both registered under torch.ops.lpqld
+
+
+def _bwd(backend: str):
+    if backend == "triton":
+        return _triton_module().segment_bn_loss_bwd
+    return torch.ops.lpqld.segment_bn_loss_bwd
+
+
+class _SegmentBNLoss(torch.autograd.Function):
+    """Forward/backward through the fused kernels; targets are constants."""
+
+    @staticmethod
+    def forward(ctx, x, segment_ids, target_mean, target_var, backend):  # type: ignore[override]
+        n, c = x.shape[0], x.shape[1]
+        x3 = x.detach().reshape(n, c, math.prod(x.shape[2:])).contiguous()
+        seg = segment_ids.to(torch.int64).contiguous()
+        tm = target_mean.detach().to(torch.float64).contiguous()
+        tv = target_var.detach().to(torch.float64).contiguous()
+        loss, mean, var, count = _fwd(backend)(x3, seg, tm, tv)
+        ctx.backend = backend
+        ctx.x_shape = x.shape
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(x3, seg, tm, tv, mean, var, count)
+        return loss.to(ref.out_dtype_for(x.dtype))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        x3, seg, tm, tv, mean, var, count = ctx.saved_tensors
+        g = grad_loss.to(torch.float64).contiguous()
+        grad3 = _bwd(ctx.backend)(g, x3, seg, tm, tv, mean, var, count)
+        return grad3.view(ctx.x_shape), None, None, None, None
+
+
+def segment_bn_loss(
+    x: torch.Tensor,
+    segment_ids: torch.Tensor,
+    target_mean: torch.Tensor,
+    target_var: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-segment BN-statistics matching loss [S]; differentiable w.r.t. x only.
+
+    x [N, C, *spatial] float32/float16/bfloat16/float64; segment_ids [N]
+    integer in [0, S); target_mean, target_var [S, C] finite floats (constants,
+    no gradient). loss[s] = ||target_mean[s] - mu_s|| + ||target_var[s] - var_s||
+    with mu_s / var_s the mean / biased variance of x over (samples of segment
+    s, spatial); 0 for empty segments. ``backend`` forces "reference", "cpp",
+    "cuda" or "triton" (default: by device, see lpqld_fast.ops._dispatch).
+    """
+    _check_inputs(x, segment_ids, target_mean, target_var)
+    chosen = resolve_backend(OP, x.device, backend, NATIVE_OP)
+    if chosen == "reference":
+        return ref.segment_bn_loss(x, segment_ids, target_mean, target_var)
+    # targets are constants: detached, so a target with requires_grad does not make the loss require grad
+    return _SegmentBNLoss.apply(x, segment_ids, target_mean.detach(), target_var.detach(), chosen)
