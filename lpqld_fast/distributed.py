@@ -229,10 +229,12 @@ def all_reduce_moments_(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tenso
     Every term of the second sum is >= 0, so nothing cancels, unlike the one-pass
     form sum_r (M2_r + n_r mean_r^2) - N mu^2, which loses about log10(mu^2 / var)
     digits (BN inputs with |mean| >> std). Compared with all-gathering the states
-    and merging in rank order, it moves 3 [K, C] buffers instead of world of them
-    (ImageNet-21K ResNet-18: ~0.4 GB of float64 per rank, not world times that) and
-    leaves the same bits on every rank. The result equals 1 process up to float64
-    rounding (relative ~1e-15), i.e. the float32 statistics almost always bit for bit.
+    and merging them in rank order (equally exact), it needs no world-sized buffers:
+    for ImageNet-21K and ResNet-18 (20 BN layers, 4,800 channels) the state is
+    10,450 x 4,800 x (mean, M2) x 8 B = 0.8 GB per rank, and the all-gather would hold
+    world times that, while this holds 3 temporaries of one layer ([K, C_l]). Every
+    rank ends with the same bits. The result equals 1 process up to float64 rounding
+    (relative ~1e-15), so the float32 statistics almost always match bit for bit.
     Empty classes stay count 0, mean 0, M2 0.
     """
     if world_size() == 1:

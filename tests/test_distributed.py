@@ -139,10 +139,13 @@ def test_primitives_on_two_gloo_ranks_equal_one_process(tmp_path) -> None:
     import torch.multiprocessing as mp
 
     from lpqld_fast.engine import evaluate
+    from lpqld_fast.models import get_model  # noqa: F401  (imported before the fork: the children reuse it)
     from lpqld_fast.ops import ClasswiseMomentsAccumulator
 
     init = tmp_path / "rendezvous"
-    mp.spawn(_primitives_worker, args=(2, str(init), str(tmp_path)), nprocs=2, join=True)
+    # fork: the children reuse this process's imports (a spawn re-imports torch and torchvision: seconds each).
+    mp.start_processes(_primitives_worker, args=(2, str(init), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for key in r0:  # every rank holds the same numbers
         torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=key)
@@ -315,3 +318,70 @@ def test_train_ddp_losses_equal_one_process(runs) -> None:
     # Weights agree to float rounding; a test image on the decision boundary may flip (1 of 200 = 0.5 points).
     for e2, e1 in zip(m2["evals"], m1["evals"]):
         assert abs(e2["test_acc"] - e1["test_acc"]) <= 1.0
+
+
+# --------------------------------------------------------------------------- slow: per-stage commands, kill + resume
+
+
+def _slow_enabled(config: pytest.Config) -> bool:
+    expr = config.getoption("-m") or ""
+    return os.environ.get("LPQLD_SLOW") == "1" or ("slow" in expr and "not slow" not in expr)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_per_stage_torchrun_commands_kill_and_resume(tmp_path, request) -> None:
+    """The per-stage commands of docs/LAUNCH.md; a DDP teacher killed after epoch 1 resumes to the same weights.
+
+    Not run by default (about 7 torchrun launches): LPQLD_SLOW=1 or ``-m slow``.
+    """
+    import signal
+    import time
+
+    if not _slow_enabled(request.config):
+        pytest.skip("slow: set LPQLD_SLOW=1 or select with -m slow")
+    data = _tiny_fashion_mnist(tmp_path / "fashion")
+    env = _env(data)
+    args = [*TINY, "--set", "squeeze.epochs=3"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run(torchrun_cmd(2, "squeeze", "--out", str(full), *args), env)
+    proc = subprocess.Popen(torchrun_cmd(2, "squeeze", "--out", str(killed), *args), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = killed / "squeeze" / "checkpoints" / "epoch_001.pt"
+    deadline = time.monotonic() + 180
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # A crash: SIGKILL the workers (torchrun starts each in its own session), then torchrun.
+    for child in _children(proc.pid):
+        os.kill(child, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+    if (killed / "squeeze" / "teacher.pt").exists():
+        pytest.skip("the teacher finished before it could be killed")
+    assert first.exists()
+    out = _run(torchrun_cmd(2, "squeeze", "--out", str(killed), *args), env)
+    assert "resuming teacher training after epoch" in out.stdout
+    a = torch.load(full / "squeeze" / "teacher.pt")
+    b = torch.load(killed / "squeeze" / "teacher.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert filecmp.cmp(full / "squeeze" / "bn_stats.pt", killed / "squeeze" / "bn_stats.pt", shallow=False)
+    # The remaining stages, one torchrun each.
+    _run(torchrun_cmd(2, "recover", "--out", str(killed), *UNITS, *args), env)
+    _run(torchrun_cmd(2, "relabel", "--out", str(killed), *args), env)
+    _run(torchrun_cmd(2, "train", "--out", str(killed), *args), env)
+    assert _json(killed / "relabel" / "manifest.json")["complete"] is True
+    student = (killed / "train" / "student.pt").read_bytes()
+    # distill over the finished run: every stage is a no-op.
+    out = _run(torchrun_cmd(2, "distill", "--out", str(killed), *UNITS, *args), env)
+    assert "done already" in out.stdout
+    assert (killed / "train" / "student.pt").read_bytes() == student
