@@ -7,6 +7,7 @@ mergeable across batches and ranks, which gives exact whole-pass moments.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -63,6 +64,7 @@ def classwise_moments_accumulate_(
     class, mean [K, C] and m2 [K, C] float64 the running mean and sum of
     squared deviations. Variance = m2 / count.
     """
+    V.check_tensor("x", x)  # before x.device is used below
     V.check_tensor("count", count, ndim=1, dtypes=(torch.float64,), device=x.device)
     num_classes = count.shape[0]
     _check_inputs(x, labels, num_classes)
@@ -74,7 +76,8 @@ def classwise_moments_accumulate_(
             raise ValueError(f"{name} must be contiguous (it is updated in place)")
     if not count.is_contiguous():
         raise ValueError("count must be contiguous (it is updated in place)")
-    x3 = x.reshape(x.shape[0], channels, -1).contiguous()
+    length = math.prod(x.shape[2:])  # explicit: reshape(..., -1) is ambiguous for empty x
+    x3 = x.reshape(x.shape[0], channels, length).contiguous()
     labels = labels.to(torch.int64).contiguous()
     _run_accumulate(x3, labels, count, mean, m2, resolve_backend(OP, x.device, backend, NATIVE_OP))
 

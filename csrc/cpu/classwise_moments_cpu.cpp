@@ -1,0 +1,530 @@
+// CPU kernel of lpqld::classwise_moments_accumulate_.
+//
+// Phase 1 (parallel over the N*C rows): each row of L values is reduced to
+// (mean, M2) in double. The row is processed in chunks of kChunk elements
+// that stay in L1; 16-bit inputs are converted to float into a stack buffer
+// once; two passes over each chunk (sum, then shifted sum and sum of squares
+// around the chunk mean: the corrected two-pass estimate, robust to large
+// means) with independent vector accumulators; chunks are Chan-merged in
+// double. Rows of at most kShortRow values are done W (vector width) rows at
+// a time so that their horizontal sums share one transposing reduction.
+// x is read once from DRAM. The hot loops use GCC vector extensions
+// and are compiled for AVX-512, AVX2 and baseline x86-64 (function
+// multiversioning picks one at load time); elsewhere they stay portable.
+// Phase 2: a serial O(N) walk gives every sample the count of its class
+// before it, as Chan weights, and updates count; then threads own blocks of
+// channels and each walks the samples in order, Chan-merging row stats into
+// mean/m2 of the sample's class (no races: a thread owns its channels in
+// every class row). L == 1 skips phase 1: phase 2 merges the values directly.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vector types only live inside always-inline helpers
+#endif
+
+namespace lpqld {
+
+void check_classwise_moments_args(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count,
+                                  const at::Tensor& mean, const at::Tensor& m2);
+
+namespace {
+
+#define LPQLD_AI [[gnu::always_inline]] inline
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(LPQLD_NO_MULTIVERSION)
+#define LPQLD_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LPQLD_MULTIVERSION
+#endif
+
+namespace rowk {
+constexpr int64_t kChunk = 1024;  // elements per L1-resident chunk
+
+typedef float vf __attribute__((vector_size(64)));
+typedef double vd __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef int64_t vl __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+
+enum class In { F32, F64, F16, BF16 };
+
+LPQLD_AI float bf16_to_float(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
+LPQLD_AI float half_to_float(uint16_t h) {
+  const uint32_t sign = (static_cast<uint32_t>(h) & 0x8000u) << 16;
+  const uint32_t em = (static_cast<uint32_t>(h) & 0x7fffu) << 13;  // exponent|mantissa at float position
+  const uint32_t e = em & 0x0f800000u;
+  const float normal = std::bit_cast<float>(em + 0x38000000u);  // rebias 15 -> 127
+  // subnormal: 2^-14 * (1 + m/1024) - 2^-14, exact, no denormal arithmetic
+  const float subnormal = std::bit_cast<float>(em + 0x38800000u) - 0x1p-14f;
+  const float special = std::bit_cast<float>(em | 0x7f800000u);  // inf, nan
+  const float mag = e == 0 ? subnormal : (e == 0x0f800000u ? special : normal);
+  return std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | sign);
+}
+
+template <In I> struct Traits;
+template <> struct Traits<In::F32> {
+  using S = float; using T = float; using V = vf; using M = vi; static constexpr int W = 16;
+  LPQLD_AI static V load(const S* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+  LPQLD_AI static T scalar(const S* p) { return *p; }
+};
+template <> struct Traits<In::F64> {
+  using S = double; using T = double; using V = vd; using M = vl; static constexpr int W = 8;
+  LPQLD_AI static V load(const S* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+  LPQLD_AI static T scalar(const S* p) { return *p; }
+};
+template <> struct Traits<In::BF16> {
+  using S = uint16_t; using T = float; using V = vf; using M = vi; static constexpr int W = 16;
+  LPQLD_AI static V load(const S* p) {
+    vh h; std::memcpy(&h, p, sizeof(vh));
+    return reinterpret_cast<V>(__builtin_convertvector(h, vu) << 16);
+  }
+  LPQLD_AI static T scalar(const S* p) { S h; std::memcpy(&h, p, sizeof(S)); return bf16_to_float(h); }
+};
+template <> struct Traits<In::F16> {
+  using S = uint16_t; using T = float; using V = vf; using M = vi; static constexpr int W = 16;
+  LPQLD_AI static V load(const S* p) {
+    vh h; std::memcpy(&h, p, sizeof(vh));
+    const vu u = __builtin_convertvector(h, vu);
+    const vu sign = (u & 0x8000u) << 16;
+    const vu em = (u & 0x7fffu) << 13;
+    const vu e = em & 0x0f800000u;
+    const vf normal = reinterpret_cast<vf>(em + 0x38000000u);
+    const vf subnormal = reinterpret_cast<vf>(em + 0x38800000u) - 0x1p-14f;
+    const vf special = reinterpret_cast<vf>(em | 0x7f800000u);
+    const vf mag = e == 0u ? subnormal : (e == 0x0f800000u ? special : normal);
+    return reinterpret_cast<vf>(reinterpret_cast<vu>(mag) | sign);
+  }
+  LPQLD_AI static T scalar(const S* p) { S h; std::memcpy(&h, p, sizeof(S)); return half_to_float(h); }
+};
+
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef double vd4 __attribute__((vector_size(32)));
+typedef double vd2 __attribute__((vector_size(16)));
+
+// Horizontal sums by halving (pairwise, no trip through memory).
+LPQLD_AI float hsum(const vf& v) {
+  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+LPQLD_AI double hsum(const vd& v) {
+  const vd4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const vd2 b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
+  return b[0] + b[1];
+}
+
+template <typename M, int W>
+LPQLD_AI M lane_index() {
+  M iota;
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i) iota[i] = i;
+  return iota;
+}
+
+// (mean, M2) of n (1..kChunk) values at p: corrected two-pass around the
+// chunk mean, all in L1 (16-bit inputs are converted once into buf). inv_n
+// is 1/n. The ragged end is read as the last full vector of the chunk
+// (overlapping, lanes masked); requires n >= W.
+template <In I>
+LPQLD_AI void chunk_moments(const typename Traits<I>::S* __restrict__ p, int64_t n, double inv_n,
+                            typename Traits<I>::T* __restrict__ buf, double& mean_out, double& m2_out) {
+  using Tr = Traits<I>;
+  using T = typename Tr::T;
+  using V = typename Tr::V;
+  using M = typename Tr::M;
+  constexpr int W = Tr::W;
+  constexpr bool kConvert = !std::is_same_v<typename Tr::S, T>;
+  const int64_t nv = n / W;
+  const int rem = static_cast<int>(n - nv * W);
+  // pass 1: sum (and conversion into buf)
+  V a0 = {}, a1 = {};
+  int64_t v = 0;
+  for (; v + 2 <= nv; v += 2) {
+    const V x0 = Tr::load(p + v * W), x1 = Tr::load(p + (v + 1) * W);
+    if constexpr (kConvert) {
+      std::memcpy(buf + v * W, &x0, sizeof(V));
+      std::memcpy(buf + (v + 1) * W, &x1, sizeof(V));
+    }
+    a0 += x0;
+    a1 += x1;
+  }
+  if (v < nv) {
+    const V x0 = Tr::load(p + v * W);
+    if constexpr (kConvert) std::memcpy(buf + v * W, &x0, sizeof(V));
+    a0 += x0;
+  }
+  V tail = {};
+  M tail_mask = {};
+  if (rem) {
+    tail = Tr::load(p + n - W);  // n >= W here (callers take tiny rows elsewhere)
+    tail_mask = lane_index<M, W>() >= (W - rem);
+    a1 += tail_mask ? tail : V{};
+  }
+  const T shift = hsum(a0 + a1) * static_cast<T>(inv_n);
+  // pass 2: shifted sum and sum of squares
+  const T* q;
+  if constexpr (kConvert) q = buf; else q = p;
+  V b1 = {}, b2 = {}, c1 = {}, c2 = {};
+  v = 0;
+  for (; v + 2 <= nv; v += 2) {
+    V x0, x1;
+    std::memcpy(&x0, q + v * W, sizeof(V));
+    std::memcpy(&x1, q + (v + 1) * W, sizeof(V));
+    const V d0 = x0 - shift, d1 = x1 - shift;
+    b1 += d0; b2 += d0 * d0;
+    c1 += d1; c2 += d1 * d1;
+  }
+  if (v < nv) {
+    V x0;
+    std::memcpy(&x0, q + v * W, sizeof(V));
+    const V d0 = x0 - shift;
+    b1 += d0; b2 += d0 * d0;
+  }
+  if (rem) {
+    const V d = tail_mask ? tail - shift : V{};
+    c1 += d; c2 += d * d;
+  }
+  const double s1 = static_cast<double>(hsum(b1 + c1));
+  const double s2 = static_cast<double>(hsum(b2 + c2));
+  mean_out = static_cast<double>(shift) + s1 * inv_n;
+  m2_out = std::max(0.0, s2 - s1 * s1 * inv_n);
+}
+
+// Transposing horizontal sum of W vectors: lane r of the result is the sum of
+// the lanes of v[r] (log2(W) levels of shuffle + add, ~1 op per vector).
+LPQLD_AI vf reduce_rows(const vf* v) {
+  vf a[8], b[4], c[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+LPQLD_AI vd reduce_rows(const vd* v) {
+  vd a[4], b[2];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(b[0], b[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(b[0], b[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+constexpr int64_t kShortRow = 256;  // rows up to this long are reduced W at a time
+
+// (mean, M2) of W consecutive short rows (W <= length <= kShortRow): the same
+// corrected two-pass per row, but the horizontal sums of W rows are done
+// together by reduce_rows. buf holds the W converted rows (16-bit inputs).
+template <In I>
+LPQLD_AI void short_rows_block(const typename Traits<I>::S* __restrict__ x, int64_t length, double inv_n,
+                               typename Traits<I>::T* __restrict__ buf, double* __restrict__ rm,
+                               double* __restrict__ rm2) {
+  using Tr = Traits<I>;
+  using T = typename Tr::T;
+  using V = typename Tr::V;
+  using M = typename Tr::M;
+  constexpr int W = Tr::W;
+  constexpr bool kConvert = !std::is_same_v<typename Tr::S, T>;
+  const int64_t nv = length / W;  // >= 1
+  const int rem = static_cast<int>(length - nv * W);
+  const M tail_mask = lane_index<M, W>() >= (W - rem);
+  V acc[W];
+  for (int r = 0; r < W; ++r) {
+    const auto* p = x + r * length;
+    V a0 = {}, a1 = {};
+    int64_t v = 0;
+    for (; v + 2 <= nv; v += 2) {
+      const V x0 = Tr::load(p + v * W), x1 = Tr::load(p + (v + 1) * W);
+      if constexpr (kConvert) {
+        std::memcpy(buf + r * length + v * W, &x0, sizeof(V));
+        std::memcpy(buf + r * length + (v + 1) * W, &x1, sizeof(V));
+      }
+      a0 += x0;
+      a1 += x1;
+    }
+    if (v < nv) {
+      const V x0 = Tr::load(p + v * W);
+      if constexpr (kConvert) std::memcpy(buf + r * length + v * W, &x0, sizeof(V));
+      a0 += x0;
+    }
+    if (rem) {
+      const V t = Tr::load(p + length - W);
+      if constexpr (kConvert) std::memcpy(buf + r * length + length - W, &t, sizeof(V));
+      a1 += tail_mask ? t : V{};
+    }
+    acc[r] = a0 + a1;
+  }
+  const V shifts = reduce_rows(acc) * static_cast<T>(inv_n);
+  V sum1[W], sum2[W];
+  for (int r = 0; r < W; ++r) {
+    const T* q;
+    if constexpr (kConvert) q = buf + r * length; else q = x + r * length;
+    const T shift = shifts[r];
+    V b1 = {}, b2 = {}, c1 = {}, c2 = {};
+    int64_t v = 0;
+    for (; v + 2 <= nv; v += 2) {
+      V x0, x1;
+      std::memcpy(&x0, q + v * W, sizeof(V));
+      std::memcpy(&x1, q + (v + 1) * W, sizeof(V));
+      const V d0 = x0 - shift, d1 = x1 - shift;
+      b1 += d0; b2 += d0 * d0;
+      c1 += d1; c2 += d1 * d1;
+    }
+    if (v < nv) {
+      V x0;
+      std::memcpy(&x0, q + v * W, sizeof(V));
+      const V d0 = x0 - shift;
+      b1 += d0; b2 += d0 * d0;
+    }
+    if (rem) {
+      V t;
+      std::memcpy(&t, q + length - W, sizeof(V));
+      const V d = tail_mask ? t - shift : V{};
+      c1 += d; c2 += d * d;
+    }
+    sum1[r] = b1 + c1;
+    sum2[r] = b2 + c2;
+  }
+  const V s1 = reduce_rows(sum1), s2 = reduce_rows(sum2);
+  for (int r = 0; r < W; ++r) {
+    const double d1 = static_cast<double>(s1[r]), d2 = static_cast<double>(s2[r]);
+    rm[r] = static_cast<double>(shifts[r]) + d1 * inv_n;
+    rm2[r] = std::max(0.0, d2 - d1 * d1 * inv_n);
+  }
+}
+
+// (mean, M2) of a row shorter than one vector: plain two-pass in double.
+template <In I>
+LPQLD_AI void tiny_row_moments(const typename Traits<I>::S* __restrict__ p, int64_t n, double inv_n, double& mean_out,
+                               double& m2_out) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(Traits<I>::scalar(p + i));
+  const double mu = s * inv_n;
+  double m2 = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(Traits<I>::scalar(p + i)) - mu;
+    m2 += d * d;
+  }
+  mean_out = mu;
+  m2_out = m2;
+}
+
+// (mean, M2) of rows [r0, r1) of length L starting at x; chunks Chan-merged in double.
+template <In I>
+LPQLD_AI void rows_moments(const typename Traits<I>::S* __restrict__ x, int64_t length, int64_t r0, int64_t r1,
+                           double* __restrict__ rm, double* __restrict__ rm2) {
+  if (length < Traits<I>::W) {
+    const double inv = 1.0 / static_cast<double>(length);
+    for (int64_t r = r0; r < r1; ++r) tiny_row_moments<I>(x + r * length, length, inv, rm[r], rm2[r]);
+    return;
+  }
+  if (length <= kShortRow) {
+    alignas(64) typename Traits<I>::T sbuf[kShortRow * Traits<I>::W];
+    const double inv = 1.0 / static_cast<double>(length);
+    for (; r0 + Traits<I>::W <= r1; r0 += Traits<I>::W)
+      short_rows_block<I>(x + r0 * length, length, inv, sbuf, rm + r0, rm2 + r0);
+  }
+  alignas(64) typename Traits<I>::T buf[kChunk];
+  // Chunks are kChunk long except the last, which is made at least W long by
+  // shortening the one before it (every chunk then holds a full vector).
+  const int64_t nchunks = (length + kChunk - 1) / kChunk;
+  int64_t last = length - (nchunks - 1) * kChunk;  // 1..kChunk
+  int64_t before = kChunk;                         // size of the chunk before the last
+  if (nchunks > 1 && last < Traits<I>::W) {
+    before -= Traits<I>::W;
+    last += Traits<I>::W;
+  }
+  const double inv_full = 1.0 / static_cast<double>(kChunk);
+  const double inv_before = 1.0 / static_cast<double>(before);
+  const double inv_last = 1.0 / static_cast<double>(last);
+  for (int64_t r = r0; r < r1; ++r) {
+    const auto* row = x + r * length;
+    double n_acc = 0.0, mean_acc = 0.0, m2_acc = 0.0;
+    int64_t off = 0;
+    for (int64_t ci = 0; ci < nchunks; ++ci) {
+      const bool is_last = ci == nchunks - 1, is_before = ci == nchunks - 2;
+      const int64_t n = is_last ? last : (is_before ? before : kChunk);
+      const double inv = is_last ? inv_last : (is_before ? inv_before : inv_full);
+      double cm, cm2;
+      chunk_moments<I>(row + off, n, inv, buf, cm, cm2);
+      const double nb = static_cast<double>(n);
+      if (ci == 0) {
+        n_acc = nb; mean_acc = cm; m2_acc = cm2;
+      } else {
+        const double tot = n_acc + nb, delta = cm - mean_acc;
+        mean_acc += delta * (nb / tot);
+        m2_acc += cm2 + delta * delta * (n_acc * nb / tot);
+        n_acc = tot;
+      }
+      off += n;
+    }
+    rm[r] = mean_acc;
+    rm2[r] = m2_acc;
+  }
+}
+
+// Non-inline, multiversioned entry points (AVX-512 / AVX2 / baseline clones on x86-64 Linux).
+LPQLD_MULTIVERSION void rows_f32(const float* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) {
+  rows_moments<In::F32>(x, L, r0, r1, rm, rm2);
+}
+LPQLD_MULTIVERSION void rows_f64(const double* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) {
+  rows_moments<In::F64>(x, L, r0, r1, rm, rm2);
+}
+LPQLD_MULTIVERSION void rows_f16(const uint16_t* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) {
+  rows_moments<In::F16>(x, L, r0, r1, rm, rm2);
+}
+LPQLD_MULTIVERSION void rows_bf16(const uint16_t* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) {
+  rows_moments<In::BF16>(x, L, r0, r1, rm, rm2);
+}
+}  // namespace rowk
+
+template <typename scalar_t> struct InOf;
+template <> struct InOf<float> { static constexpr rowk::In value = rowk::In::F32; };
+template <> struct InOf<double> { static constexpr rowk::In value = rowk::In::F64; };
+template <> struct InOf<c10::Half> { static constexpr rowk::In value = rowk::In::F16; };
+template <> struct InOf<c10::BFloat16> { static constexpr rowk::In value = rowk::In::BF16; };
+
+template <typename scalar_t>
+void rows_dispatch(const scalar_t* x, int64_t length, int64_t r0, int64_t r1, double* rm, double* rm2) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    rowk::rows_f32(x, length, r0, r1, rm, rm2);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    rowk::rows_f64(x, length, r0, r1, rm, rm2);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    rowk::rows_f16(reinterpret_cast<const uint16_t*>(x), length, r0, r1, rm, rm2);
+  } else {
+    rowk::rows_bf16(reinterpret_cast<const uint16_t*>(x), length, r0, r1, rm, rm2);
+  }
+}
+
+constexpr int64_t kPhase1Grain = 1 << 15;  // elements per parallel task, at least
+constexpr int64_t kChannelBlock = 8;       // 8 doubles = one cache line of mean/m2
+
+template <typename scalar_t>
+void accumulate_impl(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count, const at::Tensor& mean,
+                     const at::Tensor& m2) {
+  using Tr = rowk::Traits<InOf<scalar_t>::value>;
+  const int64_t n = x.size(0), c = x.size(1), length = x.size(2);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  double* cnt = count.mutable_data_ptr<double>();
+  double* mp = mean.mutable_data_ptr<double>();
+  double* m2p = m2.mutable_data_ptr<double>();
+
+  // Phase 1: row stats (skipped for L == 1, where a row is its own mean).
+  std::vector<double> row_mean, row_m2;
+  if (length > 1 && c > 0) {
+    const int64_t rows = n * c;
+    row_mean.resize(rows);
+    row_m2.resize(rows);
+    double* rm = row_mean.data();
+    double* rm2 = row_m2.data();
+    const int64_t grain = std::max<int64_t>(1, kPhase1Grain / length);
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { rows_dispatch<scalar_t>(xp, length, r0, r1, rm, rm2); });
+  }
+
+  // Phase 2a: class count before each sample, as Chan weights; update count.
+  std::vector<double> w_b(n), w_ab(n);
+  const double nb = static_cast<double>(length);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t kk = lab[i];
+    const double na = cnt[kk];
+    const double tot = na + nb;
+    w_b[i] = nb / tot;        // weight of the new row in the mean
+    w_ab[i] = na * nb / tot;  // weight of delta^2 in m2
+    cnt[kk] = tot;
+  }
+  if (c == 0) return;
+
+  // Phase 2b: threads own blocks of channels and walk the samples in order.
+  const int64_t blocks = (c + kChannelBlock - 1) / kChannelBlock;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, n * kChannelBlock));
+  const double* wb = w_b.data();
+  const double* wab = w_ab.data();
+  if (length == 1) {
+    using S = typename Tr::S;
+    const S* xs = reinterpret_cast<const S*>(xp);
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      const int64_t c0 = b0 * kChannelBlock, c1 = std::min(c, b1 * kChannelBlock);
+      for (int64_t i = 0; i < n; ++i) {
+        double* __restrict__ mrow = mp + lab[i] * c;
+        double* __restrict__ m2row = m2p + lab[i] * c;
+        const S* __restrict__ xrow = xs + i * c;
+        const double a = wb[i], ab = wab[i];
+        for (int64_t j = c0; j < c1; ++j) {
+          const double delta = static_cast<double>(Tr::scalar(xrow + j)) - mrow[j];
+          mrow[j] += delta * a;
+          m2row[j] += delta * delta * ab;
+        }
+      }
+    });
+  } else {
+    const double* rm = row_mean.data();
+    const double* rm2 = row_m2.data();
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      const int64_t c0 = b0 * kChannelBlock, c1 = std::min(c, b1 * kChannelBlock);
+      for (int64_t i = 0; i < n; ++i) {
+        double* __restrict__ mrow = mp + lab[i] * c;
+        double* __restrict__ m2row = m2p + lab[i] * c;
+        const double* __restrict__ rmi = rm + i * c;
+        const double* __restrict__ rm2i = rm2 + i * c;
+        const double a = wb[i], ab = wab[i];
+        for (int64_t j = c0; j < c1; ++j) {
+          const double delta = rmi[j] - mrow[j];
+          mrow[j] += delta * a;
+          m2row[j] += rm2i[j] + delta * delta * ab;
+        }
+      }
+    });
+  }
+}
+
+void classwise_moments_accumulate_cpu(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count,
+                                      const at::Tensor& mean, const at::Tensor& m2) {
+  check_classwise_moments_args(x, labels, count, mean, m2);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "classwise_moments_accumulate_ (CPU): x must be a CPU tensor, got ",
+                    x.device());
+  const int64_t n = x.size(0), k = count.size(0);
+  if (n == 0 || x.size(2) == 0) return;
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_INDEX(lab[i] >= 0 && lab[i] < k, "classwise_moments_accumulate_: labels holds class id ", lab[i],
+                      " outside [0, ", k, ")");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "classwise_moments_accumulate_cpu",
+                                  [&] { accumulate_impl<scalar_t>(x, labels, count, mean, m2); });
+}
+
+}  // namespace
+}  // namespace lpqld
+
+TORCH_LIBRARY_IMPL(lpqld, CPU, m) {
+  m.impl("classwise_moments_accumulate_", &lpqld::classwise_moments_accumulate_cpu);
+}
