@@ -26,9 +26,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "warmup_epochs": 1,
             "augment": "crop-flip",
             "crop_pad": 2,
-            # Measured here: bf16 autocast and channels_last made the ConvNet step slower on this CPU.
-            "bf16": False,
-            "channels_last": False,
+            # bf16 autocast + channels_last: the fastest ConvNet step here (AMX-BF16 CPU).
+            "bf16": True,
+            "channels_last": True,
             "stats_mode": "exact",
             "stats_momentum": 0.1,
             "stats_batch_size": 500,
