@@ -15,7 +15,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset": "fashion-mnist",
         "squeeze": {
             "model": "convnet-bn",
-            "epochs": 8,
+            "epochs": 5,
             "batch_size": 256,
             "optimizer": "sgd",
             "lr": 0.1,
