@@ -1,0 +1,694 @@
+// CPU kernel of the fused soft-label KL loss (schema in csrc/soft_label_kl.cpp).
+//
+// Rows run in parallel (at::parallel_for). Per row b, with z the student
+// logits, s = t_s and a top-k mode:
+//   1. decode the k stored entries (dequantise int8, teacher softmax over k or
+//      the marginal-smoothing mass) -> p_i, log p_i, background p_bg, S = sum p
+//   2. one pass over z: online (blocked) max and sum of exp((z - max) / s)
+//   3. one pass writing grad_j = coef * (S * q_j - p_bg) and summing (z_j - max)
+//   4. k fix-ups: grad[idx_i] = coef * (S * q_i - p_i), and the loss from
+//      the k stored terms plus the background terms in closed form:
+//      KL = sum_i p_i (log p_i - log q_i) + (C - k) p_bg log p_bg
+//           - p_bg * (sum_all log q - sum_i log q_i)
+// Dense mode does the same with the teacher softmax computed alongside.
+// While reading the rows the kernel also checks the data (index range, a class
+// stored twice in a row, non-finite values/scale/offset/fill) and raises
+// IndexError/ValueError after the parallel region, so the Python op needs no
+// extra pass or sort for the cpp backend.
+//
+// Vectorisation: at::vec only vectorises inside ATen's per-capability builds
+// (an extension compiled with portable flags gets its scalar fallback), and
+// GCC's auto-vectoriser left these loops scalar outside AVX-512 targets. The
+// float loops are therefore written with GCC vector types (the register width
+// of each target: 4, 8 or 16 lanes) around a
+// branch-free polynomial exp, compiled for baseline x86-64, AVX2+FMA and
+// AVX-512F, and one variant is picked at load time from the CPU's features
+// (lpqld::_soft_label_kl_cpu_isa queries or switches it). Float64 inputs take
+// a scalar path with std::exp (used by gradcheck).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace lpqld {
+void soft_label_kl_check_args(const at::Tensor& logits, const at::Tensor& values,
+                              const std::optional<at::Tensor>& indices, const std::optional<at::Tensor>& fill,
+                              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& offset,
+                              int64_t mode, double T, double t_s);
+}
+
+namespace lpqld::slkl_cpu {
+
+#define LPQLD_INLINE inline __attribute__((always_inline))
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors only live inside always-inline code
+
+enum Mode : int64_t { kDense = 0, kMR = 1, kMRS = 2, kMS = 3, kTopK = 4 };
+
+// ----------------------------------------------------------------------------- exp
+// exp(x) in float, branch-free: n = round(x log2 e), r = x - n ln2 (two-constant
+// split; n * kLn2Hi is exact), exp(r) by its degree-7 Taylor polynomial on
+// |r| <= ln2 / 2 (truncation < 1e-8 relative), times 2^n built in the exponent
+// bits. Results below exp(-87) flush to 0; NaN propagates. Written once for a
+// scalar or a GCC vector type V (F: its float element or vector type).
+constexpr float kExpHi = 88.0f, kExpLo = -87.0f;
+
+template <typename V, typename U>
+LPQLD_INLINE V exp_poly(V x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: t = y + kShift rounds y to an integer in t's low bits
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  V xc = x > kExpHi ? V{} + kExpHi : x;
+  xc = xc < kExpLo ? V{} + kExpLo : xc;
+  const V t = xc * kLog2e + kShift;
+  const V n = t - kShift;
+  V r = xc - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  V p = V{} + 1.98412698e-4f;
+  p = p * r + 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  U tbits;
+  std::memcpy(&tbits, &t, sizeof(tbits));
+  // t's mantissa holds 0x400000 + n (n in [-126, 127]); build the float 2^n.
+  const U ebits = (tbits - 0x4B400000u + 127u) << 23;
+  V two_n;
+  std::memcpy(&two_n, &ebits, sizeof(two_n));
+  const V y = p * two_n;
+  return x < kExpLo ? V{} : y;
+}
+
+LPQLD_INLINE float exp_acc(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kShift = 12582912.0f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  if (x < kExpLo) return 0.0f;
+  if (!(x <= kExpHi)) return x > kExpHi ? exp_acc(kExpHi) : x;  // NaN stays NaN
+  const float t = x * kLog2e + kShift;
+  const float n = t - kShift;
+  float r = x - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float p = 1.98412698e-4f;
+  p = p * r + 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  uint32_t tbits;
+  std::memcpy(&tbits, &t, sizeof(tbits));
+  const uint32_t ebits = (tbits - 0x4B400000u + 127u) << 23;
+  float two_n;
+  std::memcpy(&two_n, &ebits, sizeof(two_n));
+  return p * two_n;
+}
+
+LPQLD_INLINE double exp_acc(double x) { return std::exp(x); }
+
+// ----------------------------------------------------------------------------- float rows, SIMD
+// GCC vector types of the target's register width (4 lanes SSE2, 8 AVX2,
+// 16 AVX-512); each ISA variant below instantiates these templates with its
+// own width. (at::vec is not used: outside ATen's per-capability builds it
+// compiles to its scalar fallback.)
+typedef float vf4 __attribute__((vector_size(16)));
+typedef uint32_t vu4 __attribute__((vector_size(16)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+typedef float vf16 __attribute__((vector_size(64)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+constexpr int64_t kBlock = 512;  // columns per online-softmax block (a block stays in L1)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+template <typename V>
+constexpr int64_t lanes() {
+  return static_cast<int64_t>(sizeof(V) / sizeof(float));
+}
+template <typename V>
+LPQLD_INLINE V vload(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V>
+LPQLD_INLINE void vstore(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename V>
+LPQLD_INLINE V vload_pad(const float* p, int64_t n, float pad) {  // n < lanes valid elements
+  alignas(64) float buf[16];
+  for (int64_t i = 0; i < lanes<V>(); ++i) buf[i] = i < n ? p[i] : pad;
+  return vload<V>(buf);
+}
+template <typename V>
+LPQLD_INLINE float hmax(V v) {
+  float m = v[0];
+  for (int64_t i = 1; i < lanes<V>(); ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+template <typename V>
+LPQLD_INLINE double hsum(V v) {
+  double s = 0;
+  for (int64_t i = 0; i < lanes<V>(); ++i) s += static_cast<double>(v[i]);
+  return s;
+}
+
+// Blocked online softmax statistics of x * inv_t: m = max x and
+// s = sum exp((x - m) * inv_t), one pass over memory.
+template <typename V, typename U>
+LPQLD_INLINE void stats_simd(const float* x, int64_t n, float inv_t, float& m_out, float& s_out) {
+  constexpr int64_t L = lanes<V>();
+  float m = kNegInf;
+  double s = 0;
+  bool nan = false;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    V bm = V{} + kNegInf;
+    int64_t j = b0;
+    for (; j + L <= b1; j += L) {
+      const V v = vload<V>(x + j);
+      bm = v > bm ? v : bm;
+    }
+    if (j < b1) {
+      const V v = vload_pad<V>(x + j, b1 - j, kNegInf);
+      bm = v > bm ? v : bm;
+    }
+    const float blk_max = hmax(bm);
+    if (blk_max > m) {
+      s *= static_cast<double>(exp_acc((m - blk_max) * inv_t));
+      m = blk_max;
+    }
+    V acc = V{};
+    j = b0;
+    for (; j + L <= b1; j += L) acc += exp_poly<V, U>((vload<V>(x + j) - m) * inv_t);
+    if (j < b1) acc += exp_poly<V, U>((vload_pad<V>(x + j, b1 - j, kNegInf) - m) * inv_t);
+    const double bs = hsum(acc);
+    nan = nan || std::isnan(bs);
+    s += bs;
+  }
+  m_out = nan ? std::numeric_limits<float>::quiet_NaN() : m;  // a NaN logit makes the whole row NaN
+  s_out = static_cast<float>(s);
+}
+
+// g_j = qscale * exp((z_j - m) * inv_s) - bg; returns sum_j (z_j - m).
+template <typename V, typename U>
+LPQLD_INLINE double grad_simd(const float* z, int64_t n, float m, float inv_s, float qscale, float bg, float* g) {
+  constexpr int64_t L = lanes<V>();
+  double dsum = 0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    V dacc = V{};
+    int64_t j = b0;
+    for (; j + L <= b1; j += L) {
+      const V d = vload<V>(z + j) - m;
+      vstore<V>(g + j, qscale * exp_poly<V, U>(d * inv_s) - bg);
+      dacc += d;
+    }
+    double tail = 0;
+    for (; j < b1; ++j) {
+      const float d = z[j] - m;
+      g[j] = qscale * exp_acc(d * inv_s) - bg;
+      tail += static_cast<double>(d);
+    }
+    dsum += hsum(dacc) + tail;
+  }
+  return dsum;
+}
+
+// Dense teacher: g_j = coef (q_j - p_j); returns sum_j p_j (log p_j - log q_j).
+template <typename V, typename U>
+LPQLD_INLINE double dense_simd(const float* z, const float* u, int64_t n, float zm, float inv_s, float zs, float um,
+                               float inv_t, float zt, float coef, float* g, bool& u_nonfinite) {
+  constexpr int64_t L = lanes<V>();
+  const float inv_zs = 1.0f / zs, inv_zt = 1.0f / zt;
+  const float log_zs = static_cast<float>(std::log(static_cast<double>(zs)));
+  const float log_zt = static_cast<float>(std::log(static_cast<double>(zt)));
+  double loss = 0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    V lacc = V{}, fin = V{};  // fin turns NaN if a teacher logit is NaN or +-inf
+    int64_t j = b0;
+    for (; j + L <= b1; j += L) {
+      const V dz = (vload<V>(z + j) - zm) * inv_s;
+      const V du = (vload<V>(u + j) - um) * inv_t;
+      fin += du * 0.0f;
+      const V q = exp_poly<V, U>(dz) * inv_zs;
+      const V p = exp_poly<V, U>(du) * inv_zt;
+      vstore<V>(g + j, coef * (q - p));
+      const V term = p * ((du - log_zt) - (dz - log_zs));
+      lacc += p > 0.0f ? term : V{};
+    }
+    double tail = 0;
+    float tfin = 0.0f;
+    for (; j < b1; ++j) {
+      const float dz = (z[j] - zm) * inv_s, du = (u[j] - um) * inv_t;
+      const float q = exp_acc(dz) * inv_zs, p = exp_acc(du) * inv_zt;
+      g[j] = coef * (q - p);
+      tfin += du * 0.0f;
+      if (p > 0.0f) tail += static_cast<double>(p * ((du - log_zt) - (dz - log_zs)));
+    }
+    loss += hsum(lacc) + tail;
+    u_nonfinite = u_nonfinite || std::isnan(hsum(fin) + static_cast<double>(tfin));
+  }
+  return loss;
+}
+
+// The float kernels compiled for three instruction sets, chosen at load time.
+struct FloatKernels {
+  const char* isa;
+  void (*stats)(const float*, int64_t, float, float&, float&);
+  double (*grad)(const float*, int64_t, float, float, float, float, float*);
+  double (*dense)(const float*, const float*, int64_t, float, float, float, float, float, float, float, float*, bool&);
+};
+
+#define LPQLD_FLOAT_VARIANT(SUFFIX, ATTR, V, U)                                                                  \
+  ATTR void stats_##SUFFIX(const float* x, int64_t n, float inv_t, float& m, float& s) {                         \
+    stats_simd<V, U>(x, n, inv_t, m, s);                                                                         \
+  }                                                                                                              \
+  ATTR double grad_##SUFFIX(const float* z, int64_t n, float m, float inv_s, float qs, float bg, float* g) {     \
+    return grad_simd<V, U>(z, n, m, inv_s, qs, bg, g);                                                           \
+  }                                                                                                              \
+  ATTR double dense_##SUFFIX(const float* z, const float* u, int64_t n, float zm, float inv_s, float zs,         \
+                             float um, float inv_t, float zt, float coef, float* g, bool& bad) {                 \
+    return dense_simd<V, U>(z, u, n, zm, inv_s, zs, um, inv_t, zt, coef, g, bad);                                \
+  }                                                                                                              \
+  constexpr FloatKernels kKernels_##SUFFIX{#SUFFIX, &stats_##SUFFIX, &grad_##SUFFIX, &dense_##SUFFIX};
+
+LPQLD_FLOAT_VARIANT(base, , vf4, vu4)
+#if defined(__GNUC__) && defined(__x86_64__)
+#define LPQLD_X86_VARIANTS 1
+LPQLD_FLOAT_VARIANT(avx2, __attribute__((target("avx2,fma"))), vf8, vu8)
+LPQLD_FLOAT_VARIANT(avx512, __attribute__((target("avx512f,avx2,fma"))), vf16, vu16)
+#endif
+
+const FloatKernels* variant(const std::string& isa) {
+  if (isa == "base") return &kKernels_base;
+#ifdef LPQLD_X86_VARIANTS
+  __builtin_cpu_init();
+  if (isa == "avx2" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &kKernels_avx2;
+  if (isa == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return &kKernels_avx512;
+#endif
+  return nullptr;
+}
+
+std::atomic<const FloatKernels*>& active_kernels() {
+  static std::atomic<const FloatKernels*> active{[] {
+    for (const char* isa : {"avx512", "avx2"})
+      if (const FloatKernels* k = variant(isa)) return k;
+    return &kKernels_base;
+  }()};
+  return active;
+}
+
+// Which float variant runs; a non-empty isa ("base", "avx2", "avx512") switches
+// to it (for tests and benchmarks). Returns the active one.
+std::string soft_label_kl_cpu_isa(c10::string_view isa) {
+  if (!isa.empty()) {
+    const FloatKernels* k = variant(std::string(isa));
+    TORCH_CHECK(k != nullptr, "_soft_label_kl_cpu_isa: ", std::string(isa),
+                " is not available on this CPU/build (base, avx2, avx512)");
+    active_kernels().store(k);
+  }
+  return active_kernels().load()->isa;
+}
+
+// ----------------------------------------------------------------------------- double rows (gradcheck)
+
+template <typename T>
+void stats_scalar(const T* x, int64_t n, T inv_t, T& m_out, T& s_out) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  T s = 0;
+  for (int64_t j = 0; j < n; ++j) s += std::exp((x[j] - m) * inv_t);
+  m_out = std::isnan(s) ? s : m;
+  s_out = s;
+}
+
+template <typename T>
+double grad_scalar(const T* z, int64_t n, T m, T inv_s, T qscale, T bg, T* g) {
+  double dsum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const T d = z[j] - m;
+    g[j] = qscale * std::exp(d * inv_s) - bg;
+    dsum += static_cast<double>(d);
+  }
+  return dsum;
+}
+
+template <typename T>
+double dense_scalar(const T* z, const T* u, int64_t n, T zm, T inv_s, T zs, T um, T inv_t, T zt, T coef, T* g,
+                    bool& u_nonfinite) {
+  const T log_zs = std::log(zs), log_zt = std::log(zt);
+  double loss = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const T dz = (z[j] - zm) * inv_s, du = (u[j] - um) * inv_t;
+    const T q = std::exp(dz) / zs, p = std::exp(du) / zt;
+    g[j] = coef * (q - p);
+    if (!std::isfinite(u[j])) u_nonfinite = true;
+    if (p > T(0)) loss += static_cast<double>(p * ((du - log_zt) - (dz - log_zs)));
+  }
+  return loss;
+}
+
+inline void row_stats(const float* x, int64_t n, float inv_t, float& m, float& s) {
+  active_kernels().load(std::memory_order_relaxed)->stats(x, n, inv_t, m, s);
+}
+inline void row_stats(const double* x, int64_t n, double inv_t, double& m, double& s) {
+  stats_scalar<double>(x, n, inv_t, m, s);
+}
+inline double row_grad(const float* z, int64_t n, float m, float inv_s, float qscale, float bg, float* g) {
+  return active_kernels().load(std::memory_order_relaxed)->grad(z, n, m, inv_s, qscale, bg, g);
+}
+inline double row_grad(const double* z, int64_t n, double m, double inv_s, double qscale, double bg, double* g) {
+  return grad_scalar<double>(z, n, m, inv_s, qscale, bg, g);
+}
+inline double row_dense(const float* z, const float* u, int64_t n, float zm, float inv_s, float zs, float um,
+                        float inv_t, float zt, float coef, float* g, bool& bad) {
+  return active_kernels().load(std::memory_order_relaxed)->dense(z, u, n, zm, inv_s, zs, um, inv_t, zt, coef, g, bad);
+}
+inline double row_dense(const double* z, const double* u, int64_t n, double zm, double inv_s, double zs, double um,
+                        double inv_t, double zt, double coef, double* g, bool& bad) {
+  return dense_scalar<double>(z, u, n, zm, inv_s, zs, um, inv_t, zt, coef, g, bad);
+}
+
+// Marks a gradient slot as "written by a stored entry" during the duplicate
+// check: a signalling NaN, which arithmetic never produces (it returns quiet
+// NaNs), so no value of the gradient pass can be mistaken for it.
+template <typename T>
+struct Marker;
+template <>
+struct Marker<float> {
+  using bits = uint32_t;
+  static constexpr bits kBits = 0x7fa5a5a5u;
+};
+template <>
+struct Marker<double> {
+  using bits = uint64_t;
+  static constexpr bits kBits = 0x7ff5a5a5a5a5a5a5ull;
+};
+template <typename T>
+LPQLD_INLINE bool is_marked(const T* p) {
+  typename Marker<T>::bits b;
+  std::memcpy(&b, p, sizeof(b));
+  return b == Marker<T>::kBits;
+}
+template <typename T>
+LPQLD_INLINE void mark(T* p) {
+  const typename Marker<T>::bits b = Marker<T>::kBits;
+  std::memcpy(p, &b, sizeof(b));
+}
+
+// Data problems found by the kernel (bits), reported after the parallel region
+// in a fixed order, whatever the thread that saw them first.
+enum DataError : uint32_t {
+  kErrIndex = 1,
+  kErrDuplicate = 2,
+  kErrValues = 4,
+  kErrScale = 8,
+  kErrOffset = 16,
+  kErrFill = 32
+};
+
+// Stored value i of a row as acc_t: floats as they are, int8 as v * scale + offset
+// (in float, like the reference's float32 dequantisation).
+template <typename acc_t>
+inline acc_t load_value(const void* row, int64_t i, at::ScalarType dt, float scale, float offset) {
+  switch (dt) {
+    case at::kFloat: return static_cast<acc_t>(static_cast<const float*>(row)[i]);
+    case at::kDouble: return static_cast<acc_t>(static_cast<const double*>(row)[i]);
+    case at::kHalf: return static_cast<acc_t>(static_cast<float>(static_cast<const at::Half*>(row)[i]));
+    case at::kBFloat16: return static_cast<acc_t>(static_cast<float>(static_cast<const at::BFloat16*>(row)[i]));
+    case at::kChar: {
+      if constexpr (std::is_same_v<acc_t, double>) {
+        return static_cast<double>(static_cast<const int8_t*>(row)[i]) * static_cast<double>(scale) +
+               static_cast<double>(offset);
+      } else {
+        return static_cast<float>(static_cast<const int8_t*>(row)[i]) * scale + offset;
+      }
+    }
+    default: return acc_t(0);
+  }
+}
+
+inline int64_t load_index(const void* row, int64_t i, at::ScalarType dt) {
+  switch (dt) {
+    case at::kLong: return static_cast<const int64_t*>(row)[i];
+    case at::kInt: return static_cast<const int32_t*>(row)[i];
+    case at::kShort: return static_cast<const int16_t*>(row)[i];
+    case at::kByte: return static_cast<const uint8_t*>(row)[i];
+    default: return -1;
+  }
+}
+
+struct Problem {
+  int64_t B, C, k, mode;
+  double T, t_s, grad_scale;
+  const void* values;
+  int64_t values_row_bytes;
+  at::ScalarType vdt;
+  const void* indices;
+  int64_t indices_row_bytes;
+  at::ScalarType idt;
+  const float* fill;
+  const float* scale;
+  const float* offset;
+};
+
+template <typename scalar_t>
+void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tensor& loss_rows) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  const int64_t B = P.B, C = P.C, k = P.k;
+  const scalar_t* logits_ptr = logits.const_data_ptr<scalar_t>();
+  const int64_t lstride = logits.stride(0);
+  scalar_t* grad_ptr = grad.mutable_data_ptr<scalar_t>();
+  acc_t* loss_ptr = loss_rows.mutable_data_ptr<acc_t>();
+  const acc_t inv_s = static_cast<acc_t>(1.0 / P.t_s);
+  const acc_t inv_t = static_cast<acc_t>(1.0 / P.T);
+  const double coef_d = P.grad_scale / (static_cast<double>(B) * P.t_s);
+  const acc_t coef = static_cast<acc_t>(coef_d);
+  const bool dense_values_direct = std::is_same_v<acc_t, float> ? P.vdt == at::kFloat : P.vdt == at::kDouble;
+  std::atomic<int64_t> bad_index{-1};
+  std::atomic<uint32_t> errors{0};
+
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> zbuf(kDirect ? 0 : C), gbuf(kDirect ? 0 : C);
+    std::vector<acc_t> ubuf((P.mode == kDense && !dense_values_direct) ? C : 0);
+    std::vector<double> pk(P.mode == kDense ? 0 : k), lpk(P.mode == kDense ? 0 : k);
+    std::vector<int64_t> ik(P.mode == kDense ? 0 : k);
+    for (int64_t b = r0; b < r1; ++b) {
+      const scalar_t* zrow = logits_ptr + b * lstride;
+      scalar_t* grow = grad_ptr + b * C;
+      const acc_t* z;
+      acc_t* g;
+      if constexpr (kDirect) {
+        z = zrow;
+        g = grow;
+      } else {
+        for (int64_t j = 0; j < C; ++j) zbuf[j] = static_cast<acc_t>(zrow[j]);
+        z = zbuf.data();
+        g = gbuf.data();
+      }
+      const float row_scale = P.scale ? P.scale[b] : 1.0f;
+      const float row_offset = P.offset ? P.offset[b] : 0.0f;
+      const void* vrow = static_cast<const char*>(P.values) + b * P.values_row_bytes;
+      uint32_t row_err = 0;
+      if (!std::isfinite(row_scale)) row_err |= kErrScale;
+      if (!std::isfinite(row_offset)) row_err |= kErrOffset;
+      if (P.mode == kMRS && !std::isfinite(P.fill[b])) row_err |= kErrFill;
+      if (row_err) {
+        errors.fetch_or(row_err);
+        continue;
+      }
+
+      acc_t zm, zs;
+      row_stats(z, C, inv_s, zm, zs);
+      const double log_zs = std::log(static_cast<double>(zs));
+      double loss = 0.0;
+
+      if (P.mode == kDense) {
+        const acc_t* u;
+        if (dense_values_direct) {
+          u = static_cast<const acc_t*>(vrow);
+        } else {
+          for (int64_t j = 0; j < C; ++j) ubuf[j] = load_value<acc_t>(vrow, j, P.vdt, row_scale, row_offset);
+          u = ubuf.data();
+        }
+        acc_t um, us;
+        row_stats(u, C, inv_t, um, us);
+        bool u_bad = false;
+        loss = row_dense(z, u, C, zm, inv_s, zs, um, inv_t, us, coef, g, u_bad);
+        if (u_bad) errors.fetch_or(kErrValues);
+      } else {
+        // 1. decode the k stored entries
+        const void* irow = static_cast<const char*>(P.indices) + b * P.indices_row_bytes;
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t j = load_index(irow, i, P.idt);
+          if (j < 0 || j >= C) {
+            bad_index.store(j);
+            row_err |= kErrIndex;
+          }
+          ik[i] = j;
+          pk[i] = static_cast<double>(load_value<acc_t>(vrow, i, P.vdt, row_scale, row_offset));
+          if (!std::isfinite(pk[i])) row_err |= kErrValues;
+        }
+        if (row_err) {
+          errors.fetch_or(row_err);
+          continue;
+        }
+        const int64_t rest = C - k;
+        double p_bg = 0.0, logp_bg = 0.0, S = 0.0;
+        if (P.mode == kMR || P.mode == kMRS) {
+          const double it = 1.0 / P.T;
+          double tm = -std::numeric_limits<double>::infinity();
+          for (int64_t i = 0; i < k; ++i) tm = std::max(tm, pk[i] * it);
+          const double uf = P.mode == kMRS ? static_cast<double>(P.fill[b]) * it : 0.0;
+          if (P.mode == kMRS && rest > 0) tm = std::max(tm, uf);
+          // one exp per stored entry (in acc_t: float unless the logits are float64)
+          double zt = 0.0;
+          for (int64_t i = 0; i < k; ++i) {
+            lpk[i] = pk[i] * it - tm;
+            pk[i] = static_cast<double>(exp_acc(static_cast<acc_t>(lpk[i])));
+            zt += pk[i];
+          }
+          if (P.mode == kMRS && rest > 0) zt += static_cast<double>(rest) * std::exp(uf - tm);
+          const double log_zt = std::log(zt), inv_zt = 1.0 / zt;
+          for (int64_t i = 0; i < k; ++i) {
+            lpk[i] -= log_zt;
+            pk[i] *= inv_zt;
+          }
+          if (P.mode == kMRS && rest > 0) {
+            logp_bg = uf - tm - log_zt;
+            p_bg = std::exp(logp_bg);
+          }
+          S = 1.0;
+        } else {  // probabilities: ms, topk_norenorm
+          double stored = 0.0;
+          for (int64_t i = 0; i < k; ++i) {
+            pk[i] = std::max(pk[i], 0.0);
+            lpk[i] = pk[i] > 0.0 ? std::log(pk[i]) : 0.0;
+            stored += pk[i];
+          }
+          if (P.mode == kMS && rest > 0) {
+            p_bg = std::max(1.0 - stored, 0.0) / static_cast<double>(rest);
+            logp_bg = p_bg > 0.0 ? std::log(p_bg) : 0.0;
+          }
+          S = stored + static_cast<double>(rest) * p_bg;
+        }
+        // 2./3. student statistics (above) and the gradient pass over all C
+        const double dsum =
+            row_grad(z, C, zm, inv_s, static_cast<acc_t>(coef_d * S / static_cast<double>(zs)),
+                 static_cast<acc_t>(coef_d * p_bg), g);
+        // 4. stored entries: exact gradient and the loss terms. First mark their
+        // slots, which finds a class stored twice in the row.
+        bool dup = false;
+        for (int64_t i = 0; i < k; ++i) {
+          acc_t* slot = g + ik[i];
+          dup = dup || is_marked(slot);
+          mark(slot);
+        }
+        if (dup) {
+          errors.fetch_or(kErrDuplicate);
+          continue;
+        }
+        double sum_lq = 0.0;
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t j = ik[i];
+          const double lq = (static_cast<double>(z[j]) - static_cast<double>(zm)) * static_cast<double>(inv_s) - log_zs;
+          const double q = static_cast<double>(exp_acc(static_cast<acc_t>(lq)));
+          g[j] = static_cast<acc_t>(coef_d * (S * q - pk[i]));
+          if (pk[i] > 0.0) loss += pk[i] * (lpk[i] - lq);
+          sum_lq += lq;
+        }
+        if (p_bg > 0.0) {
+          const double all_lq = static_cast<double>(inv_s) * dsum - static_cast<double>(C) * log_zs;
+          loss += static_cast<double>(rest) * p_bg * logp_bg - p_bg * (all_lq - sum_lq);
+        }
+      }
+      if constexpr (!kDirect) {
+        for (int64_t j = 0; j < C; ++j) grow[j] = static_cast<scalar_t>(gbuf[j]);
+      }
+      loss_ptr[b] = static_cast<acc_t>(P.grad_scale * loss);
+    }
+  });
+  const uint32_t err = errors.load();
+  TORCH_CHECK_INDEX(!(err & kErrIndex), "soft_label_kl_fwd: indices holds class id ", bad_index.load(),
+                    " outside [0, ", C, ")");
+  TORCH_CHECK_VALUE(!(err & kErrDuplicate), "soft_label_kl_fwd: indices repeats a class id within a row; the top-k "
+                    "modes need distinct classes");
+  TORCH_CHECK_VALUE(!(err & kErrValues), "soft_label_kl_fwd: values contains NaN or inf");
+  TORCH_CHECK_VALUE(!(err & kErrScale), "soft_label_kl_fwd: scale contains NaN or inf");
+  TORCH_CHECK_VALUE(!(err & kErrOffset), "soft_label_kl_fwd: offset contains NaN or inf");
+  TORCH_CHECK_VALUE(!(err & kErrFill), "soft_label_kl_fwd: fill contains NaN or inf");
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_label_kl_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& values_in,
+                                                         const std::optional<at::Tensor>& indices_in,
+                                                         const std::optional<at::Tensor>& fill_in,
+                                                         const std::optional<at::Tensor>& scale_in,
+                                                         const std::optional<at::Tensor>& offset_in, int64_t mode,
+                                                         double T, double t_s, double grad_scale) {
+  soft_label_kl_check_args(logits_in, values_in, indices_in, fill_in, scale_in, offset_in, mode, T, t_s);
+  TORCH_CHECK(logits_in.device().is_cpu(), "soft_label_kl_fwd (CPU): logits must be a CPU tensor");
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor values = values_in.contiguous();
+  at::Tensor indices, fill, scale, offset;
+  if (indices_in.has_value()) indices = indices_in->contiguous();
+  if (fill_in.has_value()) fill = fill_in->contiguous();
+  if (scale_in.has_value()) scale = scale_in->contiguous();
+  if (offset_in.has_value()) offset = offset_in->contiguous();
+  const int64_t B = logits.size(0), C = logits.size(1);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss_rows = at::zeros({B}, logits.options().dtype(acc_dtype));
+  at::Tensor grad = at::empty({B, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (B == 0) return {loss_rows, grad};
+
+  Problem P;
+  P.B = B;
+  P.C = C;
+  P.k = values.size(1);
+  P.mode = mode;
+  P.T = T;
+  P.t_s = t_s;
+  P.grad_scale = grad_scale;
+  P.values = values.const_data_ptr();
+  P.values_row_bytes = values.size(1) * static_cast<int64_t>(values.element_size());
+  P.vdt = values.scalar_type();
+  P.indices = indices.defined() ? indices.const_data_ptr() : nullptr;
+  P.indices_row_bytes = indices.defined() ? indices.size(1) * static_cast<int64_t>(indices.element_size()) : 0;
+  P.idt = indices.defined() ? indices.scalar_type() : at::kLong;
+  P.fill = fill.defined() ? fill.const_data_ptr<float>() : nullptr;
+  P.scale = scale.defined() ? scale.const_data_ptr<float>() : nullptr;
+  P.offset = offset.defined() ? offset.const_data_ptr<float>() : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "soft_label_kl_fwd_cpu",
+                                  [&] { run<scalar_t>(P, logits, grad, loss_rows); });
+  return {loss_rows, grad};
+}
+
+}  // namespace lpqld::slkl_cpu
+
+TORCH_LIBRARY_IMPL(lpqld, CPU, m) { m.impl("soft_label_kl_fwd", &lpqld::slkl_cpu::soft_label_kl_fwd_cpu); }
+
+// Not a tensor op: selects/query the SIMD variant of the CPU kernel (tests, benchmarks).
+TORCH_LIBRARY_FRAGMENT(lpqld, m) {
+  m.def("_soft_label_kl_cpu_isa(str isa=\"\") -> str", &lpqld::slkl_cpu::soft_label_kl_cpu_isa);
+}
