@@ -6,7 +6,16 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 exec 9>/tmp/lpqld-build.lock
 flock 9
-if [ -z "${WITH_CUDA:-}" ] && [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+# Without a GPU the CUDA kernels cannot run: build CPU-only by default (`make cuda-check`
+# proves the CUDA sources compile). WITH_CUDA=1 forces the CUDA build.
+if [ -z "${WITH_CUDA:-}" ]; then
+  if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    export WITH_CUDA=1
+  else
+    export WITH_CUDA=0
+  fi
+fi
+if [ "$WITH_CUDA" = 1 ] && [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
