@@ -32,7 +32,11 @@ cuda-check: venv
 	scripts/cuda_compile_check.sh
 
 test: venv data build cuda-check
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -x --timeout=600 $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --timeout=600 -m "not slow" $(PYTEST_ARGS)
+
+# Everything, including the slow torchrun kill/resume and the 21K-class scale tests.
+test-all: venv data build cuda-check
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --timeout=1200 $(PYTEST_ARGS)
 
 demo: venv data build
 	$(PY) -m lpqld_fast.cli distill --preset fashion-mnist --seed $(SEED) --out $(OUT)
