@@ -1,0 +1,252 @@
+"""Recover mode "real": SELECT real training images instead of synthesising them (paper 001 baseline).
+
+Paper 001 ("A Label is Worth a Thousand Images") shows that randomly chosen
+real training images plus an expert's soft labels match far more elaborate
+distillation methods. In this pipeline that is "recover = real images",
+everything downstream (relabel, train, report) unchanged: the output directory
+has exactly the layout of :func:`lpqld_fast.recover.run_recover`, written by
+the same :func:`lpqld_fast.recover.finalize_recover`::
+
+    images.pt       {"images": uint8 [N, C, H, W], "labels": int64 [N]}, class-major
+    png/<class>/<i>.png, grid.png
+    manifest.json   schema, recover config, dataset, seed, teacher_sha256, images_sha256, ...
+    units/          one file per class (images, labels, dataset indices), as run_recover's units
+    indices.pt      {"indices": int64 [N]}: the train-set index of every row of images.pt
+    recover_state.json
+
+Strategies (``strategy``), per class c with n_c training images:
+
+- ``"random"``: IPC images drawn uniformly without replacement, seeded per
+  (seed, class) (independent of the other classes and of IPC's ordering: the
+  first IPC of one permutation, so a larger IPC extends a smaller one).
+- ``"ce-easiest"``: the IPC images with the LOWEST cross-entropy under the
+  scoring teacher (paper 001 appendix: training images ranked by the expert's
+  CE, quantile 1 = easiest helps a little, the hardest hurt). Ties are broken
+  by train-set index. Deterministic (seed unused).
+- ``"ce-quantile"``: IPC images drawn at random (seeded) from quantile
+  ``quantile`` (1 = easiest) of ``num_quantiles`` CE quantiles of the class,
+  as in the appendix figure (ten quantiles).
+
+Scoring teacher (CE strategies): by default the FINAL teacher
+``<squeeze>/teacher.pt``; ``score_epoch=e`` scores with the expert checkpoint
+``<squeeze>/checkpoints/epoch_{e:03d}.pt`` instead. CE is computed in eval mode
+on the un-augmented, normalised image (``(x/255 - mean)/std``), float32, one
+value per training image.
+
+Hashes: ``teacher_sha256`` in the manifest is the hash of the final teacher
+(``teacher.pt``), the default labeller, so :func:`lpqld_fast.pipeline.run_relabel_stage`
+works on a real-image set unchanged. Real images are not made by a teacher;
+to label them with another expert use :func:`lpqld_fast.experts.relabel_with_expert`,
+which re-binds the set to the expert's hash (:func:`bind_real_images`). The
+manifest also records ``source = "real"`` and, for CE strategies, the scoring
+teacher's hash (``recover.score_teacher_sha256``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
+
+__all__ = ["STRATEGIES", "select_real_images", "teacher_cross_entropy", "select_indices", "bind_real_images",
+           "load_real_indices"]
+
+STRATEGIES = ("random", "ce-easiest", "ce-quantile")
+
+
+def _class_generator(seed: int, c: int) -> torch.Generator:
+    digest = hashlib.sha256(f"lpqld-real-images/{int(seed)}/{int(c)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@torch.no_grad()
+def teacher_cross_entropy(teacher: torch.nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor,
+                          mean, std, batch_size: int = 500, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Per-image CE (float32 [N]) of ``teacher`` (eval mode) on the un-augmented, normalised images."""
+    from lpqld_fast.data.transforms import normalize
+
+    was_training = teacher.training
+    teacher.eval()
+    out = []
+    try:
+        for s in range(0, len(labels), batch_size):
+            x = normalize(images_uint8[s:s + batch_size], mean, std).to(device)
+            z = teacher(x).float()
+            out.append(F.cross_entropy(z, labels[s:s + batch_size].to(device), reduction="none").cpu())
+    finally:
+        teacher.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _class_name(names, c: int) -> str:
+    return f"class {c} ({names[c]})" if names is not None and c < len(names) else f"class {c}"
+
+
+def select_indices(labels: torch.Tensor, num_classes: int, ipc: int, strategy: str = "random", seed: int = 0,
+                   scores: torch.Tensor | None = None, quantile: int = 1, num_quantiles: int = 10,
+                   class_names=None) -> list[torch.Tensor]:
+    """Per class, the train-set indices (int64) of the selected images, in selection order.
+
+    ``scores`` (float [N], lower = easier) is required by the CE strategies.
+    Raises ValueError naming the class when IPC exceeds what the class (or its
+    quantile) holds.
+    """
+    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
+        raise ValueError(f"ipc must be a positive int, got {ipc!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy != "random":
+        if scores is None or scores.shape != labels.shape:
+            raise ValueError(f"strategy {strategy!r} needs one cross-entropy score per image")
+    if strategy == "ce-quantile":
+        if not (isinstance(num_quantiles, int) and num_quantiles >= 1):
+            raise ValueError(f"num_quantiles must be a positive int, got {num_quantiles!r}")
+        if not (isinstance(quantile, int) and 1 <= quantile <= num_quantiles):
+            raise ValueError(f"quantile must be an int in [1, {num_quantiles}], got {quantile!r}")
+    out = []
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        n = len(idx)
+        if ipc > n:
+            raise ValueError(f"ipc={ipc} exceeds the {n} training images of {_class_name(class_names, c)}")
+        if strategy == "random":
+            out.append(idx[torch.randperm(n, generator=_class_generator(seed, c))[:ipc]])
+            continue
+        # Rank by CE ascending, ties by train-set index (idx is ascending, so a stable sort keeps it).
+        order = idx[torch.sort(scores[idx].double(), stable=True).indices]
+        if strategy == "ce-easiest":
+            out.append(order[:ipc])
+            continue
+        lo, hi = (quantile - 1) * n // num_quantiles, quantile * n // num_quantiles
+        bucket = order[lo:hi]
+        if ipc > len(bucket):
+            raise ValueError(f"ipc={ipc} exceeds the {len(bucket)} images in CE quantile {quantile}/{num_quantiles} "
+                             f"of {_class_name(class_names, c)} ({n} images)")
+        out.append(bucket[torch.randperm(len(bucket), generator=_class_generator(seed, c))[:ipc]])
+    return out
+
+
+def select_real_images(
+    config: dict[str, Any],
+    squeeze_dir: str | Path,
+    out: str | Path,
+    seed: int = 0,
+    strategy: str = "random",
+    ipc: int | None = None,
+    *,
+    score_epoch: int | None = None,
+    quantile: int = 1,
+    num_quantiles: int = 10,
+    device: str = "cpu",
+    data_root: str | None = None,
+) -> dict[str, Any]:
+    """Write IPC real training images per class into ``out`` in the recover layout; return the manifest.
+
+    ``ipc`` defaults to ``config["recover"]["ipc"]``. Rerunning with the same
+    arguments is a no-op; ``out`` holding another recover run is refused.
+    """
+    from lpqld_fast.data import get_dataset
+    from lpqld_fast.recover import Unit, finalize_recover
+    from lpqld_fast.squeeze import build_teacher, load_teacher
+
+    if ipc is None:
+        ipc = config.get("recover", {}).get("ipc")
+    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
+        raise ValueError(f"ipc must be a positive int, got {ipc!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if score_epoch is not None and strategy == "random":
+        raise ValueError("score_epoch only applies to the cross-entropy strategies, not 'random'")
+    out, squeeze_dir = Path(out), Path(squeeze_dir)
+    t0 = time.perf_counter()
+    train = get_dataset(config["dataset"], "train", root=data_root)
+    if not hasattr(train, "images"):
+        raise ValueError(f"real-image selection needs an in-memory dataset; {config['dataset']!r} is not one")
+    teacher = load_teacher(squeeze_dir / "teacher.pt", build_teacher(config["squeeze"], train))
+    teacher_hash = sha256_tensors(teacher.state_dict())
+    rec_cfg: dict[str, Any] = {"source": "real", "strategy": strategy, "ipc": ipc}
+    scorer = None
+    if strategy != "random":
+        if score_epoch is None:
+            scorer, score_hash, score_name = teacher, teacher_hash, "teacher.pt"
+        else:
+            from lpqld_fast.experts import expert_checkpoint_path, load_expert
+
+            scorer, score_hash = load_expert(config, squeeze_dir, epoch=score_epoch)
+            score_name = str(expert_checkpoint_path(squeeze_dir, score_epoch).relative_to(squeeze_dir))
+        rec_cfg.update({"score_teacher": score_name, "score_teacher_sha256": score_hash})
+        if strategy == "ce-quantile":
+            rec_cfg.update({"quantile": quantile, "num_quantiles": num_quantiles})
+    run_cfg = {"recover": rec_cfg, "dataset": config["dataset"], "seed": seed, "teacher_sha256": teacher_hash,
+               "source": "real"}
+    state_path = out / "recover_state.json"
+    if state_path.exists():
+        prev = read_json(state_path, "recover state")
+        if prev.get("run") != run_cfg:
+            raise ValueError(f"{out} holds a recover run with another config/teacher/seed; use a new out directory")
+    if (out / "manifest.json").exists() and (out / "images.pt").exists():
+        done = read_json(out / "manifest.json", "recover manifest")
+        if all(done.get(k) == v for k, v in run_cfg.items()):
+            return done
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(state_path, {"run": run_cfg})
+    scores = None
+    if scorer is not None:
+        scores = teacher_cross_entropy(scorer.to(device), train.images, train.labels, train.mean, train.std,
+                                       device=device)
+    picked = select_indices(train.labels, train.num_classes, ipc, strategy, seed, scores, quantile, num_quantiles,
+                            getattr(train, "class_names", None))
+    units = []
+    for c, idx in enumerate(picked):
+        u = Unit(c, torch.full((ipc,), c, dtype=torch.int64), c)
+        save_tensors(out / "units" / f"unit_{c:06d}.pt",
+                     {"images": train.images[idx].clone(), "labels": u.labels.clone(), "indices": idx.clone()})
+        units.append(u)
+    save_tensors(out / "indices.pt", {"indices": torch.cat(picked)})  # class-major, as images.pt
+    return finalize_recover(out, units, train.num_classes, run_cfg, time.perf_counter() - t0)
+
+
+def bind_real_images(recover_dir: str | Path, teacher_sha256: str, expert: dict[str, Any] | None = None) -> dict:
+    """Bind a real-image recover set to the labeller with hash ``teacher_sha256``; return the new manifest.
+
+    The label store records its teacher's hash and training checks it against
+    the recover manifest's ``teacher_sha256``. Real images were not made by a
+    teacher, so any expert may label them: this rewrites the manifest's
+    ``teacher_sha256`` (keeping the selection's own hash as
+    ``selection_teacher_sha256``). A ``recover_dir`` that is a symlink to a
+    shared set is replaced by a small directory of symlinks to the shared
+    files plus its own manifest, so the shared set is never modified.
+    Synthetic (teacher-made) sets are refused.
+    """
+    d = Path(recover_dir)
+    manifest = read_json(d / "manifest.json", "recover manifest")
+    if manifest.get("source") != "real":
+        raise ValueError(f"{d} holds synthetic images recovered with teacher {manifest.get('teacher_sha256')!r}; "
+                         "only real-image sets (lpqld_fast.real_images) can be bound to another expert")
+    if manifest["teacher_sha256"] == teacher_sha256:
+        return manifest
+    new = {**manifest, "teacher_sha256": teacher_sha256,
+           "selection_teacher_sha256": manifest.get("selection_teacher_sha256", manifest["teacher_sha256"]),
+           "bound_expert": expert or {}}
+    if d.is_symlink():
+        src = d.resolve()
+        new["bound_from"] = str(src)
+        d.unlink()
+        d.mkdir()
+        for name in os.listdir(src):
+            if name in ("manifest.json", "recover_state.json", "units"):
+                continue
+            os.symlink(os.path.relpath(src / name, d), d / name)
+    atomic_write_json(d / "manifest.json", new)
+    return new
+
+
+def load_real_indices(recover_dir: str | Path) -> torch.Tensor:
+    """The train-set index of every row of images.pt of a real-image set."""
+    return load_tensors(Path(recover_dir) / "indices.pt", what="real-image indices")["indices"]
