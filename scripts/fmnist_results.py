@@ -104,6 +104,7 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="substring filter on row names")
     ap.add_argument("--set", action="append", default=[], help="preset override stage.key=value for every row")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
+    ap.add_argument("--tag", default="", help="results-<tag>.json, so several processes can share one root")
     args = ap.parse_args()
     from lpqld_fast.presets import apply_overrides
 
@@ -118,7 +119,7 @@ def main() -> int:
     t0 = time.perf_counter()
     squeeze_dir = root / "squeeze"
     run_squeeze(base, squeeze_dir, seed=0)
-    results_path = root / "results.json"
+    results_path = root / (f"results-{args.tag}.json" if args.tag else "results.json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for ipc in args.ipc:
         specs = rows_for(args.rows, 10, 10 * ipc)
@@ -152,7 +153,10 @@ def main() -> int:
                                 "row_seconds": time.perf_counter() - t_row}
                 atomic_write_json(results_path, results)
                 print(f"{key}: best {s['best_acc']:.2f} last {s['last_acc']:.2f} labels x{s['label_compression']:.1f}")
-    write_tables(root, results)
+    merged: dict = {}
+    for path in sorted(root.glob("results*.json")):
+        merged.update(json.loads(path.read_text()))
+    write_tables(root, merged)
     print(f"done in {time.perf_counter() - t0:.0f}s -> {root / 'results.md'}")
     return 0
 
