@@ -35,7 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
+
+from lpqld_fast.ops.reference.crop_resize_flip import pixel_boxes  # noqa: F401  (one definition, shared)
 
 __all__ = [
     "AugParams",
@@ -132,18 +133,6 @@ def normalized_boxes(pix: torch.Tensor, height: int, width: int) -> torch.Tensor
     """
     scale = torch.tensor([height, width, height, width], dtype=torch.float64)
     return (pix.to(torch.float64) / scale).to(torch.float32)
-
-
-def pixel_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Normalised boxes [n, 4] -> int64 (i, j, h, w): i = round(i_n*H), h = max(1, round(h_n*H)), clamped inside."""
-    b = boxes.to(torch.float32)
-    i = torch.round(b[:, 0] * height).to(torch.int64)
-    j = torch.round(b[:, 1] * width).to(torch.int64)
-    h = torch.round(b[:, 2] * height).to(torch.int64).clamp(1, height)
-    w = torch.round(b[:, 3] * width).to(torch.int64).clamp(1, width)
-    i = torch.minimum(i.clamp_min(0), height - h)
-    j = torch.minimum(j.clamp_min(0), width - w)
-    return torch.stack([i, j, h, w], dim=1)
 
 
 # --------------------------------------------------------------------------- samplers
@@ -336,43 +325,13 @@ def sample_aug_params(
 # --------------------------------------------------------------------------- application
 
 
-def _crop_resize_flip_fallback(
-    x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: tuple[int, int]
-) -> torch.Tensor:
-    """Per-sample loop with the exact semantics of lpqld_fast.ops.crop_resize_flip."""
-    n, c, height, width = x.shape
-    oh, ow = out_size
-    if n == 0:
-        return torch.zeros((0, c, oh, ow), dtype=torch.float32 if x.dtype == torch.uint8 else x.dtype,
-                           device=x.device)
-    xf = x.to(torch.float32) if x.dtype == torch.uint8 else x
-    pix = pixel_boxes(boxes.cpu(), height, width).tolist()
-    fl = flips.cpu().tolist()
-    outs = []
-    for k, (i, j, h, w) in enumerate(pix):
-        y = F.interpolate(xf[k:k + 1, :, i:i + h, j:j + w], size=(oh, ow), mode="bilinear",
-                          align_corners=False, antialias=False)
-        outs.append(torch.flip(y, dims=[3]) if fl[k] else y)
-    return torch.cat(outs, dim=0)
-
-
 def crop_resize_flip(
     x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int | Sequence[int]
 ) -> torch.Tensor:
-    """Batched crop -> bilinear resize -> horizontal flip: lpqld_fast.ops.crop_resize_flip when it exists."""
-    out_size = _out_size(out_size)
-    import lpqld_fast.ops as ops
+    """Batched crop -> bilinear resize -> horizontal flip (lpqld_fast.ops.crop_resize_flip)."""
+    from lpqld_fast.ops import crop_resize_flip as op
 
-    if hasattr(ops, "crop_resize_flip"):
-        return ops.crop_resize_flip(x, boxes, flips, out_size)
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a tensor [N, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
-    n = x.shape[0]
-    if not isinstance(boxes, torch.Tensor) or boxes.shape != (n, 4):
-        raise ValueError(f"boxes must be a tensor of shape [{n}, 4], got {getattr(boxes, 'shape', None)}")
-    if not isinstance(flips, torch.Tensor) or flips.shape != (n,):
-        raise ValueError(f"flips must be a tensor of shape [{n}], got {getattr(flips, 'shape', None)}")
-    return _crop_resize_flip_fallback(x, boxes, flips, out_size)
+    return op(x, boxes, flips, _out_size(out_size))
 
 
 def _channel_vector(name: str, v: Sequence[float] | torch.Tensor, channels: int, device: torch.device) -> torch.Tensor:
