@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--set", "squeeze.epochs=1", "--set", "squeeze.batch_size=20", "--set", "squeeze.lr=0.02",
     "--set", "squeeze.stats_batch_size=50",
+    # fp32 teacher: the DDP-vs-1-process comparison is at fp32 precision, bf16 autocast would blur it.
+    "--set", "squeeze.bf16=false", "--set", "squeeze.channels_last=false",
     "--set", "recover.ipc=2", "--set", "recover.iterations=3",
     "--set", "relabel.epochs=3", "--set", "relabel.batch_size=5", "--set", "relabel.k=3",
     "--set", "relabel.prune_ratio=0.5",
