@@ -66,14 +66,16 @@ def teacher_features(teacher: torch.nn.Module, images_uint8: torch.Tensor, mean,
     return torch.cat(out)
 
 
-def diversity_metrics(run: Path, config: dict[str, Any], real_per_class: int = 100, seed: int = 0) -> dict[str, float]:
+def diversity_metrics(squeeze_dir: Path, recover_dir: Path, config: dict[str, Any], real_per_class: int = 100,
+                      seed: int = 0) -> dict[str, float]:
+    """Diversity of the image set in ``recover_dir`` under the teacher of ``squeeze_dir``."""
     from lpqld_fast.data import get_dataset
     from lpqld_fast.recover import load_recovered
     from lpqld_fast.squeeze import build_teacher, load_teacher
 
-    images, labels, _ = load_recovered(run / "recover")
+    images, labels, _ = load_recovered(recover_dir)
     train = get_dataset(config["dataset"], "train")
-    teacher = load_teacher(run / "squeeze" / "teacher.pt", build_teacher(config["squeeze"], train))
+    teacher = load_teacher(Path(squeeze_dir) / "teacher.pt", build_teacher(config["squeeze"], train))
     g = torch.Generator().manual_seed(seed)
     real_idx = []
     for c in range(train.num_classes):
@@ -185,7 +187,7 @@ def write_report(run: str | Path, diversity: bool = True) -> Path:
                               {"label": "full labels", "total_bytes": s["image_bytes"] + s["full_label_bytes"],
                                "acc": float("nan"), "group": "full-label storage (accuracy n/a)"}],
                              out / "accuracy_vs_storage.png", "accuracy against storage")
-    div = diversity_metrics(run, config) if diversity else {}
+    div = diversity_metrics(run / "squeeze", run / "recover", config) if diversity else {}
     rc = config["recover"]
     lines = [
         f"# lpqld_fast report: {run}",
