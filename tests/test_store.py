@@ -233,3 +233,45 @@ def test_accounting_sums_and_ratio(tmp_path, cfg):
     assert ("mix parameters" in by) == bool(cfg.get("cutmix") or cfg.get("cutout"))
     md = storage_markdown(rep)
     assert "| label values |" in md and "Ratio to baseline" in md and str(rep.total_bytes) in md
+
+
+# --------------------------------------------------------------------------- fast reader path
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cfg", [{"label": "dense", "value_dtype": "fp32"}, {"label": "mr", "value_dtype": "fp16"},
+                                 {"label": "mrs", "value_dtype": "int8", "cutmix": True},
+                                 {"label": "mrs", "value_dtype": "fp32", "cutout": True},
+                                 {"label": "ms", "value_dtype": "bf16"}, {"label": "topk_norenorm"}])
+def test_fast_record_path_equals_general_decoder(tmp_path, cfg):
+    """store[slot] (numpy fast path) returns exactly what decode_slot + decode_labels return."""
+    from lpqld_fast.store.layout import decode_slot
+    from lpqld_fast.store.quantize import decode_labels
+
+    store = make_store(tmp_path / "s", **cfg)
+    m = store.manifest
+    raw = {n: np.fromfile(tmp_path / "s" / sp.file, dtype=sp.dtype).reshape(sp.shape)
+           for n, sp in component_specs(m).items() if n not in ("batch_ids", "done")}
+    for s in range(len(store)):
+        rec = store[s]
+        aug, enc = decode_slot(m, {n: a[s] for n, a in raw.items()})
+        lab = decode_labels(enc, m["label"]["mode"])
+        assert _same(rec.aug.image_indices, aug.image_indices) and _same(rec.aug.boxes, aug.boxes)
+        assert _same(rec.aug.flips, aug.flips) and rec.aug.out_size == aug.out_size
+        assert (rec.aug.cutmix is None) == (aug.cutmix is None) and (rec.aug.cutout is None) == (aug.cutout is None)
+        if aug.cutmix is not None:
+            assert rec.aug.cutmix.lam == aug.cutmix.lam and _same(rec.aug.cutmix.box, aug.cutmix.box)
+            assert _same(rec.aug.cutmix.perm, aug.cutmix.perm)
+        if aug.cutout is not None:
+            assert _same(rec.aug.cutout.boxes, aug.cutout.boxes) and _same(rec.aug.cutout.fill, aug.cutout.fill)
+        for f in ("values", "indices", "fill", "scale", "offset"):
+            assert _same(getattr(rec.encoded, f), getattr(enc, f)), f
+            assert _same(getattr(rec.labels, f), getattr(lab, f)), f
+        assert rec.labels.mode == lab.mode and rec.epoch == rec.batch_id // store.batches_per_epoch
+        rec.labels.values.add_(1)  # records own their memory (the maps are read-only)
+    store.close()

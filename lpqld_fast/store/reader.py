@@ -6,7 +6,14 @@ missing, truncated, resized or (unless ``verify="size"``) modified file, or
 whose teacher / image-set hash differs from the expected one.
 
 ``store[slot]`` / ``store.batch(batch_id)`` copy one slot's rows out of the
-memory maps; nothing else is loaded. The pages a read touches are dropped from
+memory maps; nothing else is loaded. The per-record path is kept short
+because the student reads one record per training step: every file is one
+read-only ``mmap`` viewed as a plain numpy array (no ``np.memmap`` subclass
+overhead per index), each row is converted to its final dtype in one numpy
+call and handed to torch without a further copy. It returns exactly what
+:func:`~lpqld_fast.store.layout.decode_slot` + :func:`decode_labels` return
+(tests/test_store.py checks that on every mode and value dtype); bf16 stores
+and ``dequantize=True`` take that general path. The pages a read touches are dropped from
 this process's mappings (``madvise(MADV_DONTNEED)``) once ``release_bytes``
 have been read, so resident memory stays flat however many batches are read
 (the data stays in the OS page cache).
@@ -23,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from lpqld_fast.augment import AugParams
+from lpqld_fast.augment import AugParams, CutMixParams, CutoutParams
 from lpqld_fast.io_utils import read_json, sha256_file
 from lpqld_fast.store.layout import FORMAT, MANIFEST, META_COMPONENTS, SCHEMA_VERSION, Component, component_specs, \
     components_json, decode_slot
-from lpqld_fast.store.quantize import EncodedLabels, SoftLabels, decode_labels
+from lpqld_fast.store.quantize import EncodedLabels, SoftLabels, check_mode, decode_labels
 
 VERIFY_MODES = ("sha256", "size")
 
@@ -59,14 +66,35 @@ class LabelStore:
         self.dequantize = dequantize
         self.release_bytes = int(release_bytes)
         self._touched = 0
-        self._maps: dict[str, np.memmap] = {}
+        self._mmaps: dict[str, mmap.mmap] = {}
+        self._arrays: dict[str, np.ndarray] = {}
         for name, spec in self.specs.items():
             if name == "done":
                 continue
-            self._maps[name] = np.memmap(self.path / spec.file, dtype=np.dtype(spec.dtype), mode="r",
-                                         shape=spec.shape)
+            self._arrays[name] = self._map(name, spec)
         self._row_bytes = sum(s.row_bytes for n, s in self.specs.items() if n not in META_COMPONENTS)
-        self._kept = torch.from_numpy(np.array(self._maps["batch_ids"], dtype=np.int64))
+        self._kept = torch.from_numpy(np.array(self._arrays["batch_ids"], dtype=np.int64))
+        self._kept_list: list[int] = self._kept.tolist()
+        # Layout constants, read once: the manifest dict is not consulted per record.
+        m = manifest
+        _, h, w = (int(v) for v in m["image_shape"])
+        self._box_scale = np.array([h, w, h, w], dtype=np.float64)
+        self._b = int(m["batch_size"])
+        self._nb = int(m["batches_per_epoch"])
+        self._out = (int(m["out_size"][0]), int(m["out_size"][1]))
+        self._mode = check_mode(str(m["label"]["mode"]))
+        # bf16 has no numpy dtype and dequantize builds new values: both use the general decoder.
+        self._fast = m["label"]["value_dtype"] != "bf16" and not dequantize
+        self._rows = [n for n in self._arrays if n != "batch_ids"]
+
+    def _map(self, name: str, spec: Component) -> np.ndarray:
+        """A read-only numpy view of the component file (one mmap per file, closed in :meth:`close`)."""
+        if spec.nbytes == 0:  # mmap refuses empty files
+            return np.zeros(spec.shape, dtype=np.dtype(spec.dtype))
+        with open(self.path / spec.file, "rb") as f:
+            mm = mmap.mmap(f.fileno(), spec.nbytes, access=mmap.ACCESS_READ)
+        self._mmaps[name] = mm
+        return np.frombuffer(mm, dtype=np.dtype(spec.dtype)).reshape(spec.shape)
 
     # ------------------------------------------------------------------ open + verify
 
@@ -175,7 +203,7 @@ class LabelStore:
         return list(self.manifest["std"])
 
     def __len__(self) -> int:
-        return int(self.manifest["num_kept"])
+        return len(self._kept_list)
 
     # ------------------------------------------------------------------ records
 
@@ -189,20 +217,63 @@ class LabelStore:
         return s
 
     def __getitem__(self, slot: int) -> BatchRecord:
-        k = len(self)
+        k = len(self._kept_list)
         s = int(slot)
         if s < 0:
             s += k
         if not (0 <= s < k):
             raise IndexError(f"slot {slot} outside [0, {k})")
-        rows = {name: mm[s] for name, mm in self._maps.items() if name != "batch_ids"}
-        aug, enc = decode_slot(self.manifest, rows)  # copies out of the maps
+        if self._fast:
+            aug, enc, labels = self._decode_fast(s)
+        else:
+            rows = {name: self._arrays[name][s] for name in self._rows}
+            aug, enc = decode_slot(self.manifest, rows)  # copies out of the maps
+            labels = decode_labels(enc, self._mode, dequantize=self.dequantize)
         self._touched += self._row_bytes
         if self._touched >= self.release_bytes:
             self.release_pages()
-        bid = int(self._kept[s])
-        return BatchRecord(slot=s, batch_id=bid, epoch=bid // self.batches_per_epoch, aug=aug,
-                           labels=decode_labels(enc, self.mode, dequantize=self.dequantize), encoded=enc)
+        bid = self._kept_list[s]
+        return BatchRecord(slot=s, batch_id=bid, epoch=bid // self._nb, aug=aug, labels=labels, encoded=enc)
+
+    def _decode_fast(self, s: int) -> tuple[AugParams, EncodedLabels, SoftLabels]:
+        """decode_slot + decode_labels for one slot, one numpy conversion (= one copy) per tensor."""
+        a = self._arrays
+        t = torch.from_numpy
+        i64 = np.int64
+        # float64 division rounded once to float32: bit-identical to augment.normalized_boxes.
+        boxes = (a["crop_boxes"][s].astype(np.float64) / self._box_scale).astype(np.float32)
+        flips = np.unpackbits(a["flips"][s], count=self._b, bitorder="little").view(np.bool_)
+        aug = AugParams(image_indices=t(a["image_indices"][s].astype(i64)), boxes=t(boxes), flips=t(flips),
+                        out_size=self._out)
+        if "cutmix_lam" in a:
+            aug.cutmix = CutMixParams(float(a["cutmix_lam"][s]), t(a["cutmix_box"][s].astype(i64)),
+                                      t(a["cutmix_perm"][s].astype(i64)))
+        if "cutout_box" in a:
+            aug.cutout = CutoutParams(t(a["cutout_box"][s].astype(i64)), t(a["cutout_fill"][s].copy()))
+        raw = a["label_values"][s]
+        enc = EncodedLabels(values=t(raw.copy()))
+        quantized = raw.dtype == np.int8
+        # int8 values stay int8 for the fused loss; float values become float32 (fp32 rows are shared, as
+        # decode_labels' .to(float32) would share them).
+        vals = enc.values if quantized or raw.dtype == np.float32 else t(raw.astype(np.float32))
+        labels = SoftLabels(self._mode, vals)
+        if "label_indices" in a:
+            ri = a["label_indices"][s]
+            enc.indices = t(ri.copy())
+            labels.indices = enc.indices if ri.dtype == i64 else t(ri.astype(i64))
+        if "label_fill" in a:
+            rf = a["label_fill"][s]
+            enc.fill = t(rf.copy())
+            labels.fill = enc.fill if rf.dtype == np.float32 else t(rf.astype(np.float32))
+        if "label_scale" in a:
+            enc.scale = t(a["label_scale"][s].copy())
+            enc.offset = t(a["label_offset"][s].copy())
+            labels.scale, labels.offset = enc.scale, enc.offset
+        elif quantized:
+            raise ValueError("int8 label values need scale and offset")
+        if self._mode != "dense" and labels.indices is None:
+            raise ValueError(f"mode {self._mode!r} needs label indices")
+        return aug, enc, labels
 
     def batch(self, batch_id: int) -> BatchRecord:
         return self[self.slot_of(batch_id)]
@@ -214,23 +285,22 @@ class LabelStore:
     def release_pages(self) -> None:
         """Drop this process's mapped pages (they stay in the page cache): bounds resident memory."""
         self._touched = 0
-        for mm in self._maps.values():
-            raw = getattr(mm, "_mmap", None)
-            if raw is not None and hasattr(raw, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-                try:
-                    raw.madvise(mmap.MADV_DONTNEED)
-                except (OSError, ValueError):
-                    pass
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for mm in self._mmaps.values():
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            raw = getattr(mm, "_mmap", None)
-            if raw is not None:
-                try:
-                    raw.close()
-                except (BufferError, ValueError):
-                    pass
-        self._maps = {}
+        self._arrays = {}  # drop the numpy views first: an mmap with exported buffers cannot close
+        for mm in self._mmaps.values():
+            try:
+                mm.close()
+            except (BufferError, ValueError):
+                pass
+        self._mmaps = {}
 
     def __enter__(self) -> LabelStore:
         return self
