@@ -326,12 +326,27 @@ def sample_aug_params(
 
 
 def crop_resize_flip(
-    x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int | Sequence[int]
+    x: torch.Tensor,
+    boxes: torch.Tensor,
+    flips: torch.Tensor,
+    out_size: int | Sequence[int],
+    *,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """Batched crop -> bilinear resize -> horizontal flip (lpqld_fast.ops.crop_resize_flip)."""
+    """Batched crop -> bilinear resize -> horizontal flip (lpqld_fast.ops.crop_resize_flip).
+
+    ``backend``: None/"auto" and the op backends ("reference", "cpp", "cuda",
+    "triton") go to the op dispatcher; "dali" runs the DALI pipeline of
+    :mod:`lpqld_fast.augment_dali` (replay only; not an op backend, so
+    ``force_backend``/LPQLD_BACKEND never pick it).
+    """
+    if backend == "dali":
+        from lpqld_fast.augment_dali import crop_resize_flip_dali
+
+        return crop_resize_flip_dali(x, boxes, flips, _out_size(out_size))
     from lpqld_fast.ops import crop_resize_flip as op
 
-    return op(x, boxes, flips, _out_size(out_size))
+    return op(x, boxes, flips, _out_size(out_size), backend=backend)
 
 
 def _channel_vector(name: str, v: Sequence[float] | torch.Tensor, channels: int, device: torch.device) -> torch.Tensor:
@@ -349,6 +364,8 @@ def replay_batch(
     mean: Sequence[float] | torch.Tensor,
     std: Sequence[float] | torch.Tensor,
     out_size: int | Sequence[int] | None = None,
+    *,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """The augmented, normalised (and mixed) float32 batch of a stored record.
 
@@ -356,7 +373,9 @@ def replay_batch(
     holding one (a label-store record). ``images_uint8`` is the whole image
     set [N, C, H, W] (any device; the result is on its device). ``out_size``
     defaults to the record's. Relabel and the student's replay both call this
-    function, so they see identical pixels.
+    function, so they see identical pixels. ``backend`` picks the
+    crop/resize/flip implementation (see :func:`crop_resize_flip`; "dali"
+    agrees with the others within one grey level, not bit for bit).
     """
     aug = getattr(record, "aug", record)
     if not isinstance(aug, AugParams):
@@ -378,7 +397,8 @@ def replay_batch(
     s = _channel_vector("std", std, c, dev)
     if bool((s <= 0).any()):
         raise ValueError("std must be positive")
-    x = crop_resize_flip(images_uint8.index_select(0, idx), aug.boxes.to(dev), aug.flips.to(dev), size)
+    x = crop_resize_flip(images_uint8.index_select(0, idx), aug.boxes.to(dev), aug.flips.to(dev), size,
+                         backend=backend)
     x = x.to(torch.float32)
     if aug.cutout is not None:
         x = apply_cutout(x, aug.cutout.boxes, aug.cutout.fill)
