@@ -78,3 +78,100 @@ def test_units_are_class_wise_or_sre2l() -> None:
     sre = make_units(3, 4, False)
     assert len(sre) == 4 and all(u.labels.tolist() == [0, 1, 2] for u in sre)
     assert isinstance(cw[0], Unit)
+
+
+# ----------------------------------------------------------------------------- in-pass checkpoint (resume)
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+def _kill_at_iteration(monkeypatch: pytest.MonkeyPatch, j: int) -> None:
+    """Simulate a kill: the j-th iteration (0-based) of the next pass raises before its teacher forward."""
+    import lpqld_fast.recover as rec
+
+    real = rec._draw_augmentation
+    calls = {"n": 0}
+
+    def draw(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == j + 1:
+            raise _Killed(f"killed at iteration {j}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rec, "_draw_augmentation", draw)
+
+
+def test_pass_checkpoint_resume_is_bit_exact(tmp_path, monkeypatch) -> None:
+    teacher = _teacher()
+    targets = _targets(teacher)
+    units = make_units(K, IPC, True)
+    cfg = {**CFG, "iterations": 7, "checkpoint_every": 2}
+    args = (teacher, units, targets, cfg, (1, 16, 16), MEAN, STD)
+    plain = synthesize_units(*args, seed=5, progress=False)
+    ckpt = tmp_path / "pass.ckpt.pt"
+    # Checkpointing must not perturb the trajectory.
+    assert torch.equal(synthesize_units(*args, seed=5, progress=False, checkpoint_path=tmp_path / "other.pt"), plain)
+
+    _kill_at_iteration(monkeypatch, 5)  # checkpoints after iterations 2 and 4: 4 are kept, 1 lost
+    with pytest.raises(_Killed):
+        synthesize_units(*args, seed=5, progress=False, checkpoint_path=ckpt)
+    monkeypatch.undo()
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["next_iteration"] == 4 and len(saved["generator_states"]) == len(units)
+    resumed = synthesize_units(*args, seed=5, progress=False, checkpoint_path=ckpt)
+    assert torch.equal(resumed, plain)  # bit for bit
+
+    # A checkpoint of another pass (other units or settings) is ignored, not resumed from.
+    sub = (teacher, units[:2], targets, cfg, (1, 16, 16), MEAN, STD)
+    assert torch.equal(synthesize_units(*sub, seed=5, progress=False, checkpoint_path=ckpt),
+                       synthesize_units(*sub, seed=5, progress=False))
+
+
+def _squeeze_dir(path) -> None:
+    """A fake squeeze output for fashion-mnist: random ConvNet-BN teacher, synthetic class-wise BN statistics."""
+    from lpqld_fast.bn_stats import save_bn_stats
+    from lpqld_fast.io_utils import save_tensors, sha256_tensors
+
+    torch.manual_seed(0)
+    model = get_model("convnet-bn", num_classes=10, in_chans=1, image_size=28).eval()
+    for _, bn in bn_layers(model):
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 2.0)
+    path.mkdir(parents=True)
+    save_tensors(path / "teacher.pt", model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    stats, names = {}, []
+    for name, bn in bn_layers(model):
+        names.append(name)
+        stats[f"{name}.mean"] = torch.randn(10, bn.num_features, generator=g) * 0.1
+        stats[f"{name}.var"] = torch.rand(10, bn.num_features, generator=g) + 0.5
+    save_bn_stats(path / "bn_stats.pt", stats, names, "exact", sha256_tensors(model.state_dict()))
+
+
+def test_run_recover_resumes_mid_pass_bit_exact(tmp_path, monkeypatch) -> None:
+    """All 10 classes in one pass (the Fashion-MNIST preset's case): a kill mid-pass resumes from the checkpoint."""
+    from lpqld_fast.recover import run_recover
+
+    sq = tmp_path / "squeeze"
+    _squeeze_dir(sq)
+    config = {"dataset": "fashion-mnist", "squeeze": {"model": "convnet-bn"},
+              "recover": {"ipc": 2, "iterations": 5, "lr": 0.1, "r_bn": 0.05, "jitter": 2, "checkpoint_every": 2}}
+    want = run_recover(config, sq, tmp_path / "a", units_at_once=10, progress=False)
+
+    out = tmp_path / "b"
+    _kill_at_iteration(monkeypatch, 3)
+    with pytest.raises(_Killed):
+        run_recover(config, sq, out, units_at_once=10, progress=False)
+    monkeypatch.undo()
+    ckpts = list((out / "units").glob("pass_*.ckpt.pt"))
+    assert [p.name for p in ckpts] == ["pass_000000-000009.ckpt.pt"]
+    assert not list((out / "units").glob("unit_*.pt"))
+    assert torch.load(ckpts[0], weights_only=True)["next_iteration"] == 2
+    # The checkpoint interval is not part of the run identity: it may change on resume.
+    config["recover"]["checkpoint_every"] = 3
+    got = run_recover(config, sq, out, units_at_once=10, progress=False)
+    assert got["images_sha256"] == want["images_sha256"]
+    assert not list((out / "units").glob("pass_*.ckpt.pt"))  # deleted once the pass finished
+    assert len(list((out / "units").glob("unit_*.pt"))) == 10
