@@ -275,3 +275,30 @@ def test_fast_record_path_equals_general_decoder(tmp_path, cfg):
         assert rec.labels.mode == lab.mode and rec.epoch == rec.batch_id // store.batches_per_epoch
         rec.labels.values.add_(1)  # records own their memory (the maps are read-only)
     store.close()
+
+
+def test_fast_path_large_fp16_rows(tmp_path):
+    """Rows of >= 512 fp16 values take torch's conversion: same float32 values as the general decoder."""
+    from lpqld_fast.store.layout import decode_slot
+    from lpqld_fast.store.quantize import decode_labels
+
+    m = _synthetic_manifest(3, 8, 100)
+    m["label"] = {"mode": "dense", "value_dtype": "fp16", "stored_k": 100}
+    specs = component_specs(m)
+    w = StoreWriter.create(tmp_path / "s", m, np.arange(3), durable=False)
+    rng = np.random.default_rng(0)
+    for s in range(3):
+        rows = {n: np.zeros(sp.row_shape, sp.dtype) for n, sp in specs.items() if n not in ("batch_ids", "done")}
+        rows["label_values"] = (rng.standard_normal((8, 100)) * 5).astype(np.float16)
+        w.write_slot(s, rows)
+    w.finalize()
+    w.close()
+    store = LabelStore.open(tmp_path / "s", verify="size")
+    raw = {n: np.fromfile(tmp_path / "s" / sp.file, dtype=sp.dtype).reshape(sp.shape)
+           for n, sp in specs.items() if n not in ("batch_ids", "done")}
+    for s in range(3):
+        aug, enc = decode_slot(store.manifest, {n: a[s] for n, a in raw.items()})
+        want = decode_labels(enc, "dense").values
+        got = store[s].labels.values
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    store.close()
