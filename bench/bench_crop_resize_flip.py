@@ -3,7 +3,8 @@
 kernel "crop_resize_flip" (mode fwd): the replay cost of one stored batch —
 uint8 images [N, C, H, W], a RandomResizedCrop box (scale 0.08..1, ratio
 3/4..4/3, torchvision's get_params) and a flip per image, output float32
-[N, C, H, W] (same size as the input, as the presets replay):
+[N, C, H, W] (same size as the input, as the presets replay), and the
+ImageNet replay shape: 224x224 crops of 256x256x3 images (out=224x224 in sizes):
 
   pil-loop        the reference strategy: per image, PIL
                   torchvision.transforms.functional.resized_crop (bilinear;
@@ -28,8 +29,11 @@ reference-loop (torch.roll per sample) vs the one-gather batched_roll.
 
 bytes: the crop windows read once (at the input's element size) + the output
 written once (+ for backward: grad read, grad_x written). Sizes: 28x28x1,
-64x64x3, 224x224x3; batch 128 and 256 (full), 128 (quick), 4 and 28x28 only
-(tiny); --batch overrides. Every impl is checked against the reference loop
+64x64x3, 224x224x3, and for replay also 256x256x3 -> 224x224; batch 128 and
+256 (full), 128 (quick; 32 for the 224-pixel outputs), 4 and 28x28 only
+(tiny); --batch overrides. summary() ends with the acceptance line: the
+batched native kernel >= 5x the per-sample torchvision loops (PIL and tensor)
+on 28x28 and on 256x256 -> 224x224. Every impl is checked against the reference loop
 before it is timed (an impl that disagrees is reported and not timed).
 """
 from __future__ import annotations
@@ -49,6 +53,15 @@ LIMIT = "write-pass"
 NATIVE_OP = "crop_resize_flip"
 IMPLS = ("pil-loop", "tv-tensor-loop", "reference-loop", "torch-gather", "cpp", "cuda", "triton", "write-pass")
 SHAPES = ((28, 28, 1), (64, 64, 3), (224, 224, 3))
+# Replay only: ImageNet's RandomResizedCrop to 224x224 from 256x256 images (input shape -> output size).
+CROP_256 = (256, 256, 3)
+OUT_SIZE = {CROP_256: (224, 224)}
+ACCEPT_SPEEDUP = 5.0
+
+
+def out_size_for(h: int, w: int, c: int) -> tuple[int, int]:
+    """Replay output size of an input shape: the input size, except 224x224 crops of 256x256 images."""
+    return OUT_SIZE.get((h, w, c), (h, w))
 
 
 def problem_grid(profile: str, batch: int | None = None, kernel: str = KERNEL) -> list[tuple[int, int, int, int]]:
@@ -63,8 +76,8 @@ def problem_grid(profile: str, batch: int | None = None, kernel: str = KERNEL) -
     if profile == "tiny":
         grid = [(4, *SHAPES[0])]
     elif kernel == KERNEL:
-        grid = [(n, *s) for n in (128, 256) for s in SHAPES] if profile == "full" else \
-            [(128, *SHAPES[0]), (128, *SHAPES[1]), (32, *SHAPES[2])]
+        grid = [(n, *s) for n in (128, 256) for s in SHAPES + (CROP_256,)] if profile == "full" else \
+            [(128, *SHAPES[0]), (128, *SHAPES[1]), (32, *SHAPES[2]), (32, *CROP_256)]
     else:
         grid = [(n, *s) for n in (32, 128) for s in SHAPES[:2]] + [(32, *SHAPES[2])] if profile == "full" else \
             [(32, *SHAPES[0]), (32, *SHAPES[1])]
@@ -76,7 +89,7 @@ def problem_grid(profile: str, batch: int | None = None, kernel: str = KERNEL) -
 # ----------------------------------------------------------------------------- inputs
 
 
-def make_inputs(n: int, h: int, w: int, c: int, seed: int = 0) -> dict:
+def make_inputs(n: int, h: int, w: int, c: int, seed: int = 0, out: tuple[int, int] | None = None) -> dict:
     """uint8 images, torchvision RandomResizedCrop boxes (normalised) and flips."""
     from torchvision.transforms import RandomResizedCrop
 
@@ -91,7 +104,7 @@ def make_inputs(n: int, h: int, w: int, c: int, seed: int = 0) -> dict:
     pix = torch.tensor(ints, dtype=torch.int64).reshape(n, 4)
     boxes = (pix.double() / torch.tensor([h, w, h, w], dtype=torch.float64)).float()
     flips = torch.rand(n, generator=g) < 0.5
-    return {"x": x, "pix": pix, "boxes": boxes, "flips": flips, "out": (h, w)}
+    return {"x": x, "pix": pix, "boxes": boxes, "flips": flips, "out": out or (h, w)}
 
 
 def crop_bytes(inp: dict, elem: int) -> int:
@@ -141,7 +154,7 @@ def build_replay_cases(n: int, h: int, w: int, c: int, device: str = "cpu") -> t
     from lpqld_fast.ops import crop_resize_flip
     from lpqld_fast.ops.crop_resize_flip import crop_resize_flip_gather
 
-    inp = make_inputs(n, h, w, c)
+    inp = make_inputs(n, h, w, c, out=out_size_for(h, w, c))
     x, boxes, flips, out = inp["x"], inp["boxes"], inp["flips"], inp["out"]
     sizes = {"N": n, "C": c, "H": h, "W": w, "out": f"{out[0]}x{out[1]}", "dtype": "uint8"}
     nbytes = crop_bytes(inp, 1) + n * c * out[0] * out[1] * 4
@@ -268,11 +281,14 @@ def run(ctx: BenchContext) -> None:
 
 
 def summary(rows: list[dict[str, str]]) -> list[str]:
-    """Speed-ups of the batched ops over the per-sample loops."""
+    """Speed-ups of the batched ops over the per-sample loops, and the replay acceptance line."""
+    from bench.common import parse_sizes
+
     by: dict[tuple[str, str, str], dict[str, float]] = {}
     for r in rows:
         by.setdefault((r["kernel"], r["sizes"], r["device"]), {})[r["impl"]] = float(r["p50_ms"])
     out = []
+    accept: list[tuple[str, float]] = []
     for (kernel, sizes, device), t in by.items():
         fast = next((b for b in ("cuda", "cpp", "batched-gather") if b in t), None)
         if fast is None:
@@ -280,6 +296,18 @@ def summary(rows: list[dict[str, str]]) -> list[str]:
         parts = [f"{base} {t[base] / t[fast]:.1f}x" for base in ("pil-loop", "tv-tensor-loop", "reference-loop")
                  if base in t]
         out.append(f"{kernel} [{device}] {sizes}: {fast} {t[fast]:.3g} ms; speed-up vs " + ", ".join(parts))
+        sz = parse_sizes(sizes)
+        shape = (sz.get("H"), sz.get("W"), sz.get("out"))
+        if kernel == KERNEL and device == "cpu" and "cpp" in t and shape in (("28", "28", "28x28"),
+                                                                             ("256", "256", "224x224")):
+            loops = [t[b] / t["cpp"] for b in ("pil-loop", "tv-tensor-loop") if b in t]
+            if loops:
+                accept.append((f"N={sz.get('N')} {shape[0]}x{shape[1]}->{shape[2]}", min(loops)))
+    if accept:
+        ok = all(v >= ACCEPT_SPEEDUP for _, v in accept)
+        out.append(f"crop_resize_flip acceptance (cpp >= {ACCEPT_SPEEDUP:.0f}x the faster per-sample torchvision "
+                   f"loop, PIL or tensor, on 28x28 and 256x256->224x224): {'met' if ok else 'NOT met'} ("
+                   + ", ".join(f"{k}: {v:.1f}x" for k, v in accept) + ")")
     return out or ["crop_resize_flip: no batched rows"]
 
 
