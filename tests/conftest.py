@@ -1,0 +1,23 @@
+"""Shared pytest set-up.
+
+Hypothesis profiles (tests/test_properties.py): "ci" is the default and keeps
+the property suite within the `make test` budget on a loaded 2-core CPU;
+"thorough" runs many more examples. Select with
+LPQLD_HYPOTHESIS_PROFILE=thorough (or pytest's --hypothesis-profile=thorough).
+"""
+from __future__ import annotations
+
+import os
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a test dependency; without it only test_properties.py is skipped
+    settings = None
+
+if settings is not None:
+    # deadline=None: timings on a shared CPU vary by 10x; too_slow: the interpreted Triton backend is slow.
+    _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                   print_blob=True)
+    settings.register_profile("ci", max_examples=25, derandomize=True, **_common)
+    settings.register_profile("thorough", max_examples=300, **_common)
+    settings.load_profile(os.environ.get("LPQLD_HYPOTHESIS_PROFILE", "ci"))
