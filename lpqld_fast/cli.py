@@ -1,17 +1,19 @@
 """Command line: ``lpqld <stage> ...`` (also ``python -m lpqld_fast.cli``).
 
 Stages: squeeze, recover, relabel, train, distill (all of them), report.
-User errors print one line and exit with status 2.
+User errors print one line and exit with status 2 (an internal error: one line, status 1;
+LPQLD_DEBUG=1 shows its traceback).
 Multi-process: ``torchrun --standalone --nproc_per_node=N -m lpqld_fast.cli <stage> ...``
 (gloo on CPU, NCCL with --device cuda; see docs/LAUNCH.md).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lpqld_fast.presets import PRESETS, apply_overrides, get_preset
 
@@ -95,9 +97,37 @@ def _report(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     return write_report(args.out, diversity=not args.no_diversity)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit status 2), like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception's message on one line (some, e.g. load_state_dict's, span many)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device string torch cannot parse or a device this machine lacks, before any work."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {device!r} is not a device ({_one_line(e)})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r} but no CUDA device is available here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r} but only {torch.cuda.device_count()} CUDA device(s) are present")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: only cpu and cuda are supported")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lpqld", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineParser(prog="lpqld", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -139,18 +169,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from lpqld_fast import distributed
 
+    def rank() -> str:
+        return f" [rank {distributed.rank()}]" if distributed.world_size() > 1 else ""
+
     try:
         config = _config(args)
+        _check_device(args.device)
+        if args.data_root is not None and args.command != "squeeze":
+            # only squeeze reads the real dataset from --data-root; silently ignoring it would use the default
+            raise ValueError(f"--data-root is read by squeeze only ({args.command} would ignore it); "
+                             "run squeeze with it, and the dataset's default location for the other stages")
         # Issue 8: under torchrun (WORLD_SIZE > 1) join the process group; "cuda" becomes cuda:LOCAL_RANK.
         args.device = distributed.init_from_env(args.device)
         _COMMANDS[args.command](args, config)
     except (ValueError, FileNotFoundError, IndexError, PermissionError, OSError) as e:
-        rank = f" [rank {distributed.rank()}]" if distributed.world_size() > 1 else ""
-        print(f"lpqld {args.command}{rank}: error: {e}", file=sys.stderr)
+        # OSError covers a full disk (ENOSPC): the atomic writers leave every earlier file as it was
+        print(f"lpqld {args.command}{rank()}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lpqld {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not a user error: still one line, the traceback on request
+        if os.environ.get("LPQLD_DEBUG"):
+            raise
+        print(f"lpqld {args.command}{rank()}: internal error: {type(e).__name__}: {_one_line(e)} "
+              "(set LPQLD_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     finally:
         distributed.shutdown()
     return 0

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,13 @@ def load_tensors(path: str | os.PathLike, what: str = "checkpoint", map_location
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        # torch warns about the pickle protocol of foreign files: the error below is the one line the user needs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # first sentence only: torch's weights_only text goes on to suggest weights_only=False, which we never do
+        msg = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
         raise ValueError(f"{what} {path} cannot be loaded safely ({type(e).__name__}: {msg}); "
                          "only plain tensor files are accepted, never arbitrary pickles") from None
 

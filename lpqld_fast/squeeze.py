@@ -34,6 +34,14 @@ def build_teacher(cfg: dict[str, Any], meta: Any) -> nn.Module:
     return get_model(cfg["model"], num_classes=meta.num_classes, in_chans=meta.in_chans, image_size=meta.image_size)
 
 
+def _positive_int(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
+    """cfg[key] as an int >= 1, else a one-line error naming squeeze.<key> (0 would divide by zero)."""
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"squeeze.{key} must be a positive int, got {v!r}")
+    return v
+
+
 def load_teacher(path: str | Path, model: nn.Module) -> nn.Module:
     """Load teacher weights (state dict, safely) into ``model``; a clear error for another architecture."""
     state = load_tensors(path, what="teacher checkpoint")
@@ -42,8 +50,12 @@ def load_teacher(path: str | Path, model: nn.Module) -> nn.Module:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise ValueError(f"teacher checkpoint {path} does not fit model {type(model).__name__}: {first}") from None
+        # line 0 is "Error(s) in loading state_dict for X:"; line 1 names the missing/unexpected keys
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        raise ValueError(f"teacher checkpoint {path} does not fit model {type(model).__name__} "
+                         f"(another architecture?): {detail}") from None
     return model
 
 
@@ -85,8 +97,10 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
         model = model.to(memory_format=torch.channels_last)
     # Issue 8: under torchrun, DDP + synchronised BN (model itself for 1 process); optimizer on the shared params.
     net = distributed.ddp_model(model, device)
-    epochs = int(cfg["epochs"])
-    bs = int(cfg["batch_size"])
+    epochs = _positive_int(cfg, "epochs")
+    bs = _positive_int(cfg, "batch_size")
+    if bs > len(train.labels):  # drop_last: not one step per epoch, an untrained teacher
+        raise ValueError(f"squeeze.batch_size {bs} exceeds the {len(train.labels)} training images of {dataset}")
     steps_per_epoch = len(train.labels) // bs
     opt = build_optimizer(model, cfg["optimizer"], cfg["lr"], cfg.get("weight_decay", 0.0), cfg.get("momentum", 0.9),
                           cfg.get("nesterov", False))
@@ -134,7 +148,8 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
             n += len(y)
             bar.set_postfix(loss=f"{total / n:.3f}")
         total, n = distributed.all_reduce_scalar(total), int(distributed.all_reduce_scalar(n))  # issue 8
-        acc = distributed.evaluate_sharded(model, test.images, test.labels, mean, std, bf16=bf16)
+        acc = distributed.evaluate_sharded(model, test.images, test.labels, mean, std, bf16=bf16,
+                                           channels_last=bool(cfg.get("channels_last", False)))
         metrics.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "test_acc": acc,
                         "seconds": time.perf_counter() - t0})
         if distributed.is_main():  # issue 8: rank 0 writes checkpoints and metrics
@@ -165,7 +180,7 @@ def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], see
     mode = cfg.get("stats_mode", "exact")
     collector = ClasswiseBNStats(model, train.num_classes, mode=mode,
                                  momentum=float(cfg.get("stats_momentum", 0.1)), backend=backend)
-    bs = int(cfg.get("stats_batch_size", 500))
+    bs = _positive_int(cfg, "stats_batch_size", 500)
     batches = list(batch_indices(len(train.labels), bs, gen, drop_last=False))
     rank, world = distributed.rank(), distributed.world_size()
     layers = [n for n, _ in collector.layers]
@@ -188,6 +203,13 @@ def _stats_generator(seed: int, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def _write_config(out: Path, config: dict[str, Any], seed: int, checkpoint: str | None) -> None:
+    """config.json, written once the outputs it describes exist: a command that fails (bad dataset,
+    full disk) leaves the config of the finished outputs in place."""
+    if distributed.is_main():  # issue 8: rank 0 writes shared files
+        atomic_write_json(out / "config.json", {"config": config, "seed": seed, "checkpoint": checkpoint})
+
+
 def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: str = "cpu",
                 checkpoint: str | None = None, data_root: str | None = None) -> dict[str, Any]:
     """Teacher (trained, resumed or loaded) + class-wise BN statistics into ``out``."""
@@ -195,8 +217,6 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
     out.mkdir(parents=True, exist_ok=True)
     cfg = config["squeeze"]
     dataset = config["dataset"]
-    if distributed.is_main():  # issue 8: rank 0 writes shared files
-        atomic_write_json(out / "config.json", {"config": config, "seed": seed, "checkpoint": checkpoint})
     t0 = time.perf_counter()
     metrics: list[dict] = []
     if checkpoint:
@@ -223,6 +243,7 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
         done = read_json(summary_path, "squeeze metrics")
         if done.get("teacher_sha256") == teacher_hash and done.get("stats_mode") == cfg.get("stats_mode", "exact"):
             print(f"squeeze: done already ({out})")
+            _write_config(out, config, seed, checkpoint)
             return done
     stats, layers = collect_class_stats(model, dataset, cfg, seed, device, data_root)
     if distributed.is_main():  # issue 8
@@ -235,6 +256,7 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
                "bn_layers": len(bn_layers(model)), "teacher_seconds": teacher_time, "stats_seconds": stats_time,
                "stats_mode": cfg.get("stats_mode", "exact")}
     if distributed.is_main():
+        _write_config(out, config, seed, checkpoint)
         atomic_write_json(out / "metrics.json", summary)
         print(f"squeeze: teacher test top-1 {acc:.2f}% | class-wise stats of {len(layers)} BN layers in "
               f"{stats_time:.1f}s | {out}")
