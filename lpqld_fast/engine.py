@@ -66,8 +66,13 @@ def to_float_images(images_uint8: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, mean: Sequence[float] | torch.Tensor,
-             std: Sequence[float] | torch.Tensor, batch_size: int = 1000, bf16: bool = False) -> float:
-    """Top-1 accuracy (%) of ``model`` on an in-memory uint8 dataset."""
+             std: Sequence[float] | torch.Tensor, batch_size: int = 256, bf16: bool = False,
+             channels_last: bool = False) -> float:
+    """Top-1 accuracy (%) of ``model`` on an in-memory uint8 dataset.
+
+    Batches of 256 keep a ConvNet's activations in cache (1000 was ~2x slower here);
+    ``channels_last`` must match the model's memory format to use the fast conv path.
+    """
     was_training = model.training
     model.eval()
     correct = 0
@@ -76,6 +81,8 @@ def evaluate(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor,
     std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1).to(device)
     for idx in batch_indices(len(labels), batch_size, None, drop_last=False):
         x = (to_float_images(images_uint8[idx].to(device)) - mean) / std
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             pred = model(x).argmax(dim=1)
         correct += int((pred.cpu() == labels[idx]).sum())

@@ -36,7 +36,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "recover": {"ipc": 10, "iterations": 1000, "lr": 0.1, "r_bn": 0.05, "jitter": 2, "first_bn_mult": 10.0},
         "relabel": {"epochs": 300, "batch_size": 50, "prune_ratio": 0.9, "label": "mr", "k": 3, "cutmix": False},
         "train": {"model": "convnet-bn", "epochs": 300, "optimizer": "adamw", "lr": 1e-3,
-                  "weight_decay": 0.01, "temperature": "step", "calibrate": True, "t2_scale": False},
+                  "weight_decay": 0.01, "temperature": "step", "calibrate": True, "t2_scale": False,
+                  "bf16": True, "channels_last": True},
     },
     "tiny-imagenet": {
         "dataset": "imagefolder",
