@@ -112,9 +112,12 @@ def run_train(
         try:
             student.load_state_dict(state["model"])
         except (RuntimeError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"train resume checkpoint {last_path} does not fit train.model={cfg['model']!r} "
-                             f"({first}); use a new --out or the model it was started with") from None
+            # line 0 is "Error(s) in loading state_dict for X:"; line 1 names the missing/unexpected keys
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            detail = lines[1] if len(lines) > 1 else lines[0]
+            detail = detail if len(detail) <= 120 else detail[:117] + "..."
+            raise ValueError(f"train resume checkpoint {last_path} does not fit train.model={cfg['model']!r}; "
+                             f"use a new --out or the model it was started with ({detail})") from None
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
