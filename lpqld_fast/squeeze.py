@@ -97,6 +97,10 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
         model = model.to(memory_format=torch.channels_last)
     # Issue 8: under torchrun, DDP + synchronised BN (model itself for 1 process); optimizer on the shared params.
     net = distributed.ddp_model(model, device)
+    for key in ("lr", "weight_decay", "momentum", "label_smoothing"):  # a string fails deep in torch
+        v = cfg.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
+            raise ValueError(f"squeeze.{key} must be a number >= 0, got {v!r}")
     epochs = _positive_int(cfg, "epochs")
     bs = _positive_int(cfg, "batch_size")
     if bs > len(train.labels):  # drop_last: not one step per epoch, an untrained teacher

@@ -68,6 +68,10 @@ def train_config(config: dict[str, Any]) -> dict[str, Any]:
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"train.{key} must be a positive int, got {v!r}")
+    for key in ("lr", "weight_decay", "momentum", "t0", "t_decay", "t_floor"):  # a string fails deep in torch
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
+            raise ValueError(f"train.{key} must be a number >= 0, got {v!r}")
     return cfg
 
 

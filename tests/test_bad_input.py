@@ -350,6 +350,8 @@ CLI_CASES = [
      r"^lpqld squeeze: error: squeeze.batch_size must be a positive int, got 0$"),
     ("squeeze-batch-larger-than-dataset", ("squeeze",), lambda r, t: ["--set", "squeeze.batch_size=5000"], "squeeze",
      r"^lpqld squeeze: error: squeeze.batch_size 5000 exceeds the 100 training images of synthetic$"),
+    ("squeeze-lr-not-a-number", ("squeeze",), lambda r, t: ["--set", "squeeze.lr=abc"], "squeeze",
+     r"^lpqld squeeze: error: squeeze.lr must be a number >= 0, got 'abc'$"),
     ("squeeze-no-gpu", ("squeeze",), lambda r, t: ["--device", "cuda"], "squeeze",
      r"^lpqld squeeze: error: --device 'cuda' but no CUDA device is available here"),
     ("squeeze-bad-device", ("squeeze",), lambda r, t: ["--device", "gpu0"], "squeeze",
@@ -400,6 +402,8 @@ CLI_CASES = [
      r"^lpqld train: error: train.batch_size 7 differs from the label store's batch size 5"),
     ("train-epochs-zero", ("train",), lambda r, t: ["--set", "train.epochs=0"], "train",
      r"^lpqld train: error: train.epochs must be a positive int, got 0$"),
+    ("train-lr-not-a-number", ("train",), lambda r, t: ["--set", "train.lr=abc"], "train",
+     r"^lpqld train: error: train.lr must be a number >= 0, got 'abc'$"),
     # distill, report
     ("distill-missing-dataset", (), "fmnist-env-missing", "distill",
      r"^lpqld distill: error: .*nowhere"),
