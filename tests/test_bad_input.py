@@ -392,6 +392,9 @@ CLI_CASES = [
     ("train-resume-other-architecture", (), lambda r, t: ["--set", "train.model=resnet18-small",
                                                           "--set", "train.epochs=4"], "train",
      r"^lpqld train: error: train resume checkpoint .*last\.pt does not fit train.model='resnet18-small'"),
+    ("train-resume-checkpoint-pickle", (), "last-evil", "train",
+     r"^lpqld train: error: train resume checkpoint .*last\.pt cannot be loaded safely \(UnpicklingError: Weights only "
+     r"load failed\); only plain tensor files are accepted, never arbitrary pickles$"),
     ("train-store-truncated", ("train",), "store-truncated", "train",
      r"^lpqld train: error: label store file .*label_values\.bin has \d+ bytes, expected \d+ \(truncated\)$"),
     ("train-store-manifest-corrupt", ("train",), "store-manifest-corrupt", "train",
@@ -457,6 +460,9 @@ def _prepare(kind, run: Path, tmp: Path, monkeypatch) -> list[str]:
     if kind == "images-evil":
         _evil_pickle(run / "recover" / "images.pt", tmp / "PWNED")
         return []
+    if kind == "last-evil":  # a planted resume checkpoint; train.epochs=4 makes the finished run resume
+        _evil_pickle(run / "train" / "last.pt", tmp / "PWNED")
+        return ["--set", "train.epochs=4"]
     if kind == "recover-ipc3":
         # another image set (3 per class) next to the store made for 2 per class
         shutil.rmtree(run / "recover")
