@@ -84,6 +84,13 @@ def get_preset(name: str) -> dict[str, Any]:
 
 
 def _parse_value(text: str) -> Any:
+    """bool / None / int / float / str; "a,b" or "[a,b]" is a list (e.g. relabel.rrc_scale=0.5,1)."""
+    inner = text.strip()
+    if inner.startswith("[") and inner.endswith("]"):
+        inner = inner[1:-1]
+        return [_parse_value(t.strip()) for t in inner.split(",")] if inner.strip() else []
+    if "," in inner:
+        return [_parse_value(t.strip()) for t in inner.split(",")]
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
