@@ -23,7 +23,8 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,31 @@ class BatchRecord:
     epoch: int
     aug: AugParams
     labels: SoftLabels
-    encoded: EncodedLabels
+    _encoded: EncodedLabels | None = field(default=None, repr=False)
+    # storage dtypes (values, indices, fill) from which ``encoded`` is derived when it was not kept
+    _dtypes: tuple[torch.dtype, torch.dtype | None, torch.dtype | None] | None = field(default=None, repr=False)
 
     @property
     def image_indices(self) -> torch.Tensor:
         return self.aug.image_indices
+
+    @property
+    def encoded(self) -> EncodedLabels:
+        """The labels as stored (storage dtypes).
+
+        The fast read path does not copy them twice: they are derived from the
+        decoded labels on first access, which is exact (fp16 -> fp32 -> fp16 and
+        int -> int64 -> int round trips are lossless; int8 values, scale and offset
+        are the decoded tensors themselves).
+        """
+        if self._encoded is None:
+            assert self._dtypes is not None
+            vd, idd, fd = self._dtypes
+            lab = self.labels
+            self._encoded = EncodedLabels(
+                values=lab.values.to(vd), indices=None if lab.indices is None else lab.indices.to(idd),
+                fill=None if lab.fill is None else lab.fill.to(fd), scale=lab.scale, offset=lab.offset)
+        return self._encoded
 
 
 class LabelStore:
@@ -78,7 +99,13 @@ class LabelStore:
         # Layout constants, read once: the manifest dict is not consulted per record.
         m = manifest
         _, h, w = (int(v) for v in m["image_shape"])
-        self._box_scale = np.array([h, w, h, w], dtype=np.float64)
+        # normalised box coordinates by table lookup: (v / H or v / W) in float64 rounded once to float32,
+        # bit-identical to augment.normalized_boxes (stored pixel values lie in [0, max(H, W)]).
+        vals = np.arange(max(h, w) + 1, dtype=np.float64)
+        self._box_lut = np.stack([vals / h, vals / w, vals / h, vals / w]).astype(np.float32)
+        self._box_col = np.arange(4)[None, :]
+        # bit-unpacking by table lookup: byte -> its 8 flags, little bit order (as np.packbits wrote them)
+        self._bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").view(np.bool_)
         self._b = int(m["batch_size"])
         self._nb = int(m["batches_per_epoch"])
         self._out = (int(m["out_size"][0]), int(m["out_size"][1]))
@@ -86,6 +113,21 @@ class LabelStore:
         # bf16 has no numpy dtype and dequantize builds new values: both use the general decoder.
         self._fast = m["label"]["value_dtype"] != "bf16" and not dequantize
         self._rows = [n for n in self._arrays if n != "batch_ids"]
+        torch_of = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                    np.dtype(np.int8): torch.int8, np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16,
+                    np.dtype(np.int32): torch.int32}
+        lv = self._arrays["label_values"]
+        li = self._arrays.get("label_indices")
+        lf = self._arrays.get("label_fill")
+        self._dtypes = (torch_of.get(lv.dtype), None if li is None else torch_of.get(li.dtype),
+                        None if lf is None else torch_of.get(lf.dtype))
+        # fp16 values: torch converts to fp32 vectorised, numpy with scalar code, so keep a torch view of the
+        # read-only map (only ever read through .to(float32), which copies).
+        self._values_t: torch.Tensor | None = None
+        if lv.dtype == np.float16 and lv.size:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "non-writable array": never written
+                self._values_t = torch.from_numpy(lv)
 
     def _map(self, name: str, spec: Component) -> np.ndarray:
         """A read-only numpy view of the component file (one mmap per file, closed in :meth:`close`)."""
@@ -223,8 +265,9 @@ class LabelStore:
             s += k
         if not (0 <= s < k):
             raise IndexError(f"slot {slot} outside [0, {k})")
+        enc = None
         if self._fast:
-            aug, enc, labels = self._decode_fast(s)
+            aug, labels = self._decode_fast(s)
         else:
             rows = {name: self._arrays[name][s] for name in self._rows}
             aug, enc = decode_slot(self.manifest, rows)  # copies out of the maps
@@ -233,16 +276,16 @@ class LabelStore:
         if self._touched >= self.release_bytes:
             self.release_pages()
         bid = self._kept_list[s]
-        return BatchRecord(slot=s, batch_id=bid, epoch=bid // self._nb, aug=aug, labels=labels, encoded=enc)
+        return BatchRecord(slot=s, batch_id=bid, epoch=bid // self._nb, aug=aug, labels=labels, _encoded=enc,
+                           _dtypes=self._dtypes)
 
-    def _decode_fast(self, s: int) -> tuple[AugParams, EncodedLabels, SoftLabels]:
-        """decode_slot + decode_labels for one slot, one numpy conversion (= one copy) per tensor."""
+    def _decode_fast(self, s: int) -> tuple[AugParams, SoftLabels]:
+        """decode_slot + decode_labels for one slot, one conversion (= one copy) per tensor."""
         a = self._arrays
         t = torch.from_numpy
         i64 = np.int64
-        # float64 division rounded once to float32: bit-identical to augment.normalized_boxes.
-        boxes = (a["crop_boxes"][s].astype(np.float64) / self._box_scale).astype(np.float32)
-        flips = np.unpackbits(a["flips"][s], count=self._b, bitorder="little").view(np.bool_)
+        boxes = self._box_lut[self._box_col, a["crop_boxes"][s]]
+        flips = self._bits[a["flips"][s]].reshape(-1)[:self._b]
         aug = AugParams(image_indices=t(a["image_indices"][s].astype(i64)), boxes=t(boxes), flips=t(flips),
                         out_size=self._out)
         if "cutmix_lam" in a:
@@ -251,34 +294,25 @@ class LabelStore:
         if "cutout_box" in a:
             aug.cutout = CutoutParams(t(a["cutout_box"][s].astype(i64)), t(a["cutout_fill"][s].copy()))
         raw = a["label_values"][s]
-        enc = EncodedLabels(values=t(raw.copy()))
-        quantized = raw.dtype == np.int8
-        # int8 values stay int8 for the fused loss; float values become float32 (fp32 rows are shared, as
-        # decode_labels' .to(float32) would share them).
-        if quantized or raw.dtype == np.float32:
-            vals = enc.values
-        elif raw.size >= 512:  # numpy's fp16 -> fp32 is scalar code, torch's is vectorised (7x at B x k = 10^4)
-            vals = enc.values.to(torch.float32)
-        else:  # below that, numpy's lower per-call cost wins
+        if raw.dtype == np.int8 or raw.dtype == np.float32:  # int8 stays int8 for the fused loss
+            vals = t(raw.copy())
+        elif raw.size >= 512 and self._values_t is not None:  # numpy's fp16 -> fp32 is scalar: 7x slower
+            vals = self._values_t[s].to(torch.float32)
+        else:  # small rows: numpy's lower per-call cost wins
             vals = t(raw.astype(np.float32))
         labels = SoftLabels(self._mode, vals)
         if "label_indices" in a:
-            ri = a["label_indices"][s]
-            enc.indices = t(ri.copy())
-            labels.indices = enc.indices if ri.dtype == i64 else t(ri.astype(i64))
+            labels.indices = t(a["label_indices"][s].astype(i64))
         if "label_fill" in a:
-            rf = a["label_fill"][s]
-            enc.fill = t(rf.copy())
-            labels.fill = enc.fill if rf.dtype == np.float32 else t(rf.astype(np.float32))
+            labels.fill = t(a["label_fill"][s].astype(np.float32))
         if "label_scale" in a:
-            enc.scale = t(a["label_scale"][s].copy())
-            enc.offset = t(a["label_offset"][s].copy())
-            labels.scale, labels.offset = enc.scale, enc.offset
-        elif quantized:
+            labels.scale = t(a["label_scale"][s].copy())
+            labels.offset = t(a["label_offset"][s].copy())
+        elif raw.dtype == np.int8:
             raise ValueError("int8 label values need scale and offset")
         if self._mode != "dense" and labels.indices is None:
             raise ValueError(f"mode {self._mode!r} needs label indices")
-        return aug, enc, labels
+        return aug, labels
 
     def batch(self, batch_id: int) -> BatchRecord:
         return self[self.slot_of(batch_id)]
@@ -299,7 +333,8 @@ class LabelStore:
                 pass
 
     def close(self) -> None:
-        self._arrays = {}  # drop the numpy views first: an mmap with exported buffers cannot close
+        self._arrays = {}  # drop the numpy/torch views first: an mmap with exported buffers cannot close
+        self._values_t = None
         for mm in self._mmaps.values():
             try:
                 mm.close()
