@@ -47,11 +47,29 @@ bench: venv build
 bench-quick: venv build
 	$(PY) -m bench.run --quick --out bench/results
 
+# ASan/UBSan build of the CPU kernels, kept apart from the normal extension: compiled into
+# build/sanitize (own build-temp, so the normal build's objects are untouched), then run against a
+# copy of the package in build/sanitize/root whose _C is the sanitised one (python -P: the checkout's
+# lpqld_fast/ and its normal _C.so are not on sys.path). lpqld_fast/_C*.so is never replaced.
+SAN_DIR := build/sanitize
 sanitize: venv
-	LPQLD_SANITIZE=1 WITH_CUDA=0 scripts/build_ext.sh
-	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" ASAN_OPTIONS=detect_leaks=0 \
-	  $(PY) -m pytest -q tests -k "moments or kl or bn_loss or augment" -p no:cacheprovider
-	scripts/build_ext.sh
+	exec 9>/tmp/lpqld-build.lock; flock 9; \
+	  LPQLD_SANITIZE=1 WITH_CUDA=0 MAX_JOBS=2 $(PY) setup.py -q build_ext \
+	    --build-lib $(SAN_DIR)/lib --build-temp $(SAN_DIR)/temp
+	rm -rf $(SAN_DIR)/root && mkdir -p $(SAN_DIR)/root
+	cp -a lpqld_fast $(SAN_DIR)/root/
+	rm -f $(SAN_DIR)/root/lpqld_fast/_C*.so && find $(SAN_DIR)/root -name __pycache__ -prune -exec rm -rf {} +
+	cp $(SAN_DIR)/lib/lpqld_fast/_C*.so $(SAN_DIR)/root/lpqld_fast/
+	ln -s $(CURDIR)/kernels $(SAN_DIR)/root/kernels
+	cd $(SAN_DIR)/root && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  PYTHONPATH=$(CURDIR)/$(SAN_DIR)/root OMP_NUM_THREADS=1 $(CURDIR)/$(PY) -P -c "import sys, torch, lpqld_fast._C as c; assert '$(SAN_DIR)' in c.__file__, c.__file__; sys.exit(0)"
+	cd $(SAN_DIR)/root && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  PYTHONPATH=$(CURDIR)/$(SAN_DIR)/root OMP_NUM_THREADS=1 $(CURDIR)/$(PY) -P -m pytest -q -p no:cacheprovider --rootdir $(CURDIR) -c $(CURDIR)/pyproject.toml \
+	  $(CURDIR)/tests/test_classwise_moments.py $(CURDIR)/tests/test_soft_label_kl.py \
+	  $(CURDIR)/tests/test_segment_bn_loss.py $(CURDIR)/tests/test_crop_resize_flip.py \
+	  $(CURDIR)/tests/test_properties.py $(SAN_TESTS)
 
 clean:
 	rm -rf build lpqld_fast/_C*.so
