@@ -47,6 +47,24 @@ def test_quick_suite_machinery_writes_csv_markdown_png(tmp_path):
     assert "## other_kernel" in (tmp_path / "results.md").read_text()
 
 
+def test_tiny_soft_label_kl_and_train_epoch(tmp_path):
+    """The issue-5 modules at tiny sizes: every impl row is written and the summaries reach results.md."""
+    rc = bench_run.main(["--tiny", "--threads", "1", "--out", str(tmp_path), "--only", "soft_label_kl",
+                         "--only", "train_epoch"])
+    assert rc == 0
+    _, rows = _read_csv(tmp_path / "results.csv")
+    got = {(r["kernel"], r["impl"]) for r in rows}
+    want = {("soft_label_kl", i) for i in ("reference-strategy", "op-reference", "copy-pass")}
+    want |= {("train_epoch", i) for i in ("reference-loop", "ours", "model-steps")}
+    assert want <= got
+    parts = {common.parse_sizes(r["sizes"]).get("part") for r in rows if r["kernel"] == "train_epoch"}
+    assert parts == {"epoch", "data"}
+    md = (tmp_path / "results.md").read_text()
+    assert "## soft_label_kl (baseline: reference-strategy; limit: copy-pass)" in md
+    assert "## train_epoch (baseline: reference-loop; limit: model-steps)" in md
+    assert "vs reference-loop" in md
+
+
 def test_markdown_ratios_and_schema_guard(tmp_path):
     case = common.Case("k", "reference-loop", {"N": 4}, lambda: None, bytes=10**9)
     rows = [

@@ -306,6 +306,81 @@ def test_cpp_simd_variants(isa):
         switch(before)
 
 
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="extension not built")
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_cpp_block_edges(isa):
+    """The top-k student pass works in blocks of 512 columns (block max, one exp, a factor per block): row
+    lengths around block and vector boundaries, stored classes in every block, k not a multiple of the lanes."""
+    switch = torch.ops.lpqld._soft_label_kl_cpu_isa
+    before = switch()
+    try:
+        try:
+            switch(isa)
+        except RuntimeError:
+            pytest.skip(f"{isa} not supported on this CPU")
+        for mode in SPARSE_MODES:
+            for c, k in ((511, 5), (512, 17), (513, 33), (1025, 1), (1537, 200), (2048, 2048)):
+                z, v, idx, kw = make_problem(mode, 3, c, k, seed=c + k)
+                z[1, : min(c, 512)] -= 40.0  # one block far below the row max: its factor is tiny
+                check_against_reference("cpp", z, v, idx, T=2.0, t_s=0.3, **kw)
+    finally:
+        switch(before)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="extension not built")
+@pytest.mark.parametrize("mode", ["mr", "topk_norenorm"])
+def test_cpp_block_of_neg_inf_logits(mode):
+    """A whole 512-column block of -inf logits (q = 0 there) next to finite ones, none of them stored."""
+    z, v, idx, kw = make_problem(mode, 2, 1200, 8, seed=4)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.randperm(600, generator=g)[:8] + 600 for _ in range(2)])  # outside the -inf block
+    z[:, 0:512] = float("-inf")
+    zz = z.clone().requires_grad_(True)
+    loss = soft_label_kl(zz, v, idx, T=2.0, t_s=0.5, backend="cpp", **kw)
+    loss.backward()
+    zf = z[:, 512:].clone().requires_grad_(True)  # the same problem without the -inf columns
+    ref_loss = soft_label_kl(zf, v, idx - 512, T=2.0, t_s=0.5, backend="reference", **kw)
+    ref_loss.backward()
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert bool((zz.grad[:, :512] == 0).all())
+    torch.testing.assert_close(zz.grad[:, 512:], zf.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="extension not built")
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_cpp_fp16_values_decode_exactly(isa):
+    """fp16 stored values are converted in SIMD: subnormals, signed zero, the largest half and ordinary values
+    must come out as torch's conversion (the loss would differ otherwise); half NaN/inf are rejected."""
+    switch = torch.ops.lpqld._soft_label_kl_cpu_isa
+    before = switch()
+    try:
+        try:
+            switch(isa)
+        except RuntimeError:
+            pytest.skip(f"{isa} not supported on this CPU")
+        special = torch.tensor([6e-8, -6e-8, 3e-5, -0.0, 0.0, 65504.0, -65504.0, 1.0, -2.5, 1e-3, 7.0, 1e4,
+                                -1e4, 0.33, 5.96e-8, 6.1e-5, 2.0, -1.0, 100.0], dtype=torch.float16)
+        k = special.numel()
+        for c in (k, 40, 700):
+            v = special.repeat(2, 1)
+            v[1] = v[1].flip(0)
+            idx = torch.stack([torch.randperm(c, generator=torch.Generator().manual_seed(r))[:k] for r in range(2)])
+            z = torch.randn(2, c, generator=torch.Generator().manual_seed(c)) * 3
+            for T in (1e5, 3e4):  # T large enough that the softmax over +-65504 stays informative
+                check_against_reference("cpp", z, v, idx, mode="mr", T=T, t_s=0.5)
+            p = torch.softmax(torch.randn(2, k, dtype=torch.float64), dim=1).half()
+            p[0, 3] = 6e-8  # a subnormal probability
+            check_against_reference("cpp", z, p, idx, mode="topk_norenorm")
+        idx40 = torch.stack([torch.randperm(40, generator=torch.Generator().manual_seed(r))[:k] for r in range(2)])
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            vb = special.repeat(2, 1)
+            vb[1, k - 1] = bad
+            with pytest.raises(ValueError, match="values contains NaN or inf"):
+                soft_label_kl(torch.randn(2, 40), vb, idx40, mode="mr", backend="cpp")
+    finally:
+        switch(before)
+
+
 @pytest.mark.parametrize("backend", FAST_CPU)
 def test_parallel_rows(backend):
     n = torch.get_num_threads()

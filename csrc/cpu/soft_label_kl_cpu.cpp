@@ -2,15 +2,21 @@
 //
 // Rows run in parallel (at::parallel_for). Per row b, with z the student
 // logits, s = t_s and a top-k mode:
-//   1. decode the k stored entries (dequantise int8, teacher softmax over k or
+//   1. decode the k stored entries (type switch once per row; fp16 and int8
+//      dequantised in SIMD; teacher softmax over k with one vector exp pass, or
 //      the marginal-smoothing mass) -> p_i, log p_i, background p_bg, S = sum p
-//   2. one pass over z: online (blocked) max and sum of exp((z - max) / s)
-//   3. one pass writing grad_j = coef * (S * q_j - p_bg) and summing (z_j - max)
-//   4. k fix-ups: grad[idx_i] = coef * (S * q_i - p_i), and the loss from
-//      the k stored terms plus the background terms in closed form:
+//   2. one pass over z, in blocks of kBlock columns that stay in L1: block max
+//      m_b, e_j = exp((z_j - m_b) / s) written into grad, sums of e_j and of
+//      (z_j - m_b) per block. One exp per logit; the blocks are put on the row
+//      max m afterwards by one factor each.
+//   3. the k stored slots: save e_j, mark the slot (finds a class stored twice),
+//      and the loss from the k stored terms plus the background terms in closed form:
 //      KL = sum_i p_i (log p_i - log q_i) + (C - k) p_bg log p_bg
 //           - p_bg * (sum_all log q - sum_i log q_i)
-// Dense mode does the same with the teacher softmax computed alongside.
+//   4. one in-cache pass grad_j = coef * (S * q_j - p_bg) = e_j * a_b - coef p_bg
+//   5. k fix-ups in double from the saved e_j: grad[idx_i] = coef * (S * q_i - p_i)
+// Dense mode: online max/sum of student and teacher, then one pass computing
+// both softmaxes, the gradient and the loss.
 // While reading the rows the kernel also checks the data (index range, a class
 // stored twice in a row, non-finite values/scale/offset/fill) and raises
 // IndexError/ValueError after the parallel region, so the Python op needs no
@@ -156,6 +162,17 @@ LPQLD_INLINE V vload_pad(const float* p, int64_t n, float pad) {  // n < lanes v
   return vload<V>(buf);
 }
 template <typename V>
+LPQLD_INLINE V lane_ids() {  // {0, 1, 2, ...}
+  alignas(64) static constexpr float kIds[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return vload<V>(kIds);
+}
+template <typename V>
+LPQLD_INLINE void vstore_part(float* p, V v, int64_t n) {  // the first n < lanes elements
+  alignas(64) float buf[16];
+  vstore<V>(buf, v);
+  std::memcpy(p, buf, static_cast<size_t>(n) * sizeof(float));
+}
+template <typename V>
 LPQLD_INLINE float hmax(V v) {
   float m = v[0];
   for (int64_t i = 1; i < lanes<V>(); ++i) m = v[i] > m ? v[i] : m;
@@ -205,31 +222,6 @@ LPQLD_INLINE void stats_simd(const float* x, int64_t n, float inv_t, float& m_ou
   s_out = static_cast<float>(s);
 }
 
-// g_j = qscale * exp((z_j - m) * inv_s) - bg; returns sum_j (z_j - m).
-template <typename V, typename U>
-LPQLD_INLINE double grad_simd(const float* z, int64_t n, float m, float inv_s, float qscale, float bg, float* g) {
-  constexpr int64_t L = lanes<V>();
-  double dsum = 0;
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t b1 = std::min(n, b0 + kBlock);
-    V dacc = V{};
-    int64_t j = b0;
-    for (; j + L <= b1; j += L) {
-      const V d = vload<V>(z + j) - m;
-      vstore<V>(g + j, qscale * exp_poly<V, U>(d * inv_s) - bg);
-      dacc += d;
-    }
-    double tail = 0;
-    for (; j < b1; ++j) {
-      const float d = z[j] - m;
-      g[j] = qscale * exp_acc(d * inv_s) - bg;
-      tail += static_cast<double>(d);
-    }
-    dsum += hsum(dacc) + tail;
-  }
-  return dsum;
-}
-
 // Dense teacher: g_j = coef (q_j - p_j); returns sum_j p_j (log p_j - log q_j).
 template <typename V, typename U>
 LPQLD_INLINE double dense_simd(const float* z, const float* u, int64_t n, float zm, float inv_s, float zs, float um,
@@ -268,26 +260,168 @@ LPQLD_INLINE double dense_simd(const float* z, const float* u, int64_t n, float 
   return loss;
 }
 
+// Top-k modes, student side, pass 1: per block of kBlock columns (a block
+// stays in L1 between its max and its exp loop) its max m_b (NaN ignored),
+// e_j = exp((x_j - m_b) * inv_s) written to e, and the block's sums of e_j and of
+// (x_j - m_b). The caller rescales the blocks to the row max afterwards, so every
+// logit costs one exp (pass 2 only multiplies). A block of -inf only gets m_b = -inf
+// and e = 0 (its x - m_b would be NaN).
+template <typename V, typename U>
+LPQLD_INLINE void expblk_simd(const float* x, int64_t n, float inv_s, float* e, float* bm, double* bs, double* bd) {
+  constexpr int64_t L = lanes<V>();
+  for (int64_t b0 = 0, bi = 0; b0 < n; b0 += kBlock, ++bi) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    const int64_t tail = (b1 - b0) % L;  // the last columns of the block, done with one padded vector
+    const int64_t bv = b1 - tail;
+    V vm = V{} + kNegInf;
+    for (int64_t j = b0; j < bv; j += L) {
+      const V v = vload<V>(x + j);
+      vm = v > vm ? v : vm;
+    }
+    const V vt = tail ? vload_pad<V>(x + bv, tail, kNegInf) : V{} + kNegInf;
+    vm = vt > vm ? vt : vm;
+    const float blk_max = hmax(vm);
+    bm[bi] = blk_max;
+    if (blk_max == kNegInf) {
+      std::memset(e + b0, 0, static_cast<size_t>(b1 - b0) * sizeof(float));
+      bs[bi] = 0.0;
+      bd[bi] = -std::numeric_limits<double>::infinity();
+      continue;
+    }
+    V acc = V{}, dacc = V{};
+    for (int64_t j = b0; j < bv; j += L) {
+      const V d = vload<V>(x + j) - blk_max;
+      const V ev = exp_poly<V, U>(d * inv_s);
+      vstore<V>(e + j, ev);
+      acc += ev;
+      dacc += d;
+    }
+    if (tail) {  // padding lanes are -inf: e = 0 there, and their d is masked out
+      const V d = vt - blk_max;
+      const V ev = exp_poly<V, U>(d * inv_s);
+      vstore_part<V>(e + bv, ev, tail);
+      acc += ev;
+      dacc += lane_ids<V>() < static_cast<float>(tail) ? d : V{};
+    }
+    bs[bi] = hsum(acc);
+    bd[bi] = hsum(dacc);
+  }
+}
+
+// Pass 2: g_j = e_j * a_b - bg, a_b per block.
+template <typename V>
+LPQLD_INLINE void scaleblk_simd(float* g, int64_t n, const float* a, float bg) {
+  constexpr int64_t L = lanes<V>();
+  for (int64_t b0 = 0, bi = 0; b0 < n; b0 += kBlock, ++bi) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    const float ab = a[bi];
+    int64_t j = b0;
+    for (; j + L <= b1; j += L) vstore<V>(g + j, vload<V>(g + j) * ab - bg);
+    for (; j < b1; ++j) g[j] = g[j] * ab - bg;
+  }
+}
+
+// x_i <- exp(x_i) (the teacher's k stored logits); returns sum x_i.
+template <typename V, typename U>
+LPQLD_INLINE double expk_simd(float* x, int64_t n) {
+  constexpr int64_t L = lanes<V>();
+  V acc = V{};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const V ev = exp_poly<V, U>(vload<V>(x + i));
+    vstore<V>(x + i, ev);
+    acc += ev;
+  }
+  if (i < n) {  // padding lanes are -inf: exp 0
+    const V ev = exp_poly<V, U>(vload_pad<V>(x + i, n - i, kNegInf));
+    vstore_part<V>(x + i, ev, n - i);
+    acc += ev;
+  }
+  return hsum(acc);
+}
+
+// Max of the k decoded values; false when one of them is NaN or +-inf.
+template <typename V>
+LPQLD_INLINE bool kmax_simd(const float* x, int64_t n, float& m_out) {
+  constexpr int64_t L = lanes<V>();
+  V vm = V{} + kNegInf, fin = V{};  // fin turns NaN when a value is not finite
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const V v = vload<V>(x + i);
+    vm = v > vm ? v : vm;
+    fin += v * 0.0f;
+  }
+  if (i < n) {  // padding lanes: -inf for the max, 0 for the finiteness sum
+    const V v = vload_pad<V>(x + i, n - i, kNegInf);
+    vm = v > vm ? v : vm;
+    fin += (lane_ids<V>() < static_cast<float>(n - i) ? v : V{}) * 0.0f;
+  }
+  m_out = hmax(vm);
+  return !std::isnan(hsum(fin));
+}
+
+// IEEE half bits -> float, branch-free: move exponent and mantissa into place and
+// rebias by a multiplication with 2^112 (exact, subnormal halves included);
+// inf/NaN keep their bits. Used for fp16 stored values.
+template <typename V, typename U>
+LPQLD_INLINE void half_to_float_simd(const uint16_t* h, int64_t n, float* out) {
+  constexpr int64_t L = lanes<V>();
+  typedef uint16_t H __attribute__((vector_size(sizeof(V) / 2)));
+  for (int64_t i = 0; i < n; i += L) {
+    const int64_t m = std::min(L, n - i);
+    H hv{};
+    std::memcpy(&hv, h + i, static_cast<size_t>(m) * sizeof(uint16_t));
+    const U w = __builtin_convertvector(hv, U);
+    const U em = w & 0x7fffu;
+    const U bits = em << 13;
+    V f;
+    std::memcpy(&f, &bits, sizeof(f));
+    f = f * 0x1p112f;
+    U fb;
+    std::memcpy(&fb, &f, sizeof(fb));
+    fb = em >= 0x7c00u ? (bits | 0x7f800000u) : fb;
+    fb |= (w & 0x8000u) << 16;
+    std::memcpy(&f, &fb, sizeof(f));
+    if (m == L) {
+      vstore<V>(out + i, f);
+    } else {
+      vstore_part<V>(out + i, f, m);
+    }
+  }
+}
+
 // The float kernels compiled for three instruction sets, chosen at load time.
 struct FloatKernels {
   const char* isa;
   void (*stats)(const float*, int64_t, float, float&, float&);
-  double (*grad)(const float*, int64_t, float, float, float, float, float*);
   double (*dense)(const float*, const float*, int64_t, float, float, float, float, float, float, float, float*, bool&);
+  void (*expblk)(const float*, int64_t, float, float*, float*, double*, double*);
+  void (*scaleblk)(float*, int64_t, const float*, float);
+  double (*expk)(float*, int64_t);
+  bool (*kmax)(const float*, int64_t, float&);
+  void (*half_to_float)(const uint16_t*, int64_t, float*);
 };
 
 #define LPQLD_FLOAT_VARIANT(SUFFIX, ATTR, V, U)                                                                  \
   ATTR void stats_##SUFFIX(const float* x, int64_t n, float inv_t, float& m, float& s) {                         \
     stats_simd<V, U>(x, n, inv_t, m, s);                                                                         \
   }                                                                                                              \
-  ATTR double grad_##SUFFIX(const float* z, int64_t n, float m, float inv_s, float qs, float bg, float* g) {     \
-    return grad_simd<V, U>(z, n, m, inv_s, qs, bg, g);                                                           \
-  }                                                                                                              \
   ATTR double dense_##SUFFIX(const float* z, const float* u, int64_t n, float zm, float inv_s, float zs,         \
                              float um, float inv_t, float zt, float coef, float* g, bool& bad) {                 \
     return dense_simd<V, U>(z, u, n, zm, inv_s, zs, um, inv_t, zt, coef, g, bad);                                \
   }                                                                                                              \
-  constexpr FloatKernels kKernels_##SUFFIX{#SUFFIX, &stats_##SUFFIX, &grad_##SUFFIX, &dense_##SUFFIX};
+  ATTR void expblk_##SUFFIX(const float* x, int64_t n, float inv_s, float* e, float* bm, double* bs, double* bd) { \
+    expblk_simd<V, U>(x, n, inv_s, e, bm, bs, bd);                                                               \
+  }                                                                                                              \
+  ATTR void scaleblk_##SUFFIX(float* g, int64_t n, const float* a, float bg) { scaleblk_simd<V>(g, n, a, bg); }  \
+  ATTR double expk_##SUFFIX(float* x, int64_t n) { return expk_simd<V, U>(x, n); }                              \
+  ATTR bool kmax_##SUFFIX(const float* x, int64_t n, float& m) { return kmax_simd<V>(x, n, m); }                 \
+  ATTR void half_to_float_##SUFFIX(const uint16_t* h, int64_t n, float* out) {                                   \
+    half_to_float_simd<V, U>(h, n, out);                                                                         \
+  }                                                                                                              \
+  constexpr FloatKernels kKernels_##SUFFIX{#SUFFIX,           &stats_##SUFFIX,    &dense_##SUFFIX,               \
+                                           &expblk_##SUFFIX,  &scaleblk_##SUFFIX, &expk_##SUFFIX,                \
+                                           &kmax_##SUFFIX,    &half_to_float_##SUFFIX};
 
 LPQLD_FLOAT_VARIANT(base, , vf4, vu4)
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -342,17 +476,6 @@ void stats_scalar(const T* x, int64_t n, T inv_t, T& m_out, T& s_out) {
 }
 
 template <typename T>
-double grad_scalar(const T* z, int64_t n, T m, T inv_s, T qscale, T bg, T* g) {
-  double dsum = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const T d = z[j] - m;
-    g[j] = qscale * std::exp(d * inv_s) - bg;
-    dsum += static_cast<double>(d);
-  }
-  return dsum;
-}
-
-template <typename T>
 double dense_scalar(const T* z, const T* u, int64_t n, T zm, T inv_s, T zs, T um, T inv_t, T zt, T coef, T* g,
                     bool& u_nonfinite) {
   const T log_zs = std::log(zs), log_zt = std::log(zt);
@@ -367,17 +490,145 @@ double dense_scalar(const T* z, const T* u, int64_t n, T zm, T inv_s, T zs, T um
   return loss;
 }
 
+// Scalar twins of expblk/scaleblk/expk for float64 rows (same blocking, std::exp).
+template <typename T>
+void expblk_scalar(const T* x, int64_t n, T inv_s, T* e, T* bm, double* bs, double* bd) {
+  for (int64_t b0 = 0, bi = 0; b0 < n; b0 += kBlock, ++bi) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    T blk_max = -std::numeric_limits<T>::infinity();
+    for (int64_t j = b0; j < b1; ++j) blk_max = x[j] > blk_max ? x[j] : blk_max;
+    bm[bi] = blk_max;
+    double s = 0, d = 0;
+    for (int64_t j = b0; j < b1; ++j) {
+      if (blk_max == -std::numeric_limits<T>::infinity()) {
+        e[j] = T(0);
+        continue;
+      }
+      e[j] = std::exp((x[j] - blk_max) * inv_s);
+      s += static_cast<double>(e[j]);
+      d += static_cast<double>(x[j] - blk_max);
+    }
+    bs[bi] = s;
+    bd[bi] = blk_max == -std::numeric_limits<T>::infinity() ? -std::numeric_limits<double>::infinity() : d;
+  }
+}
+
+template <typename T>
+void scaleblk_scalar(T* g, int64_t n, const T* a, T bg) {
+  for (int64_t b0 = 0, bi = 0; b0 < n; b0 += kBlock, ++bi) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    for (int64_t j = b0; j < b1; ++j) g[j] = g[j] * a[bi] - bg;
+  }
+}
+
+inline double expk_scalar(double* x, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i]);
+    s += x[i];
+  }
+  return s;
+}
+
+inline void row_expblk(const float* x, int64_t n, float inv_s, float* e, float* bm, double* bs, double* bd) {
+  active_kernels().load(std::memory_order_relaxed)->expblk(x, n, inv_s, e, bm, bs, bd);
+}
+inline void row_expblk(const double* x, int64_t n, double inv_s, double* e, double* bm, double* bs, double* bd) {
+  expblk_scalar<double>(x, n, inv_s, e, bm, bs, bd);
+}
+inline void row_scaleblk(float* g, int64_t n, const float* a, float bg) {
+  active_kernels().load(std::memory_order_relaxed)->scaleblk(g, n, a, bg);
+}
+inline void row_scaleblk(double* g, int64_t n, const double* a, double bg) { scaleblk_scalar<double>(g, n, a, bg); }
+inline double row_expk(float* x, int64_t n) { return active_kernels().load(std::memory_order_relaxed)->expk(x, n); }
+inline double row_expk(double* x, int64_t n) { return expk_scalar(x, n); }
+
+inline bool row_kmax(const float* x, int64_t n, float& m) {
+  return active_kernels().load(std::memory_order_relaxed)->kmax(x, n, m);
+}
+inline bool row_kmax(const double* x, int64_t n, double& m) {
+  m = -std::numeric_limits<double>::infinity();
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    m = x[i] > m ? x[i] : m;
+    finite = finite && std::isfinite(x[i]);
+  }
+  return finite;
+}
+
+// The k stored values of a row as acc_t: int8 dequantised as v * scale + offset
+// (in float, like the reference's float32 dequantisation), fp16 by the SIMD
+// converter; one type switch per row, not per value.
+template <typename acc_t>
+void decode_values(const void* row, int64_t k, at::ScalarType dt, float scale, float offset, acc_t* out) {
+  switch (dt) {
+    case at::kHalf:
+      if constexpr (std::is_same_v<acc_t, float>) {
+        active_kernels().load(std::memory_order_relaxed)->half_to_float(static_cast<const uint16_t*>(row), k, out);
+      } else {
+        const at::Half* h = static_cast<const at::Half*>(row);
+        for (int64_t i = 0; i < k; ++i) out[i] = static_cast<acc_t>(static_cast<float>(h[i]));
+      }
+      return;
+    case at::kFloat: {
+      const float* f = static_cast<const float*>(row);
+      for (int64_t i = 0; i < k; ++i) out[i] = static_cast<acc_t>(f[i]);
+      return;
+    }
+    case at::kDouble: {
+      const double* f = static_cast<const double*>(row);
+      for (int64_t i = 0; i < k; ++i) out[i] = static_cast<acc_t>(f[i]);
+      return;
+    }
+    case at::kBFloat16: {
+      const at::BFloat16* f = static_cast<const at::BFloat16*>(row);
+      for (int64_t i = 0; i < k; ++i) out[i] = static_cast<acc_t>(static_cast<float>(f[i]));
+      return;
+    }
+    case at::kChar: {
+      const int8_t* q = static_cast<const int8_t*>(row);
+      if constexpr (std::is_same_v<acc_t, double>) {
+        for (int64_t i = 0; i < k; ++i)
+          out[i] = static_cast<double>(q[i]) * static_cast<double>(scale) + static_cast<double>(offset);
+      } else {
+        for (int64_t i = 0; i < k; ++i) out[i] = static_cast<float>(q[i]) * scale + offset;
+      }
+      return;
+    }
+    default:
+      for (int64_t i = 0; i < k; ++i) out[i] = acc_t(0);
+  }
+}
+
+// The k class ids of a row as int64; returns an id outside [0, C) if there is one, else 0.
+template <typename I>
+LPQLD_INLINE int64_t decode_indices_as(const I* row, int64_t k, int64_t C, int64_t* out, bool& bad) {
+  uint64_t oob = 0;  // OR over rows of (id >= C as unsigned): negative ids wrap to huge values
+  for (int64_t i = 0; i < k; ++i) {
+    out[i] = static_cast<int64_t>(row[i]);
+    oob |= static_cast<uint64_t>(static_cast<uint64_t>(out[i]) >= static_cast<uint64_t>(C));
+  }
+  bad = oob != 0;
+  if (bad)
+    for (int64_t i = 0; i < k; ++i)
+      if (out[i] < 0 || out[i] >= C) return out[i];
+  return 0;
+}
+inline int64_t decode_indices(const void* row, int64_t k, at::ScalarType dt, int64_t C, int64_t* out, bool& bad) {
+  switch (dt) {
+    case at::kLong: return decode_indices_as(static_cast<const int64_t*>(row), k, C, out, bad);
+    case at::kInt: return decode_indices_as(static_cast<const int32_t*>(row), k, C, out, bad);
+    case at::kShort: return decode_indices_as(static_cast<const int16_t*>(row), k, C, out, bad);
+    case at::kByte: return decode_indices_as(static_cast<const uint8_t*>(row), k, C, out, bad);
+    default: bad = true; return -1;
+  }
+}
+
 inline void row_stats(const float* x, int64_t n, float inv_t, float& m, float& s) {
   active_kernels().load(std::memory_order_relaxed)->stats(x, n, inv_t, m, s);
 }
 inline void row_stats(const double* x, int64_t n, double inv_t, double& m, double& s) {
   stats_scalar<double>(x, n, inv_t, m, s);
-}
-inline double row_grad(const float* z, int64_t n, float m, float inv_s, float qscale, float bg, float* g) {
-  return active_kernels().load(std::memory_order_relaxed)->grad(z, n, m, inv_s, qscale, bg, g);
-}
-inline double row_grad(const double* z, int64_t n, double m, double inv_s, double qscale, double bg, double* g) {
-  return grad_scalar<double>(z, n, m, inv_s, qscale, bg, g);
 }
 inline double row_dense(const float* z, const float* u, int64_t n, float zm, float inv_s, float zs, float um,
                         float inv_t, float zt, float coef, float* g, bool& bad) {
@@ -426,37 +677,6 @@ enum DataError : uint32_t {
   kErrFill = 32
 };
 
-// Stored value i of a row as acc_t: floats as they are, int8 as v * scale + offset
-// (in float, like the reference's float32 dequantisation).
-template <typename acc_t>
-inline acc_t load_value(const void* row, int64_t i, at::ScalarType dt, float scale, float offset) {
-  switch (dt) {
-    case at::kFloat: return static_cast<acc_t>(static_cast<const float*>(row)[i]);
-    case at::kDouble: return static_cast<acc_t>(static_cast<const double*>(row)[i]);
-    case at::kHalf: return static_cast<acc_t>(static_cast<float>(static_cast<const at::Half*>(row)[i]));
-    case at::kBFloat16: return static_cast<acc_t>(static_cast<float>(static_cast<const at::BFloat16*>(row)[i]));
-    case at::kChar: {
-      if constexpr (std::is_same_v<acc_t, double>) {
-        return static_cast<double>(static_cast<const int8_t*>(row)[i]) * static_cast<double>(scale) +
-               static_cast<double>(offset);
-      } else {
-        return static_cast<float>(static_cast<const int8_t*>(row)[i]) * scale + offset;
-      }
-    }
-    default: return acc_t(0);
-  }
-}
-
-inline int64_t load_index(const void* row, int64_t i, at::ScalarType dt) {
-  switch (dt) {
-    case at::kLong: return static_cast<const int64_t*>(row)[i];
-    case at::kInt: return static_cast<const int32_t*>(row)[i];
-    case at::kShort: return static_cast<const int16_t*>(row)[i];
-    case at::kByte: return static_cast<const uint8_t*>(row)[i];
-    default: return -1;
-  }
-}
-
 struct Problem {
   int64_t B, C, k, mode;
   double T, t_s, grad_scale;
@@ -494,6 +714,10 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
     std::vector<acc_t> ubuf((P.mode == kDense && !dense_values_direct) ? C : 0);
     std::vector<double> pk(P.mode == kDense ? 0 : k), lpk(P.mode == kDense ? 0 : k);
     std::vector<int64_t> ik(P.mode == kDense ? 0 : k);
+    std::vector<acc_t> xk(P.mode == kDense ? 0 : k), tk(P.mode == kDense ? 0 : k);
+    const int64_t nblk = P.mode == kDense ? 0 : (C + kBlock - 1) / kBlock;
+    std::vector<acc_t> bm(nblk), fa(nblk);
+    std::vector<double> bs(nblk), bd(nblk), fd(nblk);
     for (int64_t b = r0; b < r1; ++b) {
       const scalar_t* zrow = logits_ptr + b * lstride;
       scalar_t* grow = grad_ptr + b * C;
@@ -519,17 +743,16 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
         continue;
       }
 
-      acc_t zm, zs;
-      row_stats(z, C, inv_s, zm, zs);
-      const double log_zs = std::log(static_cast<double>(zs));
       double loss = 0.0;
 
       if (P.mode == kDense) {
+        acc_t zm, zs;
+        row_stats(z, C, inv_s, zm, zs);
         const acc_t* u;
         if (dense_values_direct) {
           u = static_cast<const acc_t*>(vrow);
         } else {
-          for (int64_t j = 0; j < C; ++j) ubuf[j] = load_value<acc_t>(vrow, j, P.vdt, row_scale, row_offset);
+          decode_values<acc_t>(vrow, C, P.vdt, row_scale, row_offset, ubuf.data());
           u = ubuf.data();
         }
         acc_t um, us;
@@ -538,37 +761,37 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
         loss = row_dense(z, u, C, zm, inv_s, zs, um, inv_t, us, coef, g, u_bad);
         if (u_bad) errors.fetch_or(kErrValues);
       } else {
-        // 1. decode the k stored entries
+        // 1. decode the k stored entries (and check them: index range, finiteness)
         const void* irow = static_cast<const char*>(P.indices) + b * P.indices_row_bytes;
-        for (int64_t i = 0; i < k; ++i) {
-          const int64_t j = load_index(irow, i, P.idt);
-          if (j < 0 || j >= C) {
-            bad_index.store(j);
-            row_err |= kErrIndex;
-          }
-          ik[i] = j;
-          pk[i] = static_cast<double>(load_value<acc_t>(vrow, i, P.vdt, row_scale, row_offset));
-          if (!std::isfinite(pk[i])) row_err |= kErrValues;
+        bool idx_bad = false;
+        const int64_t bad_j = decode_indices(irow, k, P.idt, C, ik.data(), idx_bad);
+        if (idx_bad) {
+          bad_index.store(bad_j);
+          row_err |= kErrIndex;
         }
+        decode_values<acc_t>(vrow, k, P.vdt, row_scale, row_offset, xk.data());
+        acc_t vmax;
+        if (!row_kmax(xk.data(), k, vmax)) row_err |= kErrValues;
         if (row_err) {
           errors.fetch_or(row_err);
           continue;
         }
+        for (int64_t i = 0; i < k; ++i) pk[i] = static_cast<double>(xk[i]);
         const int64_t rest = C - k;
         double p_bg = 0.0, logp_bg = 0.0, S = 0.0;
         if (P.mode == kMR || P.mode == kMRS) {
           const double it = 1.0 / P.T;
-          double tm = -std::numeric_limits<double>::infinity();
-          for (int64_t i = 0; i < k; ++i) tm = std::max(tm, pk[i] * it);
+          double tm = static_cast<double>(vmax) * it;  // = max_i pk_i * it (it > 0, rounding is monotone)
           const double uf = P.mode == kMRS ? static_cast<double>(P.fill[b]) * it : 0.0;
           if (P.mode == kMRS && rest > 0) tm = std::max(tm, uf);
-          // one exp per stored entry (in acc_t: float unless the logits are float64)
-          double zt = 0.0;
+          // one exp per stored entry, vectorised over k (in acc_t: float unless the
+          // logits are float64); the log-probabilities stay in double
           for (int64_t i = 0; i < k; ++i) {
             lpk[i] = pk[i] * it - tm;
-            pk[i] = static_cast<double>(exp_acc(static_cast<acc_t>(lpk[i])));
-            zt += pk[i];
+            xk[i] = static_cast<acc_t>(lpk[i]);
           }
+          double zt = row_expk(xk.data(), k);
+          for (int64_t i = 0; i < k; ++i) pk[i] = static_cast<double>(xk[i]);
           if (P.mode == kMRS && rest > 0) zt += static_cast<double>(rest) * std::exp(uf - tm);
           const double log_zt = std::log(zt), inv_zt = 1.0 / zt;
           for (int64_t i = 0; i < k; ++i) {
@@ -593,34 +816,69 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
           }
           S = stored + static_cast<double>(rest) * p_bg;
         }
-        // 2./3. student statistics (above) and the gradient pass over all C
-        const double dsum =
-            row_grad(z, C, zm, inv_s, static_cast<acc_t>(coef_d * S / static_cast<double>(zs)),
-                 static_cast<acc_t>(coef_d * p_bg), g);
-        // 4. stored entries: exact gradient and the loss terms. First mark their
-        // slots, which finds a class stored twice in the row.
+        // 2. student: per-block max and exp into g (one exp per logit), then the
+        // row max m, Z = sum_j exp((z_j - m) / s) and sum_j (z_j - m) from the blocks
+        row_expblk(z, C, inv_s, g, bm.data(), bs.data(), bd.data());
+        acc_t zm = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t bi = 0; bi < nblk; ++bi) zm = bm[bi] > zm ? bm[bi] : zm;
+        double zs = 0.0, dsum = 0.0;
+        for (int64_t bi = 0; bi < nblk; ++bi) {
+          const int64_t nb = std::min(kBlock, C - bi * kBlock);
+          if (bm[bi] == -std::numeric_limits<acc_t>::infinity()) {  // a block of -inf logits: q = 0 there
+            fa[bi] = zm == bm[bi] ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+            dsum += bd[bi];
+            continue;
+          }
+          const acc_t f = exp_acc(static_cast<acc_t>((bm[bi] - zm) * inv_s));
+          fa[bi] = f;
+          zs += bs[bi] * static_cast<double>(f);
+          dsum += bd[bi] + static_cast<double>(nb) * static_cast<double>(bm[bi] - zm);
+        }
+        const double log_zs = std::log(zs);
+        // 3. stored entries: save their e_j and mark the slots (which finds a class
+        // stored twice); their gradient is written below in double from e_j, so
+        // that S q_j - p_i cancels exactly where it should (e.g. C = k). Alongside,
+        // their loss terms with log q_i = (z_i - m) / s - log Z:
+        //   sum_i p_i (log p_i - log q_i) = sum p lp - (sum p (z - m)) / s + log Z sum p
+        // (p_i = 0 adds nothing: p lp is 0 then, and p (z - m) is masked for z = -inf).
+        const double zmd = static_cast<double>(zm);
+        double plp = 0.0, pd = 0.0, ps = 0.0, dk = 0.0;
         bool dup = false;
         for (int64_t i = 0; i < k; ++i) {
-          acc_t* slot = g + ik[i];
+          const int64_t j = ik[i];
+          acc_t* slot = g + j;
           dup = dup || is_marked(slot);
+          tk[i] = *slot;
           mark(slot);
+          const double d = static_cast<double>(z[j]) - zmd, p = pk[i];
+          dk += d;
+          plp += p * lpk[i];
+          pd += p > 0.0 ? p * d : 0.0;
+          ps += p;
         }
         if (dup) {
           errors.fetch_or(kErrDuplicate);
           continue;
         }
-        double sum_lq = 0.0;
+        const double isd = static_cast<double>(inv_s);
+        loss = plp - isd * pd + log_zs * ps;
+        if (p_bg > 0.0) {  // background classes: p_bg (log p_bg - log q_j) summed over the C - k of them
+          const double bg_lq = isd * (dsum - dk) - static_cast<double>(rest) * log_zs;
+          loss += static_cast<double>(rest) * p_bg * logp_bg - p_bg * bg_lq;
+        }
+        // 4. g_j = coef (S q_j - p_bg) for every column: scale each block (NaN logits
+        // make zs NaN: the whole row NaN); the marked slots are overwritten below
+        const double qscale = coef_d * S / zs;
+        for (int64_t bi = 0; bi < nblk; ++bi) {
+          fd[bi] = qscale * static_cast<double>(fa[bi]);
+          fa[bi] = static_cast<acc_t>(fd[bi]);
+        }
+        row_scaleblk(g, C, fa.data(), static_cast<acc_t>(coef_d * p_bg));
+        // 5. the stored slots' gradient, coef (S q_i - p_i), from the saved e_j
         for (int64_t i = 0; i < k; ++i) {
           const int64_t j = ik[i];
-          const double lq = (static_cast<double>(z[j]) - static_cast<double>(zm)) * static_cast<double>(inv_s) - log_zs;
-          const double q = static_cast<double>(exp_acc(static_cast<acc_t>(lq)));
-          g[j] = static_cast<acc_t>(coef_d * (S * q - pk[i]));
-          if (pk[i] > 0.0) loss += pk[i] * (lpk[i] - lq);
-          sum_lq += lq;
-        }
-        if (p_bg > 0.0) {
-          const double all_lq = static_cast<double>(inv_s) * dsum - static_cast<double>(C) * log_zs;
-          loss += static_cast<double>(rest) * p_bg * logp_bg - p_bg * (all_lq - sum_lq);
+          g[j] = static_cast<acc_t>(static_cast<double>(tk[i]) * fd[static_cast<uint64_t>(j) / kBlock] -
+                                    coef_d * pk[i]);
         }
       }
       if constexpr (!kDirect) {
