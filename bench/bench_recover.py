@@ -12,6 +12,8 @@ process, same teacher and targets, timed round-robin:
   one-class-per-pass      lpqld_fast.recover.synthesize_units called once per class
                           (fused ops: crop_resize_flip, batched_roll, segment_bn_loss)
   many-classes-per-pass   synthesize_units with all S classes in one pass (what recover does)
+  *-bf16-nhwc             the same two with recover.bf16 + recover.channels_last (bf16 autocast,
+                          NHWC teacher; images, Adam and losses fp32), as the CPU preset runs
 
 Sizes (IPC 10 everywhere; Fashion-MNIST image shape 1x28x28):
 
@@ -30,6 +32,7 @@ recover relies on, up to float rounding amplified by Adam's first steps).
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +43,9 @@ from bench.common import BenchContext, Case, parse_sizes
 
 KERNEL = "recover"
 BASELINE = "one-class-per-pass"
-IMPLS = ("reference-loop", "one-class-per-pass", "many-classes-per-pass")
+IMPLS = ("reference-loop", "one-class-per-pass", "many-classes-per-pass", "one-class-bf16-nhwc",
+         "many-classes-bf16-nhwc")
+FAST = {"bf16": True, "channels_last": True}  # what the fashion-mnist preset runs
 SHAPE = (1, 28, 28)  # Fashion-MNIST
 CFG: dict[str, Any] = {"lr": 0.1, "r_bn": 0.05, "jitter": 2, "first_bn_mult": 10.0, "checkpoint_every": 0}
 
@@ -147,6 +152,16 @@ def build_cases(net: str, s: int, ipc: int, iters: int, reference: bool = True,
         return torch.cat([synthesize_units(teacher, [u], targets, cfg, SHAPE, mean, std, seed=0, progress=False)
                           for u in units])
 
+    teacher_fast = copy.deepcopy(teacher)  # channels_last converts the module in place
+    cfg_fast = {**cfg, **FAST}
+
+    def many_fast() -> torch.Tensor:
+        return synthesize_units(teacher_fast, units, targets, cfg_fast, SHAPE, mean, std, seed=0, progress=False)
+
+    def one_fast() -> torch.Tensor:
+        return torch.cat([synthesize_units(teacher_fast, [u], targets, cfg_fast, SHAPE, mean, std, seed=0,
+                                           progress=False) for u in units])
+
     def ref() -> torch.Tensor:
         return torch.cat([reference_class_pass(teacher, c, ipc, targets, cfg, iters, mean, std, seed=0)
                           for c in range(s)])
@@ -161,7 +176,8 @@ def build_cases(net: str, s: int, ipc: int, iters: int, reference: bool = True,
             problems.append(f"many-classes-per-pass differs from one-class-per-pass by {err:.3g} (> 1e-3)")
     sizes = {"net": net, "img": "x".join(map(str, SHAPE)), "S": s, "IPC": ipc, "iters": iters}
     nbytes = 2 * s * ipc * math.prod(SHAPE) * 4 * iters
-    fns: dict[str, Callable[[], Any]] = {"one-class-per-pass": one, "many-classes-per-pass": many}
+    fns: dict[str, Callable[[], Any]] = {"one-class-per-pass": one, "many-classes-per-pass": many,
+                                         "one-class-bf16-nhwc": one_fast, "many-classes-bf16-nhwc": many_fast}
     if reference:
         fns["reference-loop"] = ref
     cases = [Case(KERNEL, impl, sizes, fns[impl], nbytes) for impl in IMPLS if impl in fns]
@@ -195,10 +211,11 @@ def summary(rows: list[dict[str, str]]) -> list[str]:
         work = int(p["S"]) * int(p["IPC"]) * int(p["iters"])
         rates = ", ".join(f"{impl} {work / t[impl]:.1f}" for impl in IMPLS if impl in t)
         line = f"recover [{dev}] {sizes}: image-iterations/s {rates}"
-        many = t.get("many-classes-per-pass")
-        if many:
-            for base in ("one-class-per-pass", "reference-loop"):
-                if base in t:
-                    line += f"; many-classes-per-pass {t[base] / many:.2f}x vs {base}"
+        for fast in ("many-classes-per-pass", "many-classes-bf16-nhwc"):
+            if fast not in t:
+                continue
+            for base in ("one-class-per-pass", "reference-loop", "one-class-bf16-nhwc"):
+                if base in t and base != fast:
+                    line += f"; {fast} {t[base] / t[fast]:.2f}x vs {base}"
         out.append(line)
     return out

@@ -45,6 +45,8 @@ TINY = [
     "--set", "relabel.epochs=3", "--set", "relabel.batch_size=5", "--set", "relabel.k=3",
     "--set", "relabel.prune_ratio=0.5",
     "--set", "train.epochs=3", "--set", "train.eval_every=1",
+    # fp32 everywhere: the 2-process vs 1-process comparisons test the DDP arithmetic, not bf16 rounding.
+    "--set", "train.bf16=false", "--set", "train.channels_last=false",
 ]
 UNITS = ["--units-at-once", "3"]  # 10 classes -> 4 recover groups, 2 per rank
 

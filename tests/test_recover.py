@@ -175,3 +175,25 @@ def test_run_recover_resumes_mid_pass_bit_exact(tmp_path, monkeypatch) -> None:
     assert got["images_sha256"] == want["images_sha256"]
     assert not list((out / "units").glob("pass_*.ckpt.pt"))  # deleted once the pass finished
     assert len(list((out / "units").glob("unit_*.pt"))) == 10
+
+
+def test_bf16_channels_last_pass_tracks_fp32() -> None:
+    """recover.bf16 + recover.channels_last (the CPU preset's fast path): the same optimisation up to bf16
+    rounding of the teacher's activations, and the many-classes-per-pass equivalence still holds."""
+    teacher, fast_teacher = _teacher(), _teacher()
+    targets = _targets(teacher)
+    units = make_units(K, IPC, True)
+    fast = {**CFG, "bf16": True, "channels_last": True}
+    ref = synthesize_units(teacher, units, targets, CFG, (1, 16, 16), MEAN, STD, seed=7, progress=False)
+    got = synthesize_units(fast_teacher, units, targets, fast, (1, 16, 16), MEAN, STD, seed=7, progress=False)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    init = torch.cat([torch.randn(len(u.labels), 1, 16, 16,
+                                  generator=torch.Generator().manual_seed((7 * 1_000_003 + u.uid * 7919 + 12345)))
+                      for u in units])
+    moved = (ref - init).abs().mean()
+    # Adam's steps are ~lr per pixel whatever the gradient's rounding: the two trajectories stay close
+    # relative to how far the images moved (a wrong layout or dtype path would decorrelate them).
+    assert (got - ref).abs().mean() < 0.25 * moved
+    alone = torch.cat([synthesize_units(fast_teacher, [u], targets, fast, (1, 16, 16), MEAN, STD, seed=7,
+                                        progress=False) for u in units])
+    assert (got - alone).abs().mean() < 0.25 * moved

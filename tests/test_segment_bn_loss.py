@@ -339,3 +339,21 @@ def test_cuda_gradcheck() -> None:
     tv = torch.rand(3, 3, dtype=torch.float64, device="cuda")
     for backend in available_backends("cuda", NATIVE_OP):
         assert torch.autograd.gradcheck(lambda t: segment_bn_loss(t, seg, tm, tv, backend=backend), (x,))
+
+
+@pytest.mark.parametrize("backend", CPU_ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_gradient_keeps_the_layout(backend: str, dtype: torch.dtype) -> None:
+    # recover feeds NHWC (bf16) BN inputs; the gradient must come back NHWC so autograd's sum with the
+    # BN path's NHWC gradient is a dense add, and equal the reference's values.
+    x, seg, tm, tv, w = _make((6, 5, 3, 4), 3, seg=[0, 1, 2, 2, 1, 0])
+    x = x.to(dtype)
+    xc = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    (segment_bn_loss(xc, seg, tm, tv, backend=backend).float() * w).sum().backward()
+    (segment_bn_loss(xr, seg, tm, tv, backend="reference").float() * w).sum().backward()
+    assert xc.grad.dtype == dtype
+    if backend != "reference":
+        assert xc.grad.is_contiguous(memory_format=torch.channels_last)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(xc.grad.float(), xr.grad.float(), rtol=tol, atol=tol)
