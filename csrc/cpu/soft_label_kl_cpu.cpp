@@ -172,17 +172,28 @@ LPQLD_INLINE void vstore_part(float* p, V v, int64_t n) {  // the first n < lane
   vstore<V>(buf, v);
   std::memcpy(p, buf, static_cast<size_t>(n) * sizeof(float));
 }
+// Horizontal max / sum as trees (depth log2(lanes), not a serial chain of
+// lanes - 1 dependent ops: these run a few times per row, which matters for
+// small C). The sum is taken in double.
 template <typename V>
 LPQLD_INLINE float hmax(V v) {
-  float m = v[0];
-  for (int64_t i = 1; i < lanes<V>(); ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  constexpr int64_t L = lanes<V>();
+  alignas(64) float b[16];
+  vstore<V>(b, v);
+  for (int64_t w = L / 2; w >= 1; w /= 2)
+    for (int64_t i = 0; i < w; ++i) b[i] = b[i + w] > b[i] ? b[i + w] : b[i];
+  return b[0];
 }
 template <typename V>
 LPQLD_INLINE double hsum(V v) {
-  double s = 0;
-  for (int64_t i = 0; i < lanes<V>(); ++i) s += static_cast<double>(v[i]);
-  return s;
+  constexpr int64_t L = lanes<V>();
+  alignas(64) float f[16];
+  vstore<V>(f, v);
+  double b[16];
+  for (int64_t i = 0; i < L; ++i) b[i] = static_cast<double>(f[i]);
+  for (int64_t w = L / 2; w >= 1; w /= 2)
+    for (int64_t i = 0; i < w; ++i) b[i] += b[i + w];
+  return b[0];
 }
 
 // Blocked online softmax statistics of x * inv_t: m = max x and
