@@ -56,7 +56,7 @@ from bench.common import BenchContext, Case
 KERNEL = "train_epoch"
 BASELINE = "reference-loop"
 LIMIT = "model-steps"
-IMPLS = ("reference-loop", "ours", "model-steps")
+IMPLS = ("reference-loop", "ours", "ours-bf16-nhwc", "model-steps")
 LABELS = ("mr-k3-fp16", "dense-fp16")
 SEED = 0
 STUDENT_LR, WEIGHT_DECAY = 1e-3, 0.01
@@ -151,9 +151,13 @@ class Setup:
 class Student:
     """ConvNet-BN student + AdamW (weight decay on ndim > 1), or a [B, C] leaf standing in for it (data part)."""
 
-    def __init__(self, model: torch.nn.Module | None, batch: int, num_classes: int) -> None:
+    def __init__(self, model: torch.nn.Module | None, batch: int, num_classes: int, fast: bool = False) -> None:
         from lpqld_fast.engine import build_optimizer
 
+        # fast: the fashion-mnist preset's student (train.bf16 + train.channels_last), as lpqld train runs it
+        self.fast = fast and model is not None
+        if self.fast:
+            model = model.to(memory_format=torch.channels_last)
         self.model = model
         if model is not None:
             model.train()
@@ -164,6 +168,9 @@ class Student:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.model is None:
             return self.leaf * 1.0  # a graph node, so backward runs as it would through a model
+        if self.fast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.model(x.contiguous(memory_format=torch.channels_last))
         return self.model(x)
 
     def step(self, loss: torch.Tensor) -> None:
@@ -263,10 +270,10 @@ def build_cases(s: Setup, part: str) -> list[Case]:
              "epochs": epochs, "part": part, "width": sz["width"]}
     nbytes = steps * s.record_bytes
 
-    def student() -> Student:
+    def student(fast: bool = False) -> Student:
         if part == "data":
             return Student(None, b, s.num_classes)
-        return Student(copy.deepcopy(base), b, s.num_classes)
+        return Student(copy.deepcopy(base), b, s.num_classes, fast=fast)
 
     torch.manual_seed(SEED)
     base = get_model("convnet-bn", num_classes=s.num_classes, in_chans=1, image_size=28,
@@ -275,6 +282,8 @@ def build_cases(s: Setup, part: str) -> list[Case]:
     cases = [Case(KERNEL, "reference-loop", sizes, lambda: ref.run_epochs(epochs), nbytes),
              Case(KERNEL, "ours", sizes, lambda: ours.run_epochs(epochs), nbytes)]
     if part == "epoch":
+        ours_fast = OurLoop(s, student(fast=True))
+        cases.append(Case(KERNEL, "ours-bf16-nhwc", sizes, lambda: ours_fast.run_epochs(epochs), nbytes))
         floor = student()
         g = torch.Generator().manual_seed(SEED)
         x = torch.randn(b, 1, 28, 28, generator=g)
@@ -311,6 +320,9 @@ def summary(rows: list[dict[str, str]]) -> list[str]:
         what = "epoch(s)" if kv.get("part") == "epoch" else "epoch(s), data path only (no student)"
         line = (f"{kv.get('labels')}, {kv.get('epochs')} {what}: ours {t['ours']:.1f} ms vs reference-loop "
                 f"{t[BASELINE]:.1f} ms = {t[BASELINE] / t['ours']:.1f}x")
+        if "ours-bf16-nhwc" in t:
+            line += (f"; ours with the preset's bf16 + channels_last student {t['ours-bf16-nhwc']:.1f} ms = "
+                     f"{t[BASELINE] / t['ours-bf16-nhwc']:.1f}x")
         if LIMIT in t:
             line += f"; student steps alone {t[LIMIT]:.1f} ms (ours / that {t['ours'] / t[LIMIT]:.2f}x)"
         out.append(line)
