@@ -25,7 +25,8 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kChunk = 2048;        // elements per float partial sum (then folded into double)
+constexpr int64_t kChunk = 256;  // elements per float partial sum, then folded into double: bounds the
+                                // float rounding even where the compiler does not split the sum into lanes (-O1)
 constexpr int64_t kChannelBlock = 16;  // channels per forward task
 constexpr int64_t kShortRow = 64;      // rows up to this length take the inline path
 
