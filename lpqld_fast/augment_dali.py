@@ -28,7 +28,9 @@ says whether it can be used.
 """
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 from collections.abc import Sequence
 
 import numpy as np
@@ -96,6 +98,14 @@ def _pipeline(dev: str, device_id: int | None, dtype_name: str, channels: int, o
     pipe = replay()
     pipe.build()
     return pipe
+
+
+@atexit.register
+def _release_pipelines() -> None:
+    # Cached pipelines must die while DALI's module globals still exist: left to interpreter teardown,
+    # Pipeline.__del__ finds them None and prints an AttributeError per pipeline.
+    _pipeline.cache_clear()
+    gc.collect()
 
 
 def _run_chunk(pipe, x: torch.Tensor, pix: torch.Tensor, flips: torch.Tensor, out: torch.Tensor) -> None:

@@ -39,7 +39,7 @@ def test_distill_end_to_end_and_resume(tmp_path, synthetic_preset, capsys) -> No
         assert (run / "report" / png).stat().st_size > 1000
     metrics = json.loads((run / "train" / "train_metrics.json").read_text())
     assert len(metrics["epochs"]) == 3 and 0 <= metrics["best_acc"] <= 100
-    assert metrics["epochs"][0]["T"] == 20.0  # step schedule, e = 1
+    assert metrics["epochs"][0]["T"] == synthetic_preset["train"]["t0"]  # step schedule at e = 1: T0
     assert 0.01 <= metrics["epochs"][-1]["t_s"] <= 1.0
     manifest = json.loads((run / "relabel" / "manifest.json").read_text())
     assert manifest["complete"] is True
