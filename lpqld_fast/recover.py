@@ -52,7 +52,14 @@ RECOVER_SCHEMA = 1
 PASS_CKPT_SCHEMA = 1
 DEFAULT_CHECKPOINT_EVERY = 100  # iterations: ~80 s of the Fashion-MNIST pass on 2 loaded cores
 # recover.* keys that do not change the images: left out of the run identity, so they can change on resume.
-NON_RESULT_KEYS = ("checkpoint_every",)
+# channels_last only changes the teacher's memory layout (fp32 rounding-level differences), so runs made before the
+# option existed, or resumed with it toggled, stay valid.
+NON_RESULT_KEYS = ("checkpoint_every", "channels_last")
+
+
+def result_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The recover settings that define the images: without NON_RESULT_KEYS, and bf16 only when on."""
+    return {k: v for k, v in sorted(cfg.items()) if k not in NON_RESULT_KEYS and not (k == "bf16" and not v)}
 
 
 @dataclass
@@ -175,7 +182,7 @@ def synthesize_units(
         teacher.to(memory_format=torch.channels_last)
     # Everything the trajectory depends on besides the teacher / targets (the caller's run identity covers those).
     ckpt_key = json.dumps({"uids": [u.uid for u in units], "sizes": sizes, "seed": seed, "shape": list(image_shape),
-                           "cfg": {k: v for k, v in sorted(cfg.items()) if k not in NON_RESULT_KEYS}},
+                           "cfg": result_config(cfg)},
                           sort_keys=True, default=str)
     start = 0
     if checkpoint_path is not None:
@@ -374,7 +381,7 @@ def run_recover(
     shape = (info.in_chans, info.image_size, info.image_size)
     unit_dir = out / "units"
     unit_dir.mkdir(parents=True, exist_ok=True)
-    run_cfg = {"recover": {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}, "dataset": config["dataset"],
+    run_cfg = {"recover": result_config(cfg), "dataset": config["dataset"],
                "seed": seed, "teacher_sha256": teacher_hash}
     state_path = out / "recover_state.json"
     if state_path.exists():

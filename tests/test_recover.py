@@ -197,3 +197,20 @@ def test_bf16_channels_last_pass_tracks_fp32() -> None:
     alone = torch.cat([synthesize_units(fast_teacher, [u], targets, fast, (1, 16, 16), MEAN, STD, seed=7,
                                         progress=False) for u in units])
     assert (got - alone).abs().mean() < 0.25 * moved
+
+
+def test_run_identity_ignores_layout_but_not_bf16(tmp_path) -> None:
+    """A finished recover is reused when only recover.channels_last (layout) differs, refused when bf16 does."""
+    from lpqld_fast.recover import run_recover
+
+    sq = tmp_path / "squeeze"
+    _squeeze_dir(sq)
+    config = {"dataset": "fashion-mnist", "squeeze": {"model": "convnet-bn"},
+              "recover": {"ipc": 1, "iterations": 2, "lr": 0.1, "r_bn": 0.05, "jitter": 2}}
+    first = run_recover(config, sq, tmp_path / "r", units_at_once=10, progress=False)
+    config["recover"].update(channels_last=True, bf16=False)
+    again = run_recover(config, sq, tmp_path / "r", units_at_once=10, progress=False)
+    assert again["images_sha256"] == first["images_sha256"]
+    config["recover"]["bf16"] = True
+    with pytest.raises(ValueError, match="another config"):
+        run_recover(config, sq, tmp_path / "r", units_at_once=10, progress=False)
