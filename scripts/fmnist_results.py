@@ -100,7 +100,8 @@ def main() -> int:
     ap.add_argument("--root", default="runs/results")
     ap.add_argument("--ipc", type=int, nargs="+", default=[10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--rows", default="core", choices=["core", "all", "ablation"])
+    ap.add_argument("--rows", default="core", choices=["core", "main", "all", "ablation"],
+                    help="core: a few rows; main: every factor and k without the ablations; all: main + ablations")
     ap.add_argument("--only", default=None, help="substring filter on row names")
     ap.add_argument("--set", action="append", default=[], help="preset override stage.key=value for every row")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
