@@ -5,10 +5,9 @@ __version__ = "0.1.0"
 def _enable_huge_page_allocations() -> None:
     """Ask torch's CPU allocator for 2 MiB-aligned, transparent-huge-page-backed blocks (>= 2 MiB).
 
-    A fresh 77 MB replay batch (128 x 3 x 224 x 224 fp32) otherwise costs ~19k page faults on first touch:
-    measured here 218 -> 51 ms to allocate and fill it, and 332 -> 134 ms for the whole batched crop
-    (docs/PERFORMANCE.md). torch reads THP_MEM_ALLOC_ENABLE at its first large allocation; a value the
-    user set (e.g. 0) is kept.
+    A fresh 77 MB replay batch (128 x 3 x 224 x 224 fp32) otherwise costs ~19k page faults on first touch
+    (an ad-hoc timing, not a benchmark: docs/PERFORMANCE.md). torch reads THP_MEM_ALLOC_ENABLE at its first
+    large allocation; a value the user set (e.g. 0) is kept.
     """
     import os
 
