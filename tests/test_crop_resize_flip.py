@@ -153,6 +153,38 @@ def test_batch_invariant_and_deterministic(backend):
         assert torch.equal(one[0], full[k])
 
 
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="extension not built")
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_cpp_simd_row_variants_same_bits(isa):
+    """uint8/float32 rows run on load-time-picked SIMD kernels (gathers): each variant this CPU can run gives
+    the bits of the portable one and matches the reference, with vector tails (widths 1..37), flips, 1-pixel
+    crops and a 256 -> 224 replay shape; a strided last dim takes the generic path and agrees too."""
+    switch = torch.ops.lpqld._crop_resize_flip_cpu_isa
+    before = switch()
+    try:
+        cases = [(28, 28, 1, 28, 28), (40, 37, 3, 17, 37), (9, 5, 2, 3, 1), (256, 256, 3, 224, 224),
+                 (30, 60, 1, 31, 45)]
+        for size in cases:
+            for dtype in (torch.uint8, torch.float32):
+                x, boxes, flips, out = _inputs(size, dtype, n=7, seed=size[1])
+                switch("base")
+                want = crop_resize_flip(x, boxes, flips, out, backend="cpp")
+                try:
+                    switch(isa)
+                except RuntimeError:
+                    pytest.skip(f"{isa} not supported on this CPU")
+                got = crop_resize_flip(x, boxes, flips, out, backend="cpp")
+                assert torch.equal(got, want), (isa, size, dtype)
+                ref_out = crop_resize_flip(x, boxes, flips, out, backend="reference")
+                torch.testing.assert_close(got, ref_out, rtol=0, atol=FWD_ATOL[dtype])
+                strided = torch.stack([x, x], dim=4)[..., 0]  # equals x with stride(3) == 2: the generic path
+                assert strided.stride(3) == 2
+                torch.testing.assert_close(crop_resize_flip(strided, boxes, flips, out, backend="cpp"), got,
+                                           rtol=0, atol=FWD_ATOL[dtype])
+    finally:
+        switch(before)
+
+
 # ----------------------------------------------------------------------------- backward
 
 

@@ -18,10 +18,19 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define LPQLD_CRF_X86 1
+// GCC 12's own AVX-512 headers trip this warning (their __Y = __Y idiom), not our code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace {
 
@@ -122,6 +131,207 @@ inline void interp_row(const scalar_t* row, const Tap<acc_t>* xt, int64_t ow, ac
   }
 }
 
+// ----------------------------------------------------------------------------- float rows, SIMD
+// The forward of float32/uint8 input with unit column stride (every replay and
+// recover call) runs on three row kernels: uint8 -> float conversion of the
+// crop window, the horizontal pass as two gathers from that row, and the
+// vertical blend. The portable build leaves the gathers scalar, so each kernel
+// is also compiled for AVX2 and AVX-512 and picked at load time. The vector
+// code multiplies and adds separately (no FMA), exactly like the scalar code
+// built with portable flags, so every variant returns the same bits.
+
+struct RowKernels {
+  const char* isa;
+  void (*u8_to_float)(const uint8_t*, int64_t, float*);
+  void (*hpass)(const float*, const int32_t*, const int32_t*, const float*, const float*, int64_t, float*);
+  void (*vblend)(const float*, const float*, float, float, int64_t, float*);
+};
+
+void u8_to_float_base(const uint8_t* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+void hpass_base(const float* row, const int32_t* i0, const int32_t* i1, const float* w0, const float* w1, int64_t n,
+                float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = row[i0[i]] * w0[i] + row[i1[i]] * w1[i];
+}
+void vblend_base(const float* top, const float* bot, float wy0, float wy1, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = top[i] * wy0 + bot[i] * wy1;
+}
+constexpr RowKernels kRowBase{"base", &u8_to_float_base, &hpass_base, &vblend_base};
+
+#ifdef LPQLD_CRF_X86
+#define LPQLD_AVX2 __attribute__((target("avx2")))
+LPQLD_AVX2 void u8_to_float_avx2(const uint8_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+LPQLD_AVX2 void hpass_avx2(const float* row, const int32_t* i0, const int32_t* i1, const float* w0, const float* w1,
+                           int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_i32gather_ps(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i0 + i)), 4);
+    const __m256 b = _mm256_i32gather_ps(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i1 + i)), 4);
+    _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(w0 + i)),
+                                            _mm256_mul_ps(b, _mm256_loadu_ps(w1 + i))));
+  }
+  for (; i < n; ++i) dst[i] = row[i0[i]] * w0[i] + row[i1[i]] * w1[i];
+}
+LPQLD_AVX2 void vblend_avx2(const float* top, const float* bot, float wy0, float wy1, int64_t n, float* dst) {
+  const __m256 a = _mm256_set1_ps(wy0), b = _mm256_set1_ps(wy1);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(top + i), a),
+                                            _mm256_mul_ps(_mm256_loadu_ps(bot + i), b)));
+  }
+  for (; i < n; ++i) dst[i] = top[i] * wy0 + bot[i] * wy1;
+}
+constexpr RowKernels kRowAvx2{"avx2", &u8_to_float_avx2, &hpass_avx2, &vblend_avx2};
+
+// AVX-512F brings FMA, and GCC contracts a * b + c (intrinsics included) under its default
+// -ffp-contract=fast: switched off so these kernels round like the portable ones.
+#define LPQLD_AVX512 __attribute__((target("avx512f,avx2"), optimize("fp-contract=off")))
+LPQLD_AVX512 void u8_to_float_avx512(const uint8_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm512_storeu_ps(dst + i, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+LPQLD_AVX512 void hpass_avx512(const float* row, const int32_t* i0, const int32_t* i1, const float* w0,
+                               const float* w1, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 a = _mm512_i32gather_ps(_mm512_loadu_si512(i0 + i), row, 4);
+    const __m512 b = _mm512_i32gather_ps(_mm512_loadu_si512(i1 + i), row, 4);
+    _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(w0 + i)),
+                                            _mm512_mul_ps(b, _mm512_loadu_ps(w1 + i))));
+  }
+  for (; i < n; ++i) dst[i] = row[i0[i]] * w0[i] + row[i1[i]] * w1[i];
+}
+LPQLD_AVX512 void vblend_avx512(const float* top, const float* bot, float wy0, float wy1, int64_t n, float* dst) {
+  const __m512 a = _mm512_set1_ps(wy0), b = _mm512_set1_ps(wy1);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(top + i), a),
+                                            _mm512_mul_ps(_mm512_loadu_ps(bot + i), b)));
+  }
+  for (; i < n; ++i) dst[i] = top[i] * wy0 + bot[i] * wy1;
+}
+constexpr RowKernels kRowAvx512{"avx512", &u8_to_float_avx512, &hpass_avx512, &vblend_avx512};
+#endif
+
+const RowKernels* row_variant(const std::string& isa) {
+  if (isa == "base") return &kRowBase;
+#ifdef LPQLD_CRF_X86
+  __builtin_cpu_init();
+  if (isa == "avx2" && __builtin_cpu_supports("avx2")) return &kRowAvx2;
+  if (isa == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2")) return &kRowAvx512;
+#endif
+  return nullptr;
+}
+
+std::atomic<const RowKernels*>& active_row_kernels() {
+  static std::atomic<const RowKernels*> active{[] {
+    for (const char* isa : {"avx512", "avx2"})
+      if (const RowKernels* k = row_variant(isa)) return k;
+    return &kRowBase;
+  }()};
+  return active;
+}
+
+// Which row-kernel variant runs; a non-empty isa ("base", "avx2", "avx512")
+// switches to it (tests check that all give the same bits). Returns the active one.
+std::string crop_resize_flip_cpu_isa(c10::string_view isa) {
+  if (!isa.empty()) {
+    const RowKernels* k = row_variant(std::string(isa));
+    TORCH_CHECK(k != nullptr, "_crop_resize_flip_cpu_isa: ", std::string(isa),
+                " is not available on this CPU/build (base, avx2, avx512)");
+    active_row_kernels().store(k);
+  }
+  return active_row_kernels().load()->isa;
+}
+
+// The forward on float rows (see above): x is uint8 or float32 with x.stride(3) == 1.
+// Column taps become int32 indices into the converted crop window [j, j + w)
+// (uint8) or into the source row itself (float32); the two-slot row cache is the
+// same as forward_impl's.
+template <typename scalar_t>
+void forward_rows(const at::Tensor& x, const at::Tensor& boxes, const at::Tensor& flips, at::Tensor& out) {
+  constexpr bool is_u8 = std::is_same_v<scalar_t, uint8_t>;
+  const RowKernels& K = *active_row_kernels().load();
+  const int64_t n = x.size(0), c = x.size(1);
+  const int64_t oh = out.size(2), ow = out.size(3);
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2);
+  std::vector<Tap<float>> ytab, xtab;
+  build_tables<float>(boxes, flips, oh, ow, sH, 1, ytab, xtab);
+  const int64_t* bx = boxes.data_ptr<int64_t>();
+  std::vector<int32_t> xi0(static_cast<size_t>(n * ow)), xi1(static_cast<size_t>(n * ow));
+  std::vector<float> xw0(static_cast<size_t>(n * ow)), xw1(static_cast<size_t>(n * ow));
+  int64_t max_w = 1;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t base_col = is_u8 ? bx[4 * k + 1] : 0;
+    max_w = std::max(max_w, bx[4 * k + 3]);
+    for (int64_t ox = 0; ox < ow; ++ox) {
+      const Tap<float>& t = xtab[static_cast<size_t>(k * ow + ox)];
+      xi0[static_cast<size_t>(k * ow + ox)] = static_cast<int32_t>(t.off0 - base_col);
+      xi1[static_cast<size_t>(k * ow + ox)] = static_cast<int32_t>(t.off1 - base_col);
+      xw0[static_cast<size_t>(k * ow + ox)] = t.w0;
+      xw1[static_cast<size_t>(k * ow + ox)] = t.w1;
+    }
+  }
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t plane = oh * ow;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(plane, 1));
+  at::parallel_for(0, n * c, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> slots(static_cast<size_t>(2 * ow));
+    std::vector<float> rowf(is_u8 ? static_cast<size_t>(max_w) : 0);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t k = p / c, ch = p % c;
+      const scalar_t* base = xp + k * sN + ch * sC;
+      const int64_t j = bx[4 * k + 1], w = bx[4 * k + 3];
+      const Tap<float>* yt = ytab.data() + k * oh;
+      const size_t xo = static_cast<size_t>(k * ow);
+      float* dst = op + p * plane;
+      float* buf[2] = {slots.data(), slots.data() + ow};
+      int64_t tag[2] = {-1, -1};
+      auto hrow = [&](int64_t r, float* into) {
+        const float* src;
+        if constexpr (is_u8) {
+          K.u8_to_float(base + r + j, w, rowf.data());
+          src = rowf.data();
+        } else {
+          src = base + r;
+        }
+        K.hpass(src, xi0.data() + xo, xi1.data() + xo, xw0.data() + xo, xw1.data() + xo, ow, into);
+      };
+      for (int64_t oy = 0; oy < oh; ++oy) {
+        const int64_t r0 = yt[oy].off0, r1 = yt[oy].off1;
+        int s0 = tag[0] == r0 ? 0 : (tag[1] == r0 ? 1 : -1);
+        if (s0 < 0) {
+          s0 = tag[0] == r1 ? 1 : 0;
+          hrow(r0, buf[s0]);
+          tag[s0] = r0;
+        }
+        int s1 = s0;
+        if (r1 != r0) {
+          s1 = 1 - s0;
+          if (tag[s1] != r1) {
+            hrow(r1, buf[s1]);
+            tag[s1] = r1;
+          }
+        }
+        K.vblend(buf[s0], buf[s1], yt[oy].w0, yt[oy].w1, ow, dst + oy * ow);
+      }
+    }
+  });
+}
+
 // Separable forward: each output row blends two horizontally interpolated
 // source rows, out = top * wy0 + bot * wy1 (the same arithmetic, in the same
 // order, as the direct 2-D formula). Source rows are monotone in the output
@@ -192,6 +402,17 @@ at::Tensor crop_resize_flip_cpu(const at::Tensor& x, const at::Tensor& boxes_in,
   const auto out_dtype = st == at::kByte ? at::kFloat : st;
   at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
+  // Int32 column indices hold any real image width; the float-row path needs unit column stride.
+  if (x.stride(3) == 1 && x.size(3) < (int64_t{1} << 30)) {
+    if (st == at::kByte) {
+      forward_rows<uint8_t>(x, boxes, flips, out);
+      return out;
+    }
+    if (st == at::kFloat) {
+      forward_rows<float>(x, boxes, flips, out);
+      return out;
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, st, "crop_resize_flip_cpu",
                                   [&] { forward_impl<scalar_t>(x, boxes, flips, out); });
   return out;
@@ -279,3 +500,6 @@ TORCH_LIBRARY_IMPL(lpqld, CPU, m) {
   m.impl("crop_resize_flip", &crop_resize_flip_cpu);
   m.impl("crop_resize_flip_backward", &crop_resize_flip_backward_cpu);
 }
+
+// Not a tensor op: selects/queries the SIMD variant of the forward row kernels (tests, benchmarks).
+TORCH_LIBRARY_FRAGMENT(lpqld, m) { m.def("_crop_resize_flip_cpu_isa(str isa=\"\") -> str", &crop_resize_flip_cpu_isa); }
