@@ -121,3 +121,14 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
                              f"{[k for k, v in config.items() if isinstance(v, dict)]})")
         config[stage][key] = _parse_value(value)
     return config
+
+
+def check_stage_keys(stage: str, cfg: dict[str, Any], known: set[str] | frozenset[str]) -> None:
+    """Refuse settings a stage does not read: a typo in ``--set`` must not be silently ignored."""
+    import difflib
+
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, known, n=1)) else repr(u)
+                 for u in unknown]
+        raise ValueError(f"unknown {stage} config keys {', '.join(hints)}; known: {sorted(known)}")

@@ -47,6 +47,7 @@ from lpqld_fast.augment import sample_flips, sample_rrc_boxes
 from lpqld_fast.bn_stats import bn_layers, load_bn_stats
 from lpqld_fast.io_utils import atomic_path, atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.ops import batched_roll, crop_resize_flip, segment_bn_loss
+from lpqld_fast.presets import check_stage_keys
 
 RECOVER_SCHEMA = 1
 PASS_CKPT_SCHEMA = 1
@@ -55,6 +56,10 @@ DEFAULT_CHECKPOINT_EVERY = 100  # iterations: ~80 s of the Fashion-MNIST pass on
 # channels_last only changes the teacher's memory layout (fp32 rounding-level differences), so runs made before the
 # option existed, or resumed with it toggled, stay valid.
 NON_RESULT_KEYS = ("checkpoint_every", "channels_last")
+# Every recover setting run_recover reads (presets and ablation switches).
+KNOWN_KEYS = frozenset({"ipc", "iterations", "lr", "r_bn", "first_bn_mult", "jitter", "normalize_input",
+                        "crop_scale", "classwise_batching", "classwise_supervision", "bf16", "channels_last",
+                        "checkpoint_every"})
 
 
 def result_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -352,6 +357,7 @@ def run_recover(
     from lpqld_fast.squeeze import build_teacher, load_teacher
 
     cfg = config["recover"]
+    check_stage_keys("recover", cfg, KNOWN_KEYS)
     out = Path(out)
     progress = progress and distributed.is_main()  # issue 8: one progress bar
     squeeze_dir = Path(squeeze_dir)

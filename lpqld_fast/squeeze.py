@@ -28,6 +28,12 @@ from lpqld_fast.data.transforms import normalize, random_crop_flip
 from lpqld_fast.engine import batch_indices, build_optimizer, seed_everything, to_float_images, warmup_cosine
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models import get_model
+from lpqld_fast.presets import check_stage_keys
+
+# Every squeeze setting the teacher training and the statistics pass read.
+KNOWN_KEYS = frozenset({"model", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
+                        "warmup_epochs", "label_smoothing", "augment", "crop_pad", "bf16", "channels_last",
+                        "checkpoint_required", "stats_batch_size", "stats_mode", "stats_momentum"})
 
 
 def build_teacher(cfg: dict[str, Any], meta: Any) -> nn.Module:
@@ -220,6 +226,7 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config["squeeze"]
+    check_stage_keys("squeeze", cfg, KNOWN_KEYS)
     dataset = config["dataset"]
     t0 = time.perf_counter()
     metrics: list[dict] = []

@@ -352,6 +352,8 @@ CLI_CASES = [
      r"^lpqld squeeze: error: squeeze.batch_size 5000 exceeds the 100 training images of synthetic$"),
     ("squeeze-lr-not-a-number", ("squeeze",), lambda r, t: ["--set", "squeeze.lr=abc"], "squeeze",
      r"^lpqld squeeze: error: squeeze.lr must be a number >= 0, got 'abc'$"),
+    ("squeeze-unknown-key", ("squeeze",), lambda r, t: ["--set", "squeeze.epoch=2"], "squeeze",
+     r"^lpqld squeeze: error: unknown squeeze config keys 'epoch' \(did you mean 'epochs'\?\); known: "),
     ("squeeze-no-gpu", ("squeeze",), lambda r, t: ["--device", "cuda"], "squeeze",
      r"^lpqld squeeze: error: --device 'cuda' but no CUDA device is available here"),
     ("squeeze-bad-device", ("squeeze",), lambda r, t: ["--device", "gpu0"], "squeeze",
@@ -361,6 +363,8 @@ CLI_CASES = [
     # recover
     ("recover-ipc-zero", ("recover",), lambda r, t: ["--set", "recover.ipc=0"], "recover",
      r"^lpqld recover: error: recover.ipc must be >= 1, got 0$"),
+    ("recover-unknown-key", ("recover",), lambda r, t: ["--set", "recover.iteration=5"], "recover",
+     r"^lpqld recover: error: unknown recover config keys 'iteration' \(did you mean 'iterations'\?\); known: "),
     ("recover-teacher-other-architecture", ("recover",), "teacher-other-arch", "recover",
      r"^lpqld recover: error: teacher checkpoint .*teacher\.pt does not fit model ConvNet"),
     ("recover-stats-nan", ("recover",), "stats-nan", "recover", r"^lpqld recover: error: target_mean contains NaN or inf$"),
