@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from lpqld_fast.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # the same process settings as the CLI: both sides of every ratio get them
     Path(args.out).mkdir(parents=True, exist_ok=True)
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
     threads_before = torch.get_num_threads()
@@ -98,6 +101,8 @@ def native_so_sha1() -> str:
 
 
 def _main(args: argparse.Namespace, profile: str, argv: list[str] | None) -> int:
+    from lpqld_fast.runtime import tune_cpu_allocator
+
     out = Path(args.out)
     csv_path = out / "results.csv"
     only = {k.strip() for item in args.only for k in item.split(",") if k.strip()}
@@ -159,6 +164,7 @@ def _main(args: argparse.Namespace, profile: str, argv: list[str] | None) -> int
             "loadavg_end": list(os.getloadavg()),
             "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(),
+            "allocator": tune_cpu_allocator(),
             "git_commit": git_commit(),
             "native_so_sha1": native_so_sha1(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

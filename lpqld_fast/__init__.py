@@ -1,20 +1,8 @@
 """lpqld_fast: large-scale dataset distillation with soft-label pruning and quantization."""
 __version__ = "0.1.0"
 
-
-def _enable_huge_page_allocations() -> None:
-    """Ask torch's CPU allocator for 2 MiB-aligned, transparent-huge-page-backed blocks (>= 2 MiB).
-
-    A fresh 77 MB replay batch (128 x 3 x 224 x 224 fp32) otherwise costs ~19k page faults on first touch
-    (an ad-hoc timing, not a benchmark: docs/PERFORMANCE.md). torch reads THP_MEM_ALLOC_ENABLE at its first
-    large allocation; a value the user set (e.g. 0) is kept.
-    """
-    import os
-
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
-_enable_huge_page_allocations()
+# Allocator settings (huge pages, glibc thresholds) are process-wide, so the entry points apply them
+# (lpqld_fast.runtime.tune_cpu_allocator), never this import.
 
 
 def _alias_source_kernels() -> None:

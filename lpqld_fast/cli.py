@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from lpqld_fast import distributed
+    from lpqld_fast.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
 
     def rank() -> str:
         return f" [rank {distributed.rank()}]" if distributed.world_size() > 1 else ""

@@ -465,6 +465,9 @@ def plot(path: Path, soft, hard, experts, modes, ipcs, ks, front, teacher_acc) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lpqld_fast.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=None, help="output root (default runs/data_knowledge, quick: "
                                                  "runs/data_knowledge_quick)")

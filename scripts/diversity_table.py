@@ -20,6 +20,9 @@ from lpqld_fast.report import diversity_metrics  # noqa: E402
 
 
 def main() -> int:
+    from lpqld_fast.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--squeeze", required=True, help="squeeze folder of the teacher that scores the features")
     ap.add_argument("recover", nargs="+", help="recover folders")

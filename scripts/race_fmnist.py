@@ -35,6 +35,9 @@ def _json(path: Path) -> dict:
 
 
 def main() -> int:
+    from lpqld_fast.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", required=True, help="a finished `lpqld squeeze` directory (fashion-mnist)")
     ap.add_argument("--out", default="runs/race")

@@ -274,6 +274,9 @@ def phase_all(out: Path, small: int, large: int, world: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lpqld_fast.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=["stats", "relabel", "train", "all"])
     p.add_argument("--out", required=True)

@@ -406,6 +406,33 @@ def test_grad_output_scaling_and_retain_graph(backend):
     torch.testing.assert_close(g3, 3.0 * z.grad)
 
 
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="extension not built")
+def test_cpp_autograd_op_paths():
+    """The cpp backend is a C++ autograd op: without grad (no_grad, inference_mode, logits not requiring grad) it
+    returns the same loss; backward through a non-leaf, grad into a view, and a double backward is refused."""
+    z0, v, idx, kw = make_problem("mrs", 5, 40, 6, seed=11)
+    z = z0.clone().requires_grad_(True)
+    loss = soft_label_kl(z, v, idx, mode="mrs", T=2.0, t_s=0.7, backend="cpp", fill=kw["fill"])
+    assert loss.requires_grad and loss.dim() == 0
+    with torch.no_grad():
+        nl = soft_label_kl(z, v, idx, mode="mrs", T=2.0, t_s=0.7, backend="cpp", fill=kw["fill"])
+    with torch.inference_mode():
+        il = soft_label_kl(z0, v, idx, mode="mrs", T=2.0, t_s=0.7, backend="cpp", fill=kw["fill"])
+    plain = soft_label_kl(z0, v, idx, mode="mrs", T=2.0, t_s=0.7, backend="cpp", fill=kw["fill"])
+    assert not nl.requires_grad and not plain.requires_grad
+    assert torch.equal(nl, loss.detach()) and torch.equal(il, loss.detach()) and torch.equal(plain, loss.detach())
+    w = torch.randn(40, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float32, requires_grad=True)
+    x = z0.clone()
+    y = soft_label_kl(x @ w, v, idx, mode="mrs", T=2.0, t_s=0.7, backend="cpp", fill=kw["fill"])
+    y.backward()
+    wr = w.detach().clone().requires_grad_(True)
+    want = soft_label_kl(x @ wr, v, idx, mode="mrs", T=2.0, t_s=0.7, backend="reference", fill=kw["fill"])
+    want.backward()
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, z, create_graph=True)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_empty_batch(backend, mode):

@@ -243,6 +243,13 @@ def soft_label_kl(
         return ref.soft_label_kl(student_logits, values, indices, mode=mode, T=T, t_s=t_s, fill=fill, scale=scale,
                                  offset=offset, t2_scale=t2_scale)
     grad_scale = T * T if t2_scale else 1.0
+    if name in ("cpp", "cuda"):  # the C++ autograd op (csrc/soft_label_kl.cpp): no Python Function per call
+        if fill is not None:
+            fill = fill.to(torch.float32)
+        if scale is not None:
+            scale, offset = scale.to(torch.float32), offset.to(torch.float32)
+        return torch.ops.lpqld.soft_label_kl(student_logits, values, indices, fill, scale, offset, MODE_CODES[mode],
+                                             T, t_s, grad_scale)
     return _FusedSoftLabelKL.apply(student_logits, values, indices, fill, scale, offset, MODE_CODES[mode], T, t_s,
                                    grad_scale, name)
 
