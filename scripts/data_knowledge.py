@@ -248,10 +248,16 @@ def run_row(row: dict, base: dict, root: Path, squeeze_dir: Path, tag: str, seed
         cfg["train"].update({"temperature": "constant", "t0": temperature, "calibrate": calibrate,
                              "student_t": "teacher"})
     t0 = time.perf_counter()
-    real = root / "real" / f"{strategy}-ipc{ipc}-s{seed}"
-    if real not in _SELECTED:  # once per process (a rerun would be a no-op, but loads the train set)
-        select_real_images(cfg, squeeze_dir, real, seed=seed, strategy=strategy, ipc=ipc)
-        _SELECTED.add(real)
+    if strategy.startswith("dir:"):  # --images: a finished recover folder (e.g. synthetic images) of this IPC
+        real = Path(strategy[4:]).resolve()
+        got = read_json(real / "manifest.json", "recover manifest").get("num_images")
+        if got != n:
+            raise SystemExit(f"--images {real} holds {got} images, IPC{ipc} needs {n}")
+    else:
+        real = root / "real" / f"{strategy}-ipc{ipc}-s{seed}"
+        if real not in _SELECTED:  # once per process (a rerun would be a no-op, but loads the train set)
+            select_real_images(cfg, squeeze_dir, real, seed=seed, strategy=strategy, ipc=ipc)
+            _SELECTED.add(real)
     run = row_dir(root, row, tag, seed)
     d = stage_dirs(run)
     link(squeeze_dir, d["squeeze"])
@@ -492,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
                          "student's temperature")
     ap.add_argument("--calibrate", action="store_true", help="LPLD calibrated student temperature instead of T")
     ap.add_argument("--strategy", default="random", choices=["random", "ce-easiest"], help="real-image selection")
+    ap.add_argument("--images", default=None,
+                    help="use this finished recover folder (e.g. synthetic images of one IPC, with --ipc) instead of "
+                         "selecting real images: the same students on other images, at the same storage")
     ap.add_argument("--test-subset", type=int, default=None,
                     help=f"evaluate students on a fixed stratified subset of this many test images (0 = all "
                          f"10,000; default {DEFAULT_TEST_SUBSET}, quick {QUICK_TEST_SUBSET}); frontier and "
@@ -526,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
         squeeze_dir = shared
     min_steps = args.min_steps if args.min_steps is not None else (QUICK_MIN_STEPS if args.quick
                                                                      else DEFAULT_MIN_STEPS)
-    tag = (f"E{epochs}m{min_steps}-T{args.temperature:g}-B{args.batch_size}-{args.strategy}"
+    strategy = f"dir:{args.images}" if args.images else args.strategy
+    image_label = f"img-{Path(args.images).resolve().name}" if args.images else args.strategy
+    tag = (f"E{epochs}m{min_steps}-T{args.temperature:g}-B{args.batch_size}-{image_label}"
            f"{'-cal' if args.calibrate else ''}-test{subset or 'all'}")
     rows = grid_rows(ipcs, ks, experts, modes, hard_ipcs)
     if args.list:
@@ -572,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_rows is not None and done_new >= args.max_rows:
                 break
             r = run_row(row, base, root, squeeze_dir, tag, args.seed, epochs, args.batch_size, args.temperature,
-                        args.strategy, args.calibrate, min_steps)
+                        strategy, args.calibrate, min_steps)
             results[key] = r
             atomic_write_json(results_path, results)
             done_new += 1

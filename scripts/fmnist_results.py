@@ -106,6 +106,7 @@ def main() -> int:
     ap.add_argument("--rows", default="core", choices=["core", "main", "all", "ablation"],
                     help="core: a few rows; main: every factor and k without the ablations; all: main + ablations")
     ap.add_argument("--only", default=None, help="substring filter on row names")
+    ap.add_argument("--name", action="append", default=[], help="exact row name (repeatable): only these rows")
     ap.add_argument("--set", action="append", default=[], help="preset override stage.key=value for every row")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
     ap.add_argument("--tag", default="", help="results-<tag>.json, so several processes can share one root")
@@ -117,7 +118,7 @@ def main() -> int:
     if args.list:
         for ipc in args.ipc:
             for s in rows_for(args.rows, 10, 10 * ipc):
-                if not args.only or args.only in s["name"]:
+                if (not args.only or args.only in s["name"]) and (not args.name or s["name"] in args.name):
                     print(f"IPC{ipc}", s["name"], s["relabel"], s["train"])
         return 0
     t0 = time.perf_counter()
@@ -129,6 +130,11 @@ def main() -> int:
         specs = rows_for(args.rows, 10, 10 * ipc)
         if args.only:
             specs = [s for s in specs if args.only in s["name"]]
+        if args.name:
+            unknown = sorted(set(args.name) - {s["name"] for s in specs})
+            if unknown:
+                raise SystemExit(f"--name: no such row {unknown} in --rows {args.rows}")
+            specs = [s for s in specs if s["name"] in args.name]
         for seed in args.seeds:
             for spec in specs:
                 key = f"{spec['name']} | IPC{ipc} | seed {seed}"
