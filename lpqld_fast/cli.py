@@ -39,7 +39,7 @@ def _squeeze(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     from lpqld_fast.squeeze import run_squeeze
 
     return run_squeeze(config, Path(args.out) / "squeeze", seed=args.seed, device=args.device,
-                       checkpoint=args.checkpoint, data_root=args.data_root)
+                       checkpoint=args.checkpoint)
 
 
 @command("recover")
@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default="runs/fashion-mnist", help="run directory (one folder per stage inside)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="cpu")
-        p.add_argument("--data-root", default=None, help="dataset location (default: the preset's)")
+        p.add_argument("--data-root", default=None,
+                       help="dataset location (default: the preset's), for every stage that reads it")
         p.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE",
                        help="override a preset field, e.g. --set squeeze.epochs=2 (repeatable)")
 
@@ -178,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _config(args)
         _check_device(args.device)
-        if args.data_root is not None and args.command != "squeeze":
-            # only squeeze reads the real dataset from --data-root; silently ignoring it would use the default
-            raise ValueError(f"--data-root is read by squeeze only ({args.command} would ignore it); "
-                             "run squeeze with it, and the dataset's default location for the other stages")
+        if args.data_root is not None:
+            # every stage that reads the dataset (squeeze, train's evaluation, report, real-image selection)
+            # takes it from the config; the location does not change what a run is
+            config["data_root"] = args.data_root
         # Issue 8: under torchrun (WORLD_SIZE > 1) join the process group; "cuda" becomes cuda:LOCAL_RANK.
         args.device = distributed.init_from_env(args.device)
         _COMMANDS[args.command](args, config)

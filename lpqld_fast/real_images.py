@@ -165,6 +165,8 @@ def select_real_images(
         raise ValueError("score_epoch only applies to the cross-entropy strategies, not 'random'")
     out, squeeze_dir = Path(out), Path(squeeze_dir)
     t0 = time.perf_counter()
+    if data_root is None:
+        data_root = config.get("data_root")
     train = get_dataset(config["dataset"], "train", root=data_root)
     if not hasattr(train, "images"):
         raise ValueError(f"real-image selection needs an in-memory dataset; {config['dataset']!r} is not one")

@@ -74,7 +74,7 @@ def diversity_metrics(squeeze_dir: Path, recover_dir: Path, config: dict[str, An
     from lpqld_fast.squeeze import build_teacher, load_teacher
 
     images, labels, _ = load_recovered(recover_dir)
-    train = get_dataset(config["dataset"], "train")
+    train = get_dataset(config["dataset"], "train", root=config.get("data_root"))
     teacher = load_teacher(Path(squeeze_dir) / "teacher.pt", build_teacher(config["squeeze"], train))
     g = torch.Generator().manual_seed(seed)
     real_idx = []

@@ -227,6 +227,8 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
     out.mkdir(parents=True, exist_ok=True)
     cfg = config["squeeze"]
     check_stage_keys("squeeze", cfg, KNOWN_KEYS)
+    if data_root is None:
+        data_root = config.get("data_root")
     dataset = config["dataset"]
     t0 = time.perf_counter()
     metrics: list[dict] = []

@@ -93,7 +93,7 @@ def run_train(
     if cfg.get("batch_size") not in (None, store.batch_size):
         raise ValueError(f"train.batch_size {cfg['batch_size']} differs from the label store's batch size "
                          f"{store.batch_size}: the student replays whole stored batches")
-    test = get_dataset(config["dataset"], "test")
+    test = get_dataset(config["dataset"], "test", root=config.get("data_root"))
     gen = seed_everything(seed)
     student = get_model(cfg["model"], num_classes=test.num_classes, in_chans=images.shape[1],
                         image_size=images.shape[2]).to(device)

@@ -414,8 +414,10 @@ CLI_CASES = [
     # distill, report
     ("distill-missing-dataset", (), "fmnist-env-missing", "distill",
      r"^lpqld distill: error: .*nowhere"),
-    ("train-data-root-ignored", (), lambda r, t: ["--data-root", str(t)], "train",
-     r"^lpqld train: error: --data-root is read by squeeze only \(train would ignore it\)"),
+    ("train-data-root-synthetic", (), lambda r, t: ["--data-root", str(t)], "train",
+     r"^lpqld train: error: the synthetic dataset takes no root$"),
+    ("train-data-root-missing", ("train",), lambda r, t: ["--dataset", "fmnist-real", "--data-root",
+                                                          str(t / "nowhere")], "train", r"^lpqld train: error: .*nowhere"),
     ("report-no-run", ("squeeze", "recover", "relabel", "train"), _prep_none, "report",
      r"^lpqld report: error: squeeze config not found: .*squeeze/config\.json$"),
     ("report-storage-no-store", ("relabel", "train"), lambda r, t: ["storage"], "report",
