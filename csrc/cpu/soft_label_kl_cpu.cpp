@@ -787,7 +787,11 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
           errors.fetch_or(row_err);
           continue;
         }
-        for (int64_t i = 0; i < k; ++i) pk[i] = static_cast<double>(xk[i]);
+        // Raw pointers with restrict: the slot marking below writes through g, and
+        // without it the compiler reloads every vector's data pointer per entry.
+        double* __restrict pkp = pk.data();
+        double* __restrict lpkp = lpk.data();
+        acc_t* __restrict xkp = xk.data();
         const int64_t rest = C - k;
         double p_bg = 0.0, logp_bg = 0.0, S = 0.0;
         if (P.mode == kMR || P.mode == kMRS) {
@@ -798,16 +802,15 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
           // one exp per stored entry, vectorised over k (in acc_t: float unless the
           // logits are float64); the log-probabilities stay in double
           for (int64_t i = 0; i < k; ++i) {
-            lpk[i] = pk[i] * it - tm;
-            xk[i] = static_cast<acc_t>(lpk[i]);
+            lpkp[i] = static_cast<double>(xkp[i]) * it - tm;
+            xkp[i] = static_cast<acc_t>(lpkp[i]);
           }
-          double zt = row_expk(xk.data(), k);
-          for (int64_t i = 0; i < k; ++i) pk[i] = static_cast<double>(xk[i]);
+          double zt = row_expk(xkp, k);
           if (P.mode == kMRS && rest > 0) zt += static_cast<double>(rest) * std::exp(uf - tm);
           const double log_zt = std::log(zt), inv_zt = 1.0 / zt;
           for (int64_t i = 0; i < k; ++i) {
-            lpk[i] -= log_zt;
-            pk[i] *= inv_zt;
+            lpkp[i] -= log_zt;
+            pkp[i] = static_cast<double>(xkp[i]) * inv_zt;
           }
           if (P.mode == kMRS && rest > 0) {
             logp_bg = uf - tm - log_zt;
@@ -817,7 +820,7 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
         } else {  // probabilities: ms, topk_norenorm
           double stored = 0.0;
           for (int64_t i = 0; i < k; ++i) {
-            pk[i] = std::max(pk[i], 0.0);
+            pk[i] = std::max(static_cast<double>(xkp[i]), 0.0);
             lpk[i] = pk[i] > 0.0 ? std::log(pk[i]) : 0.0;
             stored += pk[i];
           }
@@ -855,15 +858,17 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
         const double zmd = static_cast<double>(zm);
         double plp = 0.0, pd = 0.0, ps = 0.0, dk = 0.0;
         bool dup = false;
+        const int64_t* __restrict ikp = ik.data();
+        acc_t* __restrict tkp = tk.data();
         for (int64_t i = 0; i < k; ++i) {
-          const int64_t j = ik[i];
+          const int64_t j = ikp[i];
           acc_t* slot = g + j;
           dup = dup || is_marked(slot);
-          tk[i] = *slot;
+          tkp[i] = *slot;
           mark(slot);
-          const double d = static_cast<double>(z[j]) - zmd, p = pk[i];
+          const double d = static_cast<double>(z[j]) - zmd, p = pkp[i];
           dk += d;
-          plp += p * lpk[i];
+          plp += p * lpkp[i];
           pd += p > 0.0 ? p * d : 0.0;
           ps += p;
         }
@@ -886,10 +891,11 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
         }
         row_scaleblk(g, C, fa.data(), static_cast<acc_t>(coef_d * p_bg));
         // 5. the stored slots' gradient, coef (S q_i - p_i), from the saved e_j
+        const double* __restrict fdp = fd.data();
         for (int64_t i = 0; i < k; ++i) {
-          const int64_t j = ik[i];
-          g[j] = static_cast<acc_t>(static_cast<double>(tk[i]) * fd[static_cast<uint64_t>(j) / kBlock] -
-                                    coef_d * pk[i]);
+          const int64_t j = ikp[i];
+          g[j] = static_cast<acc_t>(static_cast<double>(tkp[i]) * fdp[static_cast<uint64_t>(j) / kBlock] -
+                                    coef_d * pkp[i]);
         }
       }
       if constexpr (!kDirect) {
