@@ -279,14 +279,16 @@ def test_non_contiguous_input(backend):
         "hw_transposed": base.transpose(2, 3).contiguous().transpose(2, 3),
         "strided_slice": torch.rand(8, 6, 40, 70)[::2, ::2, 3:35, 5:69:2],
     }
-    go = torch.randn(4, 3, *out)
+    go = torch.randn(4, 3, *out, generator=torch.Generator().manual_seed(5))
     for name, x in views.items():
         assert not x.is_contiguous(), name
         want = crop_resize_flip(x, boxes, flips, out, backend="reference")
         torch.testing.assert_close(crop_resize_flip(x, boxes, flips, out, backend=backend), want, rtol=0, atol=1e-5,
                                    msg=name)
-        torch.testing.assert_close(_grad(backend, x, boxes, flips, out, go),
-                                   _grad("reference", x, boxes, flips, out, go), rtol=1e-5, atol=1e-5, msg=name)
+        # float32 sums of many upsampling contributions in another order: tolerance on the gradient's scale
+        want_g = _grad("reference", x, boxes, flips, out, go)
+        torch.testing.assert_close(_grad(backend, x, boxes, flips, out, go), want_g, rtol=0,
+                                   atol=1e-5 * float(want_g.abs().max()), msg=name)
     u = (base * 255).to(torch.uint8).contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(crop_resize_flip(u, boxes, flips, out, backend=backend),
                                crop_resize_flip(u, boxes, flips, out, backend="reference"), rtol=0, atol=1e-3)
