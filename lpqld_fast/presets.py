@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "bf16": True, "channels_last": True},
     },
     "tiny-imagenet": {
-        "dataset": "imagefolder",
+        "dataset": "tiny-imagenet",
         "squeeze": {"model": "resnet18-small", "epochs": 50, "batch_size": 256, "optimizer": "sgd", "lr": 0.2,
                     "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False, "label_smoothing": 0.0,
                     "warmup_epochs": 0, "augment": "rrc-flip", "crop_pad": 4, "bf16": False, "channels_last": True,
@@ -58,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "calibrate": True, "t2_scale": True},
     },
     "imagenet1k": {
-        "dataset": "imagefolder",
+        "dataset": "imagenet-1k",
         "squeeze": {"model": "resnet18", "checkpoint_required": True, "stats_mode": "exact",
                     "stats_momentum": 0.1, "stats_batch_size": 256, "augment": "rrc-flip"},
         "recover": {"ipc": 50, "iterations": 4000, "lr": 0.25, "r_bn": 0.01, "jitter": 32, "first_bn_mult": 10.0},
@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "weight_decay": 0.01, "temperature": "step", "calibrate": True, "t2_scale": False},
     },
     "imagenet21k": {
-        "dataset": "imagefolder",
+        "dataset": "imagenet-21k-p",
         "squeeze": {"model": "resnet18", "checkpoint_required": True, "stats_mode": "exact",
                     "stats_momentum": 0.1, "stats_batch_size": 256, "augment": "rrc-flip"},
         "recover": {"ipc": 10, "iterations": 2000, "lr": 0.05, "r_bn": 0.25, "jitter": 32, "first_bn_mult": 10.0,

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lpqld_fast import distributed
 from lpqld_fast.bn_stats import ClasswiseBNStats, bn_layers, save_bn_stats
-from lpqld_fast.data import get_dataset
+from lpqld_fast.data import get_dataset, require_in_memory
 from lpqld_fast.data.transforms import normalize, random_crop_flip
 from lpqld_fast.engine import batch_indices, build_optimizer, seed_everything, to_float_images, warmup_cosine
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
@@ -95,8 +95,8 @@ def _plot_curve(metrics: list[dict], path: Path) -> None:
 def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, device: str = "cpu",
                   data_root: str | None = None) -> tuple[nn.Module, list[dict]]:
     """Train the teacher with per-epoch checkpoints; resumes from checkpoints/last.pt."""
-    train = get_dataset(dataset, "train", root=data_root)
-    test = get_dataset(dataset, "test", root=data_root)
+    train = require_in_memory(get_dataset(dataset, "train", root=data_root), "teacher training")
+    test = require_in_memory(get_dataset(dataset, "test", root=data_root), "teacher evaluation")
     gen = seed_everything(seed)
     model = build_teacher(cfg, train).to(device)
     if cfg.get("channels_last", False):
@@ -184,7 +184,7 @@ def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], see
     float64 moments (every rank returns the same result); EMA mode depends on
     batch order, so rank 0 runs it alone (the other ranks return ({}, layers)).
     """
-    train = get_dataset(dataset, "train", root=data_root)
+    train = require_in_memory(get_dataset(dataset, "train", root=data_root), "the class-wise statistics pass")
     model = model.to(device).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     mode = cfg.get("stats_mode", "exact")
@@ -263,7 +263,7 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
         save_bn_stats(out / "bn_stats.pt", stats, layers, cfg.get("stats_mode", "exact"), teacher_hash)
     stats_time = time.perf_counter() - t1
     train = get_dataset(dataset, "train", root=data_root)
-    test = get_dataset(dataset, "test", root=data_root)
+    test = require_in_memory(get_dataset(dataset, "test", root=data_root), "teacher evaluation")
     acc = distributed.evaluate_sharded(model, test.images, test.labels, train.mean, train.std)
     summary = {"teacher": metrics, "teacher_test_acc": acc, "teacher_sha256": teacher_hash,
                "bn_layers": len(bn_layers(model)), "teacher_seconds": teacher_time, "stats_seconds": stats_time,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from lpqld_fast import distributed
 from lpqld_fast.augment import replay_batch
-from lpqld_fast.data import get_dataset
+from lpqld_fast.data import get_dataset, require_in_memory
 from lpqld_fast.engine import build_optimizer, seed_everything, warmup_cosine
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, save_tensors
 from lpqld_fast.label_pool import epoch_batch_ids, temperature_at
@@ -93,7 +93,8 @@ def run_train(
     if cfg.get("batch_size") not in (None, store.batch_size):
         raise ValueError(f"train.batch_size {cfg['batch_size']} differs from the label store's batch size "
                          f"{store.batch_size}: the student replays whole stored batches")
-    test = get_dataset(config["dataset"], "test", root=config.get("data_root"))
+    test = require_in_memory(get_dataset(config["dataset"], "test", root=config.get("data_root")),
+                             "the student's evaluation")
     gen = seed_everything(seed)
     student = get_model(cfg["model"], num_classes=test.num_classes, in_chans=images.shape[1],
                         image_size=images.shape[2]).to(device)

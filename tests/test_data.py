@@ -311,6 +311,30 @@ def test_image_folder(tmp_path):
     assert sub.targets.tolist() == [0, 1, 1, 1] and sub[0][0].shape == (1, 20, 24)
 
 
+def test_named_folder_datasets(tmp_path):
+    """The presets' ImageNet-style datasets: an ImageFolder tree with the named dataset's size, normalisation
+    and class count; a tree with another class count or no root is refused with the reason."""
+    from lpqld_fast.data import DATASET_INFO, FOLDER_DATASETS, dataset_info
+
+    assert set(FOLDER_DATASETS) <= set(DATASET_INFO)
+    assert dataset_info("tiny-imagenet").num_classes == 200 and dataset_info("tiny-imagenet").image_size == 64
+    _make_tree(tmp_path / "train")  # 3 classes
+    with pytest.raises(ValueError, match=r"holds 3 class folders; tiny-imagenet has 200"):
+        get_dataset("tiny-imagenet", "train", root=tmp_path)
+    with pytest.raises(ValueError, match=r"tiny-imagenet.*--data-root"):
+        get_dataset("tiny-imagenet", "train")
+    ds = get_dataset("tiny-imagenet", "train", root=tmp_path, classes=["n01", "n02", "n03"])  # an explicit subset
+    x, _ = ds[0]
+    assert x.shape == (3, 64, 64) and ds.name == "tiny-imagenet" and ds.image_size == 64
+    ev = get_dataset("imagenet-1k", "train", root=tmp_path, classes=["n01", "n02", "n03"], transform=None)
+    assert ev.mean == tuple(DATASET_INFO["imagenet-1k"].mean)
+    from lpqld_fast.presets import get_preset
+
+    for preset, name in (("tiny-imagenet", "tiny-imagenet"), ("imagenet1k", "imagenet-1k"),
+                         ("imagenet21k", "imagenet-21k-p")):
+        assert get_preset(preset)["dataset"] == name and dataset_info(name).num_classes > 0
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
         ImageFolderDataset(tmp_path / "missing")
@@ -355,7 +379,8 @@ def test_synthetic_dataset():
 def test_get_dataset_registry():
     with pytest.raises(ValueError, match="fashion-mnist.*imagefolder.*synthetic"):
         get_dataset("cifar10", "train")
-    assert DATASET_NAMES == ("fashion-mnist", "imagefolder", "synthetic")
+    assert DATASET_NAMES == ("fashion-mnist", "imagefolder", "synthetic", "imagenet-1k", "imagenet-21k-p",
+                             "tiny-imagenet")
     ds = get_dataset("synthetic", "test", num_classes=3, samples_per_class=2)
     assert isinstance(ds, InMemoryDataset) and len(ds) == 6
     assert dataset_info("imagenet-21k-p").num_classes == 10450

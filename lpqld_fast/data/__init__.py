@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -330,9 +331,14 @@ DATASET_INFO: dict[str, DatasetInfo] = {
     ),
     "imagenet-1k": DatasetInfo("imagenet-1k", 1000, 3, 224, T.IMAGENET_MEAN, T.IMAGENET_STD),
     "imagenet-21k-p": DatasetInfo("imagenet-21k-p", 10450, 3, 224, T.IMAGENET_MEAN, T.IMAGENET_STD),
+    "tiny-imagenet": DatasetInfo("tiny-imagenet", 200, 3, 64, T.IMAGENET_MEAN, T.IMAGENET_STD),
 }
 
-DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "imagefolder", "synthetic")
+# Named ImageFolder trees (root/<split>/<class>/*): the presets' datasets. The name fixes the class count,
+# image size and normalisation (DATASET_INFO), so every stage knows them without reading the images.
+FOLDER_DATASETS: tuple[str, ...] = ("imagenet-1k", "imagenet-21k-p", "tiny-imagenet")
+
+DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "imagefolder", "synthetic") + FOLDER_DATASETS
 
 
 def dataset_info(name: str, **kwargs) -> DatasetInfo:
@@ -356,6 +362,9 @@ def get_dataset(
       (``image_size``, ``transform``, ``classes``, ...). The transform defaults to the ImageNet train
       transform for split "train", the eval transform otherwise.
     - ``"synthetic"``: split "train" | "test"; kwargs go to :class:`SyntheticDataset`.
+    - ``"imagenet-1k"``, ``"imagenet-21k-p"``, ``"tiny-imagenet"`` (FOLDER_DATASETS): ``"imagefolder"`` with the
+      image size, normalisation and class count of DATASET_INFO; root is required and must hold that many
+      class folders.
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
@@ -364,20 +373,50 @@ def get_dataset(
         if kwargs:
             raise TypeError(f"fashion-mnist takes no extra arguments, got {sorted(kwargs)}")
         return load_fashion_mnist(split, root)
-    if key == "imagefolder":
+    if key in FOLDER_DATASETS:
+        info = DATASET_INFO[key]
         if root is None:
-            raise ValueError("root is required for the 'imagefolder' dataset (a directory holding <split>/<class>/)")
-        split_dir = os.path.join(os.fspath(root), split)
-        if not os.path.isdir(split_dir):
-            raise FileNotFoundError(f"imagefolder split directory {split_dir!r} does not exist (expected root/<split>)")
-        if "transform" not in kwargs:
-            size = kwargs.get("image_size", 224)
-            kwargs["transform"] = (
-                T.imagenet_train_transform(size) if split == "train" else T.imagenet_eval_transform(size)
-            )
-        return ImageFolderDataset(split_dir, **kwargs)
+            raise ValueError(f"dataset {key!r} is an ImageFolder tree: pass its location (--data-root DIR with "
+                             f"DIR/{split}/<class>/*)")
+        for k, v in (("image_size", info.image_size), ("mean", info.mean), ("std", info.std), ("name", key)):
+            kwargs.setdefault(k, v)
+        ds = _image_folder(split, root, **kwargs)
+        if "classes" not in kwargs and ds.num_classes != info.num_classes:
+            raise ValueError(f"{os.path.join(os.fspath(root), split)} holds {ds.num_classes} class folders; "
+                             f"{key} has {info.num_classes} (use dataset 'imagefolder' for another tree)")
+        return ds
+    if key == "imagefolder":
+        return _image_folder(split, root, **kwargs)
     if key == "synthetic":
         if root is not None:
             raise ValueError("the synthetic dataset takes no root")
         return SyntheticDataset(split=split, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; valid names: {list(DATASET_NAMES)}")
+
+
+def _image_folder(split: str, root: str | os.PathLike | None, **kwargs) -> ImageFolderDataset:
+    """root/<split>/<class>/* with the ImageNet train (split "train") or eval transform unless one is given."""
+    if root is None:
+        raise ValueError("root is required for the 'imagefolder' dataset (a directory holding <split>/<class>/)")
+    split_dir = os.path.join(os.fspath(root), split)
+    if not os.path.isdir(split_dir):
+        raise FileNotFoundError(f"imagefolder split directory {split_dir!r} does not exist (expected root/<split>)")
+    if "transform" not in kwargs:
+        size = kwargs.get("image_size", 224)
+        norm = {k: kwargs[k] for k in ("mean", "std") if k in kwargs}
+        kwargs["transform"] = (
+            T.imagenet_train_transform(size, **norm) if split == "train" else T.imagenet_eval_transform(size, **norm)
+        )
+    return ImageFolderDataset(split_dir, **kwargs)
+
+
+def require_in_memory(ds: Any, what: str) -> Any:
+    """``ds`` if it holds its images as one uint8 tensor; a clear error for a streamed ImageFolder tree.
+
+    The teacher training, the class-wise statistics pass and the evaluations index ``ds.images``; a
+    decode-as-you-go pass over an ImageFolder tree is not written yet (docs/LAUNCH.md, "Limits").
+    """
+    if not hasattr(ds, "images"):
+        raise ValueError(f"{what} needs a dataset held in memory; {getattr(ds, 'name', type(ds).__name__)!r} is an "
+                         "ImageFolder tree read image by image, which this stage does not stream yet")
+    return ds
