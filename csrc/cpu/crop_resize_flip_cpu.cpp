@@ -167,7 +167,7 @@ LPQLD_AVX2 void u8_to_float_avx2(const uint8_t* src, int64_t n, float* dst) {
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
     _mm256_storeu_ps(dst + i, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)));
   }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  u8_to_float_base(src + i, n - i, dst + i);  // the tail
 }
 LPQLD_AVX2 void hpass_avx2(const float* row, const int32_t* i0, const int32_t* i1, const float* w0, const float* w1,
                            int64_t n, float* dst) {
@@ -178,7 +178,7 @@ LPQLD_AVX2 void hpass_avx2(const float* row, const int32_t* i0, const int32_t* i
     _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(w0 + i)),
                                             _mm256_mul_ps(b, _mm256_loadu_ps(w1 + i))));
   }
-  for (; i < n; ++i) dst[i] = row[i0[i]] * w0[i] + row[i1[i]] * w1[i];
+  hpass_base(row, i0 + i, i1 + i, w0 + i, w1 + i, n - i, dst + i);
 }
 LPQLD_AVX2 void vblend_avx2(const float* top, const float* bot, float wy0, float wy1, int64_t n, float* dst) {
   const __m256 a = _mm256_set1_ps(wy0), b = _mm256_set1_ps(wy1);
@@ -187,7 +187,7 @@ LPQLD_AVX2 void vblend_avx2(const float* top, const float* bot, float wy0, float
     _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(top + i), a),
                                             _mm256_mul_ps(_mm256_loadu_ps(bot + i), b)));
   }
-  for (; i < n; ++i) dst[i] = top[i] * wy0 + bot[i] * wy1;
+  vblend_base(top + i, bot + i, wy0, wy1, n - i, dst + i);
 }
 constexpr RowKernels kRowAvx2{"avx2", &u8_to_float_avx2, &hpass_avx2, &vblend_avx2};
 
@@ -200,7 +200,7 @@ LPQLD_AVX512 void u8_to_float_avx512(const uint8_t* src, int64_t n, float* dst) 
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
     _mm512_storeu_ps(dst + i, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)));
   }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  u8_to_float_base(src + i, n - i, dst + i);
 }
 LPQLD_AVX512 void hpass_avx512(const float* row, const int32_t* i0, const int32_t* i1, const float* w0,
                                const float* w1, int64_t n, float* dst) {
@@ -211,7 +211,7 @@ LPQLD_AVX512 void hpass_avx512(const float* row, const int32_t* i0, const int32_
     _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(w0 + i)),
                                             _mm512_mul_ps(b, _mm512_loadu_ps(w1 + i))));
   }
-  for (; i < n; ++i) dst[i] = row[i0[i]] * w0[i] + row[i1[i]] * w1[i];
+  hpass_base(row, i0 + i, i1 + i, w0 + i, w1 + i, n - i, dst + i);
 }
 LPQLD_AVX512 void vblend_avx512(const float* top, const float* bot, float wy0, float wy1, int64_t n, float* dst) {
   const __m512 a = _mm512_set1_ps(wy0), b = _mm512_set1_ps(wy1);
@@ -220,7 +220,7 @@ LPQLD_AVX512 void vblend_avx512(const float* top, const float* bot, float wy0, f
     _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(top + i), a),
                                             _mm512_mul_ps(_mm512_loadu_ps(bot + i), b)));
   }
-  for (; i < n; ++i) dst[i] = top[i] * wy0 + bot[i] * wy1;
+  vblend_base(top + i, bot + i, wy0, wy1, n - i, dst + i);
 }
 constexpr RowKernels kRowAvx512{"avx512", &u8_to_float_avx512, &hpass_avx512, &vblend_avx512};
 #endif
