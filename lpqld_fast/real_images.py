@@ -151,7 +151,7 @@ def select_real_images(
     ``ipc`` defaults to ``config["recover"]["ipc"]``. Rerunning with the same
     arguments is a no-op; ``out`` holding another recover run is refused.
     """
-    from lpqld_fast.data import get_dataset
+    from lpqld_fast.data import get_dataset, require_in_memory
     from lpqld_fast.recover import Unit, finalize_recover
     from lpqld_fast.squeeze import build_teacher, load_teacher
 
@@ -167,9 +167,7 @@ def select_real_images(
     t0 = time.perf_counter()
     if data_root is None:
         data_root = config.get("data_root")
-    train = get_dataset(config["dataset"], "train", root=data_root)
-    if not hasattr(train, "images"):
-        raise ValueError(f"real-image selection needs an in-memory dataset; {config['dataset']!r} is not one")
+    train = require_in_memory(get_dataset(config["dataset"], "train", root=data_root), "real-image selection")
     teacher = load_teacher(squeeze_dir / "teacher.pt", build_teacher(config["squeeze"], train))
     teacher_hash = sha256_tensors(teacher.state_dict())
     rec_cfg: dict[str, Any] = {"source": "real", "strategy": strategy, "ipc": ipc}

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
