@@ -24,6 +24,7 @@ from tqdm import tqdm
 from lpqld_fast import distributed
 from lpqld_fast.bn_stats import ClasswiseBNStats, bn_layers, save_bn_stats
 from lpqld_fast.data import get_dataset, require_in_memory
+from lpqld_fast.data.streaming import evaluate_folder, seeded_batches
 from lpqld_fast.data.transforms import normalize, random_crop_flip
 from lpqld_fast.engine import batch_indices, build_optimizer, seed_everything, to_float_images, warmup_cosine
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
@@ -33,7 +34,7 @@ from lpqld_fast.presets import check_stage_keys
 # Every squeeze setting the teacher training and the statistics pass read.
 KNOWN_KEYS = frozenset({"model", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
                         "warmup_epochs", "label_smoothing", "augment", "crop_pad", "bf16", "channels_last",
-                        "checkpoint_required", "stats_batch_size", "stats_mode", "stats_momentum"})
+                        "checkpoint_required", "stats_batch_size", "stats_mode", "stats_momentum", "stats_workers"})
 
 
 def build_teacher(cfg: dict[str, Any], meta: Any) -> nn.Module:
@@ -184,24 +185,33 @@ def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], see
     float64 moments (every rank returns the same result); EMA mode depends on
     batch order, so rank 0 runs it alone (the other ranks return ({}, layers)).
     """
-    train = require_in_memory(get_dataset(dataset, "train", root=data_root), "the class-wise statistics pass")
+    train = get_dataset(dataset, "train", root=data_root)
+    streamed = not hasattr(train, "images")  # an ImageFolder tree: decoded in workers, seeded per image
     model = model.to(device).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     mode = cfg.get("stats_mode", "exact")
     collector = ClasswiseBNStats(model, train.num_classes, mode=mode,
                                  momentum=float(cfg.get("stats_momentum", 0.1)), backend=backend)
     bs = _positive_int(cfg, "stats_batch_size", 500)
-    batches = list(batch_indices(len(train.labels), bs, gen, drop_last=False))
+    labels = train.targets if streamed else train.labels
+    batches = list(batch_indices(len(labels), bs, gen, drop_last=False))
     rank, world = distributed.rank(), distributed.world_size()
     layers = [n for n, _ in collector.layers]
     if mode != "exact" and rank != 0:
         return {}, layers
     mine = range(rank, len(batches), world) if mode == "exact" else range(len(batches))
     with collector.attached():
-        for b in tqdm(mine, desc="class-wise BN stats", leave=False, disable=rank != 0):
-            idx = batches[b]
-            x = _augment(train.images[idx], cfg, _stats_generator(seed, b), train.mean, train.std).to(device)
-            collector.observe(model, x, train.labels[idx])
+        if streamed:
+            # the folder's train transform (RandomResizedCrop + flip + normalise) under a per-image seed
+            stream = seeded_batches(train, [batches[b].tolist() for b in mine], seed + 1,
+                                    int(cfg.get("stats_workers", 4)))
+            for x, y in tqdm(stream, total=len(mine), desc="class-wise BN stats", leave=False, disable=rank != 0):
+                collector.observe(model, x.to(device), y)
+        else:
+            for b in tqdm(mine, desc="class-wise BN stats", leave=False, disable=rank != 0):
+                idx = batches[b]
+                x = _augment(train.images[idx], cfg, _stats_generator(seed, b), train.mean, train.std).to(device)
+                collector.observe(model, x, train.labels[idx])
     if mode == "exact":
         collector.all_reduce_()
     return collector.result(), layers
@@ -263,8 +273,11 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
         save_bn_stats(out / "bn_stats.pt", stats, layers, cfg.get("stats_mode", "exact"), teacher_hash)
     stats_time = time.perf_counter() - t1
     train = get_dataset(dataset, "train", root=data_root)
-    test = require_in_memory(get_dataset(dataset, "test", root=data_root), "teacher evaluation")
-    acc = distributed.evaluate_sharded(model, test.images, test.labels, train.mean, train.std)
+    test = get_dataset(dataset, "test", root=data_root)
+    if hasattr(test, "images"):
+        acc = distributed.evaluate_sharded(model, test.images, test.labels, train.mean, train.std)
+    else:
+        acc = evaluate_folder(model, test, num_workers=int(cfg.get("stats_workers", 4)))
     summary = {"teacher": metrics, "teacher_test_acc": acc, "teacher_sha256": teacher_hash,
                "bn_layers": len(bn_layers(model)), "teacher_seconds": teacher_time, "stats_seconds": stats_time,
                "stats_mode": cfg.get("stats_mode", "exact")}

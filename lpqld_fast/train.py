@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from lpqld_fast import distributed
 from lpqld_fast.augment import replay_batch
-from lpqld_fast.data import get_dataset, require_in_memory
+from lpqld_fast.data import get_dataset
+from lpqld_fast.data.streaming import evaluate_folder
 from lpqld_fast.engine import build_optimizer, seed_everything, warmup_cosine
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, save_tensors
 from lpqld_fast.label_pool import epoch_batch_ids, temperature_at
@@ -93,8 +94,7 @@ def run_train(
     if cfg.get("batch_size") not in (None, store.batch_size):
         raise ValueError(f"train.batch_size {cfg['batch_size']} differs from the label store's batch size "
                          f"{store.batch_size}: the student replays whole stored batches")
-    test = require_in_memory(get_dataset(config["dataset"], "test", root=config.get("data_root")),
-                             "the student's evaluation")
+    test = get_dataset(config["dataset"], "test", root=config.get("data_root"))
     gen = seed_everything(seed)
     student = get_model(cfg["model"], num_classes=test.num_classes, in_chans=images.shape[1],
                         image_size=images.shape[2]).to(device)
@@ -177,8 +177,11 @@ def run_train(
         entry = {"epoch": epoch, "loss": total / max(len(ids), 1), "T": T, "t_s": t_s}
         metrics["epochs"].append(entry)
         if epoch % int(cfg["eval_every"]) == 0 or epoch == epochs:
-            acc = distributed.evaluate_sharded(student, test.images, test.labels, mean, std, bf16=bool(cfg["bf16"]),
-                                               channels_last=channels_last)
+            if hasattr(test, "images"):
+                acc = distributed.evaluate_sharded(student, test.images, test.labels, mean, std,
+                                                   bf16=bool(cfg["bf16"]), channels_last=channels_last)
+            else:  # an ImageFolder split, decoded in workers with its eval transform
+                acc = evaluate_folder(student, test, bf16=bool(cfg["bf16"]), channels_last=channels_last)
             metrics["evals"].append({"epoch": epoch, "test_acc": acc})
             bar.set_postfix(acc=f"{acc:.2f}", T=f"{T:.1f}", t_s=f"{t_s:.2f}")
         if (epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs) and distributed.is_main():  # issue 8

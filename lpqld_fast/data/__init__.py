@@ -413,8 +413,8 @@ def _image_folder(split: str, root: str | os.PathLike | None, **kwargs) -> Image
 def require_in_memory(ds: Any, what: str) -> Any:
     """``ds`` if it holds its images as one uint8 tensor; a clear error for a streamed ImageFolder tree.
 
-    The teacher training, the class-wise statistics pass and the evaluations index ``ds.images``; a
-    decode-as-you-go pass over an ImageFolder tree is not written yet (docs/LAUNCH.md, "Limits").
+    Teacher training and real-image selection index ``ds.images``; the statistics pass and the evaluations
+    stream an ImageFolder tree instead (lpqld_fast.data.streaming; docs/LAUNCH.md, "Known limits").
     """
     if not hasattr(ds, "images"):
         raise ValueError(f"{what} needs a dataset held in memory; {getattr(ds, 'name', type(ds).__name__)!r} is an "

@@ -1,0 +1,91 @@
+"""Squeeze and evaluation on an ImageFolder tree (the ImageNet presets' path), decoded in workers.
+
+A 200-class `tiny-imagenet`-shaped tree of small PNGs and a user checkpoint: the class-wise statistics do
+not depend on the batch size (per-image seeds, float64 sums), and the teacher accuracy equals a plain loop
+over the test split with its eval transform.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lpqld_fast.bn_stats import load_bn_stats
+from lpqld_fast.cli import main
+from lpqld_fast.data import get_dataset
+from lpqld_fast.data.streaming import evaluate_folder, image_seed, seeded_batches
+from lpqld_fast.io_utils import read_json, save_tensors
+from lpqld_fast.models import get_model
+
+CLASSES = 200
+MODEL = "convnet-bn"  # the preset's resnet18-small costs ~40 ms per 64x64 image here; the path is the same
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny")
+    g = torch.Generator().manual_seed(0)
+    for split, per in (("train", 1), ("test", 1)):
+        for c in range(CLASSES):
+            d = root / split / f"n{c:03d}"
+            d.mkdir(parents=True)
+            for i in range(per):
+                px = torch.randint(0, 256, (12, 10, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(px).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = get_model(MODEL, num_classes=CLASSES, in_chans=3, image_size=64)
+    path = tmp_path_factory.mktemp("ck") / "teacher.pt"
+    save_tensors(path, model.state_dict())
+    return path
+
+
+def _squeeze(tree: Path, ck: Path, out: Path, batch: int) -> dict:
+    rc = main(["squeeze", "--dataset", "tiny-imagenet", "--data-root", str(tree), "--checkpoint", str(ck),
+               "--out", str(out), "--set", f"squeeze.stats_batch_size={batch}", "--set", "squeeze.stats_workers=0",
+               "--set", f"squeeze.model={MODEL}"])
+    assert rc == 0
+    return read_json(out / "squeeze" / "metrics.json", "metrics")
+
+
+def test_seeded_batches_do_not_depend_on_batching(tree):
+    ds = get_dataset("tiny-imagenet", "train", root=tree)
+    a = torch.cat([x for x, _ in seeded_batches(ds, [[0, 5, 9], [3]], seed=7, num_workers=0)])
+    b = torch.cat([x for x, _ in seeded_batches(ds, [[0], [5, 9, 3]], seed=7, num_workers=2)])
+    assert torch.equal(a, b) and a.shape == (4, 3, 64, 64)
+    c = torch.cat([x for x, _ in seeded_batches(ds, [[0, 5, 9, 3]], seed=8, num_workers=0)])
+    assert not torch.equal(a, c)  # another pass seed draws other crops
+    assert image_seed(7, 0) != image_seed(7, 1) != image_seed(8, 0)
+    state = torch.random.get_rng_state()
+    list(seeded_batches(ds, [[1, 2]], seed=3, num_workers=0))
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left alone
+
+
+def test_folder_squeeze_stats_and_accuracy(tree, checkpoint, tmp_path):
+    m1 = _squeeze(tree, checkpoint, tmp_path / "a", batch=64)
+    m2 = _squeeze(tree, checkpoint, tmp_path / "b", batch=25)
+    s1 = load_bn_stats(tmp_path / "a" / "squeeze" / "bn_stats.pt")
+    s2 = load_bn_stats(tmp_path / "b" / "squeeze" / "bn_stats.pt")
+    assert s1["layers"] == s2["layers"] and len(s1["layers"]) >= 3
+    for name in s1["tensors"]:
+        torch.testing.assert_close(s1["tensors"][name], s2["tensors"][name], rtol=1e-5, atol=1e-6, msg=name)
+    first = next(iter(s1["tensors"].values()))
+    assert first.shape[0] == CLASSES
+    # teacher accuracy: a plain loop over the test split (eval transform, no seeds) gives the same number
+    model = get_model(MODEL, num_classes=CLASSES, in_chans=3, image_size=64)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    model.eval()
+    test = get_dataset("tiny-imagenet", "test", root=tree)
+    with torch.no_grad():
+        xs = torch.stack([test[i][0] for i in range(len(test))])
+        correct = int((model(xs).argmax(1) == test.targets).sum())
+    assert m1["teacher_test_acc"] == pytest.approx(100.0 * correct / len(test))
+    assert m2["teacher_test_acc"] == m1["teacher_test_acc"]
+    assert evaluate_folder(model, test, batch_size=37, num_workers=0) == pytest.approx(m1["teacher_test_acc"])
