@@ -20,4 +20,14 @@ if [ "$WITH_CUDA" = 1 ] && [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/n
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
-"$PY" setup.py -q build_ext --inplace "$@"
+# Build into build/lib, then move the library into the package by rename: `--inplace` would truncate and
+# rewrite lpqld_fast/_C*.so, under any running job that has it mapped (a crash); a rename leaves those jobs
+# their old file.
+"$PY" setup.py -q build_ext --build-lib build/lib "$@"
+for so in build/lib/lpqld_fast/_C*.so; do
+  dst="lpqld_fast/$(basename "$so")"
+  if ! cmp -s "$so" "$dst"; then
+    cp "$so" "$dst.tmp.$$"
+    mv -f "$dst.tmp.$$" "$dst"
+  fi
+done
