@@ -62,14 +62,14 @@ def timing(profile: str) -> dict[str, float]:
 def reference_all_then_prune(images: torch.Tensor, teacher: torch.nn.Module, p: dict, out: Path) -> list[int]:
     """Generate every batch into one torch.save file each, then delete the pruned ones; returns the kept ids."""
     from lpqld_fast.augment import replay_batch, sample_aug_params
-    from lpqld_fast.relabel import _EpochPermutations, batch_image_indices, kept_count, seeded_generator, \
+    from lpqld_fast.relabel import EpochPermutations, batch_image_indices, kept_count, seeded_generator, \
         select_kept_batch_ids
     from lpqld_fast.store.quantize import encode_labels
 
     n, c_img, h, w = images.shape
     nb = n // p["B"]
     total = p["E"] * nb
-    perms = _EpochPermutations(n, SEED)
+    perms = EpochPermutations(n, SEED)
     out.mkdir(parents=True, exist_ok=True)
     for b in range(total):
         idx = batch_image_indices(b, n, p["B"], SEED, perms)

@@ -37,7 +37,7 @@ from lpqld_fast.store.quantize import MODES, VALUE_DTYPES, encode_labels, index_
 from lpqld_fast.store.reader import LabelStore
 from lpqld_fast.store.writer import StoreWriter
 
-__all__ = ["DEFAULT_CONFIG", "normalize_config", "derive_seed", "seeded_generator", "kept_count",
+__all__ = ["DEFAULT_CONFIG", "normalize_config", "derive_seed", "seeded_generator", "kept_count", "EpochPermutations",
            "select_kept_batch_ids", "batch_image_indices", "run_relabel"]
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -154,7 +154,7 @@ def select_kept_batch_ids(total_batches: int, num_kept: int, seed: int) -> np.nd
     return torch.sort(ids).values.numpy().astype(np.int64)
 
 
-class _EpochPermutations:
+class EpochPermutations:
     """Epoch permutations of the N images, one cached (kept ids are sorted, so epochs come in order)."""
 
     def __init__(self, num_images: int, seed: int):
@@ -172,13 +172,13 @@ class _EpochPermutations:
 
 
 def batch_image_indices(batch_id: int, num_images: int, batch_size: int, seed: int,
-                        _perms: _EpochPermutations | None = None) -> torch.Tensor:
+                        _perms: EpochPermutations | None = None) -> torch.Tensor:
     """Image indices int64 [B] of batch ``batch_id``: positions [p*B, (p+1)*B) of epoch e's permutation."""
     nb = num_images // batch_size
     if nb < 1:
         raise ValueError(f"batch_size {batch_size} exceeds the number of images {num_images}")
     e, p = divmod(int(batch_id), nb)
-    perm = (_perms or _EpochPermutations(num_images, seed))(e)
+    perm = (_perms or EpochPermutations(num_images, seed))(e)
     return perm[p * batch_size:(p + 1) * batch_size].clone()
 
 
@@ -307,7 +307,7 @@ def run_relabel(
     if writer is None:  # already complete
         return LabelStore.open(out_dir, expect_teacher_sha256=teacher_sha256, expect_images_sha256=images_sha256)
     specs = component_specs(writer.manifest)
-    perms = _EpochPermutations(n, seed)
+    perms = EpochPermutations(n, seed)
     try:
         todo = writer.pending_slots(slot_range)
         from tqdm.auto import tqdm
