@@ -409,7 +409,8 @@ def test_grad_output_scaling_and_retain_graph(backend):
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="extension not built")
 def test_cpp_autograd_op_paths():
     """The cpp backend is a C++ autograd op: without grad (no_grad, inference_mode, logits not requiring grad) it
-    returns the same loss; backward through a non-leaf, grad into a view, and a double backward is refused."""
+    returns the same loss; backward reaches the weights behind non-leaf logits (a matmul) like the reference;
+    a double backward (create_graph) is refused."""
     z0, v, idx, kw = make_problem("mrs", 5, 40, 6, seed=11)
     z = z0.clone().requires_grad_(True)
     loss = soft_label_kl(z, v, idx, mode="mrs", T=2.0, t_s=0.7, backend="cpp", fill=kw["fill"])
