@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from lpqld_fast import distributed
 from lpqld_fast.bn_stats import ClasswiseBNStats, bn_layers, save_bn_stats
-from lpqld_fast.data import get_dataset, require_in_memory
+from lpqld_fast.data import get_dataset
 from lpqld_fast.data.streaming import evaluate_folder, seeded_batches
 from lpqld_fast.data.transforms import normalize, random_crop_flip
 from lpqld_fast.engine import batch_indices, build_optimizer, seed_everything, to_float_images, warmup_cosine
@@ -34,7 +35,8 @@ from lpqld_fast.presets import check_stage_keys
 # Every squeeze setting the teacher training and the statistics pass read.
 KNOWN_KEYS = frozenset({"model", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
                         "warmup_epochs", "label_smoothing", "augment", "crop_pad", "bf16", "channels_last",
-                        "checkpoint_required", "stats_batch_size", "stats_mode", "stats_momentum", "stats_workers"})
+                        "checkpoint_required", "stats_batch_size", "stats_mode", "stats_momentum", "stats_workers",
+                        "train_workers"})
 
 
 def build_teacher(cfg: dict[str, Any], meta: Any) -> nn.Module:
@@ -73,6 +75,40 @@ def _augment(x_uint8: torch.Tensor, cfg: dict[str, Any], gen: torch.Generator, m
     return normalize(x, mean, std)
 
 
+def _nonneg_int(cfg: dict[str, Any], key: str, default: int) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"squeeze.{key} must be an int >= 0, got {v!r}")
+    return v
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The per-image augmentation seed base of teacher epoch ``epoch`` (0-based) on an ImageFolder tree."""
+    digest = hashlib.sha256(f"lpqld-teacher-epoch/{int(seed)}/{int(epoch)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _memory_steps(train: Any, cfg: dict[str, Any], gen: torch.Generator, bs: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(x, y, loss weight) of this rank per step: every rank draws the global batch and its augmentation
+    (same generator), then keeps its rows (issue 8; the whole batch and weight 1.0 in one process)."""
+    for idx in batch_indices(len(train.labels), bs, gen, drop_last=True):
+        x = _augment(train.images[idx], cfg, gen, train.mean, train.std)
+        rows, share = distributed.batch_share(len(idx))
+        yield x[rows], train.labels[idx][rows], share
+
+
+def _folder_steps(train: Any, gen: torch.Generator, bs: int, pass_seed: int, workers: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    """The same steps on an ImageFolder tree: each rank decodes only its rows of every global batch."""
+    batches = list(batch_indices(len(train.targets), bs, gen, drop_last=True))
+    shares = [distributed.batch_share(len(idx)) for idx in batches]
+    stream = seeded_batches(train, [idx[rows].tolist() for idx, (rows, _) in zip(batches, shares)], pass_seed,
+                            workers)
+    for (x, y), (_, share) in zip(stream, shares):
+        yield x, y, share
+
+
 def _plot_curve(metrics: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -95,9 +131,16 @@ def _plot_curve(metrics: list[dict], path: Path) -> None:
 
 def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, device: str = "cpu",
                   data_root: str | None = None) -> tuple[nn.Module, list[dict]]:
-    """Train the teacher with per-epoch checkpoints; resumes from checkpoints/last.pt."""
-    train = require_in_memory(get_dataset(dataset, "train", root=data_root), "teacher training")
-    test = require_in_memory(get_dataset(dataset, "test", root=data_root), "teacher evaluation")
+    """Train the teacher with per-epoch checkpoints; resumes from checkpoints/last.pt.
+
+    In-memory datasets are augmented with ``squeeze.augment``; an ImageFolder tree is decoded in
+    ``squeeze.train_workers`` DataLoader workers with the folder's train transform, each image under a seed of
+    (seed, epoch, image index), so a resumed run and any number of ranks see the same pixels.
+    """
+    train = get_dataset(dataset, "train", root=data_root)
+    test = get_dataset(dataset, "test", root=data_root)
+    streamed = not hasattr(train, "images")
+    labels = train.targets if streamed else train.labels
     gen = seed_everything(seed)
     model = build_teacher(cfg, train).to(device)
     if cfg.get("channels_last", False):
@@ -110,9 +153,10 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
             raise ValueError(f"squeeze.{key} must be a number >= 0, got {v!r}")
     epochs = _positive_int(cfg, "epochs")
     bs = _positive_int(cfg, "batch_size")
-    if bs > len(train.labels):  # drop_last: not one step per epoch, an untrained teacher
-        raise ValueError(f"squeeze.batch_size {bs} exceeds the {len(train.labels)} training images of {dataset}")
-    steps_per_epoch = len(train.labels) // bs
+    if bs > len(labels):  # drop_last: not one step per epoch, an untrained teacher
+        raise ValueError(f"squeeze.batch_size {bs} exceeds the {len(labels)} training images of {dataset}")
+    steps_per_epoch = len(labels) // bs
+    workers = _nonneg_int(cfg, "train_workers", 4)
     opt = build_optimizer(model, cfg["optimizer"], cfg["lr"], cfg.get("weight_decay", 0.0), cfg.get("momentum", 0.9),
                           cfg.get("nesterov", False))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -133,21 +177,19 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
         metrics = read_json(out / "metrics.json", "squeeze metrics")["teacher"] if (out / "metrics.json").exists() else []
         metrics = metrics[:start]
         print(f"squeeze: resuming teacher training after epoch {start}")
-    mean, std = train.mean, train.std
     bf16 = bool(cfg.get("bf16", False))
+    channels_last = bool(cfg.get("channels_last", False))
     for epoch in range(start, epochs):
         net.train()
         t0 = time.perf_counter()
         total, n = 0.0, 0
-        bar = tqdm(batch_indices(len(train.labels), bs, gen, drop_last=True), total=steps_per_epoch,
-                   desc=f"teacher epoch {epoch + 1}/{epochs}", leave=False, disable=not distributed.is_main())
-        for idx in bar:
-            x = _augment(train.images[idx], cfg, gen, mean, std).to(device)
-            y = train.labels[idx].to(device)
-            # Issue 8: every rank draws the global batch (same generator), then keeps its rows; share = 1.0 alone.
-            rows, share = distributed.batch_share(len(idx))
-            x, y = x[rows], y[rows]
-            if cfg.get("channels_last", False):
+        steps = (_folder_steps(train, gen, bs, _epoch_seed(seed, epoch), workers) if streamed
+                 else _memory_steps(train, cfg, gen, bs))
+        bar = tqdm(steps, total=steps_per_epoch, desc=f"teacher epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=not distributed.is_main())
+        for x, y, share in bar:
+            x, y = x.to(device), y.to(device)
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(net(x), y, label_smoothing=float(cfg.get("label_smoothing", 0.0)))
@@ -159,8 +201,11 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
             n += len(y)
             bar.set_postfix(loss=f"{total / n:.3f}")
         total, n = distributed.all_reduce_scalar(total), int(distributed.all_reduce_scalar(n))  # issue 8
-        acc = distributed.evaluate_sharded(model, test.images, test.labels, mean, std, bf16=bf16,
-                                           channels_last=bool(cfg.get("channels_last", False)))
+        if streamed:
+            acc = evaluate_folder(model, test, num_workers=workers, channels_last=channels_last, bf16=bf16)
+        else:
+            acc = distributed.evaluate_sharded(model, test.images, test.labels, train.mean, train.std, bf16=bf16,
+                                               channels_last=channels_last)
         metrics.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "test_acc": acc,
                         "seconds": time.perf_counter() - t0})
         if distributed.is_main():  # issue 8: rank 0 writes checkpoints and metrics

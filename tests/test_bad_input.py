@@ -338,9 +338,8 @@ CLI_CASES = [
     ("squeeze-unreadable-dataset", (), "garbage-idx", "squeeze", r"^lpqld squeeze: error: .*garbage"),
     ("squeeze-missing-imagefolder", (), lambda r, t: ["--dataset", "tiny-imagenet", "--data-root", str(t / "nowhere")],
      "squeeze", r"^lpqld squeeze: error: imagefolder split directory '.*nowhere/train' does not exist"),
-    ("squeeze-imagefolder-not-streamed", ("squeeze",), "tiny-imagenet-tree", "squeeze",
-     r"^lpqld squeeze: error: teacher training needs a dataset held in memory; 'tiny-imagenet' is an ImageFolder "
-     r"tree read image by image, which this stage does not stream yet$"),
+    ("squeeze-imagefolder-bad-workers", ("squeeze",), "tiny-imagenet-tree-bad-workers", "squeeze",
+     r"^lpqld squeeze: error: squeeze.train_workers must be an int >= 0, got -1$"),
     ("squeeze-imagefolder-class-count", (), "tree-3-classes", "squeeze",
      r"^lpqld squeeze: error: .*/train holds 3 class folders; tiny-imagenet has 200"),
     ("squeeze-checkpoint-missing", ("squeeze",), lambda r, t: ["--checkpoint", str(t / "none.pt")], "squeeze",
@@ -436,15 +435,16 @@ def _prepare(kind, run: Path, tmp: Path, monkeypatch) -> list[str]:
     if kind == "fmnist-env-missing":  # the real preset, its default location pointed nowhere
         monkeypatch.setenv("LPQLD_FASHION_MNIST", str(tmp / "nowhere"))
         return ["--dataset", "fmnist-real"]
-    if kind in ("tiny-imagenet-tree", "tree-3-classes"):  # one 8x8 PNG per class folder, train and test
+    if kind.startswith("tiny-imagenet-tree") or kind == "tree-3-classes":  # one 8x8 PNG per class, train and test
         from PIL import Image
 
         for split in ("train", "test"):
-            for c in range(200 if kind == "tiny-imagenet-tree" else 3):
+            for c in range(3 if kind == "tree-3-classes" else 200):
                 d = tmp / "tree" / split / f"n{c:03d}"
                 d.mkdir(parents=True)
                 Image.new("RGB", (8, 8), (c % 256, 0, 0)).save(d / "a.png")
-        return ["--dataset", "tiny-imagenet", "--data-root", str(tmp / "tree")]
+        extra = ["--set", "squeeze.train_workers=-1"] if kind.endswith("bad-workers") else []
+        return ["--dataset", "tiny-imagenet", "--data-root", str(tmp / "tree")] + extra
     if kind == "garbage-idx":
         root = tmp / "garbage"
         root.mkdir()

@@ -89,3 +89,50 @@ def test_folder_squeeze_stats_and_accuracy(tree, checkpoint, tmp_path):
     assert m1["teacher_test_acc"] == pytest.approx(100.0 * correct / len(test))
     assert m2["teacher_test_acc"] == m1["teacher_test_acc"]
     assert evaluate_folder(model, test, batch_size=37, num_workers=0) == pytest.approx(m1["teacher_test_acc"])
+
+
+def _train(tree: Path, out: Path, workers: int) -> int:
+    return main(["squeeze", "--dataset", "tiny-imagenet", "--data-root", str(tree), "--out", str(out),
+                 "--set", f"squeeze.model={MODEL}", "--set", "squeeze.epochs=2", "--set", "squeeze.batch_size=100",
+                 "--set", "squeeze.warmup_epochs=0", "--set", f"squeeze.train_workers={workers}",
+                 "--set", "squeeze.stats_workers=0", "--set", "squeeze.stats_batch_size=100"])
+
+
+def test_folder_teacher_training_streams_and_resumes(tree, tmp_path, monkeypatch):
+    """Teacher training on the tree (no checkpoint): decoded in workers, per-epoch checkpoints, and a run
+    killed after epoch 1 and resumed ends with the uninterrupted run's weights, bit for bit, whatever the
+    number of workers."""
+    from lpqld_fast import squeeze
+    from lpqld_fast.io_utils import load_tensors
+
+    assert _train(tree, tmp_path / "a", workers=0) == 0
+    sq = tmp_path / "a" / "squeeze"
+    metrics = read_json(sq / "metrics.json", "metrics")
+    assert [m["epoch"] for m in metrics["teacher"]] == [1, 2]
+    assert all(0.0 <= m["test_acc"] <= 100.0 and m["train_loss"] > 0 for m in metrics["teacher"])
+    assert (sq / "checkpoints" / "epoch_001.pt").exists() and (sq / "bn_stats.pt").exists()
+    first = load_tensors(sq / "checkpoints" / "epoch_001.pt")
+    final = load_tensors(sq / "teacher.pt")
+    assert any(not torch.equal(first[k], final[k]) for k in final)  # epoch 2 trained
+    init = get_model(MODEL, num_classes=CLASSES, in_chans=3, image_size=64).state_dict()
+    assert any(not torch.equal(init[k], first[k]) for k in init if init[k].is_floating_point())
+
+    calls = {"n": 0}
+    real_eval = squeeze.evaluate_folder
+
+    def dies_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed during epoch 2")
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(squeeze, "evaluate_folder", dies_in_epoch_2)
+    assert _train(tree, tmp_path / "b", workers=2) != 0  # the CLI reports the interrupt and exits non-zero
+    assert calls["n"] == 2
+    assert not (tmp_path / "b" / "squeeze" / "teacher.pt").exists()
+    monkeypatch.setattr(squeeze, "evaluate_folder", real_eval)
+    assert _train(tree, tmp_path / "b", workers=2) == 0
+    resumed = load_tensors(tmp_path / "b" / "squeeze" / "teacher.pt")
+    assert resumed.keys() == final.keys()
+    for k in final:
+        assert torch.equal(resumed[k], final[k]), k

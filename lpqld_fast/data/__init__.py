@@ -413,7 +413,7 @@ def _image_folder(split: str, root: str | os.PathLike | None, **kwargs) -> Image
 def require_in_memory(ds: Any, what: str) -> Any:
     """``ds`` if it holds its images as one uint8 tensor; a clear error for a streamed ImageFolder tree.
 
-    Teacher training and real-image selection index ``ds.images``; the statistics pass and the evaluations
+    Real-image selection indexes ``ds.images``; teacher training, the statistics pass and the evaluations
     stream an ImageFolder tree instead (lpqld_fast.data.streaming; docs/LAUNCH.md, "Known limits").
     """
     if not hasattr(ds, "images"):
