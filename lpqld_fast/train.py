@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from lpqld_fast import distributed
 from lpqld_fast.augment import replay_batch
-from lpqld_fast.data import get_dataset
+from lpqld_fast.data import get_dataset, stratified_subset
 from lpqld_fast.data.streaming import evaluate_folder
 from lpqld_fast.engine import build_optimizer, seed_everything, warmup_cosine
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, save_tensors
@@ -53,6 +53,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     # Hard-label baseline: one-hot labels of the replayed images (CutMix-mixed), stored soft labels ignored.
     "hard_labels": False,
     "eval_every": 25,
+    # Evaluate on a fixed class-balanced subset of this many test images (seed 0); 0 = the whole test split.
+    "test_subset": 0,
     "checkpoint_every": 10,
     "bf16": False,
     # NHWC student + inputs: the fast CPU conv path (with bf16, ~3x faster ConvNet steps and evals here).
@@ -69,6 +71,9 @@ def train_config(config: dict[str, Any]) -> dict[str, Any]:
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"train.{key} must be a positive int, got {v!r}")
+    v = cfg["test_subset"]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"train.test_subset must be an int >= 0 (0 = the whole test split), got {v!r}")
     for key in ("lr", "weight_decay", "momentum", "t0", "t_decay", "t_floor"):  # a string fails deep in torch
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
@@ -95,6 +100,8 @@ def run_train(
         raise ValueError(f"train.batch_size {cfg['batch_size']} differs from the label store's batch size "
                          f"{store.batch_size}: the student replays whole stored batches")
     test = get_dataset(config["dataset"], "test", root=config.get("data_root"))
+    if cfg["test_subset"]:
+        test = stratified_subset(test, cfg["test_subset"], seed=0)
     gen = seed_everything(seed)
     student = get_model(cfg["model"], num_classes=test.num_classes, in_chans=images.shape[1],
                         image_size=images.shape[2]).to(device)
@@ -191,6 +198,7 @@ def run_train(
                                      "generator": gen.get_state(), "t_s": t_s, "epoch": epoch})
     accs = [e["test_acc"] for e in metrics["evals"]]
     summary = {"best_acc": max(accs), "last_acc": accs[-1], "num_epochs": epochs, "t_s_final": t_s,
+               "test_images": len(test),
                "seconds": time.perf_counter() - t_begin + metrics.get("seconds", 0.0)}
     metrics.update(summary)
     if distributed.is_main():  # issue 8: rank 0 writes, the others wait for it

@@ -20,7 +20,6 @@ relabel + train; finished rows are skipped (resume). Writes, under --root:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -134,63 +133,18 @@ def write_idx_subset(out: Path, train_n: int, test_n: int) -> str:
     """Stratified subsets of the Fashion-MNIST splits as (uncompressed) IDX files in ``out``."""
     import struct
 
-    from lpqld_fast.data import get_dataset
+    from lpqld_fast.data import get_dataset, stratified_subset
 
     out.mkdir(parents=True, exist_ok=True)
     for split, n, prefix in (("train", train_n, "train"), ("test", test_n, "t10k")):
         ds = get_dataset("fashion-mnist", split)
-        idx = stratified_subset(ds.labels, n, seed=1)
-        imgs = ds.images[idx, 0].contiguous()
-        labels = ds.labels[idx].to(dtype=imgs.dtype)
+        sub = stratified_subset(ds, n, seed=1)
+        imgs = sub.images[:, 0].contiguous()
+        labels = sub.labels.to(dtype=imgs.dtype)
         for kind, t in (("images-idx3", imgs), ("labels-idx1", labels)):
             head = struct.pack(">HBB", 0, 0x08, t.dim()) + struct.pack(f">{t.dim()}I", *t.shape)
             atomic_write_bytes(out / f"{prefix}-{kind}-ubyte", head + t.numpy().tobytes())
     return str(out)
-
-
-def stratified_subset(labels, n: int, seed: int = 0):
-    """n // C test indices per class (first of a seeded permutation), sorted."""
-    import torch
-
-    classes = int(labels.max()) + 1
-    per = max(1, n // classes)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for c in range(classes):
-        idx = torch.nonzero(labels == c).flatten()
-        out.append(idx[torch.randperm(len(idx), generator=g)[:per]])
-    return torch.sort(torch.cat(out)).values
-
-
-@contextlib.contextmanager
-def eval_on_test_subset(n: int, seed: int = 0):
-    """While active, run_train evaluates on a fixed stratified subset of n test images (n = 0: the full set).
-
-    run_train has no subset option and loads the test split with lpqld_fast.train.get_dataset; this
-    substitutes that one name for the duration (test split only). The full test set costs one 10k-image
-    forward per student, as much as the training itself at the default epochs on 2 cores.
-    """
-    if not n:
-        yield
-        return
-    import lpqld_fast.train as train_mod
-    from lpqld_fast.data import InMemoryDataset
-
-    original = train_mod.get_dataset
-
-    def subset_get_dataset(name, split="train", root=None, **kwargs):
-        ds = original(name, split, root, **kwargs)
-        if split != "test" or n >= len(ds.labels):
-            return ds
-        idx = stratified_subset(ds.labels, n, seed)
-        return InMemoryDataset(ds.images[idx], ds.labels[idx], num_classes=ds.num_classes, mean=ds.mean,
-                               std=ds.std, class_names=ds.class_names, name=f"{ds.name}-test{len(idx)}")
-
-    train_mod.get_dataset = subset_get_dataset
-    try:
-        yield
-    finally:
-        train_mod.get_dataset = original
 
 
 def full_test_accuracy(run: Path, cfg: dict) -> float:
@@ -575,22 +529,22 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     done_new = 0
-    with eval_on_test_subset(subset, seed=0):
-        for i, row in enumerate(rows):
-            key = row_key(row, tag, args.seed)
-            if key in results:
-                continue
-            if args.max_rows is not None and done_new >= args.max_rows:
-                break
-            r = run_row(row, base, root, squeeze_dir, tag, args.seed, epochs, args.batch_size, args.temperature,
-                        strategy, args.calibrate, min_steps)
-            results[key] = r
-            atomic_write_json(results_path, results)
-            done_new += 1
-            print(f"[{i + 1}/{len(rows)}] {key}: test top-1 {r['test_acc']:.2f}% | "
-                  f"{_kib(r['total_bytes'])} | {r['seconds']['row']:.1f}s "
-                  f"(relabel {r['seconds']['relabel']:.1f}s, train {r['seconds']['train']:.1f}s) | "
-                  f"elapsed {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
+    base["train"]["test_subset"] = subset  # run_train evaluates on the fixed stratified subset (0 = all)
+    for i, row in enumerate(rows):
+        key = row_key(row, tag, args.seed)
+        if key in results:
+            continue
+        if args.max_rows is not None and done_new >= args.max_rows:
+            break
+        r = run_row(row, base, root, squeeze_dir, tag, args.seed, epochs, args.batch_size, args.temperature,
+                    strategy, args.calibrate, min_steps)
+        results[key] = r
+        atomic_write_json(results_path, results)
+        done_new += 1
+        print(f"[{i + 1}/{len(rows)}] {key}: test top-1 {r['test_acc']:.2f}% | "
+              f"{_kib(r['total_bytes'])} | {r['seconds']['row']:.1f}s "
+              f"(relabel {r['seconds']['relabel']:.1f}s, train {r['seconds']['train']:.1f}s) | "
+              f"elapsed {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
     mine = [r for k, r in results.items() if r.get("tag") == tag and r.get("seed") == args.seed]
     complete = all(row_key(r, tag, args.seed) in results for r in rows)
     if subset and complete:  # the points the conclusions rest on, on the whole test set

@@ -387,3 +387,25 @@ def test_get_dataset_registry():
     assert dataset_info("synthetic", num_classes=3).num_classes == 3
     with pytest.raises(ValueError, match="root is required"):
         get_dataset("imagefolder", "train")
+
+
+def test_stratified_subset_is_balanced_fixed_and_refuses_bad_sizes() -> None:
+    from lpqld_fast.data import InMemoryDataset, stratified_subset
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (203,), generator=g)
+    labels[:4] = torch.arange(4)  # every class present
+    images = torch.randint(0, 256, (203, 1, 5, 5), generator=g, dtype=torch.uint8)
+    ds = InMemoryDataset(images, labels, num_classes=5)  # class 4 has no images: it contributes none
+    sub = stratified_subset(ds, 40, seed=0)
+    assert sub.labels.bincount(minlength=5).tolist() == [8, 8, 8, 8, 0]  # n // C per class
+    # rows are real (image, label) pairs of ds, in dataset order
+    pos = [int(torch.nonzero((images == im).flatten(1).all(1)).flatten()[0]) for im in sub.images]
+    assert pos == sorted(pos) and torch.equal(labels[pos], sub.labels)
+    assert torch.equal(stratified_subset(ds, 40, seed=0).images, sub.images)
+    assert not torch.equal(stratified_subset(ds, 40, seed=1).images, sub.images)
+    assert stratified_subset(ds, 203) is ds and stratified_subset(ds, 1000) is ds
+    assert stratified_subset(ds, 2).labels.bincount(minlength=5).tolist() == [1, 1, 1, 1, 0]  # at least one
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="subset size must be a positive int"):
+            stratified_subset(ds, bad)

@@ -82,3 +82,24 @@ def test_label_pools_are_seeded_and_keyed_by_batch_id() -> None:
     assert len(b) == 4 and set(b.tolist()) <= set(kept.tolist())
     with pytest.raises(ValueError, match="pool"):
         epoch_batch_ids(kept, "random", 1, 4, 0)
+
+
+def test_train_test_subset_evaluates_on_a_fixed_balanced_subset(tmp_path, synthetic_preset, capsys) -> None:
+    from lpqld_fast.data import get_dataset, stratified_subset
+    from lpqld_fast.engine import evaluate
+    from lpqld_fast.io_utils import load_tensors
+    from lpqld_fast.models import get_model
+
+    run = tmp_path / "run"
+    assert main(["distill", "--out", str(run), *TINY, "--set", "train.test_subset=30"]) == 0
+    metrics = json.loads((run / "train" / "train_metrics.json").read_text())
+    full = get_dataset("synthetic", "test")
+    sub = stratified_subset(full, 30, seed=0)
+    assert metrics["test_images"] == len(sub) < len(full.labels)
+    student = get_model("convnet-bn", num_classes=full.num_classes, in_chans=full.images.shape[1],
+                        image_size=full.images.shape[2])
+    student.load_state_dict(load_tensors(run / "train" / "student.pt"))
+    assert metrics["last_acc"] == pytest.approx(evaluate(student, sub.images, sub.labels, full.mean, full.std))
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), *TINY, "--set", "train.test_subset=-1"]) == 2
+    assert "train.test_subset must be an int >= 0 (0 = the whole test split), got -1" in capsys.readouterr().err

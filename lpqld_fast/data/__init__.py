@@ -33,6 +33,7 @@ __all__ = [
     "load_fashion_mnist",
     "FASHION_MNIST_CLASSES",
     "DATASET_INFO",
+    "stratified_subset",
     "DATASET_NAMES",
     "dataset_info",
     "get_dataset",
@@ -420,3 +421,22 @@ def require_in_memory(ds: Any, what: str) -> Any:
         raise ValueError(f"{what} needs a dataset held in memory; {getattr(ds, 'name', type(ds).__name__)!r} is an "
                          "ImageFolder tree read image by image, which this stage does not stream yet")
     return ds
+
+
+def stratified_subset(ds: Any, n: int, seed: int = 0) -> Any:
+    """A fixed class-balanced subset of an in-memory dataset: per class the first n // C images of a
+    permutation seeded by ``seed`` (at least one), in dataset order. ``n >= len(ds)`` returns ``ds``."""
+    ds = require_in_memory(ds, "a test subset")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"subset size must be a positive int, got {n!r}")
+    if n >= len(ds.labels):
+        return ds
+    per = max(1, n // ds.num_classes)
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in range(ds.num_classes):
+        idx = torch.nonzero(ds.labels == c).flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:per]])
+    idx = torch.sort(torch.cat(picked)).values
+    return InMemoryDataset(ds.images[idx], ds.labels[idx], num_classes=ds.num_classes, mean=ds.mean, std=ds.std,
+                           class_names=ds.class_names, name=f"{ds.name}[{len(idx)} of {len(ds.labels)}]")
