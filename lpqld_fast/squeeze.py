@@ -43,11 +43,12 @@ def build_teacher(cfg: dict[str, Any], meta: Any) -> nn.Module:
     return get_model(cfg["model"], num_classes=meta.num_classes, in_chans=meta.in_chans, image_size=meta.image_size)
 
 
-def _positive_int(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
-    """cfg[key] as an int >= 1, else a one-line error naming squeeze.<key> (0 would divide by zero)."""
+def _int_setting(cfg: dict[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
+    """cfg[key] as an int >= minimum, else a one-line error naming squeeze.<key> (0 would divide by zero)."""
     v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"squeeze.{key} must be a positive int, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"squeeze.{key} must be {what}, got {v!r}")
     return v
 
 
@@ -73,13 +74,6 @@ def _augment(x_uint8: torch.Tensor, cfg: dict[str, Any], gen: torch.Generator, m
     if cfg.get("augment", "crop-flip") == "crop-flip":
         x = random_crop_flip(x, pad=int(cfg.get("crop_pad", 2)), generator=gen)
     return normalize(x, mean, std)
-
-
-def _nonneg_int(cfg: dict[str, Any], key: str, default: int) -> int:
-    v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"squeeze.{key} must be an int >= 0, got {v!r}")
-    return v
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -151,12 +145,12 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
         v = cfg.get(key, 0.0)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
             raise ValueError(f"squeeze.{key} must be a number >= 0, got {v!r}")
-    epochs = _positive_int(cfg, "epochs")
-    bs = _positive_int(cfg, "batch_size")
+    epochs = _int_setting(cfg, "epochs")
+    bs = _int_setting(cfg, "batch_size")
     if bs > len(labels):  # drop_last: not one step per epoch, an untrained teacher
         raise ValueError(f"squeeze.batch_size {bs} exceeds the {len(labels)} training images of {dataset}")
     steps_per_epoch = len(labels) // bs
-    workers = _nonneg_int(cfg, "train_workers", 4)
+    workers = _int_setting(cfg, "train_workers", 4, minimum=0)
     opt = build_optimizer(model, cfg["optimizer"], cfg["lr"], cfg.get("weight_decay", 0.0), cfg.get("momentum", 0.9),
                           cfg.get("nesterov", False))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -237,7 +231,7 @@ def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], see
     mode = cfg.get("stats_mode", "exact")
     collector = ClasswiseBNStats(model, train.num_classes, mode=mode,
                                  momentum=float(cfg.get("stats_momentum", 0.1)), backend=backend)
-    bs = _positive_int(cfg, "stats_batch_size", 500)
+    bs = _int_setting(cfg, "stats_batch_size", 500)
     labels = train.targets if streamed else train.labels
     batches = list(batch_indices(len(labels), bs, gen, drop_last=False))
     rank, world = distributed.rank(), distributed.world_size()
