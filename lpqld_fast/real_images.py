@@ -43,7 +43,6 @@ teacher's hash (``recover.score_teacher_sha256``).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lpqld_fast.engine import hashed_seed
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 
 __all__ = ["STRATEGIES", "select_real_images", "teacher_cross_entropy", "select_indices", "bind_real_images",
@@ -61,8 +61,7 @@ STRATEGIES = ("random", "ce-easiest", "ce-quantile")
 
 
 def _class_generator(seed: int, c: int) -> torch.Generator:
-    digest = hashlib.sha256(f"lpqld-real-images/{int(seed)}/{int(c)}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(hashed_seed("lpqld-real-images", seed, c))
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ deterministic (CPU, same thread count).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from torch import nn
 
 import lpqld_fast
 from lpqld_fast.augment import replay_batch, sample_aug_params
+from lpqld_fast.engine import hashed_seed
 from lpqld_fast.store.layout import component_specs, encode_slot
 from lpqld_fast.store.quantize import MODES, VALUE_DTYPES, encode_labels, index_dtype_for, stored_k
 from lpqld_fast.store.reader import LabelStore
@@ -128,8 +128,7 @@ def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def derive_seed(seed: int, tag: str, index: int) -> int:
     """A 63-bit seed for the stream (tag, index) of run ``seed``: sha256 of the three, so streams never collide."""
-    digest = hashlib.sha256(f"lpqld-relabel/{tag}/{int(seed)}/{int(index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return hashed_seed("lpqld-relabel", tag, seed, index)
 
 
 def seeded_generator(seed: int, tag: str, index: int) -> torch.Generator:

@@ -11,7 +11,6 @@ Output directory layout:
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,8 @@ from lpqld_fast.bn_stats import ClasswiseBNStats, bn_layers, save_bn_stats
 from lpqld_fast.data import get_dataset
 from lpqld_fast.data.streaming import evaluate_folder, seeded_batches
 from lpqld_fast.data.transforms import normalize, random_crop_flip
-from lpqld_fast.engine import batch_indices, build_optimizer, seed_everything, to_float_images, warmup_cosine
+from lpqld_fast.engine import (batch_indices, build_optimizer, hashed_seed, seed_everything, to_float_images,
+                               warmup_cosine)
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models import get_model
 from lpqld_fast.presets import check_stage_keys
@@ -78,8 +78,7 @@ def _augment(x_uint8: torch.Tensor, cfg: dict[str, Any], gen: torch.Generator, m
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     """The per-image augmentation seed base of teacher epoch ``epoch`` (0-based) on an ImageFolder tree."""
-    digest = hashlib.sha256(f"lpqld-teacher-epoch/{int(seed)}/{int(epoch)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return hashed_seed("lpqld-teacher-epoch", seed, epoch)
 
 
 def _memory_steps(train: Any, cfg: dict[str, Any], gen: torch.Generator, bs: int
@@ -258,8 +257,7 @@ def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], see
 
 def _stats_generator(seed: int, batch: int) -> torch.Generator:
     """The augmentation stream of batch ``batch`` of the statistics pass (independent of how batches are sharded)."""
-    digest = hashlib.sha256(f"lpqld-squeeze-stats/{int(seed)}/{int(batch)}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(hashed_seed("lpqld-squeeze-stats", seed, batch))
 
 
 def _write_config(out: Path, config: dict[str, Any], seed: int, checkpoint: str | None) -> None:

@@ -11,20 +11,20 @@ split:
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from lpqld_fast.engine import hashed_seed
+
 __all__ = ["image_seed", "seeded_batches", "evaluate_folder"]
 
 
 def image_seed(seed: int, index: int) -> int:
     """The torch RNG seed of image ``index`` in a pass with seed ``seed``."""
-    digest = hashlib.sha256(f"lpqld-folder-pass/{int(seed)}/{int(index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return hashed_seed("lpqld-folder-pass", seed, index)
 
 
 class _SeededImages(torch.utils.data.Dataset):
