@@ -156,14 +156,15 @@ def test_batch_invariant_and_deterministic(backend):
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="extension not built")
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
 def test_cpp_simd_row_variants_same_bits(isa):
-    """uint8/float32 rows run on load-time-picked SIMD kernels (gathers): each variant this CPU can run gives
-    the bits of the portable one and matches the reference, with vector tails (widths 1..37), flips, 1-pixel
-    crops and a 256 -> 224 replay shape; a strided last dim takes the generic path and agrees too."""
+    """uint8/float32 rows run on load-time-picked SIMD kernels (gathers, or planned windows + permutes): each
+    variant this CPU can run gives the bits of the portable one and matches the reference, with vector tails
+    (widths 1..45), flips, 1-pixel crops, a 256 -> 224 replay shape and > 2x downscales (16 outputs reading
+    more than 32 columns: the gather fallback); a strided last dim takes the generic path and agrees too."""
     switch = torch.ops.lpqld._crop_resize_flip_cpu_isa
     before = switch()
     try:
         cases = [(28, 28, 1, 28, 28), (40, 37, 3, 17, 37), (9, 5, 2, 3, 1), (256, 256, 3, 224, 224),
-                 (30, 60, 1, 31, 45)]
+                 (30, 60, 1, 31, 45), (12, 240, 2, 9, 20), (5, 300, 1, 4, 40)]  # last two: > 2x downscale
         for size in cases:
             for dtype in (torch.uint8, torch.float32):
                 x, boxes, flips, out = _inputs(size, dtype, n=7, seed=size[1])

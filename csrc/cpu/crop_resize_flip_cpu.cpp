@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "output_pool.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -140,24 +142,43 @@ inline void interp_row(const scalar_t* row, const Tap<acc_t>* xt, int64_t ow, ac
 // code multiplies and adds separately (no FMA), exactly like the scalar code
 // built with portable flags, so every variant returns the same bits.
 
+// The column plan of one sample for the horizontal pass: absolute tap indices
+// (i0, i1), weights, and for the AVX-512 kernels a window per 16 outputs.
+struct ColumnPlan {
+  const int32_t* i0;
+  const int32_t* i1;
+  const float* w0;
+  const float* w1;
+  const int32_t* lo;    // [ow / 16] first source column of each 16-output window; -1: none (gather)
+  const int32_t* span;  // [ow / 16] columns the window reads (<= 32)
+  const int32_t* r0;    // [ow] i0 - lo of its window (permute indices)
+  const int32_t* r1;
+};
+
 struct RowKernels {
   const char* isa;
+  bool windows;  // whether hpass uses ColumnPlan::lo / r0 / r1 (built only then)
   void (*u8_to_float)(const uint8_t*, int64_t, float*);
-  void (*hpass)(const float*, const int32_t*, const int32_t*, const float*, const float*, int64_t, float*);
+  void (*hpass)(const float*, const ColumnPlan&, int64_t, float*);
+  // uint8 rows straight into the horizontal pass (no converted row); null: u8_to_float + hpass.
+  void (*hpass_u8)(const uint8_t*, const ColumnPlan&, int64_t, float*);
   void (*vblend)(const float*, const float*, float, float, int64_t, float*);
 };
 
 void u8_to_float_base(const uint8_t* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
-void hpass_base(const float* row, const int32_t* i0, const int32_t* i1, const float* w0, const float* w1, int64_t n,
+void hpass_span(const float* row, const int32_t* i0, const int32_t* i1, const float* w0, const float* w1, int64_t n,
                 float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = row[i0[i]] * w0[i] + row[i1[i]] * w1[i];
+}
+void hpass_base(const float* row, const ColumnPlan& pl, int64_t n, float* dst) {
+  hpass_span(row, pl.i0, pl.i1, pl.w0, pl.w1, n, dst);
 }
 void vblend_base(const float* top, const float* bot, float wy0, float wy1, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = top[i] * wy0 + bot[i] * wy1;
 }
-constexpr RowKernels kRowBase{"base", &u8_to_float_base, &hpass_base, &vblend_base};
+constexpr RowKernels kRowBase{"base", false, &u8_to_float_base, &hpass_base, nullptr, &vblend_base};
 
 #ifdef LPQLD_CRF_X86
 #define LPQLD_AVX2 __attribute__((target("avx2")))
@@ -169,8 +190,9 @@ LPQLD_AVX2 void u8_to_float_avx2(const uint8_t* src, int64_t n, float* dst) {
   }
   u8_to_float_base(src + i, n - i, dst + i);  // the tail
 }
-LPQLD_AVX2 void hpass_avx2(const float* row, const int32_t* i0, const int32_t* i1, const float* w0, const float* w1,
-                           int64_t n, float* dst) {
+LPQLD_AVX2 void hpass_avx2(const float* row, const ColumnPlan& pl, int64_t n, float* dst) {
+  const int32_t *i0 = pl.i0, *i1 = pl.i1;
+  const float *w0 = pl.w0, *w1 = pl.w1;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 a = _mm256_i32gather_ps(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i0 + i)), 4);
@@ -178,7 +200,7 @@ LPQLD_AVX2 void hpass_avx2(const float* row, const int32_t* i0, const int32_t* i
     _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(w0 + i)),
                                             _mm256_mul_ps(b, _mm256_loadu_ps(w1 + i))));
   }
-  hpass_base(row, i0 + i, i1 + i, w0 + i, w1 + i, n - i, dst + i);
+  hpass_span(row, i0 + i, i1 + i, w0 + i, w1 + i, n - i, dst + i);
 }
 LPQLD_AVX2 void vblend_avx2(const float* top, const float* bot, float wy0, float wy1, int64_t n, float* dst) {
   const __m256 a = _mm256_set1_ps(wy0), b = _mm256_set1_ps(wy1);
@@ -189,11 +211,11 @@ LPQLD_AVX2 void vblend_avx2(const float* top, const float* bot, float wy0, float
   }
   vblend_base(top + i, bot + i, wy0, wy1, n - i, dst + i);
 }
-constexpr RowKernels kRowAvx2{"avx2", &u8_to_float_avx2, &hpass_avx2, &vblend_avx2};
+constexpr RowKernels kRowAvx2{"avx2", false, &u8_to_float_avx2, &hpass_avx2, nullptr, &vblend_avx2};
 
 // AVX-512F brings FMA, and GCC contracts a * b + c (intrinsics included) under its default
 // -ffp-contract=fast: switched off so these kernels round like the portable ones.
-#define LPQLD_AVX512 __attribute__((target("avx512f,avx2"), optimize("fp-contract=off")))
+#define LPQLD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2"), optimize("fp-contract=off")))
 LPQLD_AVX512 void u8_to_float_avx512(const uint8_t* src, int64_t n, float* dst) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -202,32 +224,62 @@ LPQLD_AVX512 void u8_to_float_avx512(const uint8_t* src, int64_t n, float* dst) 
   }
   u8_to_float_base(src + i, n - i, dst + i);
 }
-LPQLD_AVX512 void hpass_avx512(const float* row, const int32_t* i0, const int32_t* i1, const float* w0,
-                               const float* w1, int64_t n, float* dst) {
+// The 16 outputs of a window read <= 32 source columns from lo on (crops up to ~2x downscale; the plan
+// marks wider ones lo = -1): two masked loads of the window and two in-register permutes give the same
+// values as two gathers, which are slow on some CPUs (Zen 4). The window, masks and permute indices are
+// planned once per sample, not per row. Masked-off lanes are not read.
+LPQLD_AVX512 inline __mmask16 window_mask(int32_t from, int32_t span) {
+  const int32_t k = std::min(std::max(span - from, 0), 16);
+  return static_cast<__mmask16>((1u << k) - 1u);
+}
+LPQLD_AVX512 inline __m512 hpass_blend16(__m512 a, __m512 b, const ColumnPlan& pl, int64_t i) {
+  return _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(pl.w0 + i)), _mm512_mul_ps(b, _mm512_loadu_ps(pl.w1 + i)));
+}
+LPQLD_AVX512 void hpass_avx512(const float* row, const ColumnPlan& pl, int64_t n, float* dst) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512i j0 = _mm512_loadu_si512(i0 + i), j1 = _mm512_loadu_si512(i1 + i);
-    const int32_t lo = _mm512_reduce_min_epi32(_mm512_min_epi32(j0, j1));
-    const int32_t span = _mm512_reduce_max_epi32(_mm512_max_epi32(j0, j1)) - lo + 1;
+    const int32_t lo = pl.lo[i / 16];
     __m512 a, b;
-    if (span <= 32) {
-      // The 16 outputs read a window of <= 32 source columns (crops up to ~2x downscale): two masked loads
-      // of it and two in-register permutes give the same values as the gathers, which are slow on some
-      // CPUs (Zen 4: 256->224 replay 21.8 -> 18.7 ms, docs/PERFORMANCE.md). Masked-off lanes are not read.
-      const __mmask16 m0 = span >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << span) - 1u);
-      const __mmask16 m1 = span > 16 ? __mmask16((1u << (span - 16)) - 1u) : __mmask16(0);
-      const __m512 w_lo = _mm512_maskz_loadu_ps(m0, row + lo), w_hi = _mm512_maskz_loadu_ps(m1, row + lo + 16);
-      const __m512i base = _mm512_set1_epi32(lo);
-      a = _mm512_permutex2var_ps(w_lo, _mm512_sub_epi32(j0, base), w_hi);
-      b = _mm512_permutex2var_ps(w_lo, _mm512_sub_epi32(j1, base), w_hi);
+    if (lo >= 0) {
+      const int32_t span = pl.span[i / 16];
+      const __m512 w_lo = _mm512_maskz_loadu_ps(window_mask(0, span), row + lo);
+      const __m512 w_hi = _mm512_maskz_loadu_ps(window_mask(16, span), row + lo + 16);
+      a = _mm512_permutex2var_ps(w_lo, _mm512_loadu_si512(pl.r0 + i), w_hi);
+      b = _mm512_permutex2var_ps(w_lo, _mm512_loadu_si512(pl.r1 + i), w_hi);
     } else {
-      a = _mm512_i32gather_ps(j0, row, 4);
-      b = _mm512_i32gather_ps(j1, row, 4);
+      a = _mm512_i32gather_ps(_mm512_loadu_si512(pl.i0 + i), row, 4);
+      b = _mm512_i32gather_ps(_mm512_loadu_si512(pl.i1 + i), row, 4);
     }
-    _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(w0 + i)),
-                                            _mm512_mul_ps(b, _mm512_loadu_ps(w1 + i))));
+    _mm512_storeu_ps(dst + i, hpass_blend16(a, b, pl, i));
   }
-  hpass_base(row, i0 + i, i1 + i, w0 + i, w1 + i, n - i, dst + i);
+  hpass_span(row, pl.i0 + i, pl.i1 + i, pl.w0 + i, pl.w1 + i, n - i, dst + i);
+}
+LPQLD_AVX512 inline __m512 u8x16_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+LPQLD_AVX512 void hpass_u8_avx512(const uint8_t* row, const ColumnPlan& pl, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const int32_t lo = pl.lo[i / 16];
+    __m512 a, b;
+    if (lo >= 0) {
+      const int32_t span = pl.span[i / 16];
+      const __m512 w_lo = u8x16_to_ps(_mm_maskz_loadu_epi8(window_mask(0, span), row + lo));
+      const __m512 w_hi = u8x16_to_ps(_mm_maskz_loadu_epi8(window_mask(16, span), row + lo + 16));
+      a = _mm512_permutex2var_ps(w_lo, _mm512_loadu_si512(pl.r0 + i), w_hi);
+      b = _mm512_permutex2var_ps(w_lo, _mm512_loadu_si512(pl.r1 + i), w_hi);
+    } else {
+      alignas(64) float t0[16], t1[16];
+      for (int e = 0; e < 16; ++e) {
+        t0[e] = static_cast<float>(row[pl.i0[i + e]]);
+        t1[e] = static_cast<float>(row[pl.i1[i + e]]);
+      }
+      a = _mm512_load_ps(t0);
+      b = _mm512_load_ps(t1);
+    }
+    _mm512_storeu_ps(dst + i, hpass_blend16(a, b, pl, i));
+  }
+  for (; i < n; ++i) {
+    dst[i] = static_cast<float>(row[pl.i0[i]]) * pl.w0[i] + static_cast<float>(row[pl.i1[i]]) * pl.w1[i];
+  }
 }
 LPQLD_AVX512 void vblend_avx512(const float* top, const float* bot, float wy0, float wy1, int64_t n, float* dst) {
   const __m512 a = _mm512_set1_ps(wy0), b = _mm512_set1_ps(wy1);
@@ -238,7 +290,8 @@ LPQLD_AVX512 void vblend_avx512(const float* top, const float* bot, float wy0, f
   }
   vblend_base(top + i, bot + i, wy0, wy1, n - i, dst + i);
 }
-constexpr RowKernels kRowAvx512{"avx512", &u8_to_float_avx512, &hpass_avx512, &vblend_avx512};
+constexpr RowKernels kRowAvx512{"avx512", true, &u8_to_float_avx512, &hpass_avx512, &hpass_u8_avx512,
+                                 &vblend_avx512};
 #endif
 
 const RowKernels* row_variant(const std::string& isa) {
@@ -246,7 +299,9 @@ const RowKernels* row_variant(const std::string& isa) {
 #ifdef LPQLD_CRF_X86
   __builtin_cpu_init();
   if (isa == "avx2" && __builtin_cpu_supports("avx2")) return &kRowAvx2;
-  if (isa == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2")) return &kRowAvx512;
+  if (isa == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2"))
+    return &kRowAvx512;
 #endif
   return nullptr;
 }
@@ -286,8 +341,13 @@ void forward_rows(const at::Tensor& x, const at::Tensor& boxes, const at::Tensor
   std::vector<Tap<float>> ytab, xtab;
   build_tables<float>(boxes, flips, oh, ow, sH, 1, ytab, xtab);
   const int64_t* bx = boxes.data_ptr<int64_t>();
-  std::vector<int32_t> xi0(static_cast<size_t>(n * ow)), xi1(static_cast<size_t>(n * ow));
-  std::vector<float> xw0(static_cast<size_t>(n * ow)), xw1(static_cast<size_t>(n * ow));
+  const size_t cols = static_cast<size_t>(n * ow);
+  std::vector<int32_t> xi0(cols), xi1(cols);
+  std::vector<float> xw0(cols), xw1(cols);
+  const int64_t nwin = ow / 16;  // full 16-output windows per sample (the tail is scalar)
+  std::vector<int32_t> win_lo(K.windows ? static_cast<size_t>(n * nwin) : 0);
+  std::vector<int32_t> win_span(win_lo.size());
+  std::vector<int32_t> xr0(K.windows ? cols : 0), xr1(xr0.size());
   int64_t max_w = 1;
   for (int64_t k = 0; k < n; ++k) {
     const int64_t base_col = is_u8 ? bx[4 * k + 1] : 0;
@@ -299,7 +359,28 @@ void forward_rows(const at::Tensor& x, const at::Tensor& boxes, const at::Tensor
       xw0[static_cast<size_t>(k * ow + ox)] = t.w0;
       xw1[static_cast<size_t>(k * ow + ox)] = t.w1;
     }
+    for (int64_t wi = 0; K.windows && wi < nwin; ++wi) {
+      const size_t a = static_cast<size_t>(k * ow + 16 * wi);
+      int32_t lo = xi0[a], hi = xi0[a];
+      for (size_t e = a; e < a + 16; ++e) {
+        lo = std::min({lo, xi0[e], xi1[e]});
+        hi = std::max({hi, xi0[e], xi1[e]});
+      }
+      const bool fits = hi - lo + 1 <= 32;
+      win_lo[static_cast<size_t>(k * nwin + wi)] = fits ? lo : -1;
+      win_span[static_cast<size_t>(k * nwin + wi)] = hi - lo + 1;
+      for (size_t e = a; e < a + 16; ++e) {
+        xr0[e] = fits ? xi0[e] - lo : 0;
+        xr1[e] = fits ? xi1[e] - lo : 0;
+      }
+    }
   }
+  auto plan_of = [&](int64_t k) {
+    const size_t o = static_cast<size_t>(k * ow), w = static_cast<size_t>(k * nwin);
+    return ColumnPlan{xi0.data() + o, xi1.data() + o, xw0.data() + o, xw1.data() + o,
+                      K.windows ? win_lo.data() + w : nullptr, K.windows ? win_span.data() + w : nullptr,
+                      K.windows ? xr0.data() + o : nullptr, K.windows ? xr1.data() + o : nullptr};
+  };
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   float* op = out.data_ptr<float>();
   const int64_t plane = oh * ow;
@@ -312,19 +393,21 @@ void forward_rows(const at::Tensor& x, const at::Tensor& boxes, const at::Tensor
       const scalar_t* base = xp + k * sN + ch * sC;
       const int64_t j = bx[4 * k + 1], w = bx[4 * k + 3];
       const Tap<float>* yt = ytab.data() + k * oh;
-      const size_t xo = static_cast<size_t>(k * ow);
+      const ColumnPlan plan = plan_of(k);
       float* dst = op + p * plane;
       float* buf[2] = {slots.data(), slots.data() + ow};
       int64_t tag[2] = {-1, -1};
       auto hrow = [&](int64_t r, float* into) {
-        const float* src;
         if constexpr (is_u8) {
-          K.u8_to_float(base + r + j, w, rowf.data());
-          src = rowf.data();
+          if (K.hpass_u8 != nullptr) {
+            K.hpass_u8(base + r + j, plan, ow, into);
+          } else {
+            K.u8_to_float(base + r + j, w, rowf.data());
+            K.hpass(rowf.data(), plan, ow, into);
+          }
         } else {
-          src = base + r;
+          K.hpass(base + r, plan, ow, into);
         }
-        K.hpass(src, xi0.data() + xo, xi1.data() + xo, xw0.data() + xo, xw1.data() + xo, ow, into);
       };
       for (int64_t oy = 0; oy < oh; ++oy) {
         const int64_t r0 = yt[oy].off0, r1 = yt[oy].off1;
@@ -416,7 +499,8 @@ at::Tensor crop_resize_flip_cpu(const at::Tensor& x, const at::Tensor& boxes_in,
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16 || st == at::kByte,
               "crop_resize_flip: x must be float16/bfloat16/float32/float64 or uint8, got ", st);
   const auto out_dtype = st == at::kByte ? at::kFloat : st;
-  at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options().dtype(out_dtype));
+  // Pooled: a replay loop reuses the previous batch's pages instead of faulting in fresh ones.
+  at::Tensor out = lpqld::pooled_empty({x.size(0), x.size(1), out_h, out_w}, out_dtype);
   if (out.numel() == 0) return out;
   // Int32 column indices hold any real image width; the float-row path needs unit column stride.
   if (x.stride(3) == 1 && x.size(3) < (int64_t{1} << 30)) {
@@ -503,7 +587,7 @@ at::Tensor crop_resize_flip_backward_cpu(const at::Tensor& grad_out, const at::T
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               "crop_resize_flip_backward: grad_out must be floating point, got ", st);
   const at::Tensor g = grad_out.contiguous();
-  at::Tensor gx = at::zeros({g.size(0), g.size(1), in_h, in_w}, g.options());
+  at::Tensor gx = lpqld::pooled_empty({g.size(0), g.size(1), in_h, in_w}, st).zero_();
   if (g.numel() == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "crop_resize_flip_backward_cpu",
                                   [&] { backward_impl<scalar_t>(g, boxes, flips, gx); });
