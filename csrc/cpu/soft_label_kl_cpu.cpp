@@ -68,8 +68,39 @@ enum Mode : int64_t { kDense = 0, kMR = 1, kMRS = 2, kMS = 3, kTopK = 4 };
 // scalar or a GCC vector type V (F: its float element or vector type).
 constexpr float kExpHi = 88.0f, kExpLo = -87.0f;
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+// GCC 12's own AVX-512 headers trip this warning (their __Y = __Y idiom), not our code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+typedef float vf16x __attribute__((vector_size(64)));
+// The AVX-512 exp: the same reduction and polynomial, but n rounded by vrndscaleps and 2^n applied by
+// vscalefps, which also saturates to inf for large x, so no clamps or exponent-bit arithmetic
+// (12 vector ops instead of ~21). Lanes below exp(-87) are zeroed by a mask (no denormal results,
+// like the portable version); NaN compares "not less than" and propagates.
+inline __attribute__((target("avx512f,fma"))) vf16x exp_avx512(vf16x xv) {
+  const __m512 x = (__m512)xv;
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.98412698e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.38888889e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+  return (vf16x)_mm512_maskz_scalef_ps(keep, p, n);
+}
+#endif
+
 template <typename V, typename U>
-LPQLD_INLINE V exp_poly(V x) {
+inline V exp_poly(V x) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if constexpr (sizeof(V) == 64) return exp_avx512(x);  // only the AVX-512 variant has 16-float vectors
+#endif
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: t = y + kShift rounds y to an integer in t's low bits
   constexpr float kLn2Hi = 0.693359375f;
@@ -434,11 +465,11 @@ struct FloatKernels {
                                            &expblk_##SUFFIX,  &scaleblk_##SUFFIX, &expk_##SUFFIX,                \
                                            &kmax_##SUFFIX,    &half_to_float_##SUFFIX};
 
-LPQLD_FLOAT_VARIANT(base, , vf4, vu4)
+LPQLD_FLOAT_VARIANT(base, __attribute__((flatten)), vf4, vu4)
 #if defined(__GNUC__) && defined(__x86_64__)
 #define LPQLD_X86_VARIANTS 1
-LPQLD_FLOAT_VARIANT(avx2, __attribute__((target("avx2,fma"))), vf8, vu8)
-LPQLD_FLOAT_VARIANT(avx512, __attribute__((target("avx512f,avx2,fma"))), vf16, vu16)
+LPQLD_FLOAT_VARIANT(avx2, __attribute__((target("avx2,fma"), flatten)), vf8, vu8)
+LPQLD_FLOAT_VARIANT(avx512, __attribute__((target("avx512f,avx2,fma"), flatten)), vf16, vu16)
 #endif
 
 const FloatKernels* variant(const std::string& isa) {
@@ -860,7 +891,10 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
         bool dup = false;
         const int64_t* __restrict ikp = ik.data();
         acc_t* __restrict tkp = tk.data();
-        for (int64_t i = 0; i < k; ++i) {
+        // Locals for the two per-entry loops: mark() stores through memcpy, which may alias anything, and
+        // made the compiler reload every captured-by-reference value (k, coef_d) per entry.
+        const int64_t nk = k;
+        for (int64_t i = 0; i < nk; ++i) {
           const int64_t j = ikp[i];
           acc_t* slot = g + j;
           dup = dup || is_marked(slot);
@@ -892,10 +926,10 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
         row_scaleblk(g, C, fa.data(), static_cast<acc_t>(coef_d * p_bg));
         // 5. the stored slots' gradient, coef (S q_i - p_i), from the saved e_j
         const double* __restrict fdp = fd.data();
-        for (int64_t i = 0; i < k; ++i) {
+        const double cf = coef_d;
+        for (int64_t i = 0; i < nk; ++i) {
           const int64_t j = ikp[i];
-          g[j] = static_cast<acc_t>(static_cast<double>(tkp[i]) * fdp[static_cast<uint64_t>(j) / kBlock] -
-                                    coef_d * pkp[i]);
+          g[j] = static_cast<acc_t>(static_cast<double>(tkp[i]) * fdp[static_cast<uint64_t>(j) / kBlock] - cf * pkp[i]);
         }
       }
       if constexpr (!kDirect) {
