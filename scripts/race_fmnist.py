@@ -42,6 +42,8 @@ def main() -> int:
     ap.add_argument("--teacher", required=True, help="a finished `lpqld squeeze` directory (fashion-mnist)")
     ap.add_argument("--out", default="runs/race")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ours-set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                    help="a preset override for our pipeline only (repeatable), e.g. recover.bf16=true")
     args = ap.parse_args()
     teacher = Path(args.teacher).resolve()
     if not (teacher / "teacher.pt").exists() or not (teacher / "bn_stats.pt").exists():
@@ -55,7 +57,7 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     py = sys.executable
     cmd_ours = [py, "-m", "lpqld_fast.cli", "distill", "--preset", "fashion-mnist", "--seed", str(args.seed),
-                "--out", str(ours)]
+                "--out", str(ours)] + [a for kv in args.ours_set for a in ("--set", kv)]
     cmd_ref = [py, "-m", "bench.reference_pipeline.run", "--teacher", str(teacher), "--out", str(ref), "--ipc", "10",
                "--seed", str(args.seed), "--threads", "1", "--quiet"]
     t0 = time.time()

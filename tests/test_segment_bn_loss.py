@@ -306,6 +306,56 @@ def test_native_op_rejects_out_of_range_ids() -> None:
         torch.ops.lpqld.segment_bn_loss_fwd(x.transpose(0, 1), torch.tensor([0, 1]), tm, tv)
 
 
+NLC_CASES = [
+    # (shape [N, C, H, W], S, mean, std): C over the 64-channel task block and not a multiple of it, C = 1,
+    # L = 1, long rows (many 16-row folds), |mean| >> std
+    ((12, 130, 5, 5), 3, 0.2, 1.0),
+    ((7, 1, 6, 6), 2, 0.0, 1.0),
+    ((9, 70, 1, 1), 4, 0.0, 1.0),
+    ((3, 64, 50, 50), 2, 0.0, 1.0),
+    ((16, 40, 6, 6), 3, 1e4, 0.5),
+    ((6, 3, 30, 30), 3, -3e4, 0.5),  # float16 holds |x| < 65504
+]
+
+
+@pytest.mark.skipif("cpp" not in CPU_ALL, reason="native extension not built")
+@pytest.mark.parametrize("case", range(len(NLC_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_native_op_reads_channels_last_in_place(case: int, dtype: torch.dtype) -> None:
+    """A channels_last x viewed [N, C, L] (strides (C*L, 1, C)) goes to the CPU kernels as it is: the moments
+    and the gradient equal those of the contiguous copy, and the gradient comes back in x's layout."""
+    shape, s, mean, std = NLC_CASES[case]
+    x, seg, tm, tv, _ = _make(shape, s, mean=mean, std=std, seed=case, dtype=dtype)
+    n, c = shape[:2]
+    x3 = x.contiguous(memory_format=torch.channels_last).reshape(n, c, -1)
+    if c > 1 and x3.shape[2] > 1:  # else both layouts are the same contiguous tensor
+        assert not x3.is_contiguous() and x3.stride() == (c * x3.shape[2], 1, c)
+    xc = x3.contiguous()
+    tm, tv = tm.double(), tv.double()
+    got = torch.ops.lpqld.segment_bn_loss_fwd(x3, seg, tm, tv)
+    want = torch.ops.lpqld.segment_bn_loss_fwd(xc, seg, tm, tv)
+    assert torch.equal(got[3], want[3])
+    tol = 1e-12 if dtype == torch.float64 else 1e-6  # float sums in another order: rounding only
+    for a, b in zip(got[:3], want[:3]):  # loss, mean, var
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * (1.0 + b.abs().max().item()))
+    g = torch.randn(s, dtype=torch.float64, generator=torch.Generator().manual_seed(case))
+    gx = torch.ops.lpqld.segment_bn_loss_bwd(g, x3, seg, tm, tv, *want[1:])
+    gc = torch.ops.lpqld.segment_bn_loss_bwd(g, xc, seg, tm, tv, *want[1:])
+    assert gx.stride() == x3.stride()
+    if dtype == torch.float64:  # the contiguous path's AVX2/AVX-512 clone contracts to an FMA, this one may not
+        torch.testing.assert_close(gx, gc, rtol=1e-14, atol=1e-14 * gc.abs().max().item())
+    else:
+        assert torch.equal(gx, gc)  # products in double, one rounding: the same bits in either layout
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+@pytest.mark.parametrize("case", range(len(NLC_CASES)))
+def test_channels_last_matches_oracle(backend: str, case: int) -> None:
+    shape, s, mean, std = NLC_CASES[case]
+    x, seg, tm, tv, w = _make(shape, s, mean=mean, std=std, seed=case)
+    _compare(x.contiguous(memory_format=torch.channels_last), seg, tm, tv, w, backend)
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 

@@ -232,54 +232,49 @@ LPQLD_AVX512 inline __mmask16 window_mask(int32_t from, int32_t span) {
   const int32_t k = std::min(std::max(span - from, 0), 16);
   return static_cast<__mmask16>((1u << k) - 1u);
 }
-LPQLD_AVX512 inline __m512 hpass_blend16(__m512 a, __m512 b, const ColumnPlan& pl, int64_t i) {
-  return _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(pl.w0 + i)), _mm512_mul_ps(b, _mm512_loadu_ps(pl.w1 + i)));
+// 16 consecutive row elements as floats, lanes outside `m` zero and not read.
+LPQLD_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+LPQLD_AVX512 inline __m512 load16(const uint8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
-LPQLD_AVX512 void hpass_avx512(const float* row, const ColumnPlan& pl, int64_t n, float* dst) {
+// row[idx[0..16)] as floats.
+LPQLD_AVX512 inline __m512 gather16(const float* row, const int32_t* idx) {
+  return _mm512_i32gather_ps(_mm512_loadu_si512(idx), row, 4);
+}
+LPQLD_AVX512 inline __m512 gather16(const uint8_t* row, const int32_t* idx) {
+  alignas(64) float t[16];
+  for (int e = 0; e < 16; ++e) t[e] = static_cast<float>(row[idx[e]]);
+  return _mm512_load_ps(t);
+}
+// The horizontal pass on float or uint8 rows (uint8 read straight, no converted row).
+template <typename T>
+LPQLD_AVX512 inline void hpass_windows(const T* row, const ColumnPlan& pl, int64_t n, float* dst) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const int32_t lo = pl.lo[i / 16];
     __m512 a, b;
     if (lo >= 0) {
       const int32_t span = pl.span[i / 16];
-      const __m512 w_lo = _mm512_maskz_loadu_ps(window_mask(0, span), row + lo);
-      const __m512 w_hi = _mm512_maskz_loadu_ps(window_mask(16, span), row + lo + 16);
+      const __m512 w_lo = load16(row + lo, window_mask(0, span));
+      const __m512 w_hi = load16(row + lo + 16, window_mask(16, span));
       a = _mm512_permutex2var_ps(w_lo, _mm512_loadu_si512(pl.r0 + i), w_hi);
       b = _mm512_permutex2var_ps(w_lo, _mm512_loadu_si512(pl.r1 + i), w_hi);
     } else {
-      a = _mm512_i32gather_ps(_mm512_loadu_si512(pl.i0 + i), row, 4);
-      b = _mm512_i32gather_ps(_mm512_loadu_si512(pl.i1 + i), row, 4);
+      a = gather16(row, pl.i0 + i);
+      b = gather16(row, pl.i1 + i);
     }
-    _mm512_storeu_ps(dst + i, hpass_blend16(a, b, pl, i));
+    _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(pl.w0 + i)),
+                                            _mm512_mul_ps(b, _mm512_loadu_ps(pl.w1 + i))));
   }
-  hpass_span(row, pl.i0 + i, pl.i1 + i, pl.w0 + i, pl.w1 + i, n - i, dst + i);
-}
-LPQLD_AVX512 inline __m512 u8x16_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
-LPQLD_AVX512 void hpass_u8_avx512(const uint8_t* row, const ColumnPlan& pl, int64_t n, float* dst) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const int32_t lo = pl.lo[i / 16];
-    __m512 a, b;
-    if (lo >= 0) {
-      const int32_t span = pl.span[i / 16];
-      const __m512 w_lo = u8x16_to_ps(_mm_maskz_loadu_epi8(window_mask(0, span), row + lo));
-      const __m512 w_hi = u8x16_to_ps(_mm_maskz_loadu_epi8(window_mask(16, span), row + lo + 16));
-      a = _mm512_permutex2var_ps(w_lo, _mm512_loadu_si512(pl.r0 + i), w_hi);
-      b = _mm512_permutex2var_ps(w_lo, _mm512_loadu_si512(pl.r1 + i), w_hi);
-    } else {
-      alignas(64) float t0[16], t1[16];
-      for (int e = 0; e < 16; ++e) {
-        t0[e] = static_cast<float>(row[pl.i0[i + e]]);
-        t1[e] = static_cast<float>(row[pl.i1[i + e]]);
-      }
-      a = _mm512_load_ps(t0);
-      b = _mm512_load_ps(t1);
-    }
-    _mm512_storeu_ps(dst + i, hpass_blend16(a, b, pl, i));
-  }
-  for (; i < n; ++i) {
+  for (; i < n; ++i) {  // the tail: the portable formula
     dst[i] = static_cast<float>(row[pl.i0[i]]) * pl.w0[i] + static_cast<float>(row[pl.i1[i]]) * pl.w1[i];
   }
+}
+LPQLD_AVX512 void hpass_avx512(const float* row, const ColumnPlan& pl, int64_t n, float* dst) {
+  hpass_windows(row, pl, n, dst);
+}
+LPQLD_AVX512 void hpass_u8_avx512(const uint8_t* row, const ColumnPlan& pl, int64_t n, float* dst) {
+  hpass_windows(row, pl, n, dst);
 }
 LPQLD_AVX512 void vblend_avx512(const float* top, const float* bot, float wy0, float wy1, int64_t n, float* dst) {
   const __m512 a = _mm512_set1_ps(wy0), b = _mm512_set1_ps(wy1);

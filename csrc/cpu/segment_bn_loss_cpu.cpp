@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -128,6 +130,73 @@ inline void affine(const double* x, double* g, int64_t n, double sc, double al, 
   affine_f64(x, g, n, sc, al, hi, lo);
 }
 
+// Channels-last loops (channels in SIMD lanes), compiled per ISA like the two above, for float and bfloat16
+// (what recover's NHWC teacher produces); other types take the generic templates further down. bfloat16 is
+// read as its bits (<< 16 is the exact float) and written with c10's round-to-nearest-even (NaN -> 0x7FC0),
+// so the gradient has the bits of the contiguous path's static_cast.
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint16_t rne = static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+  return f != f ? uint16_t{0x7FC0} : rne;
+}
+inline float load_as_float(float v) { return v; }
+inline float load_as_float(uint16_t v) { return bf16_bits_to_float(v); }
+inline void store_from_float(float* p, float v) { *p = v; }
+inline void store_from_float(uint16_t* p, float v) { *p = float_to_bf16_bits(v); }
+// a1[c] += sum_l (p[l * ldc + c] - shift[c]), a2[c] += its squares, l < nl, c < nc.
+#define LPQLD_NLC_SUMS(T, NAME)                                                                               \
+  LPQLD_CLONES void NAME(const T* p, int64_t ldc, int64_t nl, int64_t nc, const float* shift, float* a1,      \
+                         float* a2) {                                                                         \
+    for (int64_t l = 0; l < nl; ++l) {                                                                        \
+      const T* row = p + l * ldc;                                                                             \
+      _Pragma("omp simd") for (int64_t c = 0; c < nc; ++c) {                                                  \
+        const float d = load_as_float(row[c]) - shift[c];                                                     \
+        a1[c] += d;                                                                                           \
+        a2[c] += d * d;                                                                                       \
+      }                                                                                                       \
+    }                                                                                                         \
+  }
+// g[c] = sc[c] * ((x[c] - hi[c]) - lo[c]) + al[c] over one row of n channels.
+#define LPQLD_NLC_AFFINE(T, NAME)                                                                             \
+  LPQLD_CLONES void NAME(const T* x, T* g, int64_t n, const float* sc, const float* al, const float* hi,       \
+                         const float* lo) {                                                                   \
+    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) {                                                     \
+      store_from_float(g + c, affine_one(load_as_float(x[c]), sc[c], al[c], hi[c], lo[c]));                   \
+    }                                                                                                         \
+  }
+// The same for a full block of 64 channels: the partial sums live in registers across the rows (the
+// variable-width loop above loads and stores them per row, ~3x slower on recover's 128-channel maps).
+#define LPQLD_NLC_SUMS64(T, NAME)                                                                             \
+  LPQLD_CLONES void NAME(const T* p, int64_t ldc, int64_t nl, const float* shift, float* a1, float* a2) {     \
+    float b1[64] = {}, b2[64] = {}, sh[64];                                                                   \
+    for (int c = 0; c < 64; ++c) sh[c] = shift[c];                                                            \
+    for (int64_t l = 0; l < nl; ++l) {                                                                        \
+      const T* row = p + l * ldc;                                                                             \
+      _Pragma("omp simd") for (int c = 0; c < 64; ++c) {                                                      \
+        const float d = load_as_float(row[c]) - sh[c];                                                        \
+        b1[c] += d;                                                                                           \
+        b2[c] += d * d;                                                                                       \
+      }                                                                                                       \
+    }                                                                                                         \
+    for (int c = 0; c < 64; ++c) {                                                                            \
+      a1[c] += b1[c];                                                                                         \
+      a2[c] += b2[c];                                                                                         \
+    }                                                                                                         \
+  }
+LPQLD_NLC_SUMS(float, nlc_sums_f32)
+LPQLD_NLC_SUMS(uint16_t, nlc_sums_bf16)
+LPQLD_NLC_SUMS64(float, nlc_sums64_f32)
+LPQLD_NLC_SUMS64(uint16_t, nlc_sums64_bf16)
+LPQLD_NLC_AFFINE(float, nlc_affine_f32)
+LPQLD_NLC_AFFINE(uint16_t, nlc_affine_bf16)
+
 // Exact mean and M2 (sum of squared deviations) of the row p[0, L), L >= 1.
 template <typename scalar_t>
 inline void row_moments(const scalar_t* p, int64_t L, typename AccType<scalar_t>::type* tmp, double& mean,
@@ -202,13 +271,99 @@ inline void grad_row(const scalar_t* xr, scalar_t* gr, int64_t L, acc_t sc, acc_
   }
 }
 
+// One channels-last row of the gradient (C channels of one position).
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+inline void nlc_grad_row(const scalar_t* xr, scalar_t* gr, int64_t C, const acc_t* sc, const acc_t* al,
+                         const acc_t* hi, const acc_t* lo) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    nlc_affine_f32(xr, gr, C, sc, al, hi, lo);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    nlc_affine_bf16(reinterpret_cast<const uint16_t*>(xr), reinterpret_cast<uint16_t*>(gr), C, sc, al, hi, lo);
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      gr[c] = static_cast<scalar_t>(affine_one(static_cast<acc_t>(xr[c]), sc[c], al[c], hi[c], lo[c]));
+    }
+  }
+}
+
 struct Layout {
   int64_t N, C, L, S;
 };
 
+// x [N, C, L] stored as [N, L, C] (a channels_last activation viewed as [N, C, H * W]): the CPU kernels
+// read it in place instead of taking a transposing copy (recover's NHWC teacher: two ~10 ms copies of
+// every 128 x 28 x 28 BN input per iteration, profiled).
+bool is_nlc(const Tensor& x) {
+  if (x.dim() != 3) return false;
+  const int64_t C = x.size(1), L = x.size(2);
+  return (C == 1 || x.stride(1) == 1) && (L == 1 || x.stride(2) == C) && (x.size(0) <= 1 || x.stride(0) == C * L) &&
+         !x.is_contiguous();
+}
+
+// Channels-last forward: per-(sample, channel) exact mean / M2 of the [L, nc] tile p (row stride ldc), the
+// channels in SIMD lanes. Sums of x - shift[c] in float (double for float64 x) over at most kNlcFold rows,
+// then folded into double; like row_moments, the first sweep shifts by `guess` (else the tile's first row) and
+// a second sweep by the first sweep's mean runs when that shift was far from the mean of any channel.
+constexpr int64_t kNlcBlock = 64;  // channels per channels-last task (the register-resident sums below)
+constexpr int64_t kNlcFold = 16;   // rows per float partial sum
+
+template <typename scalar_t>
+void nlc_tile_moments(const scalar_t* p, int64_t ldc, int64_t L, int64_t nc, const double* guess, double* mean,
+                      double* m2) {
+  using acc_t = typename AccType<scalar_t>::type;
+  acc_t shift[kNlcBlock];
+  double s1[kNlcBlock], s2[kNlcBlock];
+  for (int64_t c = 0; c < nc; ++c) shift[c] = guess ? static_cast<acc_t>(guess[c]) : static_cast<acc_t>(p[c]);
+  const double inv_l = 1.0 / static_cast<double>(L);
+  for (int sweep = 0; sweep < 2; ++sweep) {
+    for (int64_t c = 0; c < nc; ++c) s1[c] = s2[c] = 0.0;
+    for (int64_t l0 = 0; l0 < L; l0 += kNlcFold) {
+      acc_t a1[kNlcBlock] = {}, a2[kNlcBlock] = {};
+      const int64_t l1 = std::min(L, l0 + kNlcFold);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (nc == 64) {
+          nlc_sums64_f32(p + l0 * ldc, ldc, l1 - l0, shift, a1, a2);
+        } else {
+          nlc_sums_f32(p + l0 * ldc, ldc, l1 - l0, nc, shift, a1, a2);
+        }
+      } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        const uint16_t* q = reinterpret_cast<const uint16_t*>(p) + l0 * ldc;
+        if (nc == 64) {
+          nlc_sums64_bf16(q, ldc, l1 - l0, shift, a1, a2);
+        } else {
+          nlc_sums_bf16(q, ldc, l1 - l0, nc, shift, a1, a2);
+        }
+      } else {
+        for (int64_t l = l0; l < l1; ++l) {
+          const scalar_t* row = p + l * ldc;
+          for (int64_t c = 0; c < nc; ++c) {
+            const acc_t d = static_cast<acc_t>(row[c]) - shift[c];
+            a1[c] += d;
+            a2[c] += d * d;
+          }
+        }
+      }
+      for (int64_t c = 0; c < nc; ++c) {
+        s1[c] += static_cast<double>(a1[c]);
+        s2[c] += static_cast<double>(a2[c]);
+      }
+    }
+    bool again = false;
+    for (int64_t c = 0; c < nc; ++c) {
+      const double d1 = s1[c] * inv_l;
+      mean[c] = static_cast<double>(shift[c]) + d1;
+      m2[c] = std::max(s2[c] - s1[c] * d1, 0.0);
+      again = again || d1 * d1 > 2.0 * m2[c] * inv_l;  // shift beyond ~1.5 std of the mean
+    }
+    if (sweep == 1 || !again) break;
+    for (int64_t c = 0; c < nc; ++c) shift[c] = static_cast<acc_t>(mean[c]);
+  }
+}
+
 Layout check_common(const Tensor& x, const Tensor& seg, const Tensor& tm, const Tensor& tv) {
   TORCH_CHECK(x.dim() == 3, "segment_bn_loss: x must be [N, C, L], got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "segment_bn_loss: x must be contiguous");
+  TORCH_CHECK(x.is_contiguous() || is_nlc(x),
+              "segment_bn_loss: x must be contiguous [N, C, L] or channels-last (strides (C*L, 1, C))");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16,
               "segment_bn_loss: x must be float32/float64/float16/bfloat16, got ", x.scalar_type());
@@ -269,9 +424,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> segment_bn_loss_fwd_cpu(const Tensor&
   const int64_t n_cb = (C + kChannelBlock - 1) / kChannelBlock;
   const double dl = static_cast<double>(L);
   const int64_t work_per_task = std::max<int64_t>(1, (N / S) * std::min(C, kChannelBlock) * L);
+  const bool nlc = is_nlc(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segment_bn_loss_fwd_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
+    if (nlc) {
+      const int64_t n_blk = (C + kNlcBlock - 1) / kNlcBlock;
+      const int64_t work = std::max<int64_t>(1, (N / S) * std::min(C, kNlcBlock) * L);
+      at::parallel_for(0, S * n_blk, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
+        double rm[kNlcBlock], r2[kNlcBlock];
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t s = t / n_blk;
+          const int64_t c0 = (t % n_blk) * kNlcBlock, nc = std::min(C, c0 + kNlcBlock) - c0;
+          double* ms = pm + s * C + c0;
+          double* vs = pv + s * C + c0;  // M2 until finalised below
+          for (int64_t j = offsets[s]; j < offsets[s + 1]; ++j) {
+            const double i = static_cast<double>(j - offsets[s]);
+            const double w_new = 1.0 / (i + 1.0), w_cross = dl * i * w_new;
+            // Shifted by the segment's running mean once there is one: closer to this sample's mean than its
+            // first row usually is, which saves the second sweep.
+            nlc_tile_moments<scalar_t>(px + order[j] * C * L + c0, C, L, nc, j > offsets[s] ? ms : nullptr, rm, r2);
+            for (int64_t c = 0; c < nc; ++c) {  // Chan's merge, as below
+              const double delta = rm[c] - ms[c];
+              ms[c] += delta * w_new;
+              vs[c] += r2[c] + delta * delta * w_cross;
+            }
+          }
+        }
+      });
+      return;
+    }
     at::parallel_for(0, S * n_cb, std::max<int64_t>(1, 32768 / work_per_task), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> tmp(kDirect<scalar_t> ? 0 : kChunk);
       for (int64_t t = begin; t < end; ++t) {
@@ -331,7 +513,7 @@ Tensor segment_bn_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& x, const T
               "segment_bn_loss_bwd: mean and var must be contiguous float64 [S, C] tensors");
   TORCH_CHECK(count.dim() == 1 && count.size(0) == S && count.scalar_type() == at::kLong && count.is_contiguous(),
               "segment_bn_loss_bwd: count must be a contiguous int64 [S] tensor");
-  Tensor grad_x = at::empty_like(x);
+  Tensor grad_x = at::empty_like(x);  // keeps a channels-last x's strides
   if (N == 0) return grad_x;
   const int64_t* seg = segment_ids.const_data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n) {
@@ -376,6 +558,18 @@ Tensor segment_bn_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& x, const T
     });
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* pg = grad_x.data_ptr<scalar_t>();
+    if (is_nlc(x)) {  // grad_x has x's strides (empty_like): rows of C channels, coefficients in lanes
+      at::parallel_for(0, N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t i0 = seg[r / L] * C;
+          const acc_t *sc = scale.data() + i0, *al = alpha.data() + i0, *hi = mhi.data() + i0, *lo = mlo.data() + i0;
+          const scalar_t* xr = px + r * C;
+          scalar_t* gr = pg + r * C;
+          nlc_grad_row<scalar_t>(xr, gr, C, sc, al, hi, lo);
+        }
+      });
+      return;
+    }
     const int64_t grain = std::max<int64_t>(1, 32768 / L);
     at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> tmp(kDirect<scalar_t> ? 0 : kChunk);

@@ -25,8 +25,9 @@ float32 x (float64 moments) and float64 for float64 x.
 
 The targets are constants: they are detached and get no gradient (a target
 with requires_grad=True is allowed; its .grad stays untouched). Double
-backward is not supported. A non-contiguous x (e.g. channels_last) is copied
-to contiguous first.
+backward is not supported. The CPU kernel reads a channels_last x in place
+(and returns its gradient channels_last); other non-contiguous inputs, and
+any non-contiguous input of the GPU kernels, are copied to contiguous first.
 """
 from __future__ import annotations
 
@@ -102,13 +103,24 @@ def _bwd(backend: str):
     return torch.ops.lpqld.segment_bn_loss_bwd
 
 
+def _is_nlc(x3: torch.Tensor) -> bool:
+    """x3 [N, C, L] stored as [N, L, C] (a channels_last activation): strides (C*L, 1, C)."""
+    n, c, length = x3.shape
+    return ((c == 1 or x3.stride(1) == 1) and (length == 1 or x3.stride(2) == c)
+            and (n <= 1 or x3.stride(0) == c * length) and not x3.is_contiguous())
+
+
 class _SegmentBNLoss(torch.autograd.Function):
     """Forward/backward through the fused kernels; targets are constants."""
 
     @staticmethod
     def forward(ctx, x, segment_ids, target_mean, target_var, backend):  # type: ignore[override]
         n, c = x.shape[0], x.shape[1]
-        x3 = x.detach().reshape(n, c, math.prod(x.shape[2:])).contiguous()
+        x3 = x.detach().reshape(n, c, math.prod(x.shape[2:]))
+        # The CPU kernel reads a channels_last x in place (viewed [N, C, L] with strides (C*L, 1, C)) and returns
+        # the gradient in that layout; the GPU kernels take contiguous [N, C, L].
+        if not (backend == "cpp" and x3.device.type == "cpu" and _is_nlc(x3)):
+            x3 = x3.contiguous()
         seg = segment_ids.to(torch.int64).contiguous()
         tm = target_mean.detach().to(torch.float64).contiguous()
         tv = target_var.detach().to(torch.float64).contiguous()
