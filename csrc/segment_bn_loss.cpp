@@ -18,6 +18,17 @@
 //     alpha = g_s * (mean - target_mean) / ||mean - target_mean|| / n_s
 //     scale = g_s * 2 * (var - target_var) / ||var - target_var|| / n_s
 //   (a direction with zero norm contributes 0). grad_x has x's dtype and shape.
+//
+// Recover's supervised eval-mode BN layers (CPU kernels only; other devices compose the ops):
+// bn_eval_act(x, scale, shift, relu) -> y
+//   x [N, C, L] contiguous or channels-last (strides (C*L, 1, C)); scale, shift [C] contiguous float32
+//   (float64 for float64 x). y = relu?(fma(x, scale[c], shift[c])) computed in float32 (float64), in x's
+//   dtype and strides: a BatchNorm in eval mode (scale = w / sqrt(running_var + eps), shift = b - running_mean
+//   * scale), with the ReLU after it when relu is set.
+// segment_bn_loss_bwd_bn_eval(grad_loss, x, segment_ids, target_mean, target_var, mean, var, count,
+//                             grad_y, scale, shift, relu) -> grad_x
+//   segment_bn_loss_bwd's gradient plus the BN path's grad_y * scale[c] (0 where fma(x, scale, shift) <= 0
+//   under relu) in one pass; grad_y has x's shape, strides and dtype.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(lpqld, m) {
@@ -27,4 +38,9 @@ TORCH_LIBRARY_FRAGMENT(lpqld, m) {
   m.def(
       "segment_bn_loss_bwd(Tensor grad_loss, Tensor x, Tensor segment_ids, Tensor target_mean, "
       "Tensor target_var, Tensor mean, Tensor var, Tensor count) -> Tensor");
+  m.def("bn_eval_act(Tensor x, Tensor scale, Tensor shift, bool relu) -> Tensor");
+  m.def(
+      "segment_bn_loss_bwd_bn_eval(Tensor grad_loss, Tensor x, Tensor segment_ids, Tensor target_mean, "
+      "Tensor target_var, Tensor mean, Tensor var, Tensor count, Tensor grad_y, Tensor scale, Tensor shift, "
+      "bool relu) -> Tensor");
 }

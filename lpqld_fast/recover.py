@@ -46,7 +46,9 @@ from lpqld_fast import distributed
 from lpqld_fast.augment import sample_flips, sample_rrc_boxes
 from lpqld_fast.bn_stats import bn_layers, load_bn_stats
 from lpqld_fast.io_utils import atomic_path, atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
-from lpqld_fast.ops import batched_roll, crop_resize_flip, segment_bn_loss
+from lpqld_fast.ops import batched_roll, crop_resize_flip
+from lpqld_fast.supervised_bn import supervised_bn
+from lpqld_fast.thin_conv import thin_input_grad_convs
 from lpqld_fast.presets import check_stage_keys
 
 RECOVER_SCHEMA = 1
@@ -194,8 +196,10 @@ def synthesize_units(
         start = _load_pass_checkpoint(Path(checkpoint_path), ckpt_key, x, opt, gens)
     lo = ((0.0 - mean) / std).view(1, -1, 1, 1).to(device)
     hi = ((1.0 - mean) / std).view(1, -1, 1, 1).to(device)
-    capture = BNInputCapture(teacher)
-    try:
+    # The BN layers (+ the ReLU after each) compute the class-wise BN loss in their forward: one fused op per
+    # layer (lpqld_fast.supervised_bn) instead of hooks + BN + ReLU + segment_bn_loss; the thin first conv's
+    # image gradient is a GEMM + col2im (lpqld_fast.thin_conv).
+    with supervised_bn(teacher, seg, layer_targets) as supervised, thin_input_grad_convs(teacher):
         bar = tqdm(range(start, iters), desc=f"recover {len(units)} unit(s)", leave=False, disable=not progress,
                    initial=start, total=iters)
         for it in bar:
@@ -208,15 +212,14 @@ def synthesize_units(
                 xa = xa.contiguous(memory_format=torch.channels_last)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                 logits = teacher(xa)
-            inputs = capture.pop()  # bf16 under autocast: segment_bn_loss accumulates in fp32/fp64 itself
             ce = F.cross_entropy(logits.float(), labels, reduction="none")
             # Mean CE within a unit, summed over units = the per-unit losses added up.
             ce_units = torch.zeros(len(units), device=device).index_add_(0, seg, ce) / torch.tensor(
                 sizes, device=device, dtype=ce.dtype)
             loss_bn = 0.0
-            for li, (hin, (tm, tv)) in enumerate(zip(inputs, layer_targets)):
+            for li, layer in enumerate(supervised):  # losses of bf16 BN inputs are summed in fp32/fp64
                 wl = first_mult if li == 0 else 1.0
-                loss_bn = loss_bn + wl * segment_bn_loss(hin, seg, tm, tv)
+                loss_bn = loss_bn + wl * layer.pop_loss()
             loss = (ce_units + r_bn * loss_bn).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -227,8 +230,6 @@ def synthesize_units(
                 _save_pass_checkpoint(Path(checkpoint_path), ckpt_key, it + 1, x, opt, gens)
             if progress and (it % 50 == 0 or it == iters - 1):
                 bar.set_postfix(ce=f"{float(ce_units.detach().mean()):.3f}", bn=f"{float(loss_bn.detach().mean()):.3f}")
-    finally:
-        capture.close()
     return x.detach()
 
 

@@ -197,6 +197,36 @@ LPQLD_NLC_SUMS64(uint16_t, nlc_sums64_bf16)
 LPQLD_NLC_AFFINE(float, nlc_affine_f32)
 LPQLD_NLC_AFFINE(uint16_t, nlc_affine_bf16)
 
+// Eval-mode BN (+ ReLU) fused with the loss (lpqld::bn_eval_act / segment_bn_loss_bwd_bn_eval, recover's
+// supervised BN layers): y = act(fma(x, s, b)) per channel, and the backward adds the BN path's gradient
+// gy * s (masked where fma(x, s, b) <= 0 under ReLU, relu's own rule) to the loss gradient in the same pass,
+// so the BN backward, the ReLU backward and autograd's sum of the two gradients are one read of x and gy.
+#define LPQLD_NLC_BN_ACT(T, NAME, RELU)                                                                      \
+  LPQLD_CLONES void NAME(const T* x, T* y, int64_t n, const float* s, const float* b) {                      \
+    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) {                                                     \
+      const float v = std::fma(load_as_float(x[c]), s[c], b[c]);                                              \
+      store_from_float(y + c, (RELU) ? (v > 0.0f ? v : (v == v ? 0.0f : v)) : v);                             \
+    }                                                                                                         \
+  }
+#define LPQLD_NLC_AFFINE_BN(T, NAME, RELU)                                                                   \
+  LPQLD_CLONES void NAME(const T* x, const T* gy, T* g, int64_t n, const float* sc, const float* al,         \
+                         const float* hi, const float* lo, const float* s, const float* b) {                  \
+    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) {                                                     \
+      const float xv = load_as_float(x[c]);                                                                   \
+      const float up = load_as_float(gy[c]) * s[c];                                                           \
+      const float bn = (RELU) ? (std::fma(xv, s[c], b[c]) > 0.0f ? up : 0.0f) : up;                           \
+      store_from_float(g + c, affine_one(xv, sc[c], al[c], hi[c], lo[c]) + bn);                               \
+    }                                                                                                         \
+  }
+LPQLD_NLC_BN_ACT(float, nlc_bn_id_f32, false)
+LPQLD_NLC_BN_ACT(float, nlc_bn_relu_f32, true)
+LPQLD_NLC_BN_ACT(uint16_t, nlc_bn_id_bf16, false)
+LPQLD_NLC_BN_ACT(uint16_t, nlc_bn_relu_bf16, true)
+LPQLD_NLC_AFFINE_BN(float, nlc_affine_bn_id_f32, false)
+LPQLD_NLC_AFFINE_BN(float, nlc_affine_bn_relu_f32, true)
+LPQLD_NLC_AFFINE_BN(uint16_t, nlc_affine_bn_id_bf16, false)
+LPQLD_NLC_AFFINE_BN(uint16_t, nlc_affine_bn_relu_bf16, true)
+
 // Exact mean and M2 (sum of squared deviations) of the row p[0, L), L >= 1.
 template <typename scalar_t>
 inline void row_moments(const scalar_t* p, int64_t L, typename AccType<scalar_t>::type* tmp, double& mean,
@@ -282,6 +312,50 @@ inline void nlc_grad_row(const scalar_t* xr, scalar_t* gr, int64_t C, const acc_
   } else {
     for (int64_t c = 0; c < C; ++c) {
       gr[c] = static_cast<scalar_t>(affine_one(static_cast<acc_t>(xr[c]), sc[c], al[c], hi[c], lo[c]));
+    }
+  }
+}
+
+template <typename acc_t>
+inline acc_t bn_act_one(acc_t x, acc_t s, acc_t b, bool relu) {
+  const acc_t v = std::fma(x, s, b);
+  return relu ? (v > acc_t(0) ? v : (v == v ? acc_t(0) : v)) : v;  // relu keeps NaN, like torch.relu
+}
+template <typename acc_t>
+inline acc_t bn_grad_one(acc_t x, acc_t gy, acc_t s, acc_t b, bool relu) {
+  const acc_t up = gy * s;
+  return (!relu || std::fma(x, s, b) > acc_t(0)) ? up : acc_t(0);
+}
+
+// One channels-last row of y = act(fma(x, s, b)) (C channels of one position).
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+inline void nlc_bn_row(const scalar_t* xr, scalar_t* yr, int64_t C, const acc_t* s, const acc_t* b, bool relu) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    (relu ? nlc_bn_relu_f32 : nlc_bn_id_f32)(xr, yr, C, s, b);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    (relu ? nlc_bn_relu_bf16 : nlc_bn_id_bf16)(reinterpret_cast<const uint16_t*>(xr), reinterpret_cast<uint16_t*>(yr),
+                                               C, s, b);
+  } else {
+    for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(bn_act_one(static_cast<acc_t>(xr[c]), s[c], b[c], relu));
+  }
+}
+
+// One channels-last row of the loss gradient plus the BN (+ ReLU) path's gradient gy * s.
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+inline void nlc_grad_bn_row(const scalar_t* xr, const scalar_t* gyr, scalar_t* gr, int64_t C, const acc_t* sc,
+                            const acc_t* al, const acc_t* hi, const acc_t* lo, const acc_t* s, const acc_t* b,
+                            bool relu) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    (relu ? nlc_affine_bn_relu_f32 : nlc_affine_bn_id_f32)(xr, gyr, gr, C, sc, al, hi, lo, s, b);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    (relu ? nlc_affine_bn_relu_bf16 : nlc_affine_bn_id_bf16)(
+        reinterpret_cast<const uint16_t*>(xr), reinterpret_cast<const uint16_t*>(gyr), reinterpret_cast<uint16_t*>(gr),
+        C, sc, al, hi, lo, s, b);
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t xv = static_cast<acc_t>(xr[c]);
+      gr[c] = static_cast<scalar_t>(affine_one(xv, sc[c], al[c], hi[c], lo[c]) +
+                                    bn_grad_one(xv, static_cast<acc_t>(gyr[c]), s[c], b[c], relu));
     }
   }
 }
@@ -499,9 +573,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> segment_bn_loss_fwd_cpu(const Tensor&
   return {loss, mean, var, count};
 }
 
-Tensor segment_bn_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& x, const Tensor& segment_ids,
-                               const Tensor& target_mean, const Tensor& target_var, const Tensor& mean,
-                               const Tensor& var, const Tensor& count) {
+// The eval-mode BN path of segment_bn_loss_bwd_bn_eval: its upstream gradient and the BN's per-channel
+// affine (y = act(x * scale + shift)); null for the plain loss backward.
+struct BnPath {
+  const Tensor* grad_y;
+  const Tensor* scale;
+  const Tensor* shift;
+  bool relu;
+};
+
+void check_bn_affine(const char* op, const Tensor& x, const Tensor& scale, const Tensor& shift) {
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const Tensor* t : {&scale, &shift}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1) && t->scalar_type() == acc && t->is_contiguous() &&
+                    t->device() == x.device(),
+                op, ": scale and shift must be contiguous [C] tensors of ", acc, " on x's device, got ",
+                t->sizes(), " ", t->scalar_type());
+  }
+}
+
+Tensor bwd_impl(const Tensor& grad_loss, const Tensor& x, const Tensor& segment_ids, const Tensor& target_mean,
+                const Tensor& target_var, const Tensor& mean, const Tensor& var, const Tensor& count,
+                const BnPath* bn) {
   const Layout d = check_common(x, segment_ids, target_mean, target_var);
   const int64_t N = d.N, C = d.C, L = d.L, S = d.S;
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == S && grad_loss.scalar_type() == at::kDouble &&
@@ -513,6 +606,14 @@ Tensor segment_bn_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& x, const T
               "segment_bn_loss_bwd: mean and var must be contiguous float64 [S, C] tensors");
   TORCH_CHECK(count.dim() == 1 && count.size(0) == S && count.scalar_type() == at::kLong && count.is_contiguous(),
               "segment_bn_loss_bwd: count must be a contiguous int64 [S] tensor");
+  if (bn != nullptr) {
+    const Tensor& gy = *bn->grad_y;
+    TORCH_CHECK(gy.sizes() == x.sizes() && gy.strides() == x.strides() && gy.scalar_type() == x.scalar_type() &&
+                    gy.device() == x.device(),
+                "segment_bn_loss_bwd_bn_eval: grad_y must have x's shape, strides and dtype, got ", gy.sizes(),
+                " / ", gy.strides(), " ", gy.scalar_type());
+    check_bn_affine("segment_bn_loss_bwd_bn_eval", x, *bn->scale, *bn->shift);
+  }
   Tensor grad_x = at::empty_like(x);  // keeps a channels-last x's strides
   if (N == 0) return grad_x;
   const int64_t* seg = segment_ids.const_data_ptr<int64_t>();
@@ -558,6 +659,10 @@ Tensor segment_bn_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& x, const T
     });
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* pg = grad_x.data_ptr<scalar_t>();
+    const scalar_t* pgy = bn ? bn->grad_y->const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* bs = bn ? bn->scale->const_data_ptr<acc_t>() : nullptr;
+    const acc_t* bb = bn ? bn->shift->const_data_ptr<acc_t>() : nullptr;
+    const bool relu = bn && bn->relu;
     if (is_nlc(x)) {  // grad_x has x's strides (empty_like): rows of C channels, coefficients in lanes
       at::parallel_for(0, N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
@@ -565,7 +670,11 @@ Tensor segment_bn_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& x, const T
           const acc_t *sc = scale.data() + i0, *al = alpha.data() + i0, *hi = mhi.data() + i0, *lo = mlo.data() + i0;
           const scalar_t* xr = px + r * C;
           scalar_t* gr = pg + r * C;
-          nlc_grad_row<scalar_t>(xr, gr, C, sc, al, hi, lo);
+          if (pgy != nullptr) {
+            nlc_grad_bn_row<scalar_t>(xr, pgy + r * C, gr, C, sc, al, hi, lo, bs, bb, relu);
+          } else {
+            nlc_grad_row<scalar_t>(xr, gr, C, sc, al, hi, lo);
+          }
         }
       });
       return;
@@ -580,21 +689,79 @@ Tensor segment_bn_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& x, const T
           c = 0;
           i = seg[++n] * C;
         }
-        ++c;
         const acc_t sc = scale[i], al = alpha[i], hi = mhi[i], lo = mlo[i];
         const scalar_t* xr = px + r * L;
         scalar_t* gr = pg + r * L;
-        if (L <= kShortRow) {  // inline for short rows (no call per row)
+        if (pgy != nullptr) {  // the BN path (not recover's hot layout: plain loop)
+          const scalar_t* gyr = pgy + r * L;
+          const acc_t s = bs[c], b = bb[c];
+          for (int64_t k = 0; k < L; ++k) {
+            const acc_t xv = static_cast<acc_t>(xr[k]);
+            gr[k] = static_cast<scalar_t>(affine_one(xv, sc, al, hi, lo) +
+                                          bn_grad_one(xv, static_cast<acc_t>(gyr[k]), s, b, relu));
+          }
+        } else if (L <= kShortRow) {  // inline for short rows (no call per row)
           for (int64_t k = 0; k < L; ++k) {
             gr[k] = static_cast<scalar_t>(affine_one(static_cast<acc_t>(xr[k]), sc, al, hi, lo));
           }
         } else {
           grad_row<scalar_t>(xr, gr, L, sc, al, hi, lo, tmp.data());
         }
+        ++c;
       }
     });
   });
   return grad_x;
+}
+
+Tensor segment_bn_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& x, const Tensor& segment_ids,
+                               const Tensor& target_mean, const Tensor& target_var, const Tensor& mean,
+                               const Tensor& var, const Tensor& count) {
+  return bwd_impl(grad_loss, x, segment_ids, target_mean, target_var, mean, var, count, nullptr);
+}
+
+Tensor segment_bn_loss_bwd_bn_eval_cpu(const Tensor& grad_loss, const Tensor& x, const Tensor& segment_ids,
+                                       const Tensor& target_mean, const Tensor& target_var, const Tensor& mean,
+                                       const Tensor& var, const Tensor& count, const Tensor& grad_y,
+                                       const Tensor& scale, const Tensor& shift, bool relu) {
+  const BnPath bn{&grad_y, &scale, &shift, relu};
+  return bwd_impl(grad_loss, x, segment_ids, target_mean, target_var, mean, var, count, &bn);
+}
+
+// y = act(x * scale + shift) per channel, in x's layout (contiguous [N, C, L] or channels-last).
+Tensor bn_eval_act_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, bool relu) {
+  TORCH_CHECK(x.dim() == 3 && (x.is_contiguous() || is_nlc(x)),
+              "bn_eval_act: x must be contiguous [N, C, L] or channels-last (strides (C*L, 1, C)), got ", x.sizes(),
+              " / ", x.strides());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16,
+              "bn_eval_act: x must be float32/float64/float16/bfloat16, got ", x.scalar_type());
+  check_bn_affine("bn_eval_act", x, scale, shift);
+  Tensor y = at::empty_like(x);
+  const int64_t N = x.size(0), C = x.size(1), L = x.size(2);
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_act_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* py = y.data_ptr<scalar_t>();
+    const acc_t* s = scale.const_data_ptr<acc_t>();
+    const acc_t* b = shift.const_data_ptr<acc_t>();
+    if (is_nlc(x)) {
+      at::parallel_for(0, N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) nlc_bn_row<scalar_t>(px + r * C, py + r * C, C, s, b, relu);
+      });
+      return;
+    }
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const acc_t sc = s[r % C], sh = b[r % C];
+        const scalar_t* xr = px + r * L;
+        scalar_t* yr = py + r * L;
+        for (int64_t k = 0; k < L; ++k) yr[k] = static_cast<scalar_t>(bn_act_one(static_cast<acc_t>(xr[k]), sc, sh, relu));
+      }
+    });
+  });
+  return y;
 }
 
 }  // namespace
@@ -602,4 +769,6 @@ Tensor segment_bn_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& x, const T
 TORCH_LIBRARY_IMPL(lpqld, CPU, m) {
   m.impl("segment_bn_loss_fwd", &segment_bn_loss_fwd_cpu);
   m.impl("segment_bn_loss_bwd", &segment_bn_loss_bwd_cpu);
+  m.impl("segment_bn_loss_bwd_bn_eval", &segment_bn_loss_bwd_bn_eval_cpu);
+  m.impl("bn_eval_act", &bn_eval_act_cpu);
 }

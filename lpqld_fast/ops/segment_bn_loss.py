@@ -41,13 +41,13 @@ from pathlib import Path
 import torch
 
 from lpqld_fast.ops import _validate as V
-from lpqld_fast.ops._dispatch import resolve_backend
+from lpqld_fast.ops._dispatch import native_has_kernel, resolve_backend
 from lpqld_fast.ops.reference import segment_bn_loss as ref
 
 OP = "segment_bn_loss"
 NATIVE_OP = "segment_bn_loss_fwd"  # lpqld::<schema> of the C++/CUDA forward (the backward ships with it)
 
-__all__ = ["segment_bn_loss", "OP", "NATIVE_OP"]
+__all__ = ["segment_bn_loss", "bn_eval_segment_loss", "OP", "NATIVE_OP"]
 
 
 def _check_inputs(x: object, segment_ids: object, target_mean: object, target_var: object) -> None:
@@ -172,3 +172,81 @@ def segment_bn_loss(
         return ref.segment_bn_loss(x, segment_ids, target_mean, target_var)
     # targets are constants: detached, so a target with requires_grad does not make the loss require grad
     return _SegmentBNLoss.apply(x, segment_ids, target_mean.detach(), target_var.detach(), chosen)
+
+
+class _BnEvalSegmentLoss(torch.autograd.Function):
+    """(y, loss) of bn_eval_segment_loss through the CPU kernels; one backward pass for both paths."""
+
+    @staticmethod
+    def forward(ctx, x, segment_ids, target_mean, target_var, scale, shift, relu):  # type: ignore[override]
+        n, c = x.shape[0], x.shape[1]
+        x3 = x.detach().reshape(n, c, math.prod(x.shape[2:]))
+        if not _is_nlc(x3):
+            x3 = x3.contiguous()
+        seg = segment_ids.to(torch.int64).contiguous()
+        tm = target_mean.detach().to(torch.float64).contiguous()
+        tv = target_var.detach().to(torch.float64).contiguous()
+        acc = ref.out_dtype_for(x.dtype)
+        s = scale.detach().to(acc).contiguous()
+        b = shift.detach().to(acc).contiguous()
+        loss, mean, var, count = torch.ops.lpqld.segment_bn_loss_fwd(x3, seg, tm, tv)
+        y3 = torch.ops.lpqld.bn_eval_act(x3, s, b, bool(relu))
+        ctx.relu = bool(relu)
+        ctx.x_shape = x.shape
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(x3, seg, tm, tv, mean, var, count, s, b)
+        return y3.view(x.shape), loss.to(ref.out_dtype_for(x.dtype))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_loss):  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None, None
+        x3, seg, tm, tv, mean, var, count, s, b = ctx.saved_tensors
+        g = (grad_loss.to(torch.float64).contiguous() if grad_loss is not None
+             else torch.zeros(tm.shape[0], dtype=torch.float64, device=x3.device))
+        if grad_y is None:  # y unused: the loss gradient alone
+            grad3 = torch.ops.lpqld.segment_bn_loss_bwd(g, x3, seg, tm, tv, mean, var, count)
+        else:
+            gy3 = grad_y.to(x3.dtype).reshape(x3.shape)
+            if gy3.stride() != x3.stride():  # the kernel walks both in x3's layout
+                gy3 = gy3.transpose(1, 2).contiguous().transpose(1, 2) if _is_nlc(x3) else gy3.contiguous()
+            grad3 = torch.ops.lpqld.segment_bn_loss_bwd_bn_eval(g, x3, seg, tm, tv, mean, var, count, gy3, s, b,
+                                                                  ctx.relu)
+        return grad3.view(ctx.x_shape), None, None, None, None, None, None
+
+
+def bn_eval_segment_loss(
+    x: torch.Tensor,
+    segment_ids: torch.Tensor,
+    target_mean: torch.Tensor,
+    target_var: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    relu: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm (+ the ReLU after it) that also returns segment_bn_loss of its input.
+
+    Returns (y, loss): y = relu?(x * scale[c] + shift[c]) in x's dtype and layout (computed in float32,
+    float64 for float64 x), i.e. BatchNorm in eval mode with scale = weight / sqrt(running_var + eps) and
+    shift = bias - running_mean * scale; loss = segment_bn_loss(x, segment_ids, target_mean, target_var).
+    Differentiable w.r.t. x through both outputs. On CPU with the extension the forward is two passes
+    (moments, y) and the backward one (loss gradient + grad_y * scale, masked by the ReLU), instead of
+    autograd's BN backward, ReLU backward, loss backward and the sum of the two gradients; other backends
+    compose the plain ops (same values up to rounding).
+    """
+    _check_inputs(x, segment_ids, target_mean, target_var)
+    for name, t in (("scale", scale), ("shift", shift)):
+        V.check_tensor(name, t, ndim=1, dtypes=V.FLOAT_DTYPES, device=x.device)
+        assert isinstance(t, torch.Tensor)
+        if t.shape[0] != x.shape[1]:
+            raise ValueError(f"{name} has {t.shape[0]} channels but x has {x.shape[1]} (x is [N, C, ...])")
+        V.check_finite(name, t)
+    chosen = resolve_backend(OP, x.device, backend, NATIVE_OP)
+    if chosen == "cpp" and x.device.type == "cpu" and native_has_kernel("bn_eval_act", "CPU"):
+        return _BnEvalSegmentLoss.apply(x, segment_ids, target_mean.detach(), target_var.detach(), scale.detach(),
+                                        shift.detach(), bool(relu))
+    y = ref.bn_eval_act(x, scale.detach(), shift.detach(), bool(relu))
+    return y, segment_bn_loss(x, segment_ids, target_mean, target_var, backend=chosen)

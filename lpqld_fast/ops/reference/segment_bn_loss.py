@@ -73,3 +73,11 @@ def segment_bn_moments(x: torch.Tensor, segment_ids: torch.Tensor, num_segments:
             mean[s] = flat.mean(dim=1)
             var[s] = flat.var(dim=1, correction=0)
     return torch.bincount(seg, minlength=num_segments), mean, var
+
+
+def bn_eval_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool) -> torch.Tensor:
+    """y = relu?(x * scale[c] + shift[c]) computed in float32 (float64 for float64 x), returned in x's dtype."""
+    acc = out_dtype_for(x.dtype)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = x.to(acc) * scale.to(acc).view(shape) + shift.to(acc).view(shape)
+    return (torch.relu(y) if relu else y).to(x.dtype)

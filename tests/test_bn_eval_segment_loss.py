@@ -1,0 +1,282 @@
+"""bn_eval_segment_loss (recover's fused eval-BN + ReLU + class-wise BN loss), supervised_bn and thin_conv.
+
+The oracle is written independently of the op's (scale, shift) formulation: torch's BatchNorm in eval
+mode (+ torch.relu) on a float64 copy of x, and the reference segment_bn_loss; gradients by autograd.
+Run with TRITON_INTERPRET=1 to include the Triton composition on CPU tensors (`make test` does).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lpqld_fast.models import ConvNet
+from lpqld_fast.ops import bn_eval_segment_loss, segment_bn_loss
+from lpqld_fast.ops._dispatch import available_backends, native_has_kernel
+from lpqld_fast.ops.reference import segment_bn_loss as ref
+from lpqld_fast.ops.segment_bn_loss import NATIVE_OP
+from lpqld_fast.supervised_bn import SupervisedBN, bn_eval_affine, supervised_bn
+from lpqld_fast.thin_conv import ThinInputGradConv2d, thin_input_grad_convs
+
+CPU_ALL = available_backends("cpu", NATIVE_OP)
+HAS_FUSED = native_has_kernel("bn_eval_act", "CPU")
+
+
+def _bn(c: int, seed: int, dtype=torch.float32) -> nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(c, eps=1e-3).to(dtype).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=g))
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.2)
+        bn.weight.copy_(torch.randn(c, generator=g))
+        bn.bias.copy_(torch.randn(c, generator=g))
+    return bn
+
+
+def _case(shape, segments, seed=0, dtype=torch.float32, layout="contiguous", seg=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).mul(1.5).add(0.3)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(dtype)
+    if layout == "strided":  # every other channel of a wider tensor
+        wide = torch.randn((shape[0], 2 * shape[1]) + tuple(shape[2:]), generator=g, dtype=torch.float64).to(dtype)
+        wide[:, ::2] = x
+        x = wide[:, ::2]
+    seg = torch.randint(0, segments, (shape[0],), generator=g) if seg is None else torch.as_tensor(seg)
+    tm = 0.3 + 0.5 * torch.randn(segments, shape[1], generator=g)
+    tv = 2.0 + torch.rand(segments, shape[1], generator=g)
+    gy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    wl = torch.randn(segments, generator=g, dtype=torch.float64)
+    return x, seg, tm, tv, gy, wl
+
+
+def _oracle(x, seg, tm, tv, bn, relu, gy, wl):
+    xx = x.detach().double().requires_grad_(True)
+    y = F.batch_norm(xx, bn.running_mean.double(), bn.running_var.double(), bn.weight.double(), bn.bias.double(),
+                     False, 0.0, bn.eps)
+    if relu:
+        y = torch.relu(y)
+    loss = ref.segment_bn_loss(xx, seg, tm, tv)
+    ((y * gy.double()).sum() + (loss * wl).sum()).backward()
+    return y.detach(), loss.detach(), xx.grad
+
+
+def _run(x, seg, tm, tv, bn, relu, gy, wl, backend):
+    xx = x.detach().clone().requires_grad_(True)
+    scale, shift = bn_eval_affine(bn)
+    y, loss = bn_eval_segment_loss(xx, seg, tm, tv, scale, shift, relu=relu, backend=backend)
+    ((y.double() * gy.double()).sum() + (loss.double() * wl).sum()).backward()
+    return y.detach(), loss.detach(), xx.grad
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 3e-6, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+SHAPES = {"4d": ((12, 7, 5, 6), 3), "one_sample": ((1, 5, 4, 4), 1), "one_channel": ((9, 1, 3, 3), 4),
+          "many_segments": ((40, 3, 2, 2), 37), "wide": ((6, 130, 3, 3), 2), "2d": ((10, 9), 3),
+          "long_rows": ((3, 4, 40, 40), 2)}
+
+
+@pytest.mark.parametrize("backend", CPU_ALL)
+@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("relu", [False, True])
+def test_matches_batchnorm_relu_and_loss(backend: str, name: str, relu: bool) -> None:
+    shape, segments = SHAPES[name]
+    x, seg, tm, tv, gy, wl = _case(shape, segments, seed=len(name))
+    bn = _bn(shape[1], seed=3)
+    want = _oracle(x, seg, tm, tv, bn, relu, gy, wl)
+    got = _run(x, seg, tm, tv, bn, relu, gy, wl, backend)
+    for w, g, what in zip(want, got, ("y", "loss", "grad")):
+        assert g.dtype == (x.dtype if what != "loss" else torch.float32)
+        scale = float(w.abs().max()) or 1.0
+        err = float((g.double() - w).abs().max()) / scale
+        assert err <= TOL[torch.float32], f"{what}: relative error {err:.2e}"
+
+
+@pytest.mark.skipif(not HAS_FUSED, reason="native extension without the fused kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_native_dtypes_and_layouts(dtype: torch.dtype, layout: str, relu: bool) -> None:
+    # 70 channels: a full 64-lane block plus a tail in the channels-last loops
+    x, seg, tm, tv, gy, wl = _case((10, 70, 5, 3), 4, seed=1, dtype=dtype, layout=layout)
+    bn = _bn(70, seed=2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    want = _oracle(x, seg, tm, tv, bn, relu, gy, wl)
+    got = _run(x, seg, tm, tv, bn, relu, gy, wl, "cpp")
+    y, _, grad = got
+    if layout == "channels_last":  # outputs keep the activation's layout (no transposing copies)
+        assert y.stride() == x.stride() and grad.stride() == x.stride()
+    for w, g, what in zip(want, got, ("y", "loss", "grad")):
+        scale = float(w.abs().max()) or 1.0
+        err = float((g.double() - w).abs().max()) / scale
+        tol = TOL[dtype] if what != "loss" else max(TOL[dtype], 1e-6)
+        assert err <= tol, f"{what} ({dtype}, {layout}): relative error {err:.2e}"
+
+
+@pytest.mark.skipif(not HAS_FUSED, reason="native extension without the fused kernels")
+def test_relu_mask_and_empty_segment() -> None:
+    # a segment without samples gives loss 0 and the gradient of the BN path alone, masked by the ReLU
+    x, seg, tm, tv, gy, wl = _case((6, 3, 4, 4), 3, seed=5, seg=[0, 0, 2, 2, 0, 2])
+    bn = _bn(3, seed=6)
+    y, loss, grad = _run(x, seg, tm, tv, bn, True, gy, wl, "cpp")
+    assert loss[1] == 0 and loss[0] > 0 and loss[2] > 0
+    scale, shift = bn_eval_affine(bn)
+    pre = x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    assert bool((y[pre <= 0] == 0).all()) and bool((y[pre > 0] > 0).all())
+    # only y used: the gradient is gy * scale where the pre-activation is positive, 0 elsewhere
+    xx = x.clone().requires_grad_(True)
+    y2, _ = bn_eval_segment_loss(xx, seg, tm, tv, scale, shift, relu=True, backend="cpp")
+    (y2 * gy).sum().backward()
+    want = torch.where(pre > 0, gy.double() * scale.double().view(1, -1, 1, 1), torch.zeros(()))
+    torch.testing.assert_close(xx.grad.double(), want, rtol=1e-6, atol=1e-7)
+    # only the loss used: the plain segment_bn_loss gradient
+    xx = x.clone().requires_grad_(True)
+    _, l2 = bn_eval_segment_loss(xx, seg, tm, tv, scale, shift, relu=True, backend="cpp")
+    (l2.double() * wl).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    (segment_bn_loss(xr, seg, tm, tv, backend="cpp").double() * wl).sum().backward()
+    torch.testing.assert_close(xx.grad, xr.grad, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_FUSED, reason="native extension without the fused kernels")
+@pytest.mark.parametrize("relu", [False, True])
+def test_gradcheck_float64(relu: bool) -> None:
+    x, seg, tm, tv, _, _ = _case((5, 3, 3, 2), 2, seed=7, dtype=torch.float64)
+    bn = _bn(3, seed=8, dtype=torch.float64)
+    scale, shift = bn_eval_affine(bn)
+    xx = x.clone().requires_grad_(True)
+
+    def f(t):
+        y, loss = bn_eval_segment_loss(t, seg, tm, tv, scale, shift, relu=relu, backend="cpp")
+        return y, loss
+
+    assert torch.autograd.gradcheck(f, (xx,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("arg,value,match", [
+    ("scale", torch.ones(4), "scale has 4 channels"),
+    ("shift", torch.ones(3, 1), "shift"),
+    ("scale", torch.ones(3, dtype=torch.int64), "scale"),
+    ("shift", torch.tensor([0.0, float("nan"), 1.0]), "shift"),
+])
+def test_bad_affine(arg: str, value: torch.Tensor, match: str) -> None:
+    x, seg, tm, tv, _, _ = _case((4, 3, 2, 2), 2)
+    kwargs = {"scale": torch.ones(3), "shift": torch.zeros(3)}
+    kwargs[arg] = value
+    with pytest.raises((ValueError, TypeError), match=match):
+        bn_eval_segment_loss(x, seg, tm, tv, **kwargs)
+
+
+# ---- supervised_bn: the swapped teacher equals the original + hooks ------------------------------------------
+
+def _teacher(seed: int = 0) -> ConvNet:
+    torch.manual_seed(seed)
+    model = ConvNet(num_classes=5, in_chans=1, image_size=16, width=12, depth=2)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_supervised_bn_equals_hooks_batchnorm_and_loss(channels_last: bool) -> None:
+    model = _teacher()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(6, 1, 16, 16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    seg = torch.tensor([0, 0, 1, 1, 2, 2])
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    targets = [(torch.randn(3, m.num_features), torch.rand(3, m.num_features) + 0.5) for m in bns]
+    # the plain way: hooks on the BN inputs, torch's BN + ReLU, segment_bn_loss
+    inputs: list[torch.Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda _m, a: inputs.append(a[0])) for m in bns]
+    xa = x.clone().requires_grad_(True)
+    logits = model(xa)
+    for h in handles:
+        h.remove()
+    loss = sum(segment_bn_loss(t, seg, tm, tv).sum() for t, (tm, tv) in zip(inputs, targets))
+    (logits.square().sum() + loss).backward()
+    before = [type(m) for m in model.modules()]
+    xb = x.clone().requires_grad_(True)
+    with supervised_bn(model, seg, targets) as layers:
+        assert len(layers) == 2 and all(isinstance(m, SupervisedBN) and m.relu for m in layers)
+        assert not any(type(m) is nn.ReLU for m in model.modules())  # fused into the SupervisedBN layers
+        logits2 = model(xb)
+        loss2 = sum(m.pop_loss().sum() for m in layers)
+        with pytest.raises(RuntimeError, match="no forward pass"):
+            layers[0].pop_loss()
+    (logits2.square().sum() + loss2).backward()
+    assert [type(m) for m in model.modules()] == before  # restored
+    torch.testing.assert_close(logits2, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_supervised_bn_refuses_training_mode_and_wrong_targets() -> None:
+    model = _teacher()
+    seg = torch.zeros(2, dtype=torch.int64)
+    targets = [(torch.zeros(1, 12), torch.ones(1, 12))] * 2
+    with pytest.raises(ValueError, match="targets"):
+        with supervised_bn(model, seg, targets[:1]):
+            pass
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        with supervised_bn(model, seg, targets):
+            pass
+
+
+# ---- thin_conv: GEMM + col2im input gradient ---------------------------------------------------------------
+
+@pytest.mark.parametrize("cin,k,stride,padding,dilation", [(1, 3, 1, 1, 1), (3, 7, 2, 3, 1), (2, 3, 2, 0, 1),
+                                                           (3, 5, 1, 2, 2), (4, 1, 1, 0, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_thin_conv_input_gradient(cin: int, k: int, stride: int, padding: int, dilation: int,
+                                  channels_last: bool) -> None:
+    torch.manual_seed(cin * 10 + k)
+    conv = nn.Conv2d(cin, 8, k, stride=stride, padding=padding, dilation=dilation).requires_grad_(False)
+    x = torch.randn(3, cin, 17, 15, dtype=torch.float64)
+    conv = conv.double()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(conv(x))
+    xa = x.clone().requires_grad_(True)
+    (conv(xa) * g).sum().backward()
+    xb = x.clone().requires_grad_(True)
+    (ThinInputGradConv2d(conv)(xb) * g).sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_thin_conv_swap_under_bf16_autocast_and_restore() -> None:
+    model = _teacher()
+    x = torch.randn(4, 1, 16, 16)
+    xa = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya = model(xa)
+    ya.float().square().sum().backward()
+    first = model.body[0]
+    with thin_input_grad_convs(model) as swapped:
+        assert swapped == 1 and isinstance(model.body[0], ThinInputGradConv2d)  # 12-channel convs are not thin
+        xb = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yb = model(xb)
+        assert yb.dtype == ya.dtype
+        yb.float().square().sum().backward()
+    assert model.body[0] is first
+    torch.testing.assert_close(yb, ya, rtol=0, atol=0)  # same forward kernels
+    err = float((xb.grad - xa.grad).abs().max() / xa.grad.abs().max())
+    assert err < 2e-2, err  # bf16 gradients, summed in another order
+
+
+def test_thin_conv_skips_trainable_convs() -> None:
+    model = _teacher()
+    model.body[0].weight.requires_grad_(True)
+    with thin_input_grad_convs(model) as swapped:
+        assert swapped == 0
