@@ -28,7 +28,13 @@
 // segment_bn_loss_bwd_bn_eval(grad_loss, x, segment_ids, target_mean, target_var, mean, var, count,
 //                             grad_y, scale, shift, relu) -> grad_x
 //   segment_bn_loss_bwd's gradient plus the BN path's grad_y * scale[c] (0 where fma(x, scale, shift) <= 0
-//   under relu) in one pass; grad_y has x's shape, strides and dtype.
+//   under relu) in one pass; grad_y has x's shape, strides and dtype. With pool == 2 (x channels-last
+//   [N, C, H * W], W = width) the layer ends in a 2x2 / stride-2 average pool: grad_y is the pooled gradient
+//   [N, C, (H / 2) * (W / 2)] channels-last and each x position takes grad_y of its window / 4 (0 for an odd
+//   last row / column, floor mode).
+// bn_eval_act_pool2(x, scale, shift, relu, width) -> y
+//   avg_pool2d(bn_eval_act(x), 2) in one pass for a channels-last x [N, C, H * W]: y [N, C, (H/2) * (W/2)]
+//   channels-last, window sums in float32 (float64) in row-major order.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(lpqld, m) {
@@ -42,5 +48,6 @@ TORCH_LIBRARY_FRAGMENT(lpqld, m) {
   m.def(
       "segment_bn_loss_bwd_bn_eval(Tensor grad_loss, Tensor x, Tensor segment_ids, Tensor target_mean, "
       "Tensor target_var, Tensor mean, Tensor var, Tensor count, Tensor grad_y, Tensor scale, Tensor shift, "
-      "bool relu) -> Tensor");
+      "bool relu, int width, int pool) -> Tensor");
+  m.def("bn_eval_act_pool2(Tensor x, Tensor scale, Tensor shift, bool relu, int width) -> Tensor");
 }

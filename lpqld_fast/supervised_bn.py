@@ -2,12 +2,13 @@
 
 During recover the teacher is frozen in eval mode, so each BatchNorm is a
 per-channel affine map, and the class-wise loss needs exactly the BN inputs.
-``supervised_bn`` swaps every BN layer (and the nn.ReLU right after it in an
-nn.Sequential) for a ``SupervisedBN`` that computes both in one fused op
+``supervised_bn`` swaps every BN layer (and, in an nn.Sequential, the nn.ReLU
+right after it and a 2x2 / stride-2 nn.AvgPool2d after that, the ConvNet
+block) for a ``SupervisedBN`` that computes all of it in one fused op
 (``lpqld_fast.ops.bn_eval_segment_loss``): same images and losses as hooks +
-BatchNorm + ReLU + ``segment_bn_loss``, up to rounding, with one backward pass
-per layer instead of four (BN, ReLU, the loss, autograd's gradient sum;
-profiled: ~60 of 185 ms of a bf16 ConvNet recover iteration).
+BatchNorm + ReLU + AvgPool2d + ``segment_bn_loss``, up to rounding, with one
+backward pass per layer instead of five (pool, ReLU, BN, the loss, autograd's
+gradient sum) and no full-size activation written in the forward.
 """
 from __future__ import annotations
 
@@ -37,13 +38,15 @@ def bn_eval_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, t
 
 
 class SupervisedBN(nn.Module):
-    """An eval-mode BN (+ ReLU when ``relu``) whose forward also computes the segment BN loss of its input."""
+    """An eval-mode BN (+ ReLU when ``relu``, + 2x2 average pool when ``pool == 2``) whose forward also
+    computes the segment BN loss of its input."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, relu: bool, segment_ids: torch.Tensor,
-                 target_mean: torch.Tensor, target_var: torch.Tensor) -> None:
+                 target_mean: torch.Tensor, target_var: torch.Tensor, pool: int = 1) -> None:
         super().__init__()
         self.scale, self.shift = bn_eval_affine(bn)
         self.relu = relu
+        self.pool = pool
         self.segment_ids = segment_ids
         self.target_mean = target_mean
         self.target_var = target_var
@@ -51,7 +54,8 @@ class SupervisedBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, self.loss = bn_eval_segment_loss(x, self.segment_ids, self.target_mean, self.target_var,
-                                            self.scale.to(x.device), self.shift.to(x.device), relu=self.relu)
+                                            self.scale.to(x.device), self.shift.to(x.device), relu=self.relu,
+                                            pool=self.pool)
         return y
 
     def pop_loss(self) -> torch.Tensor:
@@ -59,6 +63,13 @@ class SupervisedBN(nn.Module):
             raise RuntimeError("SupervisedBN: no forward pass since the last pop_loss()")
         loss, self.loss = self.loss, None
         return loss
+
+
+def _is_pool2(m: nn.Module) -> bool:
+    """A 2x2 / stride-2 average pool without padding (floor mode), the ConvNet block's."""
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    return (type(m) is nn.AvgPool2d and pair(m.kernel_size) == (2, 2) and pair(m.stride) == (2, 2)
+            and pair(m.padding) == (0, 0) and not m.ceil_mode and m.divisor_override is None)
 
 
 def _parent_and_name(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -72,8 +83,9 @@ def supervised_bn(model: nn.Module, segment_ids: torch.Tensor,
     """Swap ``model``'s BN layers for SupervisedBN modules (in bn_layers order) inside the block.
 
     ``targets``: per BN layer the (target_mean, target_var) [S, C] of the segments in ``segment_ids``.
-    An nn.ReLU that directly follows a BN in an nn.Sequential is fused into it (replaced by Identity);
-    the model is restored on exit. The model must be in eval mode (its BNs are affine maps then).
+    An nn.ReLU that directly follows a BN in an nn.Sequential is fused into it, and a 2x2 / stride-2
+    nn.AvgPool2d right after that ReLU too (replaced by Identity); the model is restored on exit. The
+    model must be in eval mode (its BNs are affine maps then).
     """
     layers = bn_layers(model)
     if len(layers) != len(targets):
@@ -85,15 +97,18 @@ def supervised_bn(model: nn.Module, segment_ids: torch.Tensor,
     try:
         for (qualified, bn), (tm, tv) in zip(layers, targets):
             parent, name = _parent_and_name(model, qualified)
-            relu = False
+            relu, pool = False, 1
             if isinstance(parent, nn.Sequential):
                 keys = list(parent._modules)
                 at = keys.index(name)
-                if at + 1 < len(keys) and type(parent._modules[keys[at + 1]]) is nn.ReLU:
+                nxt = [parent._modules[k] for k in keys[at + 1:at + 3]]
+                if nxt and type(nxt[0]) is nn.ReLU:
                     relu = True
-                    swapped.append((parent, keys[at + 1], parent._modules[keys[at + 1]]))
-                    setattr(parent, keys[at + 1], nn.Identity())
-            mod = SupervisedBN(bn, relu, segment_ids, tm, tv)
+                    pool = 2 if len(nxt) > 1 and _is_pool2(nxt[1]) else 1
+                    for k in keys[at + 1:at + (3 if pool == 2 else 2)]:
+                        swapped.append((parent, k, parent._modules[k]))
+                        setattr(parent, k, nn.Identity())
+            mod = SupervisedBN(bn, relu, segment_ids, tm, tv, pool)
             swapped.append((parent, name, bn))
             setattr(parent, name, mod)
             modules.append(mod)

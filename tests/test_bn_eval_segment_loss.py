@@ -34,7 +34,7 @@ def _bn(c: int, seed: int, dtype=torch.float32) -> nn.BatchNorm2d:
     return bn
 
 
-def _case(shape, segments, seed=0, dtype=torch.float32, layout="contiguous", seg=None):
+def _case(shape, segments, seed=0, dtype=torch.float32, layout="contiguous", seg=None, gy_shape=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64).mul(1.5).add(0.3)
     if layout == "channels_last":
@@ -47,26 +47,30 @@ def _case(shape, segments, seed=0, dtype=torch.float32, layout="contiguous", seg
     seg = torch.randint(0, segments, (shape[0],), generator=g) if seg is None else torch.as_tensor(seg)
     tm = 0.3 + 0.5 * torch.randn(segments, shape[1], generator=g)
     tv = 2.0 + torch.rand(segments, shape[1], generator=g)
-    gy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    gy = torch.randn(gy_shape or shape, generator=g, dtype=torch.float64).to(dtype)
+    if layout == "channels_last" and len(gy.shape) == 4:
+        gy = gy.contiguous(memory_format=torch.channels_last)
     wl = torch.randn(segments, generator=g, dtype=torch.float64)
     return x, seg, tm, tv, gy, wl
 
 
-def _oracle(x, seg, tm, tv, bn, relu, gy, wl):
+def _oracle(x, seg, tm, tv, bn, relu, gy, wl, pool=1):
     xx = x.detach().double().requires_grad_(True)
     y = F.batch_norm(xx, bn.running_mean.double(), bn.running_var.double(), bn.weight.double(), bn.bias.double(),
                      False, 0.0, bn.eps)
     if relu:
         y = torch.relu(y)
+    if pool == 2:
+        y = F.avg_pool2d(y, 2)
     loss = ref.segment_bn_loss(xx, seg, tm, tv)
     ((y * gy.double()).sum() + (loss * wl).sum()).backward()
     return y.detach(), loss.detach(), xx.grad
 
 
-def _run(x, seg, tm, tv, bn, relu, gy, wl, backend):
+def _run(x, seg, tm, tv, bn, relu, gy, wl, backend, pool=1):
     xx = x.detach().clone().requires_grad_(True)
     scale, shift = bn_eval_affine(bn)
-    y, loss = bn_eval_segment_loss(xx, seg, tm, tv, scale, shift, relu=relu, backend=backend)
+    y, loss = bn_eval_segment_loss(xx, seg, tm, tv, scale, shift, relu=relu, pool=pool, backend=backend)
     ((y.double() * gy.double()).sum() + (loss.double() * wl).sum()).backward()
     return y.detach(), loss.detach(), xx.grad
 
@@ -77,15 +81,21 @@ SHAPES = {"4d": ((12, 7, 5, 6), 3), "one_sample": ((1, 5, 4, 4), 1), "one_channe
           "long_rows": ((3, 4, 40, 40), 2)}
 
 
+def _pooled(shape, pool):
+    return tuple(shape[:2]) + tuple(d // 2 for d in shape[2:]) if pool == 2 else None
+
+
 @pytest.mark.parametrize("backend", CPU_ALL)
 @pytest.mark.parametrize("name", list(SHAPES))
-@pytest.mark.parametrize("relu", [False, True])
-def test_matches_batchnorm_relu_and_loss(backend: str, name: str, relu: bool) -> None:
+@pytest.mark.parametrize("relu,pool", [(False, 1), (True, 1), (True, 2), (False, 2)])
+def test_matches_batchnorm_relu_pool_and_loss(backend: str, name: str, relu: bool, pool: int) -> None:
     shape, segments = SHAPES[name]
-    x, seg, tm, tv, gy, wl = _case(shape, segments, seed=len(name))
+    if pool == 2 and len(shape) != 4:
+        pytest.skip("pooling needs [N, C, H, W]")
+    x, seg, tm, tv, gy, wl = _case(shape, segments, seed=len(name), gy_shape=_pooled(shape, pool))
     bn = _bn(shape[1], seed=3)
-    want = _oracle(x, seg, tm, tv, bn, relu, gy, wl)
-    got = _run(x, seg, tm, tv, bn, relu, gy, wl, backend)
+    want = _oracle(x, seg, tm, tv, bn, relu, gy, wl, pool)
+    got = _run(x, seg, tm, tv, bn, relu, gy, wl, backend, pool)
     for w, g, what in zip(want, got, ("y", "loss", "grad")):
         assert g.dtype == (x.dtype if what != "loss" else torch.float32)
         scale = float(w.abs().max()) or 1.0
@@ -96,16 +106,18 @@ def test_matches_batchnorm_relu_and_loss(backend: str, name: str, relu: bool) ->
 @pytest.mark.skipif(not HAS_FUSED, reason="native extension without the fused kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("relu", [False, True])
-def test_native_dtypes_and_layouts(dtype: torch.dtype, layout: str, relu: bool) -> None:
-    # 70 channels: a full 64-lane block plus a tail in the channels-last loops
-    x, seg, tm, tv, gy, wl = _case((10, 70, 5, 3), 4, seed=1, dtype=dtype, layout=layout)
+@pytest.mark.parametrize("relu,pool", [(False, 1), (True, 1), (True, 2), (False, 2)])
+def test_native_dtypes_and_layouts(dtype: torch.dtype, layout: str, relu: bool, pool: int) -> None:
+    # 70 channels: a full 64-lane block plus a tail in the channels-last loops; 5 x 7: odd rows and columns
+    # that a 2x2 pool drops (floor mode)
+    shape = (10, 70, 5, 7)
+    x, seg, tm, tv, gy, wl = _case(shape, 4, seed=1, dtype=dtype, layout=layout, gy_shape=_pooled(shape, pool))
     bn = _bn(70, seed=2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    want = _oracle(x, seg, tm, tv, bn, relu, gy, wl)
-    got = _run(x, seg, tm, tv, bn, relu, gy, wl, "cpp")
+    want = _oracle(x, seg, tm, tv, bn, relu, gy, wl, pool)
+    got = _run(x, seg, tm, tv, bn, relu, gy, wl, "cpp", pool)
     y, _, grad = got
     if layout == "channels_last":  # outputs keep the activation's layout (no transposing copies)
-        assert y.stride() == x.stride() and grad.stride() == x.stride()
+        assert y.is_contiguous(memory_format=torch.channels_last) and grad.stride() == x.stride()
     for w, g, what in zip(want, got, ("y", "loss", "grad")):
         scale = float(w.abs().max()) or 1.0
         err = float((g.double() - w).abs().max()) / scale
@@ -139,18 +151,26 @@ def test_relu_mask_and_empty_segment() -> None:
 
 
 @pytest.mark.skipif(not HAS_FUSED, reason="native extension without the fused kernels")
-@pytest.mark.parametrize("relu", [False, True])
-def test_gradcheck_float64(relu: bool) -> None:
-    x, seg, tm, tv, _, _ = _case((5, 3, 3, 2), 2, seed=7, dtype=torch.float64)
+@pytest.mark.parametrize("relu,pool,channels_last", [(False, 1, False), (True, 1, True), (True, 2, True),
+                                                     (False, 2, False)])
+def test_gradcheck_float64(relu: bool, pool: int, channels_last: bool) -> None:
+    x, seg, tm, tv, _, _ = _case((5, 3, 5, 4), 2, seed=7, dtype=torch.float64,
+                                 layout="channels_last" if channels_last else "contiguous")
     bn = _bn(3, seed=8, dtype=torch.float64)
     scale, shift = bn_eval_affine(bn)
     xx = x.clone().requires_grad_(True)
 
     def f(t):
-        y, loss = bn_eval_segment_loss(t, seg, tm, tv, scale, shift, relu=relu, backend="cpp")
+        y, loss = bn_eval_segment_loss(t, seg, tm, tv, scale, shift, relu=relu, pool=pool, backend="cpp")
         return y, loss
 
     assert torch.autograd.gradcheck(f, (xx,), eps=1e-6, atol=1e-7)
+
+
+def test_pool_needs_4d_input() -> None:
+    x, seg, tm, tv, _, _ = _case((4, 3, 1, 5), 2)
+    with pytest.raises(ValueError, match="pool=2 needs"):
+        bn_eval_segment_loss(x, seg, tm, tv, torch.ones(3), torch.zeros(3), pool=2)
 
 
 @pytest.mark.parametrize("arg,value,match", [
@@ -158,6 +178,7 @@ def test_gradcheck_float64(relu: bool) -> None:
     ("shift", torch.ones(3, 1), "shift"),
     ("scale", torch.ones(3, dtype=torch.int64), "scale"),
     ("shift", torch.tensor([0.0, float("nan"), 1.0]), "shift"),
+    ("pool", 3, "pool must be 1"),
 ])
 def test_bad_affine(arg: str, value: torch.Tensor, match: str) -> None:
     x, seg, tm, tv, _, _ = _case((4, 3, 2, 2), 2)
@@ -207,8 +228,9 @@ def test_supervised_bn_equals_hooks_batchnorm_and_loss(channels_last: bool) -> N
     before = [type(m) for m in model.modules()]
     xb = x.clone().requires_grad_(True)
     with supervised_bn(model, seg, targets) as layers:
-        assert len(layers) == 2 and all(isinstance(m, SupervisedBN) and m.relu for m in layers)
-        assert not any(type(m) is nn.ReLU for m in model.modules())  # fused into the SupervisedBN layers
+        assert len(layers) == 2 and all(isinstance(m, SupervisedBN) and m.relu and m.pool == 2 for m in layers)
+        # fused into the SupervisedBN layers
+        assert not any(type(m) in (nn.ReLU, nn.AvgPool2d) for m in model.modules())
         logits2 = model(xb)
         loss2 = sum(m.pop_loss().sum() for m in layers)
         with pytest.raises(RuntimeError, match="no forward pass"):

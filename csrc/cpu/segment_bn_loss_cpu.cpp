@@ -210,12 +210,29 @@ LPQLD_NLC_AFFINE(uint16_t, nlc_affine_bf16)
   }
 #define LPQLD_NLC_AFFINE_BN(T, NAME, RELU)                                                                   \
   LPQLD_CLONES void NAME(const T* x, const T* gy, T* g, int64_t n, const float* sc, const float* al,         \
-                         const float* hi, const float* lo, const float* s, const float* b) {                  \
+                         const float* hi, const float* lo, const float* s, const float* b, const float* gs) { \
     _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) {                                                     \
       const float xv = load_as_float(x[c]);                                                                   \
-      const float up = load_as_float(gy[c]) * s[c];                                                           \
+      const float up = load_as_float(gy[c]) * gs[c];                                                          \
       const float bn = (RELU) ? (std::fma(xv, s[c], b[c]) > 0.0f ? up : 0.0f) : up;                           \
       store_from_float(g + c, affine_one(xv, sc[c], al[c], hi[c], lo[c]) + bn);                               \
+    }                                                                                                         \
+  }
+// y = (act(x00) + act(x01) + act(x10) + act(x11)) / 4 over the 2x2 window of one pooled position (C lanes),
+// summed in that order in float like torch's avg_pool2d.
+#define LPQLD_NLC_BN_ACT_POOL2(T, NAME, RELU)                                                                \
+  LPQLD_CLONES void NAME(const T* x00, const T* x01, const T* x10, const T* x11, T* y, int64_t n,            \
+                         const float* s, const float* b) {                                                    \
+    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) {                                                     \
+      float v0 = std::fma(load_as_float(x00[c]), s[c], b[c]), v1 = std::fma(load_as_float(x01[c]), s[c], b[c]); \
+      float v2 = std::fma(load_as_float(x10[c]), s[c], b[c]), v3 = std::fma(load_as_float(x11[c]), s[c], b[c]); \
+      if (RELU) {                                                                                             \
+        v0 = v0 > 0.0f ? v0 : (v0 == v0 ? 0.0f : v0);                                                         \
+        v1 = v1 > 0.0f ? v1 : (v1 == v1 ? 0.0f : v1);                                                         \
+        v2 = v2 > 0.0f ? v2 : (v2 == v2 ? 0.0f : v2);                                                         \
+        v3 = v3 > 0.0f ? v3 : (v3 == v3 ? 0.0f : v3);                                                         \
+      }                                                                                                       \
+      store_from_float(y + c, (((v0 + v1) + v2) + v3) * 0.25f);                                               \
     }                                                                                                         \
   }
 LPQLD_NLC_BN_ACT(float, nlc_bn_id_f32, false)
@@ -226,6 +243,10 @@ LPQLD_NLC_AFFINE_BN(float, nlc_affine_bn_id_f32, false)
 LPQLD_NLC_AFFINE_BN(float, nlc_affine_bn_relu_f32, true)
 LPQLD_NLC_AFFINE_BN(uint16_t, nlc_affine_bn_id_bf16, false)
 LPQLD_NLC_AFFINE_BN(uint16_t, nlc_affine_bn_relu_bf16, true)
+LPQLD_NLC_BN_ACT_POOL2(float, nlc_bn_pool2_id_f32, false)
+LPQLD_NLC_BN_ACT_POOL2(float, nlc_bn_pool2_relu_f32, true)
+LPQLD_NLC_BN_ACT_POOL2(uint16_t, nlc_bn_pool2_id_bf16, false)
+LPQLD_NLC_BN_ACT_POOL2(uint16_t, nlc_bn_pool2_relu_bf16, true)
 
 // Exact mean and M2 (sum of squared deviations) of the row p[0, L), L >= 1.
 template <typename scalar_t>
@@ -340,22 +361,47 @@ inline void nlc_bn_row(const scalar_t* xr, scalar_t* yr, int64_t C, const acc_t*
   }
 }
 
-// One channels-last row of the loss gradient plus the BN (+ ReLU) path's gradient gy * s.
+// One channels-last row of the loss gradient plus the BN (+ ReLU) path's gradient gy * gs (gs = s, or s / 4
+// under a 2x2 average pool), masked where fma(x, s, b) <= 0 under ReLU.
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
 inline void nlc_grad_bn_row(const scalar_t* xr, const scalar_t* gyr, scalar_t* gr, int64_t C, const acc_t* sc,
                             const acc_t* al, const acc_t* hi, const acc_t* lo, const acc_t* s, const acc_t* b,
-                            bool relu) {
+                            const acc_t* gs, bool relu) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    (relu ? nlc_affine_bn_relu_f32 : nlc_affine_bn_id_f32)(xr, gyr, gr, C, sc, al, hi, lo, s, b);
+    (relu ? nlc_affine_bn_relu_f32 : nlc_affine_bn_id_f32)(xr, gyr, gr, C, sc, al, hi, lo, s, b, gs);
   } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     (relu ? nlc_affine_bn_relu_bf16 : nlc_affine_bn_id_bf16)(
         reinterpret_cast<const uint16_t*>(xr), reinterpret_cast<const uint16_t*>(gyr), reinterpret_cast<uint16_t*>(gr),
-        C, sc, al, hi, lo, s, b);
+        C, sc, al, hi, lo, s, b, gs);
   } else {
     for (int64_t c = 0; c < C; ++c) {
       const acc_t xv = static_cast<acc_t>(xr[c]);
+      const acc_t up = static_cast<acc_t>(gyr[c]) * gs[c];
       gr[c] = static_cast<scalar_t>(affine_one(xv, sc[c], al[c], hi[c], lo[c]) +
-                                    bn_grad_one(xv, static_cast<acc_t>(gyr[c]), s[c], b[c], relu));
+                                    ((!relu || std::fma(xv, s[c], b[c]) > acc_t(0)) ? up : acc_t(0)));
+    }
+  }
+}
+
+// One pooled channels-last position: y = mean of act(fma(x, s, b)) over the 2x2 window at x00 (rows ldw apart,
+// columns C apart).
+template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
+inline void nlc_bn_pool2_row(const scalar_t* x00, int64_t ldw, scalar_t* yr, int64_t C, const acc_t* s,
+                             const acc_t* b, bool relu) {
+  const scalar_t *x01 = x00 + C, *x10 = x00 + ldw, *x11 = x10 + C;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    (relu ? nlc_bn_pool2_relu_f32 : nlc_bn_pool2_id_f32)(x00, x01, x10, x11, yr, C, s, b);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    auto u = [](const scalar_t* p) { return reinterpret_cast<const uint16_t*>(p); };
+    (relu ? nlc_bn_pool2_relu_bf16 : nlc_bn_pool2_id_bf16)(u(x00), u(x01), u(x10), u(x11),
+                                                           reinterpret_cast<uint16_t*>(yr), C, s, b);
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t v = ((bn_act_one(static_cast<acc_t>(x00[c]), s[c], b[c], relu) +
+                        bn_act_one(static_cast<acc_t>(x01[c]), s[c], b[c], relu)) +
+                       bn_act_one(static_cast<acc_t>(x10[c]), s[c], b[c], relu)) +
+                      bn_act_one(static_cast<acc_t>(x11[c]), s[c], b[c], relu);
+      yr[c] = static_cast<scalar_t>(v * acc_t(0.25));
     }
   }
 }
@@ -580,6 +626,8 @@ struct BnPath {
   const Tensor* scale;
   const Tensor* shift;
   bool relu;
+  int64_t width;  // x's W when pooled (x [N, C, H * W] channels-last, grad_y [N, C, (H / 2) * (W / 2)])
+  int64_t pool;   // 1, or 2 for a 2x2 / stride-2 average pool after the activation
 };
 
 void check_bn_affine(const char* op, const Tensor& x, const Tensor& scale, const Tensor& shift) {
@@ -606,12 +654,28 @@ Tensor bwd_impl(const Tensor& grad_loss, const Tensor& x, const Tensor& segment_
               "segment_bn_loss_bwd: mean and var must be contiguous float64 [S, C] tensors");
   TORCH_CHECK(count.dim() == 1 && count.size(0) == S && count.scalar_type() == at::kLong && count.is_contiguous(),
               "segment_bn_loss_bwd: count must be a contiguous int64 [S] tensor");
+  int64_t OH = 0, OW = 0;  // pooled size
   if (bn != nullptr) {
     const Tensor& gy = *bn->grad_y;
-    TORCH_CHECK(gy.sizes() == x.sizes() && gy.strides() == x.strides() && gy.scalar_type() == x.scalar_type() &&
-                    gy.device() == x.device(),
-                "segment_bn_loss_bwd_bn_eval: grad_y must have x's shape, strides and dtype, got ", gy.sizes(),
-                " / ", gy.strides(), " ", gy.scalar_type());
+    TORCH_CHECK(bn->pool == 1 || bn->pool == 2, "segment_bn_loss_bwd_bn_eval: pool must be 1 or 2, got ", bn->pool);
+    if (bn->pool == 1) {
+      TORCH_CHECK(gy.sizes() == x.sizes() && gy.strides() == x.strides(),
+                  "segment_bn_loss_bwd_bn_eval: grad_y must have x's shape and strides, got ", gy.sizes(), " / ",
+                  gy.strides());
+    } else {
+      TORCH_CHECK(bn->width >= 2 && L % bn->width == 0 && L / bn->width >= 2 && (is_nlc(x) || C == 1),
+                  "segment_bn_loss_bwd_bn_eval: pool 2 needs a channels-last x [N, C, H * W] with H, W >= 2 "
+                  "(W = ", bn->width, ", L = ", L, ")");
+      OH = (L / bn->width) / 2;
+      OW = bn->width / 2;
+      TORCH_CHECK(gy.dim() == 3 && gy.size(0) == N && gy.size(1) == C && gy.size(2) == OH * OW &&
+                      (gy.stride(1) == 1 || C == 1) && (gy.stride(2) == C || OH * OW == 1) &&
+                      (gy.stride(0) == C * OH * OW || N <= 1),
+                  "segment_bn_loss_bwd_bn_eval: grad_y must be channels-last [N, C, (H / 2) * (W / 2)], got ",
+                  gy.sizes(), " / ", gy.strides());
+    }
+    TORCH_CHECK(gy.scalar_type() == x.scalar_type() && gy.device() == x.device(),
+                "segment_bn_loss_bwd_bn_eval: grad_y must have x's dtype and device, got ", gy.scalar_type());
     check_bn_affine("segment_bn_loss_bwd_bn_eval", x, *bn->scale, *bn->shift);
   }
   Tensor grad_x = at::empty_like(x);  // keeps a channels-last x's strides
@@ -663,15 +727,30 @@ Tensor bwd_impl(const Tensor& grad_loss, const Tensor& x, const Tensor& segment_
     const acc_t* bs = bn ? bn->scale->const_data_ptr<acc_t>() : nullptr;
     const acc_t* bb = bn ? bn->shift->const_data_ptr<acc_t>() : nullptr;
     const bool relu = bn && bn->relu;
-    if (is_nlc(x)) {  // grad_x has x's strides (empty_like): rows of C channels, coefficients in lanes
+    const int64_t pool = bn ? bn->pool : 1;
+    std::vector<acc_t> gscale;  // the BN path's gradient factor: scale, or scale / 4 under the 2x2 average
+    if (bn != nullptr) {
+      gscale.assign(bs, bs + C);
+      if (pool == 2) {
+        for (auto& v : gscale) v *= acc_t(0.25);
+      }
+    }
+    if (is_nlc(x) || (pool == 2 && C == 1)) {  // rows of C channels, coefficients in lanes
+      const int64_t W = bn ? bn->width : 1;
       at::parallel_for(0, N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t i0 = seg[r / L] * C;
+          const int64_t n = r / L;
+          const int64_t i0 = seg[n] * C;
           const acc_t *sc = scale.data() + i0, *al = alpha.data() + i0, *hi = mhi.data() + i0, *lo = mlo.data() + i0;
           const scalar_t* xr = px + r * C;
           scalar_t* gr = pg + r * C;
-          if (pgy != nullptr) {
-            nlc_grad_bn_row<scalar_t>(xr, pgy + r * C, gr, C, sc, al, hi, lo, bs, bb, relu);
+          const scalar_t* gyr = pgy == nullptr ? nullptr : pgy + r * C;
+          if (pool == 2) {  // the pooled position this row feeds, if any (floor mode drops an odd last row/column)
+            const int64_t h = (r % L) / W, w = (r % L) % W;
+            gyr = (h / 2 < OH && w / 2 < OW) ? pgy + ((n * OH + h / 2) * OW + w / 2) * C : nullptr;
+          }
+          if (gyr != nullptr) {
+            nlc_grad_bn_row<scalar_t>(xr, gyr, gr, C, sc, al, hi, lo, bs, bb, gscale.data(), relu);
           } else {
             nlc_grad_row<scalar_t>(xr, gr, C, sc, al, hi, lo);
           }
@@ -723,8 +802,9 @@ Tensor segment_bn_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& x, const T
 Tensor segment_bn_loss_bwd_bn_eval_cpu(const Tensor& grad_loss, const Tensor& x, const Tensor& segment_ids,
                                        const Tensor& target_mean, const Tensor& target_var, const Tensor& mean,
                                        const Tensor& var, const Tensor& count, const Tensor& grad_y,
-                                       const Tensor& scale, const Tensor& shift, bool relu) {
-  const BnPath bn{&grad_y, &scale, &shift, relu};
+                                       const Tensor& scale, const Tensor& shift, bool relu, int64_t width,
+                                       int64_t pool) {
+  const BnPath bn{&grad_y, &scale, &shift, relu, width, pool};
   return bwd_impl(grad_loss, x, segment_ids, target_mean, target_var, mean, var, count, &bn);
 }
 
@@ -764,6 +844,40 @@ Tensor bn_eval_act_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift
   return y;
 }
 
+// y = avg_pool2d(act(x * scale + shift), 2) for a channels-last x [N, C, H * W] (floor mode: an odd last
+// row / column is dropped); y [N, C, (H / 2) * (W / 2)] channels-last. x is read once, only y is written.
+Tensor bn_eval_act_pool2_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, bool relu, int64_t width) {
+  TORCH_CHECK(x.dim() == 3 && (is_nlc(x) || (x.size(1) == 1 && x.is_contiguous())),
+              "bn_eval_act_pool2: x must be channels-last [N, C, H * W] (strides (C*L, 1, C)), got ", x.sizes(),
+              " / ", x.strides());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16,
+              "bn_eval_act_pool2: x must be float32/float64/float16/bfloat16, got ", x.scalar_type());
+  check_bn_affine("bn_eval_act_pool2", x, scale, shift);
+  const int64_t N = x.size(0), C = x.size(1), L = x.size(2), W = width;
+  TORCH_CHECK(W >= 2 && L % W == 0 && L / W >= 2, "bn_eval_act_pool2: need H, W >= 2 with L = H * W (L = ", L,
+              ", W = ", W, ")");
+  const int64_t OH = (L / W) / 2, OW = W / 2;
+  // [N, C, OH * OW] with channels-last strides
+  Tensor y = at::empty({N, OH * OW, C}, x.options()).transpose(1, 2);
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_act_pool2_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* py = y.data_ptr<scalar_t>();
+    const acc_t* s = scale.const_data_ptr<acc_t>();
+    const acc_t* b = shift.const_data_ptr<acc_t>();
+    at::parallel_for(0, N * OH * OW, std::max<int64_t>(1, 8192 / C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / (OH * OW), oh = (r / OW) % OH, ow = r % OW;
+        const scalar_t* x00 = px + (n * L + (2 * oh) * W + 2 * ow) * C;
+        nlc_bn_pool2_row<scalar_t>(x00, W * C, py + r * C, C, s, b, relu);
+      }
+    });
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lpqld, CPU, m) {
@@ -771,4 +885,5 @@ TORCH_LIBRARY_IMPL(lpqld, CPU, m) {
   m.impl("segment_bn_loss_bwd", &segment_bn_loss_bwd_cpu);
   m.impl("segment_bn_loss_bwd_bn_eval", &segment_bn_loss_bwd_bn_eval_cpu);
   m.impl("bn_eval_act", &bn_eval_act_cpu);
+  m.impl("bn_eval_act_pool2", &bn_eval_act_pool2_cpu);
 }

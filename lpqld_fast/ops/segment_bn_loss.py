@@ -178,7 +178,7 @@ class _BnEvalSegmentLoss(torch.autograd.Function):
     """(y, loss) of bn_eval_segment_loss through the CPU kernels; one backward pass for both paths."""
 
     @staticmethod
-    def forward(ctx, x, segment_ids, target_mean, target_var, scale, shift, relu):  # type: ignore[override]
+    def forward(ctx, x, segment_ids, target_mean, target_var, scale, shift, relu, pool):  # type: ignore[override]
         n, c = x.shape[0], x.shape[1]
         x3 = x.detach().reshape(n, c, math.prod(x.shape[2:]))
         if not _is_nlc(x3):
@@ -190,30 +190,37 @@ class _BnEvalSegmentLoss(torch.autograd.Function):
         s = scale.detach().to(acc).contiguous()
         b = shift.detach().to(acc).contiguous()
         loss, mean, var, count = torch.ops.lpqld.segment_bn_loss_fwd(x3, seg, tm, tv)
-        y3 = torch.ops.lpqld.bn_eval_act(x3, s, b, bool(relu))
-        ctx.relu = bool(relu)
-        ctx.x_shape = x.shape
+        width = x.shape[-1]
+        if pool == 2:  # x3 is channels-last here (the caller checks); y [N, C, H/2 * W/2] channels-last
+            y = torch.ops.lpqld.bn_eval_act_pool2(x3, s, b, bool(relu), width)
+            y = y.view(n, c, x.shape[2] // 2, width // 2)
+        else:
+            y = torch.ops.lpqld.bn_eval_act(x3, s, b, bool(relu)).view(x.shape)
+        ctx.conf = (bool(relu), int(pool), width, x.shape)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(x3, seg, tm, tv, mean, var, count, s, b)
-        return y3.view(x.shape), loss.to(ref.out_dtype_for(x.dtype))
+        return y, loss.to(ref.out_dtype_for(x.dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_loss):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
+            return (None,) * 8
         x3, seg, tm, tv, mean, var, count, s, b = ctx.saved_tensors
+        relu, pool, width, x_shape = ctx.conf
         g = (grad_loss.to(torch.float64).contiguous() if grad_loss is not None
              else torch.zeros(tm.shape[0], dtype=torch.float64, device=x3.device))
         if grad_y is None:  # y unused: the loss gradient alone
             grad3 = torch.ops.lpqld.segment_bn_loss_bwd(g, x3, seg, tm, tv, mean, var, count)
         else:
-            gy3 = grad_y.to(x3.dtype).reshape(x3.shape)
-            if gy3.stride() != x3.stride():  # the kernel walks both in x3's layout
-                gy3 = gy3.transpose(1, 2).contiguous().transpose(1, 2) if _is_nlc(x3) else gy3.contiguous()
+            gy3 = grad_y.to(x3.dtype).reshape(grad_y.shape[0], grad_y.shape[1], -1)
+            nlc = _is_nlc(x3) or pool == 2  # the kernel walks grad_y in x3's layout (channels-last when pooled)
+            want = gy3.transpose(1, 2).contiguous().transpose(1, 2) if nlc else gy3.contiguous()
+            if gy3.stride() != want.stride():
+                gy3 = want
             grad3 = torch.ops.lpqld.segment_bn_loss_bwd_bn_eval(g, x3, seg, tm, tv, mean, var, count, gy3, s, b,
-                                                                  ctx.relu)
-        return grad3.view(ctx.x_shape), None, None, None, None, None, None
+                                                                  relu, width, pool)
+        return (grad3.view(x_shape),) + (None,) * 7
 
 
 def bn_eval_segment_loss(
@@ -225,17 +232,20 @@ def bn_eval_segment_loss(
     shift: torch.Tensor,
     *,
     relu: bool = False,
+    pool: int = 1,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """An eval-mode BatchNorm (+ the ReLU after it) that also returns segment_bn_loss of its input.
+    """An eval-mode BatchNorm (+ the ReLU and 2x2 average pool after it) that also returns segment_bn_loss of its input.
 
-    Returns (y, loss): y = relu?(x * scale[c] + shift[c]) in x's dtype and layout (computed in float32,
-    float64 for float64 x), i.e. BatchNorm in eval mode with scale = weight / sqrt(running_var + eps) and
-    shift = bias - running_mean * scale; loss = segment_bn_loss(x, segment_ids, target_mean, target_var).
-    Differentiable w.r.t. x through both outputs. On CPU with the extension the forward is two passes
-    (moments, y) and the backward one (loss gradient + grad_y * scale, masked by the ReLU), instead of
-    autograd's BN backward, ReLU backward, loss backward and the sum of the two gradients; other backends
-    compose the plain ops (same values up to rounding).
+    Returns (y, loss): y = relu?(x * scale[c] + shift[c]) in x's dtype (computed in float32, float64 for
+    float64 x), i.e. BatchNorm in eval mode with scale = weight / sqrt(running_var + eps) and shift = bias -
+    running_mean * scale; with ``pool=2`` (x [N, C, H, W]) followed by avg_pool2d(y, 2) (floor mode);
+    loss = segment_bn_loss(x, segment_ids, target_mean, target_var). Differentiable w.r.t. x through both
+    outputs. On CPU with the extension the forward is two passes over x (moments; y, pooled without
+    writing the full-size map for a channels-last x) and the backward one (loss gradient + the BN path's
+    gradient, masked by the ReLU, spread over the pool window), instead of autograd's pool, ReLU, BN and
+    loss backwards and the sum of the two gradients; other backends compose the plain ops (same values up
+    to rounding).
     """
     _check_inputs(x, segment_ids, target_mean, target_var)
     for name, t in (("scale", scale), ("shift", shift)):
@@ -244,9 +254,17 @@ def bn_eval_segment_loss(
         if t.shape[0] != x.shape[1]:
             raise ValueError(f"{name} has {t.shape[0]} channels but x has {x.shape[1]} (x is [N, C, ...])")
         V.check_finite(name, t)
+    if pool not in (1, 2):
+        raise ValueError(f"pool must be 1 (none) or 2 (2x2 average), got {pool!r}")
+    if pool == 2 and (x.dim() != 4 or x.shape[2] < 2 or x.shape[3] < 2):
+        raise ValueError(f"pool=2 needs x [N, C, H, W] with H, W >= 2, got shape {tuple(x.shape)}")
     chosen = resolve_backend(OP, x.device, backend, NATIVE_OP)
-    if chosen == "cpp" and x.device.type == "cpu" and native_has_kernel("bn_eval_act", "CPU"):
-        return _BnEvalSegmentLoss.apply(x, segment_ids, target_mean.detach(), target_var.detach(), scale.detach(),
-                                        shift.detach(), bool(relu))
-    y = ref.bn_eval_act(x, scale.detach(), shift.detach(), bool(relu))
+    if chosen == "cpp" and x.device.type == "cpu" and native_has_kernel("bn_eval_act_pool2", "CPU"):
+        args = (x, segment_ids, target_mean.detach(), target_var.detach(), scale.detach(), shift.detach(), bool(relu))
+        x3 = x.reshape(x.shape[0], x.shape[1], -1)
+        if pool == 1 or _is_nlc(x3) or x.shape[1] == 1:
+            return _BnEvalSegmentLoss.apply(*args, pool)
+        y, loss = _BnEvalSegmentLoss.apply(*args, 1)  # pooled kernel needs channels-last: pool with torch
+        return torch.nn.functional.avg_pool2d(y, 2), loss
+    y = ref.bn_eval_act(x, scale.detach(), shift.detach(), bool(relu), pool)
     return y, segment_bn_loss(x, segment_ids, target_mean, target_var, backend=chosen)

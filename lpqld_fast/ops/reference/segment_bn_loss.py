@@ -75,9 +75,14 @@ def segment_bn_moments(x: torch.Tensor, segment_ids: torch.Tensor, num_segments:
     return torch.bincount(seg, minlength=num_segments), mean, var
 
 
-def bn_eval_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool) -> torch.Tensor:
-    """y = relu?(x * scale[c] + shift[c]) computed in float32 (float64 for float64 x), returned in x's dtype."""
+def bn_eval_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool, pool: int = 1) -> torch.Tensor:
+    """y = relu?(x * scale[c] + shift[c]), then avg_pool2d(y, 2) if pool == 2; computed in float32 (float64
+    for float64 x), returned in x's dtype."""
     acc = out_dtype_for(x.dtype)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     y = x.to(acc) * scale.to(acc).view(shape) + shift.to(acc).view(shape)
-    return (torch.relu(y) if relu else y).to(x.dtype)
+    if relu:
+        y = torch.relu(y)
+    if pool == 2:
+        y = torch.nn.functional.avg_pool2d(y, 2)
+    return y.to(x.dtype)
