@@ -10,7 +10,9 @@ process, same teacher and targets, timed round-robin:
                           class batch, BN forward hooks with mean / permute-contiguous var and
                           torch.norm, autograd, Adam(0.5, 0.9), cosine lr, clip
   one-class-per-pass      lpqld_fast.recover.synthesize_units called once per class
-                          (fused ops: crop_resize_flip, batched_roll, segment_bn_loss)
+                          (fused ops: crop_resize_flip, batched_roll, bn_eval_segment_loss =
+                          eval BN + ReLU + 2x2 pool + segment_bn_loss per ConvNet block, the
+                          thin first conv's image gradient as GEMM + col2im)
   many-classes-per-pass   synthesize_units with all S classes in one pass (what recover does)
   *-bf16-nhwc             the same two with recover.bf16 + recover.channels_last (bf16 autocast,
                           NHWC teacher; images, Adam and losses fp32), as the CPU preset runs

@@ -357,7 +357,9 @@ inline void nlc_bn_row(const scalar_t* xr, scalar_t* yr, int64_t C, const acc_t*
     (relu ? nlc_bn_relu_bf16 : nlc_bn_id_bf16)(reinterpret_cast<const uint16_t*>(xr), reinterpret_cast<uint16_t*>(yr),
                                                C, s, b);
   } else {
-    for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(bn_act_one(static_cast<acc_t>(xr[c]), s[c], b[c], relu));
+    for (int64_t c = 0; c < C; ++c) {
+      yr[c] = static_cast<scalar_t>(bn_act_one(static_cast<acc_t>(xr[c]), s[c], b[c], relu));
+    }
   }
 }
 
@@ -837,7 +839,9 @@ Tensor bn_eval_act_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift
         const acc_t sc = s[r % C], sh = b[r % C];
         const scalar_t* xr = px + r * L;
         scalar_t* yr = py + r * L;
-        for (int64_t k = 0; k < L; ++k) yr[k] = static_cast<scalar_t>(bn_act_one(static_cast<acc_t>(xr[k]), sc, sh, relu));
+        for (int64_t k = 0; k < L; ++k) {
+          yr[k] = static_cast<scalar_t>(bn_act_one(static_cast<acc_t>(xr[k]), sc, sh, relu));
+        }
       }
     });
   });

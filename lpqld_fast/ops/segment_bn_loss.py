@@ -235,7 +235,7 @@ def bn_eval_segment_loss(
     pool: int = 1,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """An eval-mode BatchNorm (+ the ReLU and 2x2 average pool after it) that also returns segment_bn_loss of its input.
+    """Eval-mode BatchNorm (+ the ReLU and 2x2 average pool after it) that also returns segment_bn_loss of x.
 
     Returns (y, loss): y = relu?(x * scale[c] + shift[c]) in x's dtype (computed in float32, float64 for
     float64 x), i.e. BatchNorm in eval mode with scale = weight / sqrt(running_var + eps) and shift = bias -
