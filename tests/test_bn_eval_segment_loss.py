@@ -1,4 +1,5 @@
-"""bn_eval_segment_loss (recover's fused eval-BN + ReLU + class-wise BN loss), supervised_bn and thin_conv.
+"""bn_eval_segment_loss / bn_eval_act (fused eval-BN + ReLU + pool [+ class-wise BN loss]), supervised_bn,
+fused_eval_bn and thin_conv.
 
 The oracle is written independently of the op's (scale, shift) formulation: torch's BatchNorm in eval
 mode (+ torch.relu) on a float64 copy of x, and the reference segment_bn_loss; gradients by autograd.
@@ -12,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpqld_fast.models import ConvNet
-from lpqld_fast.ops import bn_eval_segment_loss, segment_bn_loss
+from lpqld_fast.ops import bn_eval_act, bn_eval_segment_loss, segment_bn_loss
 from lpqld_fast.ops._dispatch import available_backends, native_has_kernel
 from lpqld_fast.ops.reference import segment_bn_loss as ref
 from lpqld_fast.ops.segment_bn_loss import NATIVE_OP
-from lpqld_fast.supervised_bn import SupervisedBN, bn_eval_affine, supervised_bn
+from lpqld_fast.supervised_bn import EvalBN, SupervisedBN, bn_eval_affine, fused_eval_bn, supervised_bn
 from lpqld_fast.thin_conv import ThinInputGradConv2d, thin_input_grad_convs
 
 CPU_ALL = available_backends("cpu", NATIVE_OP)
@@ -302,3 +303,67 @@ def test_thin_conv_skips_trainable_convs() -> None:
     model.body[0].weight.requires_grad_(True)
     with thin_input_grad_convs(model) as swapped:
         assert swapped == 0
+
+
+# ---- inference: bn_eval_act and fused_eval_bn ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("relu,pool", [(False, 1), (True, 1), (True, 2), (False, 2)])
+def test_bn_eval_act_matches_batchnorm(backend: str, dtype: torch.dtype, layout: str, relu: bool, pool: int) -> None:
+    x, *_ = _case((6, 70, 7, 6), 1, seed=11, dtype=dtype, layout=layout)
+    bn = _bn(70, seed=12, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    want = _oracle(x, torch.zeros(6, dtype=torch.int64), torch.zeros(1, 70), torch.ones(1, 70), bn, relu,
+                   torch.zeros(_pooled(x.shape, pool) or x.shape), torch.zeros(1, dtype=torch.float64), pool)[0]
+    scale, shift = bn_eval_affine(bn)
+    with torch.no_grad():
+        y = bn_eval_act(x, scale, shift, relu=relu, pool=pool, backend=backend)
+    assert y.dtype == dtype and y.shape == want.shape
+    err = float((y.double() - want).abs().max() / want.abs().max())
+    assert err <= TOL[dtype], err
+
+
+def test_bn_eval_act_differentiable_when_recording() -> None:
+    x, *_ = _case((4, 3, 4, 4), 1, seed=13, dtype=torch.float64)
+    bn = _bn(3, seed=14, dtype=torch.float64)
+    scale, shift = bn_eval_affine(bn)
+    xx = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: bn_eval_act(t, scale, shift, relu=True, pool=2), (xx,))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_eval_bn_equals_model(channels_last: bool) -> None:
+    model = _teacher()
+    x = torch.randn(7, 1, 16, 16)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model(x)
+        before = [type(m) for m in model.modules()]
+        with fused_eval_bn(model) as n:
+            assert n == 2 and not any(type(m) in (nn.BatchNorm2d, nn.ReLU, nn.AvgPool2d) for m in model.modules())
+            got = model(x)
+        assert [type(m) for m in model.modules()] == before
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_eval_bn_leaves_batch_statistics_bn_alone() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU()).eval()
+    with fused_eval_bn(model) as n:
+        assert n == 0 and isinstance(model[1], nn.BatchNorm2d)
+
+
+def test_evaluate_uses_fused_blocks_and_agrees() -> None:
+    from lpqld_fast.engine import evaluate
+
+    model = _teacher()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        x = (images.float() / 255 - 0.5) / 0.25
+        labels = model(x).argmax(1)  # the plain model's predictions: accuracy 100% if evaluate agrees
+        labels[:8] = (labels[:8] + 1) % 5  # and exactly 87.5% with these changed
+    assert evaluate(model, images, labels, [0.5], [0.25], batch_size=16) == pytest.approx(87.5)
+    assert all(type(m) is not EvalBN for m in model.modules())

@@ -20,6 +20,6 @@ from lpqld_fast.ops.classwise_moments import (  # noqa: F401
     classwise_moments_accumulate_,
     merge_moments_,
 )
-from lpqld_fast.ops.segment_bn_loss import bn_eval_segment_loss, segment_bn_loss  # noqa: E402,F401
+from lpqld_fast.ops.segment_bn_loss import bn_eval_act, bn_eval_segment_loss, segment_bn_loss  # noqa: E402,F401
 from lpqld_fast.ops.soft_label_kl import calibrate_student_temperature, decode_teacher, soft_label_kl  # noqa: F401,E402
 from lpqld_fast.ops.crop_resize_flip import batched_roll, crop_resize_flip, crop_resize_flip_gather, pixel_boxes  # noqa: F401,E402

@@ -47,7 +47,7 @@ from lpqld_fast.ops.reference import segment_bn_loss as ref
 OP = "segment_bn_loss"
 NATIVE_OP = "segment_bn_loss_fwd"  # lpqld::<schema> of the C++/CUDA forward (the backward ships with it)
 
-__all__ = ["segment_bn_loss", "bn_eval_segment_loss", "OP", "NATIVE_OP"]
+__all__ = ["segment_bn_loss", "bn_eval_segment_loss", "bn_eval_act", "OP", "NATIVE_OP"]
 
 
 def _check_inputs(x: object, segment_ids: object, target_mean: object, target_var: object) -> None:
@@ -174,6 +174,19 @@ def segment_bn_loss(
     return _SegmentBNLoss.apply(x, segment_ids, target_mean.detach(), target_var.detach(), chosen)
 
 
+def _check_affine(x: torch.Tensor, scale: object, shift: object, pool: object) -> None:
+    for name, t in (("scale", scale), ("shift", shift)):
+        V.check_tensor(name, t, ndim=1, dtypes=V.FLOAT_DTYPES, device=x.device)
+        assert isinstance(t, torch.Tensor)
+        if t.shape[0] != x.shape[1]:
+            raise ValueError(f"{name} has {t.shape[0]} channels but x has {x.shape[1]} (x is [N, C, ...])")
+        V.check_finite(name, t)
+    if pool not in (1, 2):
+        raise ValueError(f"pool must be 1 (none) or 2 (2x2 average), got {pool!r}")
+    if pool == 2 and (x.dim() != 4 or x.shape[2] < 2 or x.shape[3] < 2):
+        raise ValueError(f"pool=2 needs x [N, C, H, W] with H, W >= 2, got shape {tuple(x.shape)}")
+
+
 class _BnEvalSegmentLoss(torch.autograd.Function):
     """(y, loss) of bn_eval_segment_loss through the CPU kernels; one backward pass for both paths."""
 
@@ -248,16 +261,7 @@ def bn_eval_segment_loss(
     to rounding).
     """
     _check_inputs(x, segment_ids, target_mean, target_var)
-    for name, t in (("scale", scale), ("shift", shift)):
-        V.check_tensor(name, t, ndim=1, dtypes=V.FLOAT_DTYPES, device=x.device)
-        assert isinstance(t, torch.Tensor)
-        if t.shape[0] != x.shape[1]:
-            raise ValueError(f"{name} has {t.shape[0]} channels but x has {x.shape[1]} (x is [N, C, ...])")
-        V.check_finite(name, t)
-    if pool not in (1, 2):
-        raise ValueError(f"pool must be 1 (none) or 2 (2x2 average), got {pool!r}")
-    if pool == 2 and (x.dim() != 4 or x.shape[2] < 2 or x.shape[3] < 2):
-        raise ValueError(f"pool=2 needs x [N, C, H, W] with H, W >= 2, got shape {tuple(x.shape)}")
+    _check_affine(x, scale, shift, pool)
     chosen = resolve_backend(OP, x.device, backend, NATIVE_OP)
     if chosen == "cpp" and x.device.type == "cpu" and native_has_kernel("bn_eval_act_pool2", "CPU"):
         args = (x, segment_ids, target_mean.detach(), target_var.detach(), scale.detach(), shift.detach(), bool(relu))
@@ -268,3 +272,30 @@ def bn_eval_segment_loss(
         return torch.nn.functional.avg_pool2d(y, 2), loss
     y = ref.bn_eval_act(x, scale.detach(), shift.detach(), bool(relu), pool)
     return y, segment_bn_loss(x, segment_ids, target_mean, target_var, backend=chosen)
+
+
+def bn_eval_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, relu: bool = False, pool: int = 1,
+                backend: str | None = None) -> torch.Tensor:
+    """Eval-mode BatchNorm (+ ReLU, + 2x2 average pool) for inference: y as in bn_eval_segment_loss, no loss.
+
+    The CPU kernel (one read of x, only the pooled map written for a channels-last x) runs when nothing
+    needs a gradient; with autograd recording, or on other backends, the plain ops (the reference).
+    """
+    V.check_tensor("x", x, ndim=range(2, 8), dtypes=V.FLOAT_DTYPES)
+    _check_affine(x, scale, shift, pool)
+    chosen = resolve_backend(OP, x.device, backend, NATIVE_OP)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
+    if chosen == "cpp" and not needs_grad and native_has_kernel("bn_eval_act_pool2", "CPU"):
+        n, c = x.shape[0], x.shape[1]
+        x3 = x.reshape(n, c, math.prod(x.shape[2:]))
+        if not _is_nlc(x3):
+            x3 = x3.contiguous()
+        acc = ref.out_dtype_for(x.dtype)
+        s, b = scale.detach().to(acc).contiguous(), shift.detach().to(acc).contiguous()
+        if pool == 1:
+            return torch.ops.lpqld.bn_eval_act(x3, s, b, bool(relu)).view(x.shape)
+        if _is_nlc(x3) or c == 1:
+            y = torch.ops.lpqld.bn_eval_act_pool2(x3, s, b, bool(relu), x.shape[-1])
+            return y.view(n, c, x.shape[2] // 2, x.shape[3] // 2)
+        return torch.nn.functional.avg_pool2d(torch.ops.lpqld.bn_eval_act(x3, s, b, bool(relu)).view(x.shape), 2)
+    return ref.bn_eval_act(x, scale, shift, bool(relu), pool)
