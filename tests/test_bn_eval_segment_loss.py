@@ -367,3 +367,42 @@ def test_evaluate_uses_fused_blocks_and_agrees() -> None:
         labels[:8] = (labels[:8] + 1) % 5  # and exactly 87.5% with these changed
     assert evaluate(model, images, labels, [0.5], [0.25], batch_size=16) == pytest.approx(87.5)
     assert all(type(m) is not EvalBN for m in model.modules())
+
+
+@pytest.mark.parametrize("name,channels_last", [("resnet18-small", False), ("resnet18-small", True),
+                                                ("resnet18", True)])
+def test_supervised_bn_on_resnets_with_inplace_ops(name: str, channels_last: bool) -> None:
+    # ResNet blocks apply ReLU(inplace=True) and `out += identity` to BN outputs: the swapped modules' outputs
+    # must not be views (autograd refuses in-place ops on views returned by a multi-output Function)
+    from lpqld_fast.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=4, in_chans=3, image_size=32).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    model.requires_grad_(False)
+    x = torch.randn(4, 3, 32, 32)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    seg = torch.tensor([0, 0, 1, 1])
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    targets = [(torch.randn(2, m.num_features) * 0.1, torch.rand(2, m.num_features) + 0.5) for m in bns]
+    inputs: list[torch.Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda _m, a: inputs.append(a[0])) for m in bns]
+    xa = x.clone().requires_grad_(True)
+    logits = model(xa)
+    for h in handles:
+        h.remove()
+    loss = sum(segment_bn_loss(t, seg, tm, tv).sum() for t, (tm, tv) in zip(inputs, targets))
+    (logits.square().sum() + loss).backward()
+    xb = x.clone().requires_grad_(True)
+    with supervised_bn(model, seg, targets) as layers:
+        logits2 = model(xb)
+        loss2 = sum(m.pop_loss().sum() for m in layers)
+    (logits2.square().sum() + loss2).backward()
+    torch.testing.assert_close(logits2, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-3, atol=1e-5)

@@ -632,7 +632,20 @@ struct BnPath {
   int64_t pool;   // 1, or 2 for a 2x2 / stride-2 average pool after the activation
 };
 
+// Same shape, and the same strides wherever a dimension has more than one element (a size-1 dimension's
+// stride is arbitrary: a channels-last [N, C, 1, 1] map viewed as [N, C, 1] is also contiguous).
+bool same_layout(const Tensor& a, const Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
 void check_bn_affine(const char* op, const Tensor& x, const Tensor& scale, const Tensor& shift) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16,
+              op, ": x must be float32/float64/float16/bfloat16, got ", x.scalar_type());
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const Tensor* t : {&scale, &shift}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1) && t->scalar_type() == acc && t->is_contiguous() &&
@@ -661,7 +674,7 @@ Tensor bwd_impl(const Tensor& grad_loss, const Tensor& x, const Tensor& segment_
     const Tensor& gy = *bn->grad_y;
     TORCH_CHECK(bn->pool == 1 || bn->pool == 2, "segment_bn_loss_bwd_bn_eval: pool must be 1 or 2, got ", bn->pool);
     if (bn->pool == 1) {
-      TORCH_CHECK(gy.sizes() == x.sizes() && gy.strides() == x.strides(),
+      TORCH_CHECK(same_layout(gy, x),
                   "segment_bn_loss_bwd_bn_eval: grad_y must have x's shape and strides, got ", gy.sizes(), " / ",
                   gy.strides());
     } else {
@@ -810,18 +823,20 @@ Tensor segment_bn_loss_bwd_bn_eval_cpu(const Tensor& grad_loss, const Tensor& x,
   return bwd_impl(grad_loss, x, segment_ids, target_mean, target_var, mean, var, count, &bn);
 }
 
-// y = act(x * scale + shift) per channel, in x's layout (contiguous [N, C, L] or channels-last).
-Tensor bn_eval_act_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, bool relu) {
+// out = act(x * scale + shift) per channel; out has x's shape and strides (contiguous [N, C, L] or
+// channels-last). The caller allocates out so that the tensor it returns is not a view (autograd refuses
+// in-place ops, e.g. a ResNet's ReLU(inplace=True), on view outputs of a multi-output Function).
+void bn_eval_act_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, bool relu, const Tensor& out) {
   TORCH_CHECK(x.dim() == 3 && (x.is_contiguous() || is_nlc(x)),
               "bn_eval_act: x must be contiguous [N, C, L] or channels-last (strides (C*L, 1, C)), got ", x.sizes(),
               " / ", x.strides());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
-                  x.scalar_type() == at::kBFloat16,
-              "bn_eval_act: x must be float32/float64/float16/bfloat16, got ", x.scalar_type());
   check_bn_affine("bn_eval_act", x, scale, shift);
-  Tensor y = at::empty_like(x);
+  TORCH_CHECK(same_layout(out, x) && out.scalar_type() == x.scalar_type() &&
+                  out.device() == x.device(),
+              "bn_eval_act: out must have x's shape, strides and dtype, got ", out.sizes(), " / ", out.strides());
+  const Tensor& y = out;
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2);
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_act_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
@@ -845,26 +860,28 @@ Tensor bn_eval_act_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift
       }
     });
   });
-  return y;
 }
 
 // y = avg_pool2d(act(x * scale + shift), 2) for a channels-last x [N, C, H * W] (floor mode: an odd last
 // row / column is dropped); y [N, C, (H / 2) * (W / 2)] channels-last. x is read once, only y is written.
-Tensor bn_eval_act_pool2_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, bool relu, int64_t width) {
+void bn_eval_act_pool2_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, bool relu, int64_t width,
+                           const Tensor& out) {
   TORCH_CHECK(x.dim() == 3 && (is_nlc(x) || (x.size(1) == 1 && x.is_contiguous())),
               "bn_eval_act_pool2: x must be channels-last [N, C, H * W] (strides (C*L, 1, C)), got ", x.sizes(),
               " / ", x.strides());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
-                  x.scalar_type() == at::kBFloat16,
-              "bn_eval_act_pool2: x must be float32/float64/float16/bfloat16, got ", x.scalar_type());
   check_bn_affine("bn_eval_act_pool2", x, scale, shift);
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2), W = width;
   TORCH_CHECK(W >= 2 && L % W == 0 && L / W >= 2, "bn_eval_act_pool2: need H, W >= 2 with L = H * W (L = ", L,
               ", W = ", W, ")");
   const int64_t OH = (L / W) / 2, OW = W / 2;
-  // [N, C, OH * OW] with channels-last strides
-  Tensor y = at::empty({N, OH * OW, C}, x.options()).transpose(1, 2);
-  if (y.numel() == 0) return y;
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == N && out.size(1) == C && out.size(2) == OH * OW &&
+                  (out.stride(1) == 1 || C == 1) && (out.stride(2) == C || OH * OW == 1) &&
+                  (out.stride(0) == C * OH * OW || N <= 1) && out.scalar_type() == x.scalar_type() &&
+                  out.device() == x.device(),
+              "bn_eval_act_pool2: out must be channels-last [N, C, (H / 2) * (W / 2)] of x's dtype, got ", out.sizes(),
+              " / ", out.strides());
+  const Tensor& y = out;
+  if (y.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_act_pool2_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
@@ -879,7 +896,6 @@ Tensor bn_eval_act_pool2_cpu(const Tensor& x, const Tensor& scale, const Tensor&
       }
     });
   });
-  return y;
 }
 
 }  // namespace

@@ -187,6 +187,40 @@ def _check_affine(x: torch.Tensor, scale: object, shift: object, pool: object) -
         raise ValueError(f"pool=2 needs x [N, C, H, W] with H, W >= 2, got shape {tuple(x.shape)}")
 
 
+def _torch_bn_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool, pool: int) -> torch.Tensor:
+    """The same map through torch's own BatchNorm / ReLU / pool kernels (cuDNN on a GPU), for the backends
+    without a fused kernel: a BN with mean 0, var 1, eps 0 is exactly x * scale + shift, and keeps x's dtype
+    with float32 parameters."""
+    acc = ref.out_dtype_for(x.dtype)
+    s, b = scale.to(acc), shift.to(acc)
+    y = torch.nn.functional.batch_norm(x, torch.zeros_like(s), torch.ones_like(s), s, b, False, 0.0, 0.0)
+    if relu:
+        y = torch.relu(y)
+    return torch.nn.functional.avg_pool2d(y, 2) if pool == 2 else y
+
+
+def _native_bn_act(x: torch.Tensor, x3: torch.Tensor, s: torch.Tensor, b: torch.Tensor, relu: bool,
+                   pool: int) -> torch.Tensor:
+    """y of the CPU kernels, allocated in its final shape so that it is not a view (autograd refuses in-place
+    ops such as a ResNet's ReLU(inplace=True) or ``out += identity`` on view outputs of a Function)."""
+    n, c = x.shape[0], x.shape[1]
+    if pool == 2:  # channels-last [N, C, H/2, W/2]; its [N, C, L/4] view has the kernel's strides
+        y = torch.empty((n, c, x.shape[2] // 2, x.shape[3] // 2), dtype=x.dtype, device=x.device,
+                        memory_format=torch.channels_last)
+        torch.ops.lpqld.bn_eval_act_pool2(x3, s, b, relu, x.shape[-1], y.view(n, c, -1))
+        return y
+    # x's own strides when x3 is a view of x (channels-last or contiguous), else contiguous like x3
+    y = torch.empty_like(x) if x3.data_ptr() == x.data_ptr() and x3.is_contiguous() == x.is_contiguous() \
+        else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y3 = y.view(x3.shape)
+    if any(d > 1 and sy != sx for d, sy, sx in zip(x3.shape, y3.stride(), x3.stride())):
+        y3 = torch.empty_like(x3)  # a layout empty_like(x) does not reproduce: x3's, then a copy (rare)
+        torch.ops.lpqld.bn_eval_act(x3, s, b, relu, y3)
+        return y3.view(x.shape).clone()
+    torch.ops.lpqld.bn_eval_act(x3, s, b, relu, y3)
+    return y
+
+
 class _BnEvalSegmentLoss(torch.autograd.Function):
     """(y, loss) of bn_eval_segment_loss through the CPU kernels; one backward pass for both paths."""
 
@@ -204,11 +238,7 @@ class _BnEvalSegmentLoss(torch.autograd.Function):
         b = shift.detach().to(acc).contiguous()
         loss, mean, var, count = torch.ops.lpqld.segment_bn_loss_fwd(x3, seg, tm, tv)
         width = x.shape[-1]
-        if pool == 2:  # x3 is channels-last here (the caller checks); y [N, C, H/2 * W/2] channels-last
-            y = torch.ops.lpqld.bn_eval_act_pool2(x3, s, b, bool(relu), width)
-            y = y.view(n, c, x.shape[2] // 2, width // 2)
-        else:
-            y = torch.ops.lpqld.bn_eval_act(x3, s, b, bool(relu)).view(x.shape)
+        y = _native_bn_act(x, x3, s, b, bool(relu), pool)  # pool 2: x3 is channels-last (the caller checks)
         ctx.conf = (bool(relu), int(pool), width, x.shape)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(x3, seg, tm, tv, mean, var, count, s, b)
@@ -228,9 +258,10 @@ class _BnEvalSegmentLoss(torch.autograd.Function):
         else:
             gy3 = grad_y.to(x3.dtype).reshape(grad_y.shape[0], grad_y.shape[1], -1)
             nlc = _is_nlc(x3) or pool == 2  # the kernel walks grad_y in x3's layout (channels-last when pooled)
-            want = gy3.transpose(1, 2).contiguous().transpose(1, 2) if nlc else gy3.contiguous()
-            if gy3.stride() != want.stride():
-                gy3 = want
+            if nlc:
+                gy3 = gy3.transpose(1, 2).contiguous().transpose(1, 2)  # a no-op when it is channels-last already
+            else:
+                gy3 = gy3.contiguous()
             grad3 = torch.ops.lpqld.segment_bn_loss_bwd_bn_eval(g, x3, seg, tm, tv, mean, var, count, gy3, s, b,
                                                                   relu, width, pool)
         return (grad3.view(x_shape),) + (None,) * 7
@@ -257,8 +288,8 @@ def bn_eval_segment_loss(
     outputs. On CPU with the extension the forward is two passes over x (moments; y, pooled without
     writing the full-size map for a channels-last x) and the backward one (loss gradient + the BN path's
     gradient, masked by the ReLU, spread over the pool window), instead of autograd's pool, ReLU, BN and
-    loss backwards and the sum of the two gradients; other backends compose the plain ops (same values up
-    to rounding).
+    loss backwards and the sum of the two gradients; other backends compose torch's BN / ReLU / pool with
+    their segment_bn_loss (same values up to rounding).
     """
     _check_inputs(x, segment_ids, target_mean, target_var)
     _check_affine(x, scale, shift, pool)
@@ -270,7 +301,8 @@ def bn_eval_segment_loss(
             return _BnEvalSegmentLoss.apply(*args, pool)
         y, loss = _BnEvalSegmentLoss.apply(*args, 1)  # pooled kernel needs channels-last: pool with torch
         return torch.nn.functional.avg_pool2d(y, 2), loss
-    y = ref.bn_eval_act(x, scale.detach(), shift.detach(), bool(relu), pool)
+    bn_act = ref.bn_eval_act if chosen == "reference" else _torch_bn_act
+    y = bn_act(x, scale.detach(), shift.detach(), bool(relu), pool)
     return y, segment_bn_loss(x, segment_ids, target_mean, target_var, backend=chosen)
 
 
@@ -279,7 +311,8 @@ def bn_eval_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, re
     """Eval-mode BatchNorm (+ ReLU, + 2x2 average pool) for inference: y as in bn_eval_segment_loss, no loss.
 
     The CPU kernel (one read of x, only the pooled map written for a channels-last x) runs when nothing
-    needs a gradient; with autograd recording, or on other backends, the plain ops (the reference).
+    needs a gradient; with autograd recording, or on other devices, torch's BatchNorm / ReLU / pool kernels
+    (backend "reference": the float oracle).
     """
     V.check_tensor("x", x, ndim=range(2, 8), dtypes=V.FLOAT_DTYPES)
     _check_affine(x, scale, shift, pool)
@@ -292,10 +325,7 @@ def bn_eval_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, re
             x3 = x3.contiguous()
         acc = ref.out_dtype_for(x.dtype)
         s, b = scale.detach().to(acc).contiguous(), shift.detach().to(acc).contiguous()
-        if pool == 1:
-            return torch.ops.lpqld.bn_eval_act(x3, s, b, bool(relu)).view(x.shape)
-        if _is_nlc(x3) or c == 1:
-            y = torch.ops.lpqld.bn_eval_act_pool2(x3, s, b, bool(relu), x.shape[-1])
-            return y.view(n, c, x.shape[2] // 2, x.shape[3] // 2)
-        return torch.nn.functional.avg_pool2d(torch.ops.lpqld.bn_eval_act(x3, s, b, bool(relu)).view(x.shape), 2)
-    return ref.bn_eval_act(x, scale, shift, bool(relu), pool)
+        if pool == 1 or _is_nlc(x3) or c == 1:
+            return _native_bn_act(x, x3, s, b, bool(relu), pool)
+        return torch.nn.functional.avg_pool2d(_native_bn_act(x, x3, s, b, bool(relu), 1), 2)
+    return (ref.bn_eval_act if chosen == "reference" else _torch_bn_act)(x, scale, shift, bool(relu), pool)
