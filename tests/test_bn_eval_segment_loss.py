@@ -206,6 +206,21 @@ def _teacher(seed: int = 0) -> ConvNet:
     return model
 
 
+def _hooked_forward_backward(model, x, seg, targets):
+    """The plain way: hooks on the BN inputs, torch's own BN / ReLU / pool, segment_bn_loss; backward of
+    sum(logits^2) + the losses. Returns (logits, loss, x with its .grad)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    inputs: list[torch.Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda _m, a: inputs.append(a[0])) for m in bns]
+    xa = x.clone().requires_grad_(True)
+    logits = model(xa)
+    for h in handles:
+        h.remove()
+    loss = sum(segment_bn_loss(t, seg, tm, tv).sum() for t, (tm, tv) in zip(inputs, targets))
+    (logits.square().sum() + loss).backward()
+    return logits, loss, xa
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_supervised_bn_equals_hooks_batchnorm_and_loss(channels_last: bool) -> None:
     model = _teacher()
@@ -217,15 +232,7 @@ def test_supervised_bn_equals_hooks_batchnorm_and_loss(channels_last: bool) -> N
     seg = torch.tensor([0, 0, 1, 1, 2, 2])
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     targets = [(torch.randn(3, m.num_features), torch.rand(3, m.num_features) + 0.5) for m in bns]
-    # the plain way: hooks on the BN inputs, torch's BN + ReLU, segment_bn_loss
-    inputs: list[torch.Tensor] = []
-    handles = [m.register_forward_pre_hook(lambda _m, a: inputs.append(a[0])) for m in bns]
-    xa = x.clone().requires_grad_(True)
-    logits = model(xa)
-    for h in handles:
-        h.remove()
-    loss = sum(segment_bn_loss(t, seg, tm, tv).sum() for t, (tm, tv) in zip(inputs, targets))
-    (logits.square().sum() + loss).backward()
+    logits, loss, xa = _hooked_forward_backward(model, x, seg, targets)
     before = [type(m) for m in model.modules()]
     xb = x.clone().requires_grad_(True)
     with supervised_bn(model, seg, targets) as layers:
@@ -390,14 +397,7 @@ def test_supervised_bn_on_resnets_with_inplace_ops(name: str, channels_last: boo
     seg = torch.tensor([0, 0, 1, 1])
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     targets = [(torch.randn(2, m.num_features) * 0.1, torch.rand(2, m.num_features) + 0.5) for m in bns]
-    inputs: list[torch.Tensor] = []
-    handles = [m.register_forward_pre_hook(lambda _m, a: inputs.append(a[0])) for m in bns]
-    xa = x.clone().requires_grad_(True)
-    logits = model(xa)
-    for h in handles:
-        h.remove()
-    loss = sum(segment_bn_loss(t, seg, tm, tv).sum() for t, (tm, tv) in zip(inputs, targets))
-    (logits.square().sum() + loss).backward()
+    logits, loss, xa = _hooked_forward_backward(model, x, seg, targets)
     xb = x.clone().requires_grad_(True)
     with supervised_bn(model, seg, targets) as layers:
         logits2 = model(xb)
