@@ -7,8 +7,9 @@ here (profiled: 15.5 ms of a ~125 ms bf16 ConvNet recover iteration on
 [100, 128, 28, 28] -> [100, 1, 28, 28], ~12 GFLOP/s). The same gradient is
 cols = grad_out^T W ([N, L, Cout] x [Cout, Cin*kh*kw], a plain GEMM on the
 channels-last gradient) folded back onto the image (F.fold, the transpose of
-unfold): ~4 ms. ``thin_input_grad_convs(model)`` swaps such layers inside a
-block; the weights must be frozen (no weight or bias gradient is computed).
+unfold): ~6 ms in the loop (GEMM ~4 + col2im ~2). ``thin_input_grad_convs(model)``
+swaps such layers inside a block; the weights must be frozen (no weight or bias
+gradient is computed).
 """
 from __future__ import annotations
 
