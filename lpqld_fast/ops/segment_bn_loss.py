@@ -110,20 +110,29 @@ def _is_nlc(x3: torch.Tensor) -> bool:
             and (n <= 1 or x3.stride(0) == c * length) and not x3.is_contiguous())
 
 
+def _kernel_x3(x: torch.Tensor, keep_nlc: bool) -> torch.Tensor:
+    """x as [N, C, L] for the kernels: a channels-last x stays in place when ``keep_nlc`` (the CPU kernels
+    read it as is), anything else becomes contiguous."""
+    x3 = x.detach().reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+    return x3 if keep_nlc and _is_nlc(x3) else x3.contiguous()
+
+
+def _kernel_targets(segment_ids: torch.Tensor, target_mean: torch.Tensor,
+                    target_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """segment ids as contiguous int64 and the targets as contiguous float64 constants."""
+    return (segment_ids.to(torch.int64).contiguous(), target_mean.detach().to(torch.float64).contiguous(),
+            target_var.detach().to(torch.float64).contiguous())
+
+
 class _SegmentBNLoss(torch.autograd.Function):
     """Forward/backward through the fused kernels; targets are constants."""
 
     @staticmethod
     def forward(ctx, x, segment_ids, target_mean, target_var, backend):  # type: ignore[override]
-        n, c = x.shape[0], x.shape[1]
-        x3 = x.detach().reshape(n, c, math.prod(x.shape[2:]))
         # The CPU kernel reads a channels_last x in place (viewed [N, C, L] with strides (C*L, 1, C)) and returns
         # the gradient in that layout; the GPU kernels take contiguous [N, C, L].
-        if not (backend == "cpp" and x3.device.type == "cpu" and _is_nlc(x3)):
-            x3 = x3.contiguous()
-        seg = segment_ids.to(torch.int64).contiguous()
-        tm = target_mean.detach().to(torch.float64).contiguous()
-        tv = target_var.detach().to(torch.float64).contiguous()
+        x3 = _kernel_x3(x, keep_nlc=backend == "cpp" and x.device.type == "cpu")
+        seg, tm, tv = _kernel_targets(segment_ids, target_mean, target_var)
         loss, mean, var, count = _fwd(backend)(x3, seg, tm, tv)
         ctx.backend = backend
         ctx.x_shape = x.shape
@@ -209,9 +218,7 @@ def _native_bn_act(x: torch.Tensor, x3: torch.Tensor, s: torch.Tensor, b: torch.
                         memory_format=torch.channels_last)
         torch.ops.lpqld.bn_eval_act_pool2(x3, s, b, relu, x.shape[-1], y.view(n, c, -1))
         return y
-    # x's own strides when x3 is a view of x (channels-last or contiguous), else contiguous like x3
-    y = torch.empty_like(x) if x3.data_ptr() == x.data_ptr() and x3.is_contiguous() == x.is_contiguous() \
-        else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x)  # x's layout: x3's too (a view of x, or contiguous)
     y3 = y.view(x3.shape)
     if any(d > 1 and sy != sx for d, sy, sx in zip(x3.shape, y3.stride(), x3.stride())):
         y3 = torch.empty_like(x3)  # a layout empty_like(x) does not reproduce: x3's, then a copy (rare)
@@ -226,13 +233,8 @@ class _BnEvalSegmentLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, segment_ids, target_mean, target_var, scale, shift, relu, pool):  # type: ignore[override]
-        n, c = x.shape[0], x.shape[1]
-        x3 = x.detach().reshape(n, c, math.prod(x.shape[2:]))
-        if not _is_nlc(x3):
-            x3 = x3.contiguous()
-        seg = segment_ids.to(torch.int64).contiguous()
-        tm = target_mean.detach().to(torch.float64).contiguous()
-        tv = target_var.detach().to(torch.float64).contiguous()
+        x3 = _kernel_x3(x, keep_nlc=True)
+        seg, tm, tv = _kernel_targets(segment_ids, target_mean, target_var)
         acc = ref.out_dtype_for(x.dtype)
         s = scale.detach().to(acc).contiguous()
         b = shift.detach().to(acc).contiguous()
@@ -319,10 +321,8 @@ def bn_eval_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, re
     chosen = resolve_backend(OP, x.device, backend, NATIVE_OP)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
     if chosen == "cpp" and not needs_grad and native_has_kernel("bn_eval_act_pool2", "CPU"):
-        n, c = x.shape[0], x.shape[1]
-        x3 = x.reshape(n, c, math.prod(x.shape[2:]))
-        if not _is_nlc(x3):
-            x3 = x3.contiguous()
+        c = x.shape[1]
+        x3 = _kernel_x3(x, keep_nlc=True)
         acc = ref.out_dtype_for(x.dtype)
         s, b = scale.detach().to(acc).contiguous(), shift.detach().to(acc).contiguous()
         if pool == 1 or _is_nlc(x3) or c == 1:
