@@ -257,7 +257,7 @@ def problem_sizes(ctx: BenchContext) -> tuple[int, tuple[tuple[int, int, int, in
 
 def run(ctx: BenchContext) -> None:
     batch, shapes, ks = problem_sizes(ctx)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = ctx.devices()
     native = native_backends("cpu")
     ctx.log(f"classwise_moments: batch {batch}, K {ks}, shapes {[s[:3] for s in shapes]}; native CPU backends {native}")
     if "cpp" not in native:

@@ -263,7 +263,7 @@ _BUILDERS = {KERNEL: build_replay_cases, BWD_KERNEL: build_grad_cases, ROLL_KERN
 
 
 def run(ctx: BenchContext) -> None:
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = ctx.devices()
     ctx.log(f"crop_resize_flip: native CPU backends {native_backends('cpu')}")
     start = len(ctx.rows)
     for device in devices:

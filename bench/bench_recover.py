@@ -24,6 +24,8 @@ Sizes (IPC 10 everywhere; Fashion-MNIST image shape 1x28x28):
   quick   convnet-bn S=10, 1 iteration; resnet18-small S=2, 1 iteration; no reference-loop
           (the module stays under ~20 s)
   tiny    S=2, IPC 2, 1 iteration: machinery only
+  cuda    (when a GPU is among ctx.devices()) the same two nets, S=10, IPC 10, 20 iterations per
+          call (launch-bound there: per-pass costs are what many classes per pass amortise)
 
 image-iterations/s = S x IPC x iters / p50; the summary prints them and the
 ratios. bytes: the images (4 bytes per pixel, x read + written per iteration),
@@ -63,7 +65,17 @@ def problem_sizes(profile: str) -> list[dict[str, Any]]:
             {"net": "resnet18-small", "S": 10, "ipc": 10, "iters": 1, "reference": True}]
 
 
-def make_teacher(net: str, num_classes: int, seed: int = 0) -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+def gpu_sizes(profile: str) -> list[dict[str, Any]]:
+    """[{net, S, ipc, iters, reference}] on a CUDA device."""
+    if profile == "tiny":
+        return problem_sizes("tiny")
+    iters = 20 if profile == "full" else 5
+    return [{"net": n, "S": 10, "ipc": 10, "iters": iters, "reference": profile == "full"}
+            for n in ("convnet-bn", "resnet18-small")]
+
+
+def make_teacher(net: str, num_classes: int, seed: int = 0,
+                 device: str = "cpu") -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Random-weight teacher in eval mode (no parameter grads) and synthetic class-wise BN targets."""
     from lpqld_fast.bn_stats import bn_layers
     from lpqld_fast.models import get_model
@@ -79,7 +91,7 @@ def make_teacher(net: str, num_classes: int, seed: int = 0) -> tuple[torch.nn.Mo
                         0.5 + torch.rand(num_classes, bn.num_features, generator=g)))
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, targets
+    return model.to(device), [(m.to(device), v.to(device)) for m, v in targets]
 
 
 # ----------------------------------------------------------------------------- the reference strategy
@@ -93,7 +105,9 @@ def reference_class_pass(teacher: torch.nn.Module, cls: int, ipc: int, targets: 
 
     g = torch.Generator().manual_seed(seed * 1000 + cls)
     c, h, w = SHAPE
-    x = torch.randn(ipc, c, h, w, generator=g).requires_grad_(True)
+    device = next(teacher.parameters()).device
+    mean, std = mean.to(device), std.to(device)
+    x = torch.randn(ipc, c, h, w, generator=g).to(device).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg["lr"], betas=(0.5, 0.9), eps=1e-8)
     aug = transforms.Compose([transforms.RandomResizedCrop(h, scale=(0.08, 1.0)), transforms.RandomHorizontalFlip()])
     lo = ((0.0 - mean) / std).view(1, -1, 1, 1)
@@ -112,7 +126,7 @@ def reference_class_pass(teacher: torch.nn.Module, cls: int, ipc: int, targets: 
     from lpqld_fast.bn_stats import bn_layers
 
     handles = [m.register_forward_hook(hook_for(tm[cls], tv[cls])) for (_, m), (tm, tv) in zip(bn_layers(teacher), targets)]
-    labels = torch.full((ipc,), cls, dtype=torch.int64)
+    labels = torch.full((ipc,), cls, dtype=torch.int64, device=device)
     jitter = int(cfg["jitter"])
     try:
         for it in range(iters):
@@ -138,31 +152,34 @@ def reference_class_pass(teacher: torch.nn.Module, cls: int, ipc: int, targets: 
 
 
 def build_cases(net: str, s: int, ipc: int, iters: int, reference: bool = True,
-                check: bool = True) -> tuple[list[Case], list[str]]:
+                check: bool = True, device: str = "cpu") -> tuple[list[Case], list[str]]:
     """The impls for one (net, S, IPC, iters), sharing teacher and targets; plus problems found by the check."""
     from lpqld_fast.recover import make_units, synthesize_units
 
-    teacher, targets = make_teacher(net, s)
+    teacher, targets = make_teacher(net, s, device=device)
     mean, std = torch.tensor([0.2860]), torch.tensor([0.3530])  # Fashion-MNIST
     units = make_units(s, ipc, classwise_batching=True)
     cfg = {**CFG, "iterations": iters}
 
     def many() -> torch.Tensor:
-        return synthesize_units(teacher, units, targets, cfg, SHAPE, mean, std, seed=0, progress=False)
+        return synthesize_units(teacher, units, targets, cfg, SHAPE, mean, std, seed=0, device=device,
+                                progress=False)
 
     def one() -> torch.Tensor:
-        return torch.cat([synthesize_units(teacher, [u], targets, cfg, SHAPE, mean, std, seed=0, progress=False)
+        return torch.cat([synthesize_units(teacher, [u], targets, cfg, SHAPE, mean, std, seed=0, device=device,
+                                           progress=False)
                           for u in units])
 
     teacher_fast = copy.deepcopy(teacher)  # channels_last converts the module in place
     cfg_fast = {**cfg, **FAST}
 
     def many_fast() -> torch.Tensor:
-        return synthesize_units(teacher_fast, units, targets, cfg_fast, SHAPE, mean, std, seed=0, progress=False)
+        return synthesize_units(teacher_fast, units, targets, cfg_fast, SHAPE, mean, std, seed=0, device=device,
+                                progress=False)
 
     def one_fast() -> torch.Tensor:
         return torch.cat([synthesize_units(teacher_fast, [u], targets, cfg_fast, SHAPE, mean, std, seed=0,
-                                           progress=False) for u in units])
+                                           device=device, progress=False) for u in units])
 
     def ref() -> torch.Tensor:
         return torch.cat([reference_class_pass(teacher, c, ipc, targets, cfg, iters, mean, std, seed=0)
@@ -182,21 +199,22 @@ def build_cases(net: str, s: int, ipc: int, iters: int, reference: bool = True,
                                          "one-class-bf16-nhwc": one_fast, "many-classes-bf16-nhwc": many_fast}
     if reference:
         fns["reference-loop"] = ref
-    cases = [Case(KERNEL, impl, sizes, fns[impl], nbytes) for impl in IMPLS if impl in fns]
+    cases = [Case(KERNEL, impl, sizes, fns[impl], nbytes, device=device) for impl in IMPLS if impl in fns]
     return cases, problems
 
 
 def run(ctx: BenchContext) -> None:
-    sizes = problem_sizes(ctx.profile)
-    ctx.log(f"recover: image-iterations/s, IPC x S images, image {SHAPE}, sizes {sizes}")
     first = len(ctx.rows)
-    for p in sizes:
-        # The equivalence check costs two more calls: skipped in --quick (tests/test_recover.py proves it).
-        cases, problems = build_cases(p["net"], p["S"], p["ipc"], p["iters"], p["reference"],
-                                      check=ctx.profile != "quick")
-        for msg in problems:
-            ctx.fail(f"{KERNEL} {p['net']} S={p['S']}: {msg}")
-        ctx.time_group(cases)
+    for device in ctx.devices():
+        sizes = problem_sizes(ctx.profile) if device == "cpu" else gpu_sizes(ctx.profile)
+        ctx.log(f"recover [{device}]: image-iterations/s, IPC x S images, image {SHAPE}, sizes {sizes}")
+        for p in sizes:
+            # The equivalence check costs two more calls: skipped in --quick (tests/test_recover.py proves it).
+            cases, problems = build_cases(p["net"], p["S"], p["ipc"], p["iters"], p["reference"],
+                                          check=ctx.profile != "quick", device=device)
+            for msg in problems:
+                ctx.fail(f"{KERNEL} {p['net']} S={p['S']} on {device}: {msg}")
+            ctx.time_group(cases)
     for line in summary(ctx.rows[first:]):
         ctx.log(line)
 

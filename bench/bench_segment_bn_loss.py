@@ -222,7 +222,7 @@ def check(x: torch.Tensor, fns: dict[str, Callable], fused: list[str]) -> dict[s
 def run(ctx: BenchContext) -> None:
     batch = ctx.options.get("batch")
     shapes = problem_sizes(ctx.profile, int(batch) if batch else None)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = ctx.devices()
     ctx.log(f"segment_bn_loss: fwd+bwd, {NUM_CLASSES} segments, shapes {shapes}; fused CPU backends "
             f"{fused_backends('cpu')}")
     first = len(ctx.rows)

@@ -183,7 +183,7 @@ def build_cases(b: int, c: int, k: int, labels: str, device: str = "cpu") -> tup
 
 def run(ctx: BenchContext) -> None:
     grid = problem_grid(ctx.profile, ctx.options.get("batch"))
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = ctx.devices()
     ctx.log(f"soft_label_kl: (B, C, k) {grid}, labels {LABELS}; fused CPU backends {fused_backends('cpu')}")
     if not fused_backends("cpu"):
         ctx.log("soft_label_kl: torch.ops.lpqld.soft_label_kl_fwd missing: cpp rows skipped; "

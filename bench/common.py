@@ -275,7 +275,9 @@ class BenchContext:
     profile      "full", "quick" or "tiny": modules choose problem sizes from it
     csv_path     rows are appended here as they are measured
     read_bw_gbps best read bandwidth of this run (set by bench_bandwidth), for frac_read_bw
-    options      free-form per-run options from the CLI (e.g. {"batch": 64})
+    options      free-form per-run options from the CLI (e.g. {"batch": 64}, {"devices": ["cuda"]})
+    read_bw_by_device  best read GB/s per device type measured by bench_bandwidth ("cpu", "cuda"): a row's
+                 frac_read_bw is relative to the bandwidth of the device it ran on
     """
 
     csv_path: Path
@@ -287,6 +289,7 @@ class BenchContext:
     rows: list[dict[str, str]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
+    read_bw_by_device: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -297,6 +300,11 @@ class BenchContext:
     @property
     def quick(self) -> bool:
         return self.profile != "full"
+
+    def devices(self) -> list[str]:
+        """The device types to measure on: options["devices"] (--devices), else "cpu" plus "cuda" when present."""
+        chosen = self.options.get("devices") or ["cpu", "cuda"]
+        return [d for d in chosen if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
 
     def time(self, case: Case) -> dict[str, str]:
         """Time ``case`` with this run's profile and append its row."""
@@ -326,7 +334,9 @@ class BenchContext:
 
     def record(self, case: Case, times_s: Sequence[float]) -> dict[str, str]:
         """Turn per-call times (seconds) into a schema row, append it to the CSV."""
-        row = make_row(case, times_s, read_bw_gbps=self.read_bw_gbps)
+        dev = torch.device(case.device).type
+        bw = self.read_bw_by_device.get(dev, self.read_bw_gbps if dev == "cpu" else None)
+        row = make_row(case, times_s, read_bw_gbps=bw)
         append_rows(self.csv_path, [row])
         self.rows.append(row)
         self.log(
@@ -497,9 +507,10 @@ def bandwidth_summary(rows: Iterable[Mapping[str, str]]) -> dict[str, float]:
         if r["kernel"] != "bandwidth":
             continue
         gbps, frac = _f(r["gbps"]), _f(r["frac_read_bw"])
+        tag = "" if r.get("device", "cpu") == "cpu" else f" [{r['device']}]"
         if r["impl"] == "read" and frac > 0:
-            out["read (best)"] = gbps / frac
-        out[f"{r['impl']} (p50)"] = gbps
+            out[f"read{tag} (best)"] = gbps / frac
+        out[f"{r['impl']}{tag} (p50)"] = gbps
     return out
 
 

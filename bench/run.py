@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", action="append", default=[], metavar="KERNEL",
                     help="run only this kernel (repeatable or comma-separated); bandwidth always runs")
     ap.add_argument("--batch", type=int, default=None, help="batch override for modules that have one")
+    ap.add_argument("--devices", default=None, metavar="LIST",
+                    help="comma-separated device types to measure on (cpu, cuda); default: cpu and cuda when present")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
     ap.add_argument("--report-only", action="store_true", help="re-make results.md and PNGs from the CSV")
     return ap.parse_args(argv)
@@ -132,7 +134,17 @@ def _main(args: argparse.Namespace, profile: str, argv: list[str] | None) -> int
         kept = [r for r in read_rows(csv_path) if only and r["kernel"] not in rerun] if csv_path.exists() else []
         write_rows(csv_path, kept)
 
-        opts = {"batch": args.batch} if args.batch else {}
+        opts: dict = {"batch": args.batch} if args.batch else {}
+        if args.devices:
+            devs = [d.strip() for d in args.devices.split(",") if d.strip()]
+            bad = [d for d in devs if d not in ("cpu", "cuda")]
+            if bad or not devs:
+                print(f"--devices: expected a comma-separated list of cpu, cuda; got {args.devices!r}", file=sys.stderr)
+                return 2
+            if "cuda" in devs and not torch.cuda.is_available():
+                print("--devices cuda: no CUDA device here", file=sys.stderr)
+                return 2
+            opts["devices"] = devs
         if profile == "tiny":
             opts["bw_bytes"] = 8 << 20
         ctx = BenchContext(csv_path, profile=profile, options=opts)
@@ -151,8 +163,8 @@ def _main(args: argparse.Namespace, profile: str, argv: list[str] | None) -> int
                 failures.append(f"bench.{name}.run failed:\n{traceback.format_exc()}")
                 print(failures[-1], file=sys.stderr)
             print(f"== bench.{name}: {time.perf_counter() - t0:.1f} s", flush=True)
-            if name == FIRST and ctx.read_bw_gbps is None:
-                failures.append("bench_bandwidth did not set ctx.read_bw_gbps")
+            if name == FIRST and not ctx.read_bw_by_device:
+                failures.append("bench_bandwidth measured no device's bandwidth")
         failures.extend(ctx.failures)
         wall = time.perf_counter() - t_all
         print(f"== total {wall:.1f} s; rows in {csv_path}", flush=True)

@@ -406,3 +406,48 @@ def test_supervised_bn_on_resnets_with_inplace_ops(name: str, channels_last: boo
     torch.testing.assert_close(logits2, logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-3, atol=1e-5)
+
+
+CUDA_ALL = available_backends("cuda", NATIVE_OP) if torch.cuda.is_available() else []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_ALL, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", CUDA_ALL)
+@pytest.mark.parametrize("name", ["4d", "one_sample", "many_segments", "wide", "long_rows"])
+@pytest.mark.parametrize("relu,pool", [(False, 1), (True, 1), (True, 2)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_matches_batchnorm_relu_pool_and_loss(backend: str, name: str, relu: bool, pool: int,
+                                                   layout: str) -> None:
+    shape, segments = SHAPES[name]
+    x, seg, tm, tv, gy, wl = _case(shape, segments, seed=len(name), layout=layout, gy_shape=_pooled(shape, pool))
+    bn = _bn(shape[1], seed=3)
+    want = _oracle(x, seg, tm, tv, bn, relu, gy, wl, pool)
+    got = _run(x.cuda(), seg.cuda(), tm.cuda(), tv.cuda(), bn.cuda(), relu, gy.cuda(), wl.cuda(), backend, pool)
+    for w, g, what in zip(want, got, ("y", "loss", "grad")):
+        assert g.is_cuda and g.dtype == torch.float32
+        scale = float(w.abs().max()) or 1.0
+        err = float((g.double().cpu() - w).abs().max()) / scale
+        assert err <= 1e-5, f"{what}: relative error {err:.2e}"
+    y = bn_eval_act(x.cuda(), *bn_eval_affine(bn.cuda()), relu=relu, pool=pool, backend=backend)
+    torch.testing.assert_close(y.double().cpu(), want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_supervised_bn_equals_hooks() -> None:
+    model = _teacher()
+    x = torch.randn(6, 1, 16, 16)
+    seg = torch.tensor([0, 0, 1, 1, 2, 2])
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    targets = [(torch.randn(3, m.num_features), torch.rand(3, m.num_features) + 0.5) for m in bns]
+    logits, loss, xa = _hooked_forward_backward(model, x, seg, targets)
+    model = model.cuda()
+    xb = x.cuda().requires_grad_(True)
+    with supervised_bn(model, seg.cuda(), [(m.cuda(), v.cuda()) for m, v in targets]) as layers:
+        logits2 = model(xb)
+        loss2 = sum(m.pop_loss().sum() for m in layers)
+    (logits2.square().sum() + loss2).backward()
+    torch.testing.assert_close(logits2.cpu(), logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss2.cpu(), loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xb.grad.cpu(), xa.grad, rtol=1e-3, atol=1e-5)
