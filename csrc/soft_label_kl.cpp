@@ -101,7 +101,34 @@ std::tuple<at::Tensor, at::Tensor> call_fwd(const at::Tensor& logits, const at::
   return op.call(logits, values, indices, fill, scale, offset, mode, T, t_s, grad_scale);
 }
 
-at::Tensor mean_loss(const at::Tensor& loss_rows, int64_t B) { return loss_rows.sum().div_(static_cast<double>(B)); }
+// The batch mean of the row losses. On the CPU summed here in double (two dispatched ops,
+// sum and div_, cost a few microseconds per call, which shows at small B).
+at::Tensor mean_loss(const at::Tensor& loss_rows, int64_t B) {
+  if (loss_rows.is_cpu() && loss_rows.dim() == 1 && loss_rows.is_contiguous() &&
+      (loss_rows.scalar_type() == at::kFloat || loss_rows.scalar_type() == at::kDouble)) {
+    at::Tensor out = at::empty({}, loss_rows.options());
+    double sum = 0.0;
+    if (loss_rows.scalar_type() == at::kFloat) {
+      const float* p = loss_rows.const_data_ptr<float>();
+      for (int64_t i = 0; i < B; ++i) sum += static_cast<double>(p[i]);
+      *out.mutable_data_ptr<float>() = static_cast<float>(sum / static_cast<double>(B));
+    } else {
+      const double* p = loss_rows.const_data_ptr<double>();
+      for (int64_t i = 0; i < B; ++i) sum += p[i];
+      *out.mutable_data_ptr<double>() = sum / static_cast<double>(B);
+    }
+    return out;
+  }
+  return loss_rows.sum().div_(static_cast<double>(B));
+}
+
+// grad_output == 1 on the CPU, read without a dispatched item() call.
+bool is_cpu_one(const at::Tensor& go) {
+  if (!go.is_cpu() || go.numel() != 1) return false;
+  if (go.scalar_type() == at::kFloat) return *go.const_data_ptr<float>() == 1.0f;
+  if (go.scalar_type() == at::kDouble) return *go.const_data_ptr<double>() == 1.0;
+  return go.item<double>() == 1.0;
+}
 
 class SoftLabelKLFunction : public torch::autograd::Function<SoftLabelKLFunction> {
  public:
@@ -123,7 +150,7 @@ class SoftLabelKLFunction : public torch::autograd::Function<SoftLabelKLFunction
     at::Tensor grad = ctx->get_saved_variables()[0];
     // loss.backward() on a CPU loss: grad_output is 1, hand the saved gradient
     // over as it is (no [B, C] pass). On a GPU, reading the value would synchronise.
-    if (!(go.is_cpu() && go.numel() == 1 && go.item<double>() == 1.0)) grad = grad * go.to(grad.scalar_type());
+    if (!is_cpu_one(go)) grad = grad * go.to(grad.scalar_type());
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

@@ -698,3 +698,57 @@ def test_cuda_backends_match_reference(mode, values_dtype, logits_dtype, c, k):
         assert loss.item() == pytest.approx(float(ref_loss), rel=1e-4, abs=1e-6), backend
         err = float((zz.grad.double().cpu() - ref_grad).abs().max())
         assert err <= GRAD_RTOL[logits_dtype] * float(ref_grad.abs().max()) + 1e-12, backend
+
+
+def test_fast_input_check_accepts_only_what_the_full_checks_accept():
+    """soft_label_kl takes a fast path through its structural checks for well-formed input; every input the
+    full checks reject must miss that path (so that it gets their message), every good one must take it."""
+    import importlib
+
+    slk = importlib.import_module("lpqld_fast.ops.soft_label_kl")  # the module (the package exports the function)
+    z = torch.randn(4, 12)
+    v = torch.randn(4, 3)
+    idx = torch.randint(0, 12, (4, 3))
+    q = torch.zeros(4, 3, dtype=torch.int8)
+    row = torch.ones(4)
+    good = [
+        (z, v, idx, "mr", None, None, None),
+        (z, v, idx, "mrs", row, None, None),
+        (z, v.half(), idx.short(), "ms", None, None, None),
+        (z.double(), q, idx, "topk_norenorm", None, row, row.double()),
+        (z, torch.randn(4, 12), None, "dense", None, None, None),
+    ]
+    bad = [
+        (z, v, idx, "mrx", None, None, None),
+        (z, v, None, "mr", None, None, None),
+        (z, v, idx, "dense", None, None, None),
+        (z, torch.randn(4, 12), idx, "dense", None, None, None),
+        (z, torch.randn(4, 13), torch.randint(0, 12, (4, 13)), "mr", None, None, None),
+        (z, torch.randn(4, 0), torch.zeros(4, 0, dtype=torch.long), "mr", None, None, None),
+        (z, v[:3], idx[:3], "mr", None, None, None),
+        (z, v, idx[:, :2], "mr", None, None, None),
+        (z, v, idx.float(), "mr", None, None, None),
+        (z, v, idx, "mrs", None, None, None),
+        (z, v, idx, "mrs", row[:3], None, None),
+        (z, v, idx, "mrs", row.long(), None, None),
+        (z, v, idx, "mr", row, None, None),
+        (z, q, idx, "mr", None, row, None),
+        (z, q, idx, "mr", None, row[:2], row),
+        (z, v, idx, "mr", None, row, row),
+        (z.long(), v, idx, "mr", None, None, None),
+        (z[0], v, idx, "mr", None, None, None),
+        (z[:, :0], v, idx, "mr", None, None, None),
+        (z, v.long(), idx, "mr", None, None, None),
+        (z.tolist(), v, idx, "mr", None, None, None),
+    ]
+    for args in good:
+        assert slk._inputs_ok(*args)
+        slk._check_inputs(*args[:4], 1.0, 1.0, *args[4:])
+    for n, args in enumerate(bad):
+        assert not slk._inputs_ok(*args), n
+        with pytest.raises((ValueError, TypeError)):
+            slk._check_inputs(*args[:4], 1.0, 1.0, *args[4:])
+    for T in (0.0, -1.0, float("nan"), float("inf")):  # temperatures off the fast path: the full check raises
+        with pytest.raises(ValueError, match="T must be a finite number > 0"):
+            slk._check_inputs(z, v, idx, "mr", T, 1.0, None, None, None)
+    assert slk._check_inputs(z, v, idx, "mr", 2, torch.tensor(0.5), None, None, None) == (2.0, 0.5)

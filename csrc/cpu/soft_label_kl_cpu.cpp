@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -62,11 +63,18 @@ enum Mode : int64_t { kDense = 0, kMR = 1, kMRS = 2, kMS = 3, kTopK = 4 };
 
 // ----------------------------------------------------------------------------- exp
 // exp(x) in float, branch-free: n = round(x log2 e), r = x - n ln2 (two-constant
-// split; n * kLn2Hi is exact), exp(r) by its degree-7 Taylor polynomial on
-// |r| <= ln2 / 2 (truncation < 1e-8 relative), times 2^n built in the exponent
+// split; n * kLn2Hi is exact), exp(r) by a degree-5 polynomial on |r| <= ln2 / 2
+// (kExpC*, below; 1.7e-7 relative), times 2^n built in the exponent
 // bits. Results below exp(-87) flush to 0; NaN propagates. Written once for a
 // scalar or a GCC vector type V (F: its float element or vector type).
 constexpr float kExpHi = 88.0f, kExpLo = -87.0f;
+// The vector exps (one per logit, the bulk of a row) use a degree-5 polynomial with p(0) = 1,
+// fitted to exp on |r| <= ln2 / 2 for least relative error (weighted least squares, our own
+// fit): max relative error 1.7e-7 evaluated in float, against 6e-8 for the degree-7 Taylor
+// polynomial it replaces (the tests' gradient tolerance is 1e-4 relative), two FMAs fewer.
+// The scalar exp_acc (block factors) keeps the Taylor polynomial.
+constexpr float kExpC1 = 0.9999997019767761f, kExpC2 = 0.4999915063381195f, kExpC3 = 0.1666763573884964f,
+                kExpC4 = 0.041897933930158615f, kExpC5 = 0.008290315978229046f;
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -83,13 +91,11 @@ inline __attribute__((target("avx512f,fma"))) vf16x exp_avx512(vf16x xv) {
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.98412698e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.38888889e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(kExpC5);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
   return (vf16x)_mm512_maskz_scalef_ps(keep, p, n);
@@ -111,13 +117,11 @@ inline V exp_poly(V x) {
   const V n = t - kShift;
   V r = xc - n * kLn2Hi;
   r = r - n * kLn2Lo;
-  V p = V{} + 1.98412698e-4f;
-  p = p * r + 1.38888889e-3f;
-  p = p * r + 8.33333333e-3f;
-  p = p * r + 4.16666667e-2f;
-  p = p * r + 1.66666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
+  V p = V{} + kExpC5;
+  p = p * r + kExpC4;
+  p = p * r + kExpC3;
+  p = p * r + kExpC2;
+  p = p * r + kExpC1;
   p = p * r + 1.0f;
   U tbits;
   std::memcpy(&tbits, &t, sizeof(tbits));
@@ -187,44 +191,108 @@ LPQLD_INLINE void vstore(float* p, V v) {
   std::memcpy(p, &v, sizeof(v));
 }
 template <typename V>
+LPQLD_INLINE V lane_ids() {  // {0, 1, 2, ...}
+  alignas(64) static constexpr float kIds[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return vload<V>(kIds);
+}
+// Partial loads/stores of the first n < lanes elements. They run a few times per row (row and block
+// tails, the k stored values), so for small C they are a large part of a row: AVX-512 and AVX2 use
+// masked loads/stores (no element loop through a stack buffer, no memcpy call); the baseline build keeps
+// the buffer.
+#if defined(__GNUC__) && defined(__x86_64__)
+inline __attribute__((target("avx512f"))) vf16 load_pad_avx512(const float* p, int64_t n, float pad) {
+  return (vf16)_mm512_mask_loadu_ps(_mm512_set1_ps(pad), static_cast<__mmask16>((1u << n) - 1u), p);
+}
+inline __attribute__((target("avx512f"))) void store_part_avx512(float* p, vf16 v, int64_t n) {
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), (__m512)v);
+}
+inline __attribute__((target("avx2"))) __m256i lane_mask_avx2(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __attribute__((target("avx2"))) vf8 load_pad_avx2(const float* p, int64_t n, float pad) {
+  const __m256i m = lane_mask_avx2(n);
+  return (vf8)_mm256_blendv_ps(_mm256_set1_ps(pad), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+}
+inline __attribute__((target("avx2"))) void store_part_avx2(float* p, vf8 v, int64_t n) {
+  _mm256_maskstore_ps(p, lane_mask_avx2(n), (__m256)v);
+}
+#endif
+template <typename V>
 LPQLD_INLINE V vload_pad(const float* p, int64_t n, float pad) {  // n < lanes valid elements
+#if defined(__GNUC__) && defined(__x86_64__)
+  if constexpr (sizeof(V) == 64) return load_pad_avx512(p, n, pad);
+  if constexpr (sizeof(V) == 32) return load_pad_avx2(p, n, pad);
+#endif
   alignas(64) float buf[16];
   for (int64_t i = 0; i < lanes<V>(); ++i) buf[i] = i < n ? p[i] : pad;
   return vload<V>(buf);
 }
 template <typename V>
-LPQLD_INLINE V lane_ids() {  // {0, 1, 2, ...}
-  alignas(64) static constexpr float kIds[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  return vload<V>(kIds);
-}
-template <typename V>
 LPQLD_INLINE void vstore_part(float* p, V v, int64_t n) {  // the first n < lanes elements
-  alignas(64) float buf[16];
-  vstore<V>(buf, v);
-  std::memcpy(p, buf, static_cast<size_t>(n) * sizeof(float));
+#if defined(__GNUC__) && defined(__x86_64__)
+  if constexpr (sizeof(V) == 64) return store_part_avx512(p, v, n);
+  if constexpr (sizeof(V) == 32) return store_part_avx2(p, v, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
 }
-// Horizontal max / sum as trees (depth log2(lanes), not a serial chain of
-// lanes - 1 dependent ops: these run a few times per row, which matters for
-// small C). The sum is taken in double.
+// Horizontal max / sum as trees in registers (halving the vector; the same pairing as
+// b[i] op b[i + w] for w = lanes / 2, ..., 1). These run a few times per row, which
+// matters for small C. The sum is taken in double.
+typedef float vf2 __attribute__((vector_size(8)));
+typedef double vd2 __attribute__((vector_size(16)));
+typedef double vd4 __attribute__((vector_size(32)));
+typedef double vd8 __attribute__((vector_size(64)));
+template <typename H, typename W>
+LPQLD_INLINE void split_halves(const W& w, H& lo, H& hi) {
+  static_assert(2 * sizeof(H) == sizeof(W));
+  std::memcpy(&lo, &w, sizeof(H));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&w) + sizeof(H), sizeof(H));
+}
 template <typename V>
 LPQLD_INLINE float hmax(V v) {
-  constexpr int64_t L = lanes<V>();
-  alignas(64) float b[16];
-  vstore<V>(b, v);
-  for (int64_t w = L / 2; w >= 1; w /= 2)
-    for (int64_t i = 0; i < w; ++i) b[i] = b[i + w] > b[i] ? b[i + w] : b[i];
-  return b[0];
+  if constexpr (sizeof(V) == 64) {
+    vf8 lo, hi;
+    split_halves(v, lo, hi);
+    return hmax(hi > lo ? hi : lo);
+  } else if constexpr (sizeof(V) == 32) {
+    vf4 lo, hi;
+    split_halves(v, lo, hi);
+    return hmax(hi > lo ? hi : lo);
+  } else {
+    const float a = v[2] > v[0] ? v[2] : v[0];
+    const float b = v[3] > v[1] ? v[3] : v[1];
+    return b > a ? b : a;
+  }
+}
+template <typename D>  // double vectors of 2, 4 or 8 lanes
+LPQLD_INLINE double hsum_d(D d) {
+  if constexpr (sizeof(D) == 64) {
+    vd4 lo, hi;
+    split_halves(d, lo, hi);
+    return hsum_d(lo + hi);
+  } else if constexpr (sizeof(D) == 32) {
+    vd2 lo, hi;
+    split_halves(d, lo, hi);
+    return hsum_d(lo + hi);
+  } else {
+    return d[0] + d[1];
+  }
 }
 template <typename V>
 LPQLD_INLINE double hsum(V v) {
-  constexpr int64_t L = lanes<V>();
-  alignas(64) float f[16];
-  vstore<V>(f, v);
-  double b[16];
-  for (int64_t i = 0; i < L; ++i) b[i] = static_cast<double>(f[i]);
-  for (int64_t w = L / 2; w >= 1; w /= 2)
-    for (int64_t i = 0; i < w; ++i) b[i] += b[i + w];
-  return b[0];
+  if constexpr (sizeof(V) == 64) {
+    vf8 lo, hi;
+    split_halves(v, lo, hi);
+    return hsum_d(__builtin_convertvector(lo, vd8) + __builtin_convertvector(hi, vd8));
+  } else if constexpr (sizeof(V) == 32) {
+    vf4 lo, hi;
+    split_halves(v, lo, hi);
+    return hsum_d(__builtin_convertvector(lo, vd4) + __builtin_convertvector(hi, vd4));
+  } else {
+    vf2 lo, hi;
+    split_halves(v, lo, hi);
+    return hsum_d(__builtin_convertvector(lo, vd2) + __builtin_convertvector(hi, vd2));
+  }
 }
 
 // Blocked online softmax statistics of x * inv_t: m = max x and
@@ -412,7 +480,13 @@ LPQLD_INLINE void half_to_float_simd(const uint16_t* h, int64_t n, float* out) {
   for (int64_t i = 0; i < n; i += L) {
     const int64_t m = std::min(L, n - i);
     H hv{};
-    std::memcpy(&hv, h + i, static_cast<size_t>(m) * sizeof(uint16_t));
+    if (m == L) {
+      std::memcpy(&hv, h + i, sizeof(hv));
+    } else {  // the tail lane by lane (a variable-length memcpy would be a libc call per row)
+      alignas(64) uint16_t buf[16];
+      for (int64_t t = 0; t < L; ++t) buf[t] = t < m ? h[i + t] : uint16_t(0);
+      std::memcpy(&hv, buf, sizeof(hv));
+    }
     const U w = __builtin_convertvector(hv, U);
     const U em = w & 0x7fffu;
     const U bits = em << 13;
@@ -432,78 +506,20 @@ LPQLD_INLINE void half_to_float_simd(const uint16_t* h, int64_t n, float* out) {
   }
 }
 
-// The float kernels compiled for three instruction sets, chosen at load time.
+// The float kernels compiled for three instruction sets, chosen at load time. The
+// top-k modes run a whole row inside one variant (topk_row), so that the k loops
+// and the per-row steps are compiled for its vector width and nothing is called
+// through a pointer per step.
+template <typename acc_t>
+struct TopkRow;
 struct FloatKernels {
   const char* isa;
   void (*stats)(const float*, int64_t, float, float&, float&);
   double (*dense)(const float*, const float*, int64_t, float, float, float, float, float, float, float, float*, bool&);
-  void (*expblk)(const float*, int64_t, float, float*, float*, double*, double*);
-  void (*scaleblk)(float*, int64_t, const float*, float);
-  double (*expk)(float*, int64_t);
-  bool (*kmax)(const float*, int64_t, float&);
   void (*half_to_float)(const uint16_t*, int64_t, float*);
+  uint32_t (*topk_row)(TopkRow<float>&);
 };
-
-#define LPQLD_FLOAT_VARIANT(SUFFIX, ATTR, V, U)                                                                  \
-  ATTR void stats_##SUFFIX(const float* x, int64_t n, float inv_t, float& m, float& s) {                         \
-    stats_simd<V, U>(x, n, inv_t, m, s);                                                                         \
-  }                                                                                                              \
-  ATTR double dense_##SUFFIX(const float* z, const float* u, int64_t n, float zm, float inv_s, float zs,         \
-                             float um, float inv_t, float zt, float coef, float* g, bool& bad) {                 \
-    return dense_simd<V, U>(z, u, n, zm, inv_s, zs, um, inv_t, zt, coef, g, bad);                                \
-  }                                                                                                              \
-  ATTR void expblk_##SUFFIX(const float* x, int64_t n, float inv_s, float* e, float* bm, double* bs, double* bd) { \
-    expblk_simd<V, U>(x, n, inv_s, e, bm, bs, bd);                                                               \
-  }                                                                                                              \
-  ATTR void scaleblk_##SUFFIX(float* g, int64_t n, const float* a, float bg) { scaleblk_simd<V>(g, n, a, bg); }  \
-  ATTR double expk_##SUFFIX(float* x, int64_t n) { return expk_simd<V, U>(x, n); }                              \
-  ATTR bool kmax_##SUFFIX(const float* x, int64_t n, float& m) { return kmax_simd<V>(x, n, m); }                 \
-  ATTR void half_to_float_##SUFFIX(const uint16_t* h, int64_t n, float* out) {                                   \
-    half_to_float_simd<V, U>(h, n, out);                                                                         \
-  }                                                                                                              \
-  constexpr FloatKernels kKernels_##SUFFIX{#SUFFIX,           &stats_##SUFFIX,    &dense_##SUFFIX,               \
-                                           &expblk_##SUFFIX,  &scaleblk_##SUFFIX, &expk_##SUFFIX,                \
-                                           &kmax_##SUFFIX,    &half_to_float_##SUFFIX};
-
-LPQLD_FLOAT_VARIANT(base, __attribute__((flatten)), vf4, vu4)
-#if defined(__GNUC__) && defined(__x86_64__)
-#define LPQLD_X86_VARIANTS 1
-LPQLD_FLOAT_VARIANT(avx2, __attribute__((target("avx2,fma"), flatten)), vf8, vu8)
-LPQLD_FLOAT_VARIANT(avx512, __attribute__((target("avx512f,avx2,fma"), flatten)), vf16, vu16)
-#endif
-
-const FloatKernels* variant(const std::string& isa) {
-  if (isa == "base") return &kKernels_base;
-#ifdef LPQLD_X86_VARIANTS
-  __builtin_cpu_init();
-  if (isa == "avx2" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &kKernels_avx2;
-  if (isa == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma"))
-    return &kKernels_avx512;
-#endif
-  return nullptr;
-}
-
-std::atomic<const FloatKernels*>& active_kernels() {
-  static std::atomic<const FloatKernels*> active{[] {
-    for (const char* isa : {"avx512", "avx2"})
-      if (const FloatKernels* k = variant(isa)) return k;
-    return &kKernels_base;
-  }()};
-  return active;
-}
-
-// Which float variant runs; a non-empty isa ("base", "avx2", "avx512") switches
-// to it (for tests and benchmarks). Returns the active one.
-std::string soft_label_kl_cpu_isa(c10::string_view isa) {
-  if (!isa.empty()) {
-    const FloatKernels* k = variant(std::string(isa));
-    TORCH_CHECK(k != nullptr, "_soft_label_kl_cpu_isa: ", std::string(isa),
-                " is not available on this CPU/build (base, avx2, avx512)");
-    active_kernels().store(k);
-  }
-  return active_kernels().load()->isa;
-}
+std::atomic<const FloatKernels*>& active_kernels();
 
 // ----------------------------------------------------------------------------- double rows (gradcheck)
 
@@ -572,22 +588,12 @@ inline double expk_scalar(double* x, int64_t n) {
   return s;
 }
 
-inline void row_expblk(const float* x, int64_t n, float inv_s, float* e, float* bm, double* bs, double* bd) {
-  active_kernels().load(std::memory_order_relaxed)->expblk(x, n, inv_s, e, bm, bs, bd);
-}
 inline void row_expblk(const double* x, int64_t n, double inv_s, double* e, double* bm, double* bs, double* bd) {
   expblk_scalar<double>(x, n, inv_s, e, bm, bs, bd);
 }
-inline void row_scaleblk(float* g, int64_t n, const float* a, float bg) {
-  active_kernels().load(std::memory_order_relaxed)->scaleblk(g, n, a, bg);
-}
 inline void row_scaleblk(double* g, int64_t n, const double* a, double bg) { scaleblk_scalar<double>(g, n, a, bg); }
-inline double row_expk(float* x, int64_t n) { return active_kernels().load(std::memory_order_relaxed)->expk(x, n); }
 inline double row_expk(double* x, int64_t n) { return expk_scalar(x, n); }
 
-inline bool row_kmax(const float* x, int64_t n, float& m) {
-  return active_kernels().load(std::memory_order_relaxed)->kmax(x, n, m);
-}
 inline bool row_kmax(const double* x, int64_t n, double& m) {
   m = -std::numeric_limits<double>::infinity();
   bool finite = true;
@@ -733,6 +739,348 @@ struct Problem {
   const float* offset;
 };
 
+// ----------------------------------------------------------------------------- one top-k row
+
+// The steps of a top-k row for one accumulation type and vector width: the float SIMD
+// variants (instantiated inside each ISA's target function) and float64 (scalar).
+template <typename V, typename U>
+struct SimdOps {
+  using acc_t = float;
+  using VD = std::conditional_t<sizeof(V) == 64, vd8, std::conditional_t<sizeof(V) == 32, vd4, vd2>>;
+  static LPQLD_INLINE void expblk(const float* x, int64_t n, float inv_s, float* e, float* bm, double* bs,
+                                  double* bd) {
+    expblk_simd<V, U>(x, n, inv_s, e, bm, bs, bd);
+  }
+  static LPQLD_INLINE void scaleblk(float* g, int64_t n, const float* a, float bg) { scaleblk_simd<V>(g, n, a, bg); }
+  static LPQLD_INLINE double expk(float* x, int64_t n) { return expk_simd<V, U>(x, n); }
+  static LPQLD_INLINE bool kmax(const float* x, int64_t n, float& m) { return kmax_simd<V>(x, n, m); }
+  static LPQLD_INLINE void half_to_acc(const void* row, int64_t n, float* out) {
+    half_to_float_simd<V, U>(static_cast<const uint16_t*>(row), n, out);
+  }
+};
+struct ScalarOps64 {
+  using acc_t = double;
+  using VD = vd2;
+  static void expblk(const double* x, int64_t n, double inv_s, double* e, double* bm, double* bs, double* bd) {
+    expblk_scalar<double>(x, n, inv_s, e, bm, bs, bd);
+  }
+  static void scaleblk(double* g, int64_t n, const double* a, double bg) { scaleblk_scalar<double>(g, n, a, bg); }
+  static double expk(double* x, int64_t n) { return expk_scalar(x, n); }
+  static bool kmax(const double* x, int64_t n, double& m) { return row_kmax(x, n, m); }
+  static void half_to_acc(const void* row, int64_t n, double* out) {
+    const at::Half* h = static_cast<const at::Half*>(row);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(static_cast<float>(h[i]));
+  }
+};
+
+// The k stored values of a row as acc_t: int8 dequantised as v * scale + offset (in
+// float, like the reference's float32 dequantisation); one type switch per row.
+template <typename Ops, typename acc_t>
+LPQLD_INLINE void decode_values_ops(const void* row, int64_t k, at::ScalarType dt, float scale, float offset,
+                                    acc_t* __restrict out) {
+  switch (dt) {
+    case at::kHalf: Ops::half_to_acc(row, k, out); return;
+    case at::kChar: {
+      const int8_t* q = static_cast<const int8_t*>(row);
+      if constexpr (std::is_same_v<acc_t, double>) {
+        for (int64_t i = 0; i < k; ++i)
+          out[i] = static_cast<double>(q[i]) * static_cast<double>(scale) + static_cast<double>(offset);
+      } else {
+        for (int64_t i = 0; i < k; ++i) out[i] = static_cast<float>(q[i]) * scale + offset;
+      }
+      return;
+    }
+    default: decode_values<acc_t>(row, k, dt, scale, offset, out);
+  }
+}
+
+// The k class ids of a row as int32 (C < 2^31 is checked up front); false if one is
+// outside [0, C), with the first such id in bad.
+template <typename I>
+LPQLD_INLINE bool decode_indices32_as(const I* __restrict row, int64_t k, int64_t C, int32_t* __restrict out,
+                                      int64_t& bad) {
+  uint64_t oob = 0;  // negative ids wrap to huge values as unsigned
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t v = static_cast<int64_t>(row[i]);
+    oob |= static_cast<uint64_t>(static_cast<uint64_t>(v) >= static_cast<uint64_t>(C));
+    out[i] = static_cast<int32_t>(v);
+  }
+  if (oob == 0) return true;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t v = static_cast<int64_t>(row[i]);
+    if (static_cast<uint64_t>(v) >= static_cast<uint64_t>(C)) {
+      bad = v;
+      break;
+    }
+  }
+  return false;
+}
+LPQLD_INLINE bool decode_indices32(const void* row, int64_t k, at::ScalarType dt, int64_t C, int32_t* out,
+                                   int64_t& bad) {
+  switch (dt) {
+    case at::kLong: return decode_indices32_as(static_cast<const int64_t*>(row), k, C, out, bad);
+    case at::kInt: return decode_indices32_as(static_cast<const int32_t*>(row), k, C, out, bad);
+    case at::kShort: return decode_indices32_as(static_cast<const int16_t*>(row), k, C, out, bad);
+    case at::kByte: return decode_indices32_as(static_cast<const uint8_t*>(row), k, C, out, bad);
+    default: bad = -1; return false;
+  }
+}
+
+template <typename VD>
+LPQLD_INLINE VD vload_d(const double* p) {
+  VD v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Per-thread scratch of the top-k rows; the k-long arrays are padded to kPadK lanes,
+// the pads hold zeros so that the double-vector loops over them add nothing.
+constexpr int64_t kPadK = 16;
+template <typename acc_t>
+struct TopkScratch {
+  std::vector<int32_t> ik;
+  std::vector<acc_t> xk, gk, bm, fa;
+  std::vector<double> pk, lpk, zk, tk, bs, bd, fd;
+  TopkScratch(int64_t k, int64_t nblk) {
+    const size_t kp = static_cast<size_t>((k + kPadK - 1) / kPadK * kPadK);
+    ik.assign(kp, 0);
+    xk.assign(kp, acc_t(0));
+    gk.assign(kp, acc_t(0));
+    pk.assign(kp, 0.0);
+    lpk.assign(kp, 0.0);
+    zk.assign(kp, 0.0);
+    tk.assign(kp, 0.0);
+    bm.assign(static_cast<size_t>(nblk), acc_t(0));
+    fa.assign(static_cast<size_t>(nblk), acc_t(0));
+    bs.assign(static_cast<size_t>(nblk), 0.0);
+    bd.assign(static_cast<size_t>(nblk), 0.0);
+    fd.assign(static_cast<size_t>(nblk), 0.0);
+  }
+};
+
+// One row of a top-k mode: its inputs, its scratch, and the results (loss, or the first
+// out-of-range class id).
+template <typename acc_t>
+struct TopkRow {
+  const Problem* P;
+  int64_t b;
+  const acc_t* z;
+  acc_t* g;
+  float row_scale, row_offset;
+  TopkScratch<acc_t>* S;
+  double loss;
+  int64_t bad_index;
+};
+
+// Steps 1-5 of the header comment for row R.b; returns its DataError bits (0: loss and
+// gradient written).
+template <typename Ops>
+LPQLD_INLINE uint32_t topk_row(TopkRow<typename Ops::acc_t>& R) {
+  using acc_t = typename Ops::acc_t;
+  using VD = typename Ops::VD;
+  constexpr int64_t DL = static_cast<int64_t>(sizeof(VD) / sizeof(double));
+  constexpr acc_t kNegInfA = -std::numeric_limits<acc_t>::infinity();
+  const Problem& P = *R.P;
+  const int64_t b = R.b, C = P.C, k = P.k, mode = P.mode;
+  const int64_t kp = (k + DL - 1) / DL * DL;  // the double-vector loops run to kp (zero pads)
+  TopkScratch<acc_t>& S = *R.S;
+  const acc_t* __restrict z = R.z;
+  acc_t* g = R.g;
+  int32_t* __restrict ik = S.ik.data();
+  acc_t* __restrict xk = S.xk.data();
+  acc_t* __restrict gk = S.gk.data();
+  double* __restrict pk = S.pk.data();
+  double* __restrict lpk = S.lpk.data();
+  double* __restrict zk = S.zk.data();
+  double* __restrict tk = S.tk.data();
+  acc_t* __restrict bm = S.bm.data();
+  acc_t* __restrict fa = S.fa.data();
+  double* __restrict bs = S.bs.data();
+  double* __restrict bd = S.bd.data();
+  double* __restrict fd = S.fd.data();
+  const int64_t nblk = (C + kBlock - 1) / kBlock;
+  const acc_t inv_s = static_cast<acc_t>(1.0 / P.t_s);
+  const double coef_d = P.grad_scale / (static_cast<double>(P.B) * P.t_s);
+
+  // 1. decode the k stored entries (and check them: index range, finiteness)
+  uint32_t err = 0;
+  const void* irow = static_cast<const char*>(P.indices) + b * P.indices_row_bytes;
+  const void* vrow = static_cast<const char*>(P.values) + b * P.values_row_bytes;
+  if (!decode_indices32(irow, k, P.idt, C, ik, R.bad_index)) err |= kErrIndex;
+  decode_values_ops<Ops>(vrow, k, P.vdt, R.row_scale, R.row_offset, xk);
+  acc_t vmax;
+  if (!Ops::kmax(xk, k, vmax)) err |= kErrValues;
+  if (err) return err;
+  const int64_t rest = C - k;
+  double p_bg = 0.0, logp_bg = 0.0, S_mass = 0.0;
+  if (mode == kMR || mode == kMRS) {
+    const double it = 1.0 / P.T;
+    double tm = static_cast<double>(vmax) * it;  // = max_i x_i * it (it > 0, rounding is monotone)
+    const double uf = mode == kMRS ? static_cast<double>(P.fill[b]) * it : 0.0;
+    if (mode == kMRS && rest > 0) tm = std::max(tm, uf);
+    // one exp per stored entry in acc_t; the log-probabilities stay in double
+    for (int64_t i = 0; i < k; ++i) {
+      const double l = static_cast<double>(xk[i]) * it - tm;
+      lpk[i] = l;
+      xk[i] = static_cast<acc_t>(l);
+    }
+    double zt = Ops::expk(xk, k);
+    if (mode == kMRS && rest > 0) zt += static_cast<double>(rest) * std::exp(uf - tm);
+    const double log_zt = std::log(zt), inv_zt = 1.0 / zt;
+    for (int64_t i = 0; i < k; ++i) {
+      lpk[i] -= log_zt;
+      pk[i] = static_cast<double>(xk[i]) * inv_zt;
+    }
+    if (mode == kMRS && rest > 0) {
+      logp_bg = uf - tm - log_zt;
+      p_bg = std::exp(logp_bg);
+    }
+    S_mass = 1.0;
+  } else {  // probabilities: ms, topk_norenorm
+    double stored = 0.0;
+    for (int64_t i = 0; i < k; ++i) {
+      pk[i] = std::max(static_cast<double>(xk[i]), 0.0);
+      lpk[i] = pk[i] > 0.0 ? std::log(pk[i]) : 0.0;
+      stored += pk[i];
+    }
+    if (mode == kMS && rest > 0) {
+      p_bg = std::max(1.0 - stored, 0.0) / static_cast<double>(rest);
+      logp_bg = p_bg > 0.0 ? std::log(p_bg) : 0.0;
+    }
+    S_mass = stored + static_cast<double>(rest) * p_bg;
+  }
+  // 2. student: per-block max and exp into g (one exp per logit), then the
+  // row max m, Z = sum_j exp((z_j - m) / s) and sum_j (z_j - m) from the blocks
+  Ops::expblk(z, C, inv_s, g, bm, bs, bd);
+  acc_t zm = kNegInfA;
+  for (int64_t bi = 0; bi < nblk; ++bi) zm = bm[bi] > zm ? bm[bi] : zm;
+  double zs = 0.0, dsum = 0.0;
+  for (int64_t bi = 0; bi < nblk; ++bi) {
+    const int64_t nb = std::min(kBlock, C - bi * kBlock);
+    if (bm[bi] == kNegInfA) {  // a block of -inf logits: q = 0 there
+      fa[bi] = zm == bm[bi] ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+      dsum += bd[bi];
+      continue;
+    }
+    const acc_t f = exp_acc(static_cast<acc_t>((bm[bi] - zm) * inv_s));
+    fa[bi] = f;
+    zs += bs[bi] * static_cast<double>(f);
+    dsum += bd[bi] + static_cast<double>(nb) * static_cast<double>(bm[bi] - zm);
+  }
+  const double log_zs = std::log(zs);
+  // 3. stored entries: save their e_j and z_j - m, and mark the slots (which finds a
+  // class stored twice); a scalar loop, as it stores into g. Their gradient is written
+  // below in double from e_j, so that S q_j - p_i cancels exactly where it should
+  // (e.g. C = k).
+  const double zmd = static_cast<double>(zm);
+  bool dup = false;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t j = ik[i];
+    acc_t* slot = g + j;
+    dup = dup || is_marked(slot);
+    tk[i] = static_cast<double>(*slot);
+    zk[i] = static_cast<double>(z[j]) - zmd;
+    mark(slot);
+  }
+  if (dup) return kErrDuplicate;
+  // Their loss terms, with log q_i = (z_i - m) / s - log Z, in double vectors:
+  //   sum_i p_i (log p_i - log q_i) = sum p lp - (sum p (z - m)) / s + log Z sum p
+  // (p_i = 0 adds nothing: p lp is 0 then, and p (z - m) is masked for z = -inf).
+  VD vplp{}, vpd{}, vps{}, vdk{};
+  for (int64_t i = 0; i < kp; i += DL) {
+    const VD p = vload_d<VD>(pk + i), d = vload_d<VD>(zk + i);
+    vdk += d;
+    vplp += p * vload_d<VD>(lpk + i);
+    const VD pd = p * d;
+    vpd += p > 0.0 ? pd : VD{};
+    vps += p;
+  }
+  const double plp = hsum_d(vplp), pd = hsum_d(vpd), ps = hsum_d(vps), dk = hsum_d(vdk);
+  const double isd = static_cast<double>(inv_s);
+  double loss = plp - isd * pd + log_zs * ps;
+  if (p_bg > 0.0) {  // background classes: p_bg (log p_bg - log q_j) summed over the C - k of them
+    const double bg_lq = isd * (dsum - dk) - static_cast<double>(rest) * log_zs;
+    loss += static_cast<double>(rest) * p_bg * logp_bg - p_bg * bg_lq;
+  }
+  // 4. g_j = coef (S q_j - p_bg) for every column: scale each block (NaN logits
+  // make zs NaN: the whole row NaN); the marked slots are overwritten below
+  const double qscale = coef_d * S_mass / zs;
+  for (int64_t bi = 0; bi < nblk; ++bi) {
+    fd[bi] = qscale * static_cast<double>(fa[bi]);
+    fa[bi] = static_cast<acc_t>(fd[bi]);
+  }
+  Ops::scaleblk(g, C, fa, static_cast<acc_t>(coef_d * p_bg));
+  // 5. the stored slots' gradient, coef (S q_i - p_i), from the saved e_j: computed
+  // in double vectors (one block: one factor), then scattered
+  const double cf = coef_d;
+  if (nblk == 1) {
+    const double f0 = fd[0];
+    for (int64_t i = 0; i < kp; ++i) gk[i] = static_cast<acc_t>(tk[i] * f0 - cf * pk[i]);
+  } else {
+    for (int64_t i = 0; i < k; ++i)
+      gk[i] = static_cast<acc_t>(tk[i] * fd[static_cast<uint32_t>(ik[i]) / kBlock] - cf * pk[i]);
+  }
+  for (int64_t i = 0; i < k; ++i) g[ik[i]] = gk[i];
+  R.loss = loss;
+  return 0;
+}
+
+#define LPQLD_FLOAT_VARIANT(SUFFIX, ATTR, V, U)                                                                  \
+  ATTR void stats_##SUFFIX(const float* x, int64_t n, float inv_t, float& m, float& s) {                         \
+    stats_simd<V, U>(x, n, inv_t, m, s);                                                                         \
+  }                                                                                                              \
+  ATTR double dense_##SUFFIX(const float* z, const float* u, int64_t n, float zm, float inv_s, float zs,         \
+                             float um, float inv_t, float zt, float coef, float* g, bool& bad) {                 \
+    return dense_simd<V, U>(z, u, n, zm, inv_s, zs, um, inv_t, zt, coef, g, bad);                                \
+  }                                                                                                              \
+  ATTR void half_to_float_##SUFFIX(const uint16_t* h, int64_t n, float* out) {                                   \
+    half_to_float_simd<V, U>(h, n, out);                                                                         \
+  }                                                                                                              \
+  ATTR uint32_t topk_row_##SUFFIX(TopkRow<float>& R) { return topk_row<SimdOps<V, U>>(R); }                      \
+  constexpr FloatKernels kKernels_##SUFFIX{#SUFFIX, &stats_##SUFFIX, &dense_##SUFFIX, &half_to_float_##SUFFIX,    \
+                                           &topk_row_##SUFFIX};
+
+LPQLD_FLOAT_VARIANT(base, __attribute__((flatten)), vf4, vu4)
+#if defined(__GNUC__) && defined(__x86_64__)
+#define LPQLD_X86_VARIANTS 1
+LPQLD_FLOAT_VARIANT(avx2, __attribute__((target("avx2,fma"), flatten)), vf8, vu8)
+LPQLD_FLOAT_VARIANT(avx512, __attribute__((target("avx512f,avx2,fma"), flatten)), vf16, vu16)
+#endif
+
+const FloatKernels* variant(const std::string& isa) {
+  if (isa == "base") return &kKernels_base;
+#ifdef LPQLD_X86_VARIANTS
+  __builtin_cpu_init();
+  if (isa == "avx2" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &kKernels_avx2;
+  if (isa == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return &kKernels_avx512;
+#endif
+  return nullptr;
+}
+
+std::atomic<const FloatKernels*>& active_kernels() {
+  static std::atomic<const FloatKernels*> active{[] {
+    for (const char* isa : {"avx512", "avx2"})
+      if (const FloatKernels* k = variant(isa)) return k;
+    return &kKernels_base;
+  }()};
+  return active;
+}
+
+// Which float variant runs; a non-empty isa ("base", "avx2", "avx512") switches
+// to it (for tests and benchmarks). Returns the active one.
+std::string soft_label_kl_cpu_isa(c10::string_view isa) {
+  if (!isa.empty()) {
+    const FloatKernels* k = variant(std::string(isa));
+    TORCH_CHECK(k != nullptr, "_soft_label_kl_cpu_isa: ", std::string(isa),
+                " is not available on this CPU/build (base, avx2, avx512)");
+    active_kernels().store(k);
+  }
+  return active_kernels().load()->isa;
+}
+
+
 template <typename scalar_t>
 void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tensor& loss_rows) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -747,6 +1095,8 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
   const double coef_d = P.grad_scale / (static_cast<double>(B) * P.t_s);
   const acc_t coef = static_cast<acc_t>(coef_d);
   const bool dense_values_direct = std::is_same_v<acc_t, float> ? P.vdt == at::kFloat : P.vdt == at::kDouble;
+  // the variant is read once per call (not per row or step)
+  const FloatKernels* kern = active_kernels().load(std::memory_order_relaxed);
   std::atomic<int64_t> bad_index{-1};
   std::atomic<uint32_t> errors{0};
 
@@ -754,12 +1104,8 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
   at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> zbuf(kDirect ? 0 : C), gbuf(kDirect ? 0 : C);
     std::vector<acc_t> ubuf((P.mode == kDense && !dense_values_direct) ? C : 0);
-    std::vector<double> pk(P.mode == kDense ? 0 : k), lpk(P.mode == kDense ? 0 : k);
-    std::vector<int64_t> ik(P.mode == kDense ? 0 : k);
-    std::vector<acc_t> xk(P.mode == kDense ? 0 : k), tk(P.mode == kDense ? 0 : k);
-    const int64_t nblk = P.mode == kDense ? 0 : (C + kBlock - 1) / kBlock;
-    std::vector<acc_t> bm(nblk), fa(nblk);
-    std::vector<double> bs(nblk), bd(nblk), fd(nblk);
+    std::optional<TopkScratch<acc_t>> scratch;
+    if (P.mode != kDense) scratch.emplace(k, (C + kBlock - 1) / kBlock);
     for (int64_t b = r0; b < r1; ++b) {
       const scalar_t* zrow = logits_ptr + b * lstride;
       scalar_t* grow = grad_ptr + b * C;
@@ -775,7 +1121,6 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
       }
       const float row_scale = P.scale ? P.scale[b] : 1.0f;
       const float row_offset = P.offset ? P.offset[b] : 0.0f;
-      const void* vrow = static_cast<const char*>(P.values) + b * P.values_row_bytes;
       uint32_t row_err = 0;
       if (!std::isfinite(row_scale)) row_err |= kErrScale;
       if (!std::isfinite(row_offset)) row_err |= kErrOffset;
@@ -788,6 +1133,7 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
       double loss = 0.0;
 
       if (P.mode == kDense) {
+        const void* vrow = static_cast<const char*>(P.values) + b * P.values_row_bytes;
         acc_t zm, zs;
         row_stats(z, C, inv_s, zm, zs);
         const acc_t* u;
@@ -803,134 +1149,18 @@ void run(const Problem& P, const at::Tensor& logits, at::Tensor& grad, at::Tenso
         loss = row_dense(z, u, C, zm, inv_s, zs, um, inv_t, us, coef, g, u_bad);
         if (u_bad) errors.fetch_or(kErrValues);
       } else {
-        // 1. decode the k stored entries (and check them: index range, finiteness)
-        const void* irow = static_cast<const char*>(P.indices) + b * P.indices_row_bytes;
-        bool idx_bad = false;
-        const int64_t bad_j = decode_indices(irow, k, P.idt, C, ik.data(), idx_bad);
-        if (idx_bad) {
-          bad_index.store(bad_j);
-          row_err |= kErrIndex;
+        TopkRow<acc_t> R{&P, b, z, g, row_scale, row_offset, &*scratch, 0.0, 0};
+        if constexpr (std::is_same_v<acc_t, float>) {
+          row_err = kern->topk_row(R);
+        } else {
+          row_err = topk_row<ScalarOps64>(R);
         }
-        decode_values<acc_t>(vrow, k, P.vdt, row_scale, row_offset, xk.data());
-        acc_t vmax;
-        if (!row_kmax(xk.data(), k, vmax)) row_err |= kErrValues;
         if (row_err) {
+          if (row_err & kErrIndex) bad_index.store(R.bad_index);
           errors.fetch_or(row_err);
           continue;
         }
-        // Raw pointers with restrict: the slot marking below writes through g, and
-        // without it the compiler reloads every vector's data pointer per entry.
-        double* __restrict pkp = pk.data();
-        double* __restrict lpkp = lpk.data();
-        acc_t* __restrict xkp = xk.data();
-        const int64_t rest = C - k;
-        double p_bg = 0.0, logp_bg = 0.0, S = 0.0;
-        if (P.mode == kMR || P.mode == kMRS) {
-          const double it = 1.0 / P.T;
-          double tm = static_cast<double>(vmax) * it;  // = max_i pk_i * it (it > 0, rounding is monotone)
-          const double uf = P.mode == kMRS ? static_cast<double>(P.fill[b]) * it : 0.0;
-          if (P.mode == kMRS && rest > 0) tm = std::max(tm, uf);
-          // one exp per stored entry, vectorised over k (in acc_t: float unless the
-          // logits are float64); the log-probabilities stay in double
-          for (int64_t i = 0; i < k; ++i) {
-            lpkp[i] = static_cast<double>(xkp[i]) * it - tm;
-            xkp[i] = static_cast<acc_t>(lpkp[i]);
-          }
-          double zt = row_expk(xkp, k);
-          if (P.mode == kMRS && rest > 0) zt += static_cast<double>(rest) * std::exp(uf - tm);
-          const double log_zt = std::log(zt), inv_zt = 1.0 / zt;
-          for (int64_t i = 0; i < k; ++i) {
-            lpkp[i] -= log_zt;
-            pkp[i] = static_cast<double>(xkp[i]) * inv_zt;
-          }
-          if (P.mode == kMRS && rest > 0) {
-            logp_bg = uf - tm - log_zt;
-            p_bg = std::exp(logp_bg);
-          }
-          S = 1.0;
-        } else {  // probabilities: ms, topk_norenorm
-          double stored = 0.0;
-          for (int64_t i = 0; i < k; ++i) {
-            pk[i] = std::max(static_cast<double>(xkp[i]), 0.0);
-            lpk[i] = pk[i] > 0.0 ? std::log(pk[i]) : 0.0;
-            stored += pk[i];
-          }
-          if (P.mode == kMS && rest > 0) {
-            p_bg = std::max(1.0 - stored, 0.0) / static_cast<double>(rest);
-            logp_bg = p_bg > 0.0 ? std::log(p_bg) : 0.0;
-          }
-          S = stored + static_cast<double>(rest) * p_bg;
-        }
-        // 2. student: per-block max and exp into g (one exp per logit), then the
-        // row max m, Z = sum_j exp((z_j - m) / s) and sum_j (z_j - m) from the blocks
-        row_expblk(z, C, inv_s, g, bm.data(), bs.data(), bd.data());
-        acc_t zm = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t bi = 0; bi < nblk; ++bi) zm = bm[bi] > zm ? bm[bi] : zm;
-        double zs = 0.0, dsum = 0.0;
-        for (int64_t bi = 0; bi < nblk; ++bi) {
-          const int64_t nb = std::min(kBlock, C - bi * kBlock);
-          if (bm[bi] == -std::numeric_limits<acc_t>::infinity()) {  // a block of -inf logits: q = 0 there
-            fa[bi] = zm == bm[bi] ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
-            dsum += bd[bi];
-            continue;
-          }
-          const acc_t f = exp_acc(static_cast<acc_t>((bm[bi] - zm) * inv_s));
-          fa[bi] = f;
-          zs += bs[bi] * static_cast<double>(f);
-          dsum += bd[bi] + static_cast<double>(nb) * static_cast<double>(bm[bi] - zm);
-        }
-        const double log_zs = std::log(zs);
-        // 3. stored entries: save their e_j and mark the slots (which finds a class
-        // stored twice); their gradient is written below in double from e_j, so
-        // that S q_j - p_i cancels exactly where it should (e.g. C = k). Alongside,
-        // their loss terms with log q_i = (z_i - m) / s - log Z:
-        //   sum_i p_i (log p_i - log q_i) = sum p lp - (sum p (z - m)) / s + log Z sum p
-        // (p_i = 0 adds nothing: p lp is 0 then, and p (z - m) is masked for z = -inf).
-        const double zmd = static_cast<double>(zm);
-        double plp = 0.0, pd = 0.0, ps = 0.0, dk = 0.0;
-        bool dup = false;
-        const int64_t* __restrict ikp = ik.data();
-        acc_t* __restrict tkp = tk.data();
-        // Locals for the two per-entry loops: mark() stores through memcpy, which may alias anything, and
-        // made the compiler reload every captured-by-reference value (k, coef_d) per entry.
-        const int64_t nk = k;
-        for (int64_t i = 0; i < nk; ++i) {
-          const int64_t j = ikp[i];
-          acc_t* slot = g + j;
-          dup = dup || is_marked(slot);
-          tkp[i] = *slot;
-          mark(slot);
-          const double d = static_cast<double>(z[j]) - zmd, p = pkp[i];
-          dk += d;
-          plp += p * lpkp[i];
-          pd += p > 0.0 ? p * d : 0.0;
-          ps += p;
-        }
-        if (dup) {
-          errors.fetch_or(kErrDuplicate);
-          continue;
-        }
-        const double isd = static_cast<double>(inv_s);
-        loss = plp - isd * pd + log_zs * ps;
-        if (p_bg > 0.0) {  // background classes: p_bg (log p_bg - log q_j) summed over the C - k of them
-          const double bg_lq = isd * (dsum - dk) - static_cast<double>(rest) * log_zs;
-          loss += static_cast<double>(rest) * p_bg * logp_bg - p_bg * bg_lq;
-        }
-        // 4. g_j = coef (S q_j - p_bg) for every column: scale each block (NaN logits
-        // make zs NaN: the whole row NaN); the marked slots are overwritten below
-        const double qscale = coef_d * S / zs;
-        for (int64_t bi = 0; bi < nblk; ++bi) {
-          fd[bi] = qscale * static_cast<double>(fa[bi]);
-          fa[bi] = static_cast<acc_t>(fd[bi]);
-        }
-        row_scaleblk(g, C, fa.data(), static_cast<acc_t>(coef_d * p_bg));
-        // 5. the stored slots' gradient, coef (S q_i - p_i), from the saved e_j
-        const double* __restrict fdp = fd.data();
-        const double cf = coef_d;
-        for (int64_t i = 0; i < nk; ++i) {
-          const int64_t j = ikp[i];
-          g[j] = static_cast<acc_t>(static_cast<double>(tkp[i]) * fdp[static_cast<uint64_t>(j) / kBlock] - cf * pkp[i]);
-        }
+        loss = R.loss;
       }
       if constexpr (!kDirect) {
         for (int64_t j = 0; j < C; ++j) grow[j] = static_cast<scalar_t>(gbuf[j]);
@@ -965,6 +1195,8 @@ std::tuple<at::Tensor, at::Tensor> soft_label_kl_fwd_cpu(const at::Tensor& logit
   if (scale_in.has_value()) scale = scale_in->contiguous();
   if (offset_in.has_value()) offset = offset_in->contiguous();
   const int64_t B = logits.size(0), C = logits.size(1);
+  TORCH_CHECK(mode == kDense || C <= std::numeric_limits<int32_t>::max(),
+              "soft_label_kl_fwd (CPU): the top-k modes take at most 2^31 - 1 classes, got C = ", C);
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss_rows = at::zeros({B}, logits.options().dtype(acc_dtype));
   at::Tensor grad = at::empty({B, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));

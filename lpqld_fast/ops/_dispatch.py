@@ -113,6 +113,10 @@ def resolve_backend(op: str, device: torch.device, backend: str | None = None, n
                 return "cuda"
             return "triton" if triton_usable(device) else "reference"
         return "reference"
+    # the native backend of the tensor's device, asked for by name: one cached lookup
+    # (the per-call cost matters for small ops); everything else via available_backends
+    if name == "cpp" and device.type == "cpu" and native_has_kernel(native_op, "CPU"):
+        return name
     if name not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {('auto',) + BACKENDS}, got {name!r}")
     if name not in available_backends(device, native_op):

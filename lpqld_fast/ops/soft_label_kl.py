@@ -22,6 +22,7 @@ indices and one device sync) unless ``validate=False``. Probabilities ("ms",
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -48,6 +49,7 @@ def _triton_module():
     return mod
 
 
+@functools.lru_cache(maxsize=None)
 def _native_op_present() -> bool:
     return hasattr(torch.ops, "lpqld") and hasattr(torch.ops.lpqld, NATIVE_OP)
 
@@ -80,8 +82,48 @@ def _check_row_vector(name: str, t: object, b: int, device: torch.device) -> tor
     return t
 
 
+_FLOAT_DTYPES = frozenset(V.FLOAT_DTYPES)
+_VALUE_DTYPES = frozenset(VALUE_DTYPES)
+_INDEX_DTYPES = frozenset(LABEL_INDEX_DTYPES)
+
+
+def _row_vector_ok(t, b: int, device: torch.device) -> bool:
+    return (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == b and t.dtype in _FLOAT_DTYPES
+            and t.device == device)
+
+
+def _inputs_ok(z, values, indices, mode, fill, scale, offset) -> bool:
+    """True only for input that every structural check of _check_inputs accepts (the common case, in a few
+    microseconds); anything else, or anything unusual, goes through those checks for their messages."""
+    if not (isinstance(z, torch.Tensor) and isinstance(values, torch.Tensor) and z.dim() == 2 and values.dim() == 2
+            and z.dtype in _FLOAT_DTYPES and values.dtype in _VALUE_DTYPES and isinstance(mode, str)):
+        return False
+    device = z.device
+    b, c = z.shape
+    vb, k = values.shape
+    if vb != b or c < 1 or values.device != device:
+        return False
+    if mode == "dense":
+        if k != c or indices is not None:
+            return False
+    elif mode in MODES:
+        if not (1 <= k <= c and isinstance(indices, torch.Tensor) and indices.shape == values.shape
+                and indices.dtype in _INDEX_DTYPES and indices.device == device):
+            return False
+    else:
+        return False
+    if (mode == "mrs") != (fill is not None) or (fill is not None and not _row_vector_ok(fill, b, device)):
+        return False
+    if values.dtype == torch.int8:
+        return _row_vector_ok(scale, b, device) and _row_vector_ok(offset, b, device)
+    return scale is None and offset is None
+
+
 def _check_inputs(student_logits, values, indices, mode, T, t_s, fill, scale, offset) -> tuple[float, float]:
     """Structural checks: types, shapes, dtypes, devices, temperatures."""
+    if (type(T) is float and type(t_s) is float and 0.0 < T < math.inf and 0.0 < t_s < math.inf
+            and _inputs_ok(student_logits, values, indices, mode, fill, scale, offset)):
+        return T, t_s
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     V.check_tensor("student_logits", student_logits, ndim=2, dtypes=V.FLOAT_DTYPES)
@@ -244,10 +286,12 @@ def soft_label_kl(
                                  offset=offset, t2_scale=t2_scale)
     grad_scale = T * T if t2_scale else 1.0
     if name in ("cpp", "cuda"):  # the C++ autograd op (csrc/soft_label_kl.cpp): no Python Function per call
-        if fill is not None:
+        if fill is not None and fill.dtype != torch.float32:
             fill = fill.to(torch.float32)
-        if scale is not None:
-            scale, offset = scale.to(torch.float32), offset.to(torch.float32)
+        if scale is not None and scale.dtype != torch.float32:
+            scale = scale.to(torch.float32)
+        if offset is not None and offset.dtype != torch.float32:
+            offset = offset.to(torch.float32)
         return torch.ops.lpqld.soft_label_kl(student_logits, values, indices, fill, scale, offset, MODE_CODES[mode],
                                              T, t_s, grad_scale)
     return _FusedSoftLabelKL.apply(student_logits, values, indices, fill, scale, offset, MODE_CODES[mode], T, t_s,
