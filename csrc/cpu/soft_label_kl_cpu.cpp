@@ -648,30 +648,6 @@ void decode_values(const void* row, int64_t k, at::ScalarType dt, float scale, f
   }
 }
 
-// The k class ids of a row as int64; returns an id outside [0, C) if there is one, else 0.
-template <typename I>
-LPQLD_INLINE int64_t decode_indices_as(const I* row, int64_t k, int64_t C, int64_t* out, bool& bad) {
-  uint64_t oob = 0;  // OR over rows of (id >= C as unsigned): negative ids wrap to huge values
-  for (int64_t i = 0; i < k; ++i) {
-    out[i] = static_cast<int64_t>(row[i]);
-    oob |= static_cast<uint64_t>(static_cast<uint64_t>(out[i]) >= static_cast<uint64_t>(C));
-  }
-  bad = oob != 0;
-  if (bad)
-    for (int64_t i = 0; i < k; ++i)
-      if (out[i] < 0 || out[i] >= C) return out[i];
-  return 0;
-}
-inline int64_t decode_indices(const void* row, int64_t k, at::ScalarType dt, int64_t C, int64_t* out, bool& bad) {
-  switch (dt) {
-    case at::kLong: return decode_indices_as(static_cast<const int64_t*>(row), k, C, out, bad);
-    case at::kInt: return decode_indices_as(static_cast<const int32_t*>(row), k, C, out, bad);
-    case at::kShort: return decode_indices_as(static_cast<const int16_t*>(row), k, C, out, bad);
-    case at::kByte: return decode_indices_as(static_cast<const uint8_t*>(row), k, C, out, bad);
-    default: bad = true; return -1;
-  }
-}
-
 inline void row_stats(const float* x, int64_t n, float inv_t, float& m, float& s) {
   active_kernels().load(std::memory_order_relaxed)->stats(x, n, inv_t, m, s);
 }
