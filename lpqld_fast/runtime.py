@@ -15,9 +15,13 @@ Values the user set in the environment (``THP_MEM_ALLOC_ENABLE``, ``MALLOC_MMAP_
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Iterator
+
+import torch
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -58,3 +62,18 @@ def _glibc_mallopt():
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return mallopt
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """TF32 off for cuDNN convolutions and CUDA matmuls inside the block (the previous settings restored after).
+
+    cuDNN convolutions default to TF32 (10-bit mantissa) on Ampere and later, and their rounding differs
+    between batch sizes: comparisons of a many-classes pass with a one-class pass need full fp32.
+    """
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
