@@ -104,6 +104,15 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _print_error(msg: str) -> None:
+    """The error on a line of its own: a progress bar left open by the failed stage ends without a newline."""
+    from tqdm import tqdm
+
+    if getattr(tqdm, "_instances", None):
+        sys.stderr.write("\n")
+    print(msg, file=sys.stderr)
+
+
 def _one_line(e: BaseException) -> str:
     """The exception's message on one line (some, e.g. load_state_dict's, span many)."""
     text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
@@ -188,16 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         _COMMANDS[args.command](args, config)
     except (ValueError, FileNotFoundError, IndexError, PermissionError, OSError) as e:
         # OSError covers a full disk (ENOSPC): the atomic writers leave every earlier file as it was
-        print(f"lpqld {args.command}{rank()}: error: {_one_line(e)}", file=sys.stderr)
+        _print_error(f"lpqld {args.command}{rank()}: error: {_one_line(e)}")
         return 2
     except KeyboardInterrupt:
-        print(f"lpqld {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        _print_error(f"lpqld {args.command}: interrupted; rerun the same command to resume")
         return 130
     except Exception as e:  # a bug, not a user error: still one line, the traceback on request
         if os.environ.get("LPQLD_DEBUG"):
             raise
-        print(f"lpqld {args.command}{rank()}: internal error: {type(e).__name__}: {_one_line(e)} "
-              "(set LPQLD_DEBUG=1 for the traceback)", file=sys.stderr)
+        _print_error(f"lpqld {args.command}{rank()}: internal error: {type(e).__name__}: {_one_line(e)} "
+                     "(set LPQLD_DEBUG=1 for the traceback)")
         return 1
     finally:
         distributed.shutdown()

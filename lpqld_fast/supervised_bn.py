@@ -20,6 +20,7 @@ from torch import nn
 
 from lpqld_fast.bn_stats import bn_layers
 from lpqld_fast.ops import bn_eval_act, bn_eval_segment_loss
+from lpqld_fast.ops.segment_bn_loss import check_segment_data
 
 
 def bn_eval_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,12 +51,17 @@ class SupervisedBN(nn.Module):
         self.segment_ids = segment_ids
         self.target_mean = target_mean
         self.target_var = target_var
+        # The data checks once per pass, not per forward: on a GPU each is a device sync per layer and step.
+        check_segment_data(segment_ids, target_mean, target_var)
+        for name, t in (("BN scale", self.scale), ("BN shift", self.shift)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} of {type(bn).__name__} contains NaN or inf (running_var, weight or bias)")
         self.loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, self.loss = bn_eval_segment_loss(x, self.segment_ids, self.target_mean, self.target_var,
                                             self.scale.to(x.device), self.shift.to(x.device), relu=self.relu,
-                                            pool=self.pool)
+                                            pool=self.pool, validate=False)
         return y
 
     def pop_loss(self) -> torch.Tensor:

@@ -27,6 +27,7 @@ from lpqld_fast.io_utils import atomic_write_json, load_tensors, save_tensors
 from lpqld_fast.label_pool import epoch_batch_ids, temperature_at
 from lpqld_fast.models import get_model
 from lpqld_fast.ops import calibrate_student_temperature, soft_label_kl
+from lpqld_fast.ops.soft_label_kl import check_label_data
 from lpqld_fast.recover import load_recovered
 from lpqld_fast.store import LabelStore
 
@@ -145,6 +146,7 @@ def run_train(
         print(f"train: resuming after epoch {start - 1}")
     mean, std = store.mean, store.std
     t_begin = time.perf_counter()
+    on_gpu = torch.device(device).type != "cpu"
     bar = tqdm(range(start, epochs + 1), desc="train student", disable=not (progress and distributed.is_main()))
     for epoch in bar:
         net.train()
@@ -160,6 +162,8 @@ def run_train(
             x = replay_batch(images, rec, mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if on_gpu and not cfg["hard_labels"]:  # checked on the host copy: no device sync per step
+                check_label_data(**rec.labels.kl_kwargs(), num_classes=test.num_classes)
             labels = rec.labels.to(device)
             rows, share = distributed.batch_share(x.shape[0])  # issue 8: all rows, share 1.0 for 1 process
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"])):
@@ -168,17 +172,17 @@ def run_train(
                 loss = hard_label_loss(logits.float(), image_labels.to(device), rec.aug, rows)
             else:
                 loss = soft_label_kl(logits.float(), **distributed.slice_soft_labels(labels, rows).kl_kwargs(),
-                                     T=T, t_s=t_s, t2_scale=bool(cfg["t2_scale"]))
+                                     T=T, t_s=t_s, t2_scale=bool(cfg["t2_scale"]), validate=not on_gpu)
             if share != 1.0:
                 loss = loss * share  # DDP averages: world * n_local / B makes it the full-batch mean
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach())
+            total = total + loss.detach().double()  # summed on the device: float() would sync a GPU per step
             if i >= len(ids) - int(cfg["calibrate_batches"]):
                 calib.append((distributed.gather_rows(logits.detach().float(), x.shape[0]), labels))
-        total = distributed.all_reduce_scalar(total) / distributed.world_size()  # issue 8: mean over ranks
+        total = distributed.all_reduce_scalar(float(total)) / distributed.world_size()  # issue 8: mean over ranks
         if cfg["calibrate"] and not cfg["hard_labels"]:
             t_s = calibrate_on(calib, T)
         entry = {"epoch": epoch, "loss": total / max(len(ids), 1), "T": T, "t_s": t_s}

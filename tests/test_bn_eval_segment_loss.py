@@ -451,3 +451,44 @@ def test_cuda_supervised_bn_equals_hooks() -> None:
     torch.testing.assert_close(logits2.cpu(), logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss2.cpu(), loss, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(xb.grad.cpu(), xa.grad, rtol=1e-3, atol=1e-5)
+
+
+# ---- validate=False: the data checks run once per recover pass, not per forward -----------------------------
+
+def test_validate_false_skips_only_the_data_checks() -> None:
+    x, seg, tm, tv, _, _ = _case((6, 3, 4, 4), 2)
+    bn = _bn(3, seed=1)
+    bad_tm = tm.clone()
+    bad_tm[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="target_mean contains NaN"):
+        bn_eval_segment_loss(x, seg, bad_tm, tv, *bn_eval_affine(bn), backend="reference")
+    y, loss = bn_eval_segment_loss(x, seg, bad_tm, tv, *bn_eval_affine(bn), backend="reference", validate=False)
+    assert torch.isnan(loss).any() and torch.isfinite(y).all()  # the NaN went through unchecked
+    with pytest.raises(ValueError, match="target_var must have shape"):  # structural checks stay
+        segment_bn_loss(x, seg, tm, tv[:1], validate=False)
+
+
+def test_supervised_bn_checks_ids_and_targets_once_per_pass(monkeypatch) -> None:
+    from lpqld_fast.ops import _validate
+
+    model = _teacher()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    targets = [(torch.randn(3, m.num_features), torch.rand(3, m.num_features) + 0.5) for m in bns]
+    with pytest.raises(IndexError, match="segment id 3 outside"):
+        with supervised_bn(model, torch.tensor([0, 3]), targets):
+            pass
+    bad = [(t.clone(), v) for t, v in targets]
+    bad[1][0][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="target_mean contains NaN or inf"):
+        with supervised_bn(model, torch.tensor([0, 1]), bad):
+            pass
+    calls = []
+    real = _validate.check_index_range
+    monkeypatch.setattr(_validate, "check_index_range", lambda *a, **k: (calls.append(a[0]), real(*a, **k)))
+    x = torch.randn(4, 1, 16, 16)
+    with supervised_bn(model, torch.tensor([0, 0, 1, 2]), targets) as layers:
+        for _ in range(3):
+            model(x)
+            for m in layers:
+                m.pop_loss()
+    assert calls == ["segment_ids"] * len(bns)  # at the swap, none in the 3 forwards

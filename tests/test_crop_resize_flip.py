@@ -449,3 +449,19 @@ def test_cuda_backends_match_reference(dtype):
                 tol = 1e-5 if dtype == torch.float32 else 2e-2
                 torch.testing.assert_close(_grad(b, x, boxes, flips, out, go).double(), want_g, rtol=tol,
                                            atol=tol * scale, msg=b)
+
+
+def test_validate_false_skips_the_box_value_checks_only() -> None:
+    """recover passes validate=False for its own draws (the value checks sync a GPU per step)."""
+    from lpqld_fast.ops.crop_resize_flip import crop_resize_flip
+
+    x = torch.rand(2, 1, 8, 8)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.25, 1.5, 0.5]])  # row 1 reaches past the image
+    flips = torch.tensor([False, True])
+    with pytest.raises(ValueError, match="got row 1"):
+        crop_resize_flip(x, boxes, flips, 8)
+    out = crop_resize_flip(x, boxes, flips, 8, validate=False)  # clamped inside the image, as pixel_boxes does
+    want = ref.crop_resize_flip(x, ref.pixel_boxes(boxes, 8, 8), flips, (8, 8))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="boxes must have shape"):  # structural checks stay
+        crop_resize_flip(x, boxes[:1], flips, 8, validate=False)

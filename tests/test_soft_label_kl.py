@@ -752,3 +752,19 @@ def test_fast_input_check_accepts_only_what_the_full_checks_accept():
         with pytest.raises(ValueError, match="T must be a finite number > 0"):
             slk._check_inputs(z, v, idx, "mr", T, 1.0, None, None, None)
     assert slk._check_inputs(z, v, idx, "mr", 2, torch.tensor(0.5), None, None, None) == (2.0, 0.5)
+
+
+def test_check_label_data_on_the_host_copy() -> None:
+    """train checks each batch's labels on the CPU before it moves to a GPU, then calls the op unvalidated."""
+    from lpqld_fast.ops.soft_label_kl import check_label_data
+
+    v = torch.randn(3, 2)
+    good = torch.tensor([[0, 1], [2, 3], [4, 0]])
+    check_label_data(v, good, mode="mr", num_classes=5)
+    with pytest.raises(IndexError, match="class id 5 outside"):
+        check_label_data(v, torch.tensor([[0, 1], [2, 5], [4, 0]]), mode="mr", num_classes=5)
+    with pytest.raises(ValueError, match="repeats a class id"):
+        check_label_data(v, torch.tensor([[0, 0], [2, 3], [4, 0]]), mode="mr", num_classes=5)
+    v[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="values contains NaN"):
+        check_label_data(v, good, mode="mr", num_classes=5)

@@ -67,7 +67,8 @@ def _check_out_size(out_size: object) -> tuple[int, int]:
     return oh, ow
 
 
-def _check_crop_inputs(x: object, boxes: object, flips: object, out_size: object) -> tuple[int, int]:
+def _check_crop_inputs(x: object, boxes: object, flips: object, out_size: object,
+                       validate: bool = True) -> tuple[int, int]:
     V.check_tensor("x", x, ndim=4, dtypes=X_DTYPES)
     n, _, height, width = x.shape
     if height < 1 or width < 1:
@@ -78,7 +79,7 @@ def _check_crop_inputs(x: object, boxes: object, flips: object, out_size: object
     if flips.shape[0] != n:
         raise ValueError(f"flips has {flips.shape[0]} entries but x has {n} samples")
     oh_ow = _check_out_size(out_size)
-    if n:
+    if n and validate:
         ok = (boxes >= 0) & (boxes <= 1)  # False for NaN too: one check, one host sync
         if not bool(ok.all()):
             k = int((~ok).any(dim=1).nonzero()[0, 0])
@@ -86,7 +87,7 @@ def _check_crop_inputs(x: object, boxes: object, flips: object, out_size: object
                 f"boxes must hold finite normalised (i/H, j/W, h/H, w/W) values in [0, 1], "
                 f"got row {k}: {boxes[k].tolist()}"
             )
-    if flips.dtype != torch.bool and n and bool(((flips != 0) & (flips != 1)).any()):
+    if validate and flips.dtype != torch.bool and n and bool(((flips != 0) & (flips != 1)).any()):
         raise ValueError("flips must hold 0/1 (or bool) values")
     return oh_ow
 
@@ -151,6 +152,7 @@ def crop_resize_flip(
     out_size: int | Sequence[int],
     *,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Crop each sample to its box, resize bilinearly to ``out_size``, flip horizontally where asked.
 
@@ -164,9 +166,11 @@ def crop_resize_flip(
 
     out[n] == F.interpolate(x[n:n+1, :, i:i+h, j:j+w], (oh, ow), mode="bilinear",
     align_corners=False, antialias=False), flipped along W where flips[n].
-    Differentiable w.r.t. x (float input) with a hand-written backward.
+    Differentiable w.r.t. x (float input) with a hand-written backward. ``validate=False`` skips the value
+    checks of boxes and flips (a device sync each on a GPU) for boxes known to be good, e.g. drawn by
+    lpqld_fast.augment; a NaN box is then undefined behaviour.
     """
-    oh, ow = _check_crop_inputs(x, boxes, flips, out_size)
+    oh, ow = _check_crop_inputs(x, boxes, flips, out_size, validate)
     name = resolve_backend(OP, x.device, backend, NATIVE_OP)
     height, width = x.shape[2], x.shape[3]
     pix = ref.pixel_boxes(boxes, height, width).contiguous()

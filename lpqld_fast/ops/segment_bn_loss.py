@@ -50,7 +50,10 @@ NATIVE_OP = "segment_bn_loss_fwd"  # lpqld::<schema> of the C++/CUDA forward (th
 __all__ = ["segment_bn_loss", "bn_eval_segment_loss", "bn_eval_act", "OP", "NATIVE_OP"]
 
 
-def _check_inputs(x: object, segment_ids: object, target_mean: object, target_var: object) -> None:
+def _check_inputs(x: object, segment_ids: object, target_mean: object, target_var: object,
+                  validate: bool = True) -> None:
+    """Structural checks always (no device work); with ``validate`` also the data checks (finite targets,
+    segment ids in range), which on a GPU wait for the device (one sync each)."""
     V.check_tensor("x", x, ndim=range(2, 8), dtypes=V.FLOAT_DTYPES)
     assert isinstance(x, torch.Tensor)
     if x.shape[1] < 1 or any(d < 1 for d in x.shape[2:]):
@@ -69,9 +72,16 @@ def _check_inputs(x: object, segment_ids: object, target_mean: object, target_va
     V.check_tensor("target_var", target_var, ndim=2, dtypes=V.FLOAT_DTYPES, device=x.device)
     assert isinstance(target_var, torch.Tensor)
     V.check_shape("target_var", target_var, tuple(target_mean.shape))
+    if validate:
+        check_segment_data(segment_ids, target_mean, target_var)
+
+
+def check_segment_data(segment_ids: torch.Tensor, target_mean: torch.Tensor, target_var: torch.Tensor) -> None:
+    """The data checks of segment_bn_loss: finite targets, segment ids in [0, S). Callers that reuse the same
+    ids and targets for many calls (recover's passes) run this once and call the ops with validate=False."""
     V.check_finite("target_mean", target_mean)
     V.check_finite("target_var", target_var)
-    V.check_index_range("segment_ids", segment_ids, num_segments, what="segment id")
+    V.check_index_range("segment_ids", segment_ids, target_mean.shape[0], what="segment id")
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,6 +175,7 @@ def segment_bn_loss(
     target_var: torch.Tensor,
     *,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Per-segment BN-statistics matching loss [S]; differentiable w.r.t. x only.
 
@@ -173,9 +184,10 @@ def segment_bn_loss(
     no gradient). loss[s] = ||target_mean[s] - mu_s|| + ||target_var[s] - var_s||
     with mu_s / var_s the mean / biased variance of x over (samples of segment
     s, spatial); 0 for empty segments. ``backend`` forces "reference", "cpp",
-    "cuda" or "triton" (default: by device, see lpqld_fast.ops._dispatch).
+    "cuda" or "triton" (default: by device, see lpqld_fast.ops._dispatch). ``validate=False`` skips the
+    data checks (check_segment_data: a device sync each on a GPU) for ids and targets checked before.
     """
-    _check_inputs(x, segment_ids, target_mean, target_var)
+    _check_inputs(x, segment_ids, target_mean, target_var, validate)
     chosen = resolve_backend(OP, x.device, backend, NATIVE_OP)
     if chosen == "reference":
         return ref.segment_bn_loss(x, segment_ids, target_mean, target_var)
@@ -183,13 +195,14 @@ def segment_bn_loss(
     return _SegmentBNLoss.apply(x, segment_ids, target_mean.detach(), target_var.detach(), chosen)
 
 
-def _check_affine(x: torch.Tensor, scale: object, shift: object, pool: object) -> None:
+def _check_affine(x: torch.Tensor, scale: object, shift: object, pool: object, validate: bool = True) -> None:
     for name, t in (("scale", scale), ("shift", shift)):
         V.check_tensor(name, t, ndim=1, dtypes=V.FLOAT_DTYPES, device=x.device)
         assert isinstance(t, torch.Tensor)
         if t.shape[0] != x.shape[1]:
             raise ValueError(f"{name} has {t.shape[0]} channels but x has {x.shape[1]} (x is [N, C, ...])")
-        V.check_finite(name, t)
+        if validate:
+            V.check_finite(name, t)
     if pool not in (1, 2):
         raise ValueError(f"pool must be 1 (none) or 2 (2x2 average), got {pool!r}")
     if pool == 2 and (x.dim() != 4 or x.shape[2] < 2 or x.shape[3] < 2):
@@ -280,6 +293,7 @@ def bn_eval_segment_loss(
     relu: bool = False,
     pool: int = 1,
     backend: str | None = None,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BatchNorm (+ the ReLU and 2x2 average pool after it) that also returns segment_bn_loss of x.
 
@@ -291,10 +305,11 @@ def bn_eval_segment_loss(
     writing the full-size map for a channels-last x) and the backward one (loss gradient + the BN path's
     gradient, masked by the ReLU, spread over the pool window), instead of autograd's pool, ReLU, BN and
     loss backwards and the sum of the two gradients; other backends compose torch's BN / ReLU / pool with
-    their segment_bn_loss (same values up to rounding).
+    their segment_bn_loss (same values up to rounding). ``validate=False``: as in segment_bn_loss, and the
+    affine is not checked for NaN/inf either.
     """
-    _check_inputs(x, segment_ids, target_mean, target_var)
-    _check_affine(x, scale, shift, pool)
+    _check_inputs(x, segment_ids, target_mean, target_var, validate)
+    _check_affine(x, scale, shift, pool, validate)
     chosen = resolve_backend(OP, x.device, backend, NATIVE_OP)
     if chosen == "cpp" and x.device.type == "cpu" and native_has_kernel("bn_eval_act_pool2", "CPU"):
         args = (x, segment_ids, target_mean.detach(), target_var.detach(), scale.detach(), shift.detach(), bool(relu))
@@ -305,7 +320,7 @@ def bn_eval_segment_loss(
         return torch.nn.functional.avg_pool2d(y, 2), loss
     bn_act = ref.bn_eval_act if chosen == "reference" else _torch_bn_act
     y = bn_act(x, scale.detach(), shift.detach(), bool(relu), pool)
-    return y, segment_bn_loss(x, segment_ids, target_mean, target_var, backend=chosen)
+    return y, segment_bn_loss(x, segment_ids, target_mean, target_var, backend=chosen, validate=False)
 
 
 def bn_eval_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, relu: bool = False, pool: int = 1,

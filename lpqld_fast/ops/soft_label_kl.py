@@ -172,8 +172,18 @@ def _check_data(student_logits, values, indices, mode, fill, scale, offset) -> N
     The cpp kernel makes the same checks itself while it reads the rows, so the
     op skips these for the cpp backend.
     """
-    b, c = student_logits.shape
-    k = values.shape[1]
+    check_label_data(values, indices, mode=mode, num_classes=student_logits.shape[1], fill=fill, scale=scale,
+                     offset=offset)
+
+
+def check_label_data(values: torch.Tensor, indices: torch.Tensor | None, *, mode: str, num_classes: int,
+                     fill: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                     offset: torch.Tensor | None = None) -> None:
+    """The data checks of soft_label_kl on stored labels (class ids in [0, num_classes) and distinct within a
+    row, finite values / scale / offset / fill), as IndexError / ValueError. Run on the host copy of a batch
+    before it moves to a GPU, they cost no device sync: the op is then called with validate=False."""
+    c = num_classes
+    b, k = values.shape[0], values.shape[1]
     if b == 0:
         return
     names, flags = [], []
