@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of one short lease on a CUDA machine, as one command:
 #   1. build lpqld_fast._C with its CUDA kernels against that machine's torch (sm_90 by default),
-#   2. the GPU tests (CUDA + Triton backends against the references, GPU recover),
+#   2. the GPU tests (CUDA + Triton backends against the references, GPU recover), scripts/gpu_probe.py
+#      (C++ exceptions under that image's toolchain, host-device syncs per step),
 #   3. the benchmarks on the GPU (bench.run --devices cuda),
 #   4. the op test files whole, then the whole suite, with the time that is left.
 # Every step has its own time limit inside BUDGET_S (default 540 s) and never stops the next one; logs
@@ -47,6 +48,9 @@ if [ -z "${CUDA_HOME:-}" ]; then
   elif command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")"); export CUDA_HOME; fi
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# Session 8: built with the image's /opt/gcc/bin/g++, every C++ exception of _C was a SIGSEGV (libstdc++
+# apparently linked statically, see scripts/gpu_probe.py): use the system compiler where there is one.
+if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 export WITH_CUDA=1
 if [ -n "${SKIP_BUILD:-}" ]; then
   echo "build: skipped (SKIP_BUILD)" >> "$S"
@@ -54,6 +58,7 @@ elif ! step build-cuda 300 "$OUT/build.log" $PY setup.py -q build_ext --inplace;
   # Without the CUDA kernels the Triton backends still run on the GPU: build the CPU part and go on.
   export WITH_CUDA=0
   step build-cpu-only 150 "$OUT/build_cpu.log" $PY setup.py -q build_ext --inplace
+  cat "$OUT/build_cpu.log" >> "$OUT/build.log"; rm -f "$OUT/build_cpu.log"
 fi
 $PY -c "import lpqld_fast, torch; from lpqld_fast.ops import available_backends as a; \
 print('backends on cuda:', a('cuda'), a('cuda', 'soft_label_kl_fwd'), a('cuda', 'segment_bn_loss_fwd'))" >> "$S" 2>&1
@@ -67,6 +72,8 @@ tests/test_crop_resize_flip.py tests/test_bn_eval_segment_loss.py tests/test_rec
 # then the op test files whole and the whole suite with whatever time is left.
 # shellcheck disable=SC2086
 step tests-gpu 150 "$OUT/tests_gpu.log" $PY -m pytest -q -p no:cacheprovider $N8 -k "cuda or gpu" $OP_TESTS
+step probe 120 "$OUT/probe.log" $PY scripts/gpu_probe.py "$OUT"
+cat "$OUT/probe.log" >> "$OUT/probe.txt" 2>/dev/null; rm -f "$OUT/probe.log"
 step bench-cuda 200 "$OUT/bench.log" $PY -m bench.run --devices cuda \
   --only "${BENCH_ONLY:-recover,soft_label_kl,segment_bn_loss,classwise_moments,crop_resize_flip}" --out "$OUT/bench"
 # shellcheck disable=SC2086
@@ -74,4 +81,5 @@ step tests-ops 100 "$OUT/tests_ops.log" $PY -m pytest -q -p no:cacheprovider $N1
 # shellcheck disable=SC2086
 step tests-all 200 "$OUT/tests_all.log" $PY -m pytest -q -p no:cacheprovider $N12 -m "not slow" tests
 tail -3 "$OUT"/tests_*.log >> "$S" 2>/dev/null
+cat "$OUT/tests_ops.log" "$OUT/tests_all.log" > "$OUT/tests_rest.log" 2>/dev/null; rm -f "$OUT/tests_ops.log" "$OUT/tests_all.log"
 echo "total $(( $(date +%s) - START )) s" >> "$S"
