@@ -756,17 +756,7 @@ LPQLD_INLINE void decode_values_ops(const void* row, int64_t k, at::ScalarType d
                                     acc_t* __restrict out) {
   switch (dt) {
     case at::kHalf: Ops::half_to_acc(row, k, out); return;
-    case at::kChar: {
-      const int8_t* q = static_cast<const int8_t*>(row);
-      if constexpr (std::is_same_v<acc_t, double>) {
-        for (int64_t i = 0; i < k; ++i)
-          out[i] = static_cast<double>(q[i]) * static_cast<double>(scale) + static_cast<double>(offset);
-      } else {
-        for (int64_t i = 0; i < k; ++i) out[i] = static_cast<float>(q[i]) * scale + offset;
-      }
-      return;
-    }
-    default: decode_values<acc_t>(row, k, dt, scale, offset, out);
+    default: decode_values<acc_t>(row, k, dt, scale, offset, out);  // int8 and the rest: plain loops
   }
 }
 
