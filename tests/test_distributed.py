@@ -148,8 +148,10 @@ def test_primitives_on_two_gloo_ranks_equal_one_process(tmp_path) -> None:
 
     init = tmp_path / "rendezvous"
     # fork: the children reuse this process's imports (a spawn re-imports torch and torchvision: seconds each).
+    # On a GPU machine autograd keeps per-device threads once CUDA is up, and a fork after that is refused
+    # (seen on the H200 under xdist): spawn there.
     mp.start_processes(_primitives_worker, args=(2, str(init), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="spawn" if torch.cuda.is_available() else "fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for key in r0:  # every rank holds the same numbers
         torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=key)
