@@ -48,9 +48,10 @@ class SupervisedBN(nn.Module):
         self.scale, self.shift = bn_eval_affine(bn)
         self.relu = relu
         self.pool = pool
-        self.segment_ids = segment_ids
-        self.target_mean = target_mean
-        self.target_var = target_var
+        # In the kernels' dtypes once per pass (int64 ids, float64 targets): the per-call conversions are no-ops.
+        self.segment_ids = segment_ids.to(torch.int64).contiguous()
+        self.target_mean = target_mean.detach().to(torch.float64).contiguous()
+        self.target_var = target_var.detach().to(torch.float64).contiguous()
         # The data checks once per pass, not per forward: on a GPU each is a device sync per layer and step.
         check_segment_data(segment_ids, target_mean, target_var)
         for name, t in (("BN scale", self.scale), ("BN shift", self.shift)):
