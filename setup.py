@@ -47,7 +47,11 @@ def _extensions():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-DAT_PARALLEL_OPENMP=1", "-g0"]
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
-    link = ["-fopenmp", "-s"]
+    # The C++ runtime always as shared libraries: a compiler that links libstdc++ / libgcc statically (one GPU
+    # image's /opt/gcc g++ did) gives _C its own exception runtime beside torch's, and every C++ error of the
+    # extension then killed the process (SIGSEGV there; SIGABRT in a -static-libstdc++ -static-libgcc build
+    # here) instead of raising. Named explicitly, the shared libraries win over the static archives.
+    link = ["-fopenmp", "-s", "-Wl,--no-as-needed", "-lstdc++", "-lgcc_s"]
     if _env_flag("LPQLD_NATIVE"):
         cxx.append("-march=native")
     if _env_flag("LPQLD_SANITIZE"):
