@@ -1,4 +1,5 @@
-"""Process-wide CPU allocator settings, applied by the entry points (CLI, bench, scripts), never on import.
+"""Process-wide settings: the CPU allocator's, applied by the entry points (CLI, bench, scripts), never on
+import; and ``full_fp32()``, a block with TF32 off (GPU equivalence checks).
 
 Two costs showed up in the profiles of the CPU pipeline, both page faults on freshly allocated tensors:
 
@@ -20,8 +21,6 @@ import ctypes
 import ctypes.util
 import os
 from collections.abc import Iterator
-
-import torch
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -71,6 +70,8 @@ def full_fp32() -> Iterator[None]:
     cuDNN convolutions default to TF32 (10-bit mantissa) on Ampere and later, and their rounding differs
     between batch sizes: comparisons of a many-classes pass with a one-class pass need full fp32.
     """
+    import torch
+
     saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
