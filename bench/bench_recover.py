@@ -162,12 +162,12 @@ def build_cases(net: str, s: int, ipc: int, iters: int, reference: bool = True,
     units = make_units(s, ipc, classwise_batching=True)
     cfg = {**CFG, "iterations": iters}
 
-    def many() -> torch.Tensor:
-        return synthesize_units(teacher, units, targets, cfg, SHAPE, mean, std, seed=0, device=device,
+    def many(c: dict[str, Any] = cfg) -> torch.Tensor:
+        return synthesize_units(teacher, units, targets, c, SHAPE, mean, std, seed=0, device=device,
                                 progress=False)
 
-    def one() -> torch.Tensor:
-        return torch.cat([synthesize_units(teacher, [u], targets, cfg, SHAPE, mean, std, seed=0, device=device,
+    def one(c: dict[str, Any] = cfg) -> torch.Tensor:
+        return torch.cat([synthesize_units(teacher, [u], targets, c, SHAPE, mean, std, seed=0, device=device,
                                            progress=False)
                           for u in units])
 
@@ -195,10 +195,7 @@ def build_cases(net: str, s: int, ipc: int, iters: int, reference: bool = True,
         # sizes and which Adam amplified to 0.08 (ConvNet) / 0.64 (ResNet-18) after 20 steps.
         check_cfg = {**cfg, "iterations": min(iters, 3)}
         with full_fp32():
-            a = synthesize_units(teacher, units, targets, check_cfg, SHAPE, mean, std, seed=0, device=device,
-                                 progress=False)
-            b = torch.cat([synthesize_units(teacher, [u], targets, check_cfg, SHAPE, mean, std, seed=0,
-                                            device=device, progress=False) for u in units])
+            a, b = many(check_cfg), one(check_cfg)
         err = (a - b).abs().max().item()
         if not err <= 1e-3:
             problems.append(f"many-classes-per-pass differs from one-class-per-pass by {err:.3g} (> 1e-3)")

@@ -20,6 +20,7 @@ from torch import nn
 
 from lpqld_fast.bn_stats import bn_layers
 from lpqld_fast.ops import bn_eval_act, bn_eval_segment_loss
+from lpqld_fast.ops import _validate as V
 from lpqld_fast.ops.segment_bn_loss import check_segment_data
 
 
@@ -54,9 +55,8 @@ class SupervisedBN(nn.Module):
         self.target_var = target_var.detach().to(torch.float64).contiguous()
         # The data checks once per pass, not per forward: on a GPU each is a device sync per layer and step.
         check_segment_data(segment_ids, target_mean, target_var)
-        for name, t in (("BN scale", self.scale), ("BN shift", self.shift)):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} of {type(bn).__name__} contains NaN or inf (running_var, weight or bias)")
+        for name, t in (("scale", self.scale), ("shift", self.shift)):
+            V.check_finite(f"the eval-mode {name} of {type(bn).__name__} (from its running_var, weight, bias)", t)
         self.loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

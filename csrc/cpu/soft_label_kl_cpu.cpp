@@ -588,12 +588,6 @@ inline double expk_scalar(double* x, int64_t n) {
   return s;
 }
 
-inline void row_expblk(const double* x, int64_t n, double inv_s, double* e, double* bm, double* bs, double* bd) {
-  expblk_scalar<double>(x, n, inv_s, e, bm, bs, bd);
-}
-inline void row_scaleblk(double* g, int64_t n, const double* a, double bg) { scaleblk_scalar<double>(g, n, a, bg); }
-inline double row_expk(double* x, int64_t n) { return expk_scalar(x, n); }
-
 inline bool row_kmax(const double* x, int64_t n, double& m) {
   m = -std::numeric_limits<double>::infinity();
   bool finite = true;

@@ -87,14 +87,18 @@ def available_backends(device: torch.device | str, native_op: str = "classwise_m
     whether "cpp"/"cuda" are available.
     """
     device = torch.device(device)
-    out = ["reference"]
-    if device.type == "cpu" and native_has_kernel(native_op, "CPU"):
-        out.append("cpp")
-    if device.type == "cuda" and native_has_kernel(native_op, "CUDA"):
-        out.append("cuda")
-    if triton_usable(device):
-        out.append("triton")
-    return out
+    return [name for name in BACKENDS if backend_runs(name, device, native_op)]
+
+
+def backend_runs(name: str, device: torch.device, native_op: str = "classwise_moments_accumulate_") -> bool:
+    """True when backend ``name`` can run tensors on ``device`` here (one backend: cheaper than the list)."""
+    if name == "reference":
+        return True
+    if name == "cpp":
+        return device.type == "cpu" and native_has_kernel(native_op, "CPU")
+    if name == "cuda":
+        return device.type == "cuda" and native_has_kernel(native_op, "CUDA")
+    return name == "triton" and triton_usable(device)
 
 
 def resolve_backend(op: str, device: torch.device, backend: str | None = None, native_op: str | None = None) -> str:
@@ -113,13 +117,9 @@ def resolve_backend(op: str, device: torch.device, backend: str | None = None, n
                 return "cuda"
             return "triton" if triton_usable(device) else "reference"
         return "reference"
-    # the native backend of the tensor's device, asked for by name: one cached lookup
-    # (the per-call cost matters for small ops); everything else via available_backends
-    if name == "cpp" and device.type == "cpu" and native_has_kernel(native_op, "CPU"):
-        return name
     if name not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {('auto',) + BACKENDS}, got {name!r}")
-    if name not in available_backends(device, native_op):
+    if not backend_runs(name, device, native_op):
         hint = {
             "cpp": "build the extension (make build) and pass CPU tensors",
             "cuda": "build the extension with CUDA and pass CUDA tensors",
