@@ -18,6 +18,11 @@ d(loss)/d(z):
               in a row, finiteness)
   copy-pass   grad.copy_(z): read the logits once and write a [B, C] result
               once, the practical floor of any op that returns the gradient
+  autograd-floor  torch.autograd.grad(z.sum(), z): PyTorch's own per-call cost
+              of a one-node loss and its backward (the gradient is an expanded
+              view: nothing written), which every impl above also pays; the
+              reference strategy's time over it bounds the speed-up any
+              autograd loss op can reach at that size
   cuda / triton, and the torch impls on the GPU, when a GPU is present (with
               the op's default validation: a sort of the [B, k] indices and one
               sync before the launch)
@@ -45,7 +50,8 @@ from bench.common import BenchContext, Case
 KERNEL = "soft_label_kl"
 BASELINE = "reference-strategy"
 LIMIT = "copy-pass"
-IMPLS = ("reference-strategy", "op-reference", "cpp", "cuda", "triton", "copy-pass")
+FLOOR = "autograd-floor"
+IMPLS = ("reference-strategy", "op-reference", "cpp", "cuda", "triton", "copy-pass", "autograd-floor")
 FUSED = ("cpp", "cuda", "triton")
 TARGET_SHAPES = ((128, 1000, 100), (1024, 10450, 200))  # the ">= 5x" shapes
 TARGET_SPEEDUP = 5.0
@@ -172,6 +178,7 @@ def build_cases(b: int, c: int, k: int, labels: str, device: str = "cpu") -> tup
     out = torch.empty_like(z, requires_grad=False)
     zd = z.detach()
     add("copy-pass", lambda: out.copy_(zd), 2 * zbytes)
+    add(FLOOR, lambda: torch.autograd.grad(z.sum(), z), zbytes)
     problems = check(inp, ["op-reference"] + native, kl)
     for impl in problems:
         cases.pop(impl, None)
@@ -224,6 +231,11 @@ def summary(rows: list[dict[str, str]]) -> list[str]:
         if floors:
             worst = max(floors)
             out.append(f"{fast} / copy-pass: worst {worst[0]:.2f}x ({worst[1].replace(';', ' ')})")
+        ceilings = [(t[BASELINE] / t[FLOOR], t[FLOOR] / t[fast], s) for s, _d, t in pairs
+                    if FLOOR in t and s.rsplit(";labels=", 1)[0] in targets]
+        for ceil, share, s in ceilings:
+            out.append(f"{fast}: at {s.replace(';', ' ')} the autograd floor alone is {share:.0%} of its time; "
+                       f"{BASELINE} / {FLOOR} = {ceil:.1f}x is the most any autograd loss op could reach there")
     return out or ["soft_label_kl: no fused rows (kernel not built)"]
 
 

@@ -54,7 +54,7 @@ def test_tiny_soft_label_kl_and_train_epoch(tmp_path):
     assert rc == 0
     _, rows = _read_csv(tmp_path / "results.csv")
     got = {(r["kernel"], r["impl"]) for r in rows}
-    want = {("soft_label_kl", i) for i in ("reference-strategy", "op-reference", "copy-pass")}
+    want = {("soft_label_kl", i) for i in ("reference-strategy", "op-reference", "copy-pass", "autograd-floor")}
     want |= {("train_epoch", i) for i in ("reference-loop", "ours", "model-steps")}
     assert want <= got
     parts = {common.parse_sizes(r["sizes"]).get("part") for r in rows if r["kernel"] == "train_epoch"}
@@ -98,3 +98,16 @@ def test_pytest_benchmark_fixture_records_into_csv(tmp_path, pytester, monkeypat
     header, rows = _read_csv(tmp_path / "pb.csv")
     assert header == list(common.SCHEMA)
     assert {r["impl"] for r in rows if r["kernel"] == "classwise_moments"} == {"read-pass", "torch-index_add"}
+
+
+def test_soft_label_kl_summary_states_target_and_autograd_ceiling():
+    from bench import bench_soft_label_kl as b
+
+    sizes = "B=128;C=1000;k=100;labels=mr-fp16"
+    times = {"reference-strategy": 1.0, "cpp": 0.25, "copy-pass": 0.01, "autograd-floor": 0.1}
+    rows = [{"kernel": b.KERNEL, "impl": i, "sizes": sizes, "device": "cpu", "p50_ms": str(t)} for i, t in times.items()]
+    text = "\n".join(b.summary(rows))
+    assert "cpp vs reference-strategy: 4.0x" in text
+    assert "NOT met (lowest 4.0x" in text
+    assert "autograd floor alone is 40% of its time" in text
+    assert "reference-strategy / autograd-floor = 10.0x" in text
