@@ -25,7 +25,8 @@ that requires grad, forward + backward of sum(out * g): reference-loop
 backward), cuda / triton on a GPU.
 
 kernel "batched_roll" (mode full, forward + backward): the recover jitter,
-reference-loop (torch.roll per sample) vs the one-gather batched_roll.
+reference-loop (torch.roll per sample), batched-gather (one torch.gather with
+an expanded index) and cpp (lpqld::batched_roll: two row copies per output row).
 
 bytes: the crop windows read once (at the input's element size) + the output
 written once (+ for backward: grad read, grad_x written). Sizes: 28x28x1,
@@ -44,6 +45,7 @@ from collections.abc import Callable
 import torch
 
 from bench.common import BenchContext, Case
+from lpqld_fast.ops import _dispatch
 
 KERNEL = "crop_resize_flip"
 BWD_KERNEL = "crop_resize_flip_bwd"
@@ -249,11 +251,16 @@ def build_roll_cases(n: int, h: int, w: int, c: int, device: str = "cpu") -> tup
         y.backward(go)
         return y
 
-    fns = {"reference-loop": lambda: ref.batched_roll(x, shifts), "batched-gather": lambda: batched_roll(x, shifts)}
+    fns = {"reference-loop": lambda: ref.batched_roll(x, shifts),
+           "batched-gather": lambda: batched_roll(x, shifts, backend="gather")}
+    if torch.device(device).type == "cpu" and _dispatch.native_has_kernel("batched_roll", "CPU"):
+        fns["cpp"] = lambda: batched_roll(x, shifts, backend="cpp")
     problems = {}
-    if not torch.equal(step(fns["batched-gather"]).detach(), step(fns["reference-loop"]).detach()):
-        problems["batched-gather"] = "differs from the torch.roll loop"
-        fns.pop("batched-gather")
+    want_y, want_grad = step(fns["reference-loop"]).detach(), x.grad.clone()
+    for impl in [i for i in fns if i != "reference-loop"]:
+        if not (torch.equal(step(fns[impl]).detach(), want_y) and torch.equal(x.grad, want_grad)):
+            problems[impl] = "differs from the torch.roll loop (output or gradient)"
+            fns.pop(impl)
     cases = [Case(ROLL_KERNEL, impl, sizes, lambda f=f: step(f), nbytes, mode="full", device=device)
              for impl, f in fns.items()]
     return cases, problems
@@ -325,8 +332,8 @@ except ImportError:  # pragma: no cover - pytest is a dev dependency
     pytest = None
 
 _CACHE: dict[tuple, tuple[list[Case], dict[str, str]]] = {}
-_IMPLS = {KERNEL: IMPLS, BWD_KERNEL: ("reference-loop", "torch-gather", "cpp"), ROLL_KERNEL: ("reference-loop",
-                                                                                             "batched-gather")}
+_IMPLS = {KERNEL: IMPLS, BWD_KERNEL: ("reference-loop", "torch-gather", "cpp"),
+          ROLL_KERNEL: ("reference-loop", "batched-gather", "cpp")}
 
 
 def _pytest_params() -> list:

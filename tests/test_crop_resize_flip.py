@@ -5,6 +5,8 @@ CUDA cases skip without a GPU.
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -376,36 +378,87 @@ def test_native_op_refuses_bad_boxes_without_crashing():
 # ----------------------------------------------------------------------------- batched_roll
 
 
-def test_batched_roll_matches_torch_roll_loop():
+def _roll_backend(backend: str) -> str:
+    if backend == "cpp" and not _dispatch.native_has_kernel("batched_roll", "CPU"):
+        pytest.skip("native extension not built")
+    return backend
+
+
+def _roll_loop(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """torch.roll per sample, the shifts reduced exactly first (Python ints; torch.roll refuses int64 extremes)."""
+    h, w = x.shape[2], x.shape[3]
+    return torch.stack([torch.roll(x[k], shifts=(dy % h, dx % w), dims=(1, 2))
+                        for k, (dy, dx) in enumerate(shifts.tolist())])
+
+
+@pytest.mark.parametrize("backend", [None, "cpp", "gather"])
+def test_batched_roll_matches_torch_roll_loop(backend):
+    backend = _roll_backend(backend) if backend else None
     gen = torch.Generator().manual_seed(2)
-    for dtype in (torch.float32, torch.float64, torch.uint8, torch.int64):
+    shifts = torch.tensor([[0, 0], [1, -2], [-4, 3], [9, 11], [23, -37], [-100, 250]])
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int64, torch.bool):
         x = (torch.rand(6, 3, 9, 11, generator=gen) * 100).to(dtype)
-        shifts = torch.tensor([[0, 0], [1, -2], [-4, 3], [9, 11], [23, -37], [-100, 250]])
-        want = torch.stack([torch.roll(x[k], shifts=tuple(s), dims=(1, 2)) for k, s in enumerate(shifts.tolist())])
-        assert torch.equal(batched_roll(x, shifts), want)
+        want = _roll_loop(x, shifts)
+        assert torch.equal(batched_roll(x, shifts, backend=backend), want), dtype
         assert torch.equal(ref.batched_roll(x, shifts), want)
-        assert torch.equal(batched_roll(x, shifts.to(torch.int32)), want)
-    # non-contiguous input, N = 0 and N = 1
+        assert torch.equal(batched_roll(x, shifts.to(torch.int32), backend=backend), want)
+    # non-contiguous input, N = 0, N = 1, W = 1, H = 1, int64 extremes, planes large enough for several tasks
     xc = torch.rand(4, 8, 10, 3).permute(0, 3, 1, 2)
     sh = torch.tensor([[2, -1], [-9, 4], [0, 13], [5, 5]])
-    assert torch.equal(batched_roll(xc, sh), ref.batched_roll(xc, sh))
-    assert batched_roll(torch.rand(0, 3, 5, 5), torch.zeros(0, 2, dtype=torch.int64)).shape == (0, 3, 5, 5)
+    got = batched_roll(xc, sh, backend=backend)
+    assert torch.equal(got, ref.batched_roll(xc, sh)) and got.is_contiguous()
+    empty = batched_roll(torch.rand(0, 3, 5, 5), torch.zeros(0, 2, dtype=torch.int64), backend=backend)
+    assert empty.shape == (0, 3, 5, 5)
+    assert batched_roll(torch.rand(2, 3, 0, 5), torch.ones(2, 2, dtype=torch.int64), backend=backend).shape == (2, 3, 0, 5)
     x1 = torch.rand(1, 2, 5, 6)
-    assert torch.equal(batched_roll(x1, torch.tensor([[-7, 8]])), torch.roll(x1, (-7, 8), (2, 3)))
+    assert torch.equal(batched_roll(x1, torch.tensor([[-7, 8]]), backend=backend), torch.roll(x1, (-7, 8), (2, 3)))
+    for shape in ((3, 2, 1, 7), (3, 2, 7, 1), (3, 2, 300, 257)):
+        x = torch.rand(shape, generator=gen)
+        sh = torch.tensor([[2**63 - 1, -(2**63)], [-(2**63), 2**63 - 1], [-1, 130]])
+        assert torch.equal(batched_roll(x, sh, backend=backend), _roll_loop(x, sh)), shape
 
 
-def test_batched_roll_backward():
+@pytest.mark.parametrize("backend", [None, "cpp", "gather"])
+def test_batched_roll_backward(backend):
+    backend = _roll_backend(backend) if backend else None
     gen = torch.Generator().manual_seed(4)
     x = torch.rand(5, 2, 7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    shifts = torch.tensor([[1, 2], [-3, 0], [7, -6], [15, 13], [-1, -1]])
+    shifts = torch.tensor([[1, 2], [-3, 0], [7, -6], [15, 13], [-(2**63), 2**63 - 1]])
     go = torch.randn(5, 2, 7, 6, generator=gen, dtype=torch.float64)
-    batched_roll(x, shifts).backward(go)
+    batched_roll(x, shifts, backend=backend).backward(go)
     xr = x.detach().clone().requires_grad_(True)
-    ref.batched_roll(xr, shifts).backward(go)
+    ref.batched_roll(xr, torch.remainder(shifts, torch.tensor([7, 6]))).backward(go)  # torch.roll: reduced shifts
     assert torch.equal(x.grad, xr.grad)
     xs = x.detach()[:3, :1, :5, :4].clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: batched_roll(t, shifts[:3]), (xs,))
-    assert torch.autograd.gradgradcheck(lambda t: batched_roll(t, shifts[:3]), (xs,))
+    assert torch.autograd.gradcheck(lambda t: batched_roll(t, shifts[:3], backend=backend), (xs,))
+    assert torch.autograd.gradgradcheck(lambda t: batched_roll(t, shifts[:3], backend=backend), (xs,))
+
+
+def test_batched_roll_cpu_default_is_the_native_kernel(monkeypatch):
+    _roll_backend("cpp")
+    crf = sys.modules["lpqld_fast.ops.crop_resize_flip"]  # the package exports a function of the same name
+
+    def no_gather(*_a):
+        raise AssertionError("the CPU path went through torch.gather")
+
+    monkeypatch.setattr(crf, "_roll_gather", no_gather)
+    x = torch.rand(2, 1, 4, 5, requires_grad=True)
+    y = batched_roll(x, torch.tensor([[1, 2], [3, -4]]))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    with pytest.raises(ValueError, match="backend"):
+        batched_roll(x, torch.tensor([[1, 2], [3, -4]]), backend="triton")
+
+
+def test_batched_roll_native_op_refuses_bad_arguments():
+    _roll_backend("cpp")
+    x = torch.rand(2, 1, 4, 4)
+    for shifts, match in ((torch.zeros(3, 2, dtype=torch.int64), "shifts"), (torch.zeros(2, 2), "int64"),
+                          (torch.zeros(2, 3, dtype=torch.int64), "shifts")):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.lpqld.batched_roll(x, shifts)
+    with pytest.raises(RuntimeError, match="N, C, H, W"):
+        torch.ops.lpqld.batched_roll(x[0], torch.zeros(1, 2, dtype=torch.int64))
 
 
 @pytest.mark.parametrize(

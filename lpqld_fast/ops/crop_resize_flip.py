@@ -6,7 +6,10 @@ student's replay call this same op, so a stored label describes exactly the
 pixels the student sees; recover differentiates through it.
 
 :func:`batched_roll` — the recover jitter: a torch.roll with its own shift per
-sample, as one gather.
+sample: lpqld::batched_roll on CPU tensors (two row copies per output row),
+else one torch.gather. Both are exact permutations (bitwise equal results), so
+force_backend / LPQLD_BACKEND do not apply to it; ``backend="cpp"`` or
+``"gather"`` picks one.
 
 Backends of crop_resize_flip (``backend=`` / ``force_backend`` / LPQLD_BACKEND):
   reference  per-sample F.interpolate loop (the oracle; autograd)
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 
 from lpqld_fast.ops import _validate as V
-from lpqld_fast.ops._dispatch import resolve_backend
+from lpqld_fast.ops._dispatch import native_has_kernel, resolve_backend
 from lpqld_fast.ops.reference import crop_resize_flip as ref
 
 OP = "crop_resize_flip"
@@ -208,30 +211,52 @@ def _roll_gather(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     return torch.gather(x.reshape(n, c, height * width), 2, idx).view(n, c, height, width)
 
 
+ROLL_BACKENDS = ("cpp", "gather")
+
+
+def _roll_native_available() -> bool:
+    return native_has_kernel("batched_roll", "CPU")
+
+
+def _roll(x: torch.Tensor, shifts: torch.Tensor, native: bool) -> torch.Tensor:
+    return torch.ops.lpqld.batched_roll(x, shifts) if native else _roll_gather(x, shifts)
+
+
 class _BatchedRoll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, shifts):  # noqa: D401 - autograd signature
+    def forward(ctx, x, shifts, native):  # noqa: D401 - autograd signature
         ctx.save_for_backward(shifts)
-        return _roll_gather(x, shifts)
+        ctx.native = native
+        return _roll(x, shifts, native)
 
     @staticmethod
     def backward(ctx, grad_out):
         (shifts,) = ctx.saved_tensors
         # The adjoint of a roll is the roll by the opposite shift (a permutation: exact, no atomics).
-        return _BatchedRoll.apply(grad_out, -shifts), None
+        return _BatchedRoll.apply(grad_out, -shifts, ctx.native), None, None
 
 
-def batched_roll(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+def batched_roll(x: torch.Tensor, shifts: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """out[n] = torch.roll(x[n], shifts=(dy, dx), dims=(1, 2)) for x [N, C, H, W], shifts [N, 2] int (dy, dx).
 
-    One gather for the whole batch; shifts of any sign and size (taken modulo
-    H and W). Differentiable (the backward rolls back). Any dtype, any device.
+    Shifts of any sign and size (taken modulo H and W). Differentiable (the
+    backward rolls back). Any dtype, any device: CPU tensors go through the
+    native kernel when the extension is built (``backend="cpp"`` requires it),
+    others (or ``backend="gather"``) through one torch.gather.
     """
     V.check_tensor("x", x, ndim=4)
     n = x.shape[0]
     V.check_tensor("shifts", shifts, ndim=2, dtypes=SHIFT_DTYPES, device=x.device)
     V.check_shape("shifts", shifts, (n, 2))
+    if backend not in (None,) + ROLL_BACKENDS:
+        raise ValueError(f"batched_roll: backend must be one of {ROLL_BACKENDS} or None, got {backend!r}")
+    native = backend != "gather" and x.device.type == "cpu" and _roll_native_available()
+    if backend == "cpp" and not native:
+        raise RuntimeError("batched_roll: backend 'cpp' needs CPU tensors and lpqld_fast._C with batched_roll "
+                           "(scripts/build_ext.sh)")
     shifts = shifts.to(torch.int64)
+    if x.numel():  # reduced first, so that the backward's -shifts cannot overflow (int64 min)
+        shifts = torch.remainder(shifts, torch.tensor([x.shape[2], x.shape[3]], device=shifts.device))
     if x.requires_grad and torch.is_grad_enabled():
-        return _BatchedRoll.apply(x, shifts)
-    return _roll_gather(x, shifts)
+        return _BatchedRoll.apply(x, shifts, native)
+    return _roll(x, shifts, native)
