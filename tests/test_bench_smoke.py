@@ -105,7 +105,8 @@ def test_soft_label_kl_summary_states_target_and_autograd_ceiling():
 
     sizes = "B=128;C=1000;k=100;labels=mr-fp16"
     times = {"reference-strategy": 1.0, "cpp": 0.25, "copy-pass": 0.01, "autograd-floor": 0.1}
-    rows = [{"kernel": b.KERNEL, "impl": i, "sizes": sizes, "device": "cpu", "p50_ms": str(t)} for i, t in times.items()]
+    rows = [{"kernel": b.KERNEL, "impl": i, "sizes": sizes, "device": "cpu", "p50_ms": str(t)}
+            for i, t in times.items()]
     text = "\n".join(b.summary(rows))
     assert "cpp vs reference-strategy: 4.0x" in text
     assert "NOT met (lowest 4.0x" in text

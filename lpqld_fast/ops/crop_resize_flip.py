@@ -256,7 +256,7 @@ def batched_roll(x: torch.Tensor, shifts: torch.Tensor, *, backend: str | None =
                            "(scripts/build_ext.sh)")
     shifts = shifts.to(torch.int64)
     if x.numel():  # reduced first, so that the backward's -shifts cannot overflow (int64 min)
-        shifts = torch.remainder(shifts, torch.tensor([x.shape[2], x.shape[3]], device=shifts.device))
+        shifts = torch.stack((shifts[:, 0].remainder(x.shape[2]), shifts[:, 1].remainder(x.shape[3])), dim=1)
     if x.requires_grad and torch.is_grad_enabled():
         return _BatchedRoll.apply(x, shifts, native)
     return _roll(x, shifts, native)
