@@ -551,12 +551,30 @@ void backward_impl(const at::Tensor& g, const at::Tensor& boxes, const at::Tenso
       for (int64_t oy = 0; oy < oh; ++oy) {
         std::fill(tmp.begin(), tmp.begin() + w, acc_t(0));
         const scalar_t* grow = src + oy * ow;
+        // Runs of output columns share a source column (an upscaled crop: several in a row; the table is
+        // monotone, reversed when flipped): sum each run in a register and add it once, instead of a
+        // read-modify-write per output column on the entry the previous column just wrote (a store-to-load
+        // chain that bounded this loop).
+        int64_t c0 = xt[0].off0, c1 = xt[0].off1;
+        acc_t a0 = 0, a1 = 0;
         for (int64_t ox = 0; ox < ow; ++ox) {
           const Tap<acc_t>& t = xt[ox];
           const acc_t v = static_cast<acc_t>(grow[ox]);
-          trow[t.off0] += t.w0 * v;
-          trow[t.off1] += t.w1 * v;
+          if (t.off0 != c0) {
+            trow[c0] += a0;
+            c0 = t.off0;
+            a0 = 0;
+          }
+          if (t.off1 != c1) {
+            trow[c1] += a1;
+            c1 = t.off1;
+            a1 = 0;
+          }
+          a0 += t.w0 * v;
+          a1 += t.w1 * v;
         }
+        trow[c0] += a0;
+        trow[c1] += a1;
         acc_t* r0 = acc + yt[oy].off0 + j;
         acc_t* r1 = acc + yt[oy].off1 + j;
         const acc_t wy0 = yt[oy].w0, wy1 = yt[oy].w1;
