@@ -63,6 +63,11 @@ V = torch.randn(2, 3, generator=torch.Generator().manual_seed(3))
 IDX = torch.tensor([[0, 1, 2], [3, 4, 5]])
 
 
+def _roll_backend(b: str) -> str:
+    """batched_roll's own backend names for a matrix backend: its native kernel for cpp, else the gather path."""
+    return "cpp" if b == "cpp" else "gather"
+
+
 def _with(t: torch.Tensor, index: tuple, value: float) -> torch.Tensor:
     t = t.clone()
     t[index] = value
@@ -131,10 +136,12 @@ OP_CASES: list[tuple[str, Callable[[str], object], type, str]] = [
      r"^x must have dtype in \[.*\], got torch.int32$"),
     ("crop-device", lambda b: crop_resize_flip(IMG, BOXES.to(META), FLIPS, 4, backend=b), ValueError,
      r"^boxes is on meta but must be on cpu like the other inputs$"),
-    ("roll-shift-dtype", lambda b: batched_roll(IMG, torch.zeros(2, 2)), ValueError,
+    ("roll-shift-dtype", lambda b: batched_roll(IMG, torch.zeros(2, 2), backend=_roll_backend(b)), ValueError,
      r"^shifts must have dtype in \[.*\], got torch.float32$"),
-    ("roll-shift-shape", lambda b: batched_roll(IMG, torch.zeros(3, 2, dtype=torch.long)), ValueError,
-     r"^shifts must have shape \(2, 2\), got \(3, 2\)$"),
+    ("roll-shift-shape", lambda b: batched_roll(IMG, torch.zeros(3, 2, dtype=torch.long), backend=_roll_backend(b)),
+     ValueError, r"^shifts must have shape \(2, 2\), got \(3, 2\)$"),
+    ("roll-backend", lambda b: batched_roll(IMG, torch.zeros(2, 2, dtype=torch.long), backend="triton"), ValueError,
+     r"^batched_roll: backend must be one of \('cpp', 'gather'\) or None, got 'triton'$"),
     # soft_label_kl (data checks: the op's for reference/triton, the cpp kernel's own, same wording)
     ("kl-k-larger-than-C", lambda b: soft_label_kl(Z, torch.randn(2, 11), torch.arange(11).repeat(2, 1), mode="mr",
                                                    backend=b),
@@ -177,7 +184,7 @@ OP_CASES: list[tuple[str, Callable[[str], object], type, str]] = [
 ]
 
 _NATIVE = {"moments": "classwise_moments_accumulate_", "segbn": "segment_bn_loss_fwd", "crop": "crop_resize_flip",
-           "kl": "soft_label_kl_fwd"}
+           "kl": "soft_label_kl_fwd", "roll": "batched_roll"}
 
 
 def _op_params():
