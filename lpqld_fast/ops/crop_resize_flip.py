@@ -214,10 +214,6 @@ def _roll_gather(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 ROLL_BACKENDS = ("cpp", "gather")
 
 
-def _roll_native_available() -> bool:
-    return native_has_kernel("batched_roll", "CPU")
-
-
 def _roll(x: torch.Tensor, shifts: torch.Tensor, native: bool) -> torch.Tensor:
     return torch.ops.lpqld.batched_roll(x, shifts) if native else _roll_gather(x, shifts)
 
@@ -250,7 +246,7 @@ def batched_roll(x: torch.Tensor, shifts: torch.Tensor, *, backend: str | None =
     V.check_shape("shifts", shifts, (n, 2))
     if backend not in (None,) + ROLL_BACKENDS:
         raise ValueError(f"batched_roll: backend must be one of {ROLL_BACKENDS} or None, got {backend!r}")
-    native = backend != "gather" and x.device.type == "cpu" and _roll_native_available()
+    native = backend != "gather" and x.device.type == "cpu" and native_has_kernel("batched_roll", "CPU")
     if backend == "cpp" and not native:
         raise RuntimeError("batched_roll: backend 'cpp' needs CPU tensors and lpqld_fast._C with batched_roll "
                            "(scripts/build_ext.sh)")
