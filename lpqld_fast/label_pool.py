@@ -2,11 +2,18 @@
 
 Label pool modes (DESIGN 2.4), all seeded by (seed, epoch) and keyed by batch
 id (the reference keys batches by their first image index, which collides):
-- "epoch": training epoch e replays the kept batches of stored epoch
-  (e mod E) in order (with pruning, a stored epoch holds only its kept ones);
+- "epoch": the kept batches in stored order (stored epoch, then position),
+  cycled: training epoch e replays positions [(e-1)*nb, e*nb) modulo the
+  number kept. Without pruning that is stored epoch (e-1) mod E whole, as the
+  reference replays it; with pruning every training epoch still takes nb
+  steps (a stored epoch then holds only its kept batches, and replaying just
+  those would cut the schedule short);
 - "lpld": the LPLD improved label pool: floor(N/B) batch ids drawn at random
   (with replacement) from the whole pool, mixing stored epochs;
 - "lpqld": as "lpld" but without replacement within a training epoch.
+
+Every mode returns exactly ``batches_per_epoch`` ids per training epoch, so
+the learning-rate schedule (epochs x floor(N/B) steps) anneals fully.
 
 Dynamic knowledge reuse: the teacher temperature moves over epochs on the same
 stored logits: "step" is the reference T(e) = max(t0 * decay^floor(e/step), floor)
@@ -46,14 +53,10 @@ def epoch_batch_ids(kept_ids: torch.Tensor, mode: str, epoch: int, batches_per_e
         raise ValueError("the label store keeps no batches")
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if mode == "epoch":
-        stored_epochs = int(kept_ids.max()) // batches_per_epoch + 1
-        # Walk stored epochs cyclically, skipping ones whose batches were all pruned.
-        for offset in range(stored_epochs):
-            e = (epoch - 1 + offset) % stored_epochs
-            sel = kept_ids[(kept_ids // batches_per_epoch) == e]
-            if sel.numel():
-                return sel
-        raise AssertionError("unreachable: kept_ids is non-empty")
+        ordered = torch.sort(kept_ids).values
+        first = (epoch - 1) * batches_per_epoch
+        positions = torch.arange(first, first + batches_per_epoch) % ordered.numel()
+        return ordered[positions]
     if mode == "lpld":
         return kept_ids[torch.randint(0, kept_ids.numel(), (batches_per_epoch,), generator=g)]
     reps = -(-batches_per_epoch // kept_ids.numel())

@@ -156,6 +156,8 @@ def run_train(
         if not cfg["calibrate"]:
             t_s = T if cfg["student_t"] == "teacher" else float(cfg["student_t"])
         ids = epoch_batch_ids(store.kept_batch_ids, cfg["pool"], epoch, nb, seed)
+        if len(ids) != nb:  # the schedule was sized for epochs * nb steps
+            raise AssertionError(f"pool {cfg['pool']!r} gave {len(ids)} batches for epoch {epoch}, expected {nb}")
         total = 0.0
         calib: list[tuple[torch.Tensor, Any]] = []
         for i, bid in enumerate(ids.tolist()):
@@ -188,7 +190,8 @@ def run_train(
         total = distributed.all_reduce_scalar(float(total)) / distributed.world_size()  # issue 8: mean over ranks
         if cfg["calibrate"] and not cfg["hard_labels"]:
             t_s = calibrate_on(calib, T)
-        entry = {"epoch": epoch, "loss": total / max(len(ids), 1), "T": T, "t_s": t_s}
+        entry = {"epoch": epoch, "loss": total / max(len(ids), 1), "T": T, "t_s": t_s, "steps": len(ids),
+                 "lr": opt.param_groups[0]["lr"]}
         metrics["epochs"].append(entry)
         if epoch % int(cfg["eval_every"]) == 0 or epoch == epochs:
             if hasattr(test, "images"):

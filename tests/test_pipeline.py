@@ -72,9 +72,19 @@ def test_temperature_schedules() -> None:
 
 def test_label_pools_are_seeded_and_keyed_by_batch_id() -> None:
     kept = torch.tensor([0, 2, 3, 5, 7, 8, 10, 11])  # 4 batches per epoch, 3 stored epochs, some pruned
-    assert epoch_batch_ids(kept, "epoch", 1, 4, 0).tolist() == [0, 2, 3]
-    assert epoch_batch_ids(kept, "epoch", 2, 4, 0).tolist() == [5, 7]
-    assert epoch_batch_ids(kept, "epoch", 4, 4, 0).tolist() == [0, 2, 3]  # cycles
+    # epoch mode cycles the kept batches in stored order, 4 steps per training epoch however many are pruned
+    assert epoch_batch_ids(kept, "epoch", 1, 4, 0).tolist() == [0, 2, 3, 5]
+    assert epoch_batch_ids(kept, "epoch", 2, 4, 0).tolist() == [7, 8, 10, 11]
+    assert epoch_batch_ids(kept, "epoch", 3, 4, 0).tolist() == [0, 2, 3, 5]  # cycles
+    assert epoch_batch_ids(kept[torch.randperm(8)], "epoch", 2, 4, 0).tolist() == [7, 8, 10, 11]  # stored order
+    assert epoch_batch_ids(torch.tensor([6]), "epoch", 5, 4, 0).tolist() == [6] * 4
+    unpruned = torch.arange(12)  # without pruning: stored epoch (e-1) mod E whole, as the reference replays it
+    assert epoch_batch_ids(unpruned, "epoch", 2, 4, 0).tolist() == [4, 5, 6, 7]
+    assert epoch_batch_ids(unpruned, "epoch", 4, 4, 0).tolist() == [0, 1, 2, 3]
+    for mode in ("epoch", "lpld", "lpqld"):
+        for nkept in (1, 3, 8):
+            for e in (1, 2, 7):
+                assert len(epoch_batch_ids(kept[:nkept], mode, e, 4, 0)) == 4, (mode, nkept, e)
     a = epoch_batch_ids(kept, "lpqld", 3, 4, 0)
     assert a.tolist() == epoch_batch_ids(kept, "lpqld", 3, 4, 0).tolist()  # seeded
     assert len(set(a.tolist())) == 4 and set(a.tolist()) <= set(kept.tolist())  # no repeats within an epoch
@@ -82,6 +92,21 @@ def test_label_pools_are_seeded_and_keyed_by_batch_id() -> None:
     assert len(b) == 4 and set(b.tolist()) <= set(kept.tolist())
     with pytest.raises(ValueError, match="pool"):
         epoch_batch_ids(kept, "random", 1, 4, 0)
+
+
+@pytest.mark.parametrize("pool", ["epoch", "lpld", "lpqld"])
+def test_every_pool_takes_a_full_epoch_of_steps_under_pruning(tmp_path, synthetic_preset, pool) -> None:
+    """A pruned store still gives floor(N/B) optimiser steps per epoch, and the schedule anneals to zero."""
+    run = tmp_path / "run"
+    args = [*TINY, "--set", "relabel.prune_ratio=0.8", "--set", f"train.pool={pool}", "--set", "train.epochs=4"]
+    assert main(["distill", "--out", str(run), *args]) == 0
+    manifest = json.loads((run / "relabel" / "manifest.json").read_text())
+    nb = manifest["batches_per_epoch"]
+    assert manifest["kept_batch_ids"]["count"] < nb * manifest["epochs"] and nb > 1  # really pruned
+    metrics = json.loads((run / "train" / "train_metrics.json").read_text())
+    assert [e["steps"] for e in metrics["epochs"]] == [nb] * 4
+    lrs = [e["lr"] for e in metrics["epochs"]]
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[0] > lrs[1] > lrs[2] > 0
 
 
 def test_train_test_subset_evaluates_on_a_fixed_balanced_subset(tmp_path, synthetic_preset, capsys) -> None:
@@ -99,7 +124,12 @@ def test_train_test_subset_evaluates_on_a_fixed_balanced_subset(tmp_path, synthe
     student = get_model("convnet-bn", num_classes=full.num_classes, in_chans=full.images.shape[1],
                         image_size=full.images.shape[2])
     student.load_state_dict(load_tensors(run / "train" / "student.pt"))
-    assert metrics["last_acc"] == pytest.approx(evaluate(student, sub.images, sub.labels, full.mean, full.std))
+    train_cfg = synthetic_preset["train"]  # evaluated as train evaluates: the preset's precision and layout
+    if train_cfg.get("channels_last"):
+        student = student.to(memory_format=torch.channels_last)
+    acc = evaluate(student, sub.images, sub.labels, full.mean, full.std, bf16=bool(train_cfg.get("bf16")),
+                   channels_last=bool(train_cfg.get("channels_last")))
+    assert metrics["last_acc"] == pytest.approx(acc)
     capsys.readouterr()
     assert main(["train", "--out", str(run), *TINY, "--set", "train.test_subset=-1"]) == 2
     assert "train.test_subset must be an int >= 0 (0 = the whole test split), got -1" in capsys.readouterr().err
