@@ -72,7 +72,8 @@ def _train(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     d = stage_dirs(args.out)
     summary = run_train(config, d["recover"], d["relabel"], d["train"], seed=args.seed, device=args.device)
     if is_main():  # issue 8
-        print(f"student test top-1: best {summary['best_acc']:.2f}%, last {summary['last_acc']:.2f}%")
+        print(f"student test top-1: {summary['selected_acc']:.2f}% (selected by {summary['selection']}), "
+              f"last {summary['last_acc']:.2f}%, best of the test evaluations {summary['best_acc']:.2f}%")
     return summary
 
 

@@ -46,7 +46,7 @@ __all__ = [
     "env_world_size", "init_from_env", "shutdown", "is_initialized", "rank", "world_size", "local_rank", "is_main",
     "barrier", "all_reduce_", "all_reduce_scalar", "all_reduce_min_int", "shard_slice", "shard_range", "batch_share",
     "gather_rows", "all_reduce_moments_", "CPUSyncBatchNorm", "convert_sync_batchnorm", "ddp_model", "unwrap",
-    "evaluate_sharded", "run_relabel_sharded", "on_main",
+    "evaluate_sharded", "evaluate_sharded_metrics", "run_relabel_sharded", "on_main",
 ]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
@@ -404,23 +404,30 @@ def slice_soft_labels(labels: Any, rows: slice) -> Any:
 
 def evaluate_sharded(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, mean, std,
                      **kwargs: Any) -> float:
-    """:func:`lpqld_fast.engine.evaluate` with the test set split over ranks; the same number on every rank.
+    """:func:`lpqld_fast.engine.evaluate` with the test set split over ranks; the same number on every rank."""
+    return evaluate_sharded_metrics(model, images_uint8, labels, mean, std, **kwargs)["acc"]
 
-    One process: exactly ``evaluate``. Several: each rank counts its contiguous
-    part, counts are all-reduced; 100 * correct / n equals the 1-process value.
+
+def evaluate_sharded_metrics(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, mean, std,
+                             **kwargs: Any) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean NLL of ``model``, the split shared over ranks; the same on every rank.
+
+    Each rank counts its contiguous part (:func:`lpqld_fast.engine.eval_counts`); the sums are
+    all-reduced in float64, so the accuracy equals the 1-process value exactly.
     """
-    from lpqld_fast.engine import evaluate
+    from lpqld_fast.engine import eval_counts
 
     model = unwrap(model)
-    if world_size() == 1:
-        return evaluate(model, images_uint8, labels, mean, std, **kwargs)
-    n = len(labels)
-    sl = shard_slice(n)
-    n_local = sl.stop - sl.start
-    acc = evaluate(model, images_uint8[sl], labels[sl], mean, std, **kwargs) if n_local else 0.0
-    counts = torch.tensor([round(acc * n_local / 100.0), n_local], dtype=torch.int64)
-    all_reduce_(counts)
-    return 100.0 * int(counts[0]) / max(int(counts[1]), 1)
+    sl = shard_slice(len(labels)) if world_size() > 1 else slice(0, len(labels))
+    if sl.stop > sl.start:
+        correct, nll, n = eval_counts(model, images_uint8[sl], labels[sl], mean, std, **kwargs)
+    else:
+        correct, nll, n = 0, 0.0, 0
+    if world_size() > 1:
+        sums = torch.tensor([correct, nll, n], dtype=torch.float64)
+        all_reduce_(sums)
+        correct, nll, n = int(sums[0]), float(sums[1]), int(sums[2])
+    return {"acc": 100.0 * correct / max(n, 1), "nll": nll / max(n, 1)}
 
 
 # --------------------------------------------------------------------------- relabel

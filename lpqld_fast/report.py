@@ -115,9 +115,13 @@ def plot_training(metrics: dict[str, Any], path: Path) -> None:
     ax2.plot(ep, [e["T"] for e in metrics["epochs"]], "--", color="tab:orange", label="teacher T")
     ax2.plot(ep, [e["t_s"] * 10 for e in metrics["epochs"]], ":", color="tab:green", label="student t_s x10")
     ax2.legend(loc="upper right", fontsize=7)
-    axes[1].plot([e["epoch"] for e in metrics["evals"]], [e["test_acc"] for e in metrics["evals"]], "o-")
+    evals = metrics["evals"]
+    axes[1].plot([e["epoch"] for e in evals], [e["test_acc"] for e in evals], "o-", label="test")
+    if evals and "val_acc" in evals[0]:
+        axes[1].plot([e["epoch"] for e in evals], [e["val_acc"] for e in evals], "s--", label="validation (real train)")
+        axes[1].legend(fontsize=7)
     axes[1].set_xlabel("epoch")
-    axes[1].set_ylabel("test top-1 (%)")
+    axes[1].set_ylabel("top-1 (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -161,6 +165,9 @@ def run_summary(run: str | Path) -> dict[str, Any]:
     total = image_bytes + storage.total_bytes
     full_labels = storage.baseline_bytes
     return {
+        # runs older than validation selection have no "selected_acc": their last evaluation is the selected one
+        "selected_acc": train.get("selected_acc", train["last_acc"]),
+        "selection": train.get("selection", "last evaluation"),
         "best_acc": train["best_acc"], "last_acc": train["last_acc"],
         "image_bytes": image_bytes, "label_bytes": storage.total_bytes, "total_bytes": total,
         "full_label_bytes": full_labels, "label_compression": full_labels / max(storage.total_bytes, 1),
@@ -182,7 +189,7 @@ def write_report(run: str | Path, diversity: bool = True) -> Path:
     train = read_json(run / "train" / "train_metrics.json", "train metrics")
     plot_training(train, out / "training_curves.png")
     shutil.copyfile(run / "recover" / "grid.png", out / "distilled_images.png")
-    plot_accuracy_vs_storage([{"label": "this run", "total_bytes": s["total_bytes"], "acc": s["best_acc"],
+    plot_accuracy_vs_storage([{"label": "this run", "total_bytes": s["total_bytes"], "acc": s["selected_acc"],
                                "group": "ours"},
                               {"label": "full labels", "total_bytes": s["image_bytes"] + s["full_label_bytes"],
                                "acc": float("nan"), "group": "full-label storage (accuracy n/a)"}],
@@ -194,8 +201,9 @@ def write_report(run: str | Path, diversity: bool = True) -> Path:
         "",
         f"- dataset: {config['dataset']}, IPC {rc['ipc']}, student {config['train'].get('model')}",
         f"- teacher test top-1: {sq['teacher_test_acc']:.2f}%",
-        f"- **student test top-1: best {s['best_acc']:.2f}%, last {s['last_acc']:.2f}%** (best over the evaluations "
-        "listed in train/train_metrics.json; last = final epoch)",
+        f"- **student test top-1: {s['selected_acc']:.2f}%** (selected by {s['selection']}), last "
+        f"{s['last_acc']:.2f}%; best of the test evaluations {s['best_acc']:.2f}% (chosen on the test set, "
+        "for reference only; all evaluations in train/train_metrics.json)",
         f"- storage: images {_human(s['image_bytes'])} (uint8 raw) + labels {_human(s['label_bytes'])} = "
         f"**{_human(s['total_bytes'])}**; full fp16 labels would be {_human(s['full_label_bytes'])} "
         f"(label compression x{s['label_compression']:.1f}, total x{s['total_compression_vs_full']:.1f})",
@@ -214,7 +222,7 @@ def write_report(run: str | Path, diversity: bool = True) -> Path:
     lines += ["## Plots", "", "![training](training_curves.png)", "", "![images](distilled_images.png)", "",
               "![storage](accuracy_vs_storage.png)", ""]
     atomic_write_bytes(out / "REPORT.md", "\n".join(lines).encode())
-    print(f"student test top-1: best {s['best_acc']:.2f}% last {s['last_acc']:.2f}% | storage "
+    print(f"student test top-1: {s['selected_acc']:.2f}% ({s['selection']}), last {s['last_acc']:.2f}% | storage "
           f"{_human(s['total_bytes'])} (images {_human(s['image_bytes'])} + labels {_human(s['label_bytes'])}), "
           f"labels x{s['label_compression']:.1f} smaller than full | report: {out / 'REPORT.md'}")
     return out / "REPORT.md"

@@ -28,6 +28,7 @@ from lpqld_fast.label_pool import epoch_batch_ids, temperature_at
 from lpqld_fast.models import get_model
 from lpqld_fast.ops import calibrate_student_temperature, soft_label_kl
 from lpqld_fast.ops.soft_label_kl import check_label_data
+from lpqld_fast.records import run_record
 from lpqld_fast.recover import load_recovered
 from lpqld_fast.store import LabelStore
 
@@ -56,6 +57,11 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_every": 25,
     # Evaluate on a fixed class-balanced subset of this many test images (seed 0); 0 = the whole test split.
     "test_subset": 0,
+    # Model selection without the test set: a fixed class-balanced split of this many real training images
+    # (seed 0; the student never sees real images) is evaluated beside the test set, and the reported
+    # "selected" accuracy is the test accuracy at the evaluation with the best validation accuracy.
+    # 0, or a dataset that is not held in memory: the last evaluation is the selected one.
+    "val_size": 1000,
     "checkpoint_every": 10,
     "bf16": False,
     # NHWC student + inputs: the fast CPU conv path (with bf16, ~3x faster ConvNet steps and evals here).
@@ -72,9 +78,10 @@ def train_config(config: dict[str, Any]) -> dict[str, Any]:
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"train.{key} must be a positive int, got {v!r}")
-    v = cfg["test_subset"]
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"train.test_subset must be an int >= 0 (0 = the whole test split), got {v!r}")
+    for key, meaning in (("test_subset", "the whole test split"), ("val_size", "select the last evaluation")):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"train.{key} must be an int >= 0 (0 = {meaning}), got {v!r}")
     for key in ("lr", "weight_decay", "momentum", "t0", "t_decay", "t_floor"):  # a string fails deep in torch
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
@@ -103,6 +110,7 @@ def run_train(
     test = get_dataset(config["dataset"], "test", root=config.get("data_root"))
     if cfg["test_subset"]:
         test = stratified_subset(test, cfg["test_subset"], seed=0)
+    val = validation_split(config, int(cfg["val_size"]))
     gen = seed_everything(seed)
     student = get_model(cfg["model"], num_classes=test.num_classes, in_chans=images.shape[1],
                         image_size=images.shape[2]).to(device)
@@ -194,28 +202,90 @@ def run_train(
                  "lr": opt.param_groups[0]["lr"]}
         metrics["epochs"].append(entry)
         if epoch % int(cfg["eval_every"]) == 0 or epoch == epochs:
-            if hasattr(test, "images"):
-                acc = distributed.evaluate_sharded(student, test.images, test.labels, mean, std,
-                                                   bf16=bool(cfg["bf16"]), channels_last=channels_last)
-            else:  # an ImageFolder split, decoded in workers with its eval transform
-                acc = evaluate_folder(student, test, bf16=bool(cfg["bf16"]), channels_last=channels_last)
-            metrics["evals"].append({"epoch": epoch, "test_acc": acc})
-            bar.set_postfix(acc=f"{acc:.2f}", T=f"{T:.1f}", t_s=f"{t_s:.2f}")
+            ev = {"epoch": epoch, "train_loss": entry["loss"], "T": T, "t_s": t_s,
+                  **evaluate_split(student, test, mean, std, "test", bool(cfg["bf16"]), channels_last)}
+            if val is not None:
+                ev.update(evaluate_split(student, val, mean, std, "val", bool(cfg["bf16"]), channels_last))
+            if not cfg["hard_labels"]:
+                ev.update(logit_ranges(calib[-1][0], calib[-1][1]))
+            metrics["evals"].append(ev)
+            bar.set_postfix(acc=f"{ev['test_acc']:.2f}", T=f"{T:.1f}", t_s=f"{t_s:.2f}")
         if (epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs) and distributed.is_main():  # issue 8
             atomic_write_json(out / "train_metrics.json", metrics)
             save_tensors(last_path, {"model": student.state_dict(), "optimizer": opt.state_dict(),
                                      "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                                      "generator": gen.get_state(), "t_s": t_s, "epoch": epoch})
-    accs = [e["test_acc"] for e in metrics["evals"]]
-    summary = {"best_acc": max(accs), "last_acc": accs[-1], "num_epochs": epochs, "t_s_final": t_s,
-               "test_images": len(test),
-               "seconds": time.perf_counter() - t_begin + metrics.get("seconds", 0.0)}
+    summary = {**select_evaluation(metrics["evals"]), "num_epochs": epochs, "t_s_final": t_s,
+               "test_images": len(test), "val_images": 0 if val is None else len(val),
+               "seconds": time.perf_counter() - t_begin + metrics.get("seconds", 0.0),
+               "record": run_record(config, seed, device)}
     metrics.update(summary)
     if distributed.is_main():  # issue 8: rank 0 writes, the others wait for it
         atomic_write_json(out / "train_metrics.json", metrics)
         save_tensors(out / "student.pt", student.state_dict())
     distributed.barrier()
     return summary
+
+
+def validation_split(config: dict[str, Any], size: int) -> Any:
+    """The fixed class-balanced validation split of real training images, or None (size 0 or a streamed
+    ImageFolder tree, which is not held in memory)."""
+    if size == 0:
+        return None
+    train_split = get_dataset(config["dataset"], "train", root=config.get("data_root"))
+    if not hasattr(train_split, "images"):
+        return None
+    return stratified_subset(train_split, size, seed=0)
+
+
+def evaluate_split(model: torch.nn.Module, ds: Any, mean: Any, std: Any, name: str, bf16: bool,
+                   channels_last: bool) -> dict[str, float]:
+    """``{name}_acc`` (top-1 %) and, for in-memory splits, ``{name}_nll`` of ``model`` on ``ds``."""
+    if hasattr(ds, "images"):
+        m = distributed.evaluate_sharded_metrics(model, ds.images, ds.labels, mean, std, bf16=bf16,
+                                                 channels_last=channels_last)
+        return {f"{name}_acc": m["acc"], f"{name}_nll": m["nll"]}
+    # an ImageFolder split, decoded in workers with its eval transform
+    return {f"{name}_acc": evaluate_folder(model, ds, bf16=bf16, channels_last=channels_last)}
+
+
+def logit_ranges(logits: torch.Tensor, labels: Any) -> dict[str, float]:
+    """The student's logits on the classes a top-k label stores and on those it drops (last batch).
+
+    With MR labels the dropped classes get probability 0 and the loss has no finite minimum in their
+    direction: a widening gap between the two shows the student still pushing them down.
+    """
+    logits = logits.float()
+    if labels.indices is None:  # dense labels store every class
+        return {"logit_kept_mean": float(logits.mean())}
+    kept = torch.zeros_like(logits, dtype=torch.bool)
+    kept.scatter_(1, labels.indices.to(logits.device, torch.int64), True)
+    out = {"logit_kept_mean": float(logits[kept].mean())}
+    if (~kept).any():
+        dropped = logits[~kept]
+        out.update(logit_dropped_mean=float(dropped.mean()), logit_dropped_min=float(dropped.min()),
+                   logit_dropped_max=float(dropped.max()))
+    return out
+
+
+def select_evaluation(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reported accuracies of a run, chosen without the test set.
+
+    ``selected_acc``: test accuracy at the evaluation with the best validation accuracy (the latest such
+    evaluation on a tie), or at the last evaluation when there is no validation split; ``last_acc``: the last
+    evaluation; ``best_acc``: the best test accuracy of any evaluation (selection on test data: shown only as a
+    secondary column).
+    """
+    if not evals:
+        raise ValueError("no evaluation was recorded")
+    if all("val_acc" in e for e in evals):
+        best_val = max(e["val_acc"] for e in evals)
+        chosen = [e for e in evals if e["val_acc"] == best_val][-1]
+        rule = "best validation accuracy"
+    else:
+        chosen, rule = evals[-1], "last evaluation"
+    return {"selected_acc": chosen["test_acc"], "selected_epoch": chosen["epoch"], "selection": rule,
+            "last_acc": evals[-1]["test_acc"], "best_acc": max(e["test_acc"] for e in evals)}
 
 
 def hard_label_loss(logits: torch.Tensor, image_labels: torch.Tensor, aug: Any,

@@ -41,6 +41,13 @@ def test_distill_end_to_end_and_resume(tmp_path, synthetic_preset, capsys) -> No
     assert len(metrics["epochs"]) == 3 and 0 <= metrics["best_acc"] <= 100
     assert metrics["epochs"][0]["T"] == synthetic_preset["train"]["t0"]  # step schedule at e = 1: T0
     assert 0.01 <= metrics["epochs"][-1]["t_s"] <= 1.0
+    # selection on a validation split of real training images, diagnostics per evaluation, provenance
+    assert metrics["val_images"] > 0 and metrics["selection"] == "best validation accuracy"
+    ev = metrics["evals"][-1]
+    assert {"val_acc", "val_nll", "test_nll", "train_loss", "logit_dropped_mean"} <= set(ev)
+    assert metrics["selected_acc"] in [e["test_acc"] for e in metrics["evals"]]
+    assert metrics["record"]["seed"] == 0 and metrics["record"]["machine"]["cores"] >= 1
+    assert metrics["record"]["config"]["train"]["epochs"] == 3
     manifest = json.loads((run / "relabel" / "manifest.json").read_text())
     assert manifest["complete"] is True
     # A second run reuses every stage (resume / no-op) and gives the same student.
