@@ -3,18 +3,19 @@
 One teacher (squeeze) is shared; each recovery variant is made once per
 (IPC, seed) and shared by the label configurations that use it; each row gets
 its own run directory (symlinks to the shared squeeze/recover) with its own
-relabel + train. Results go to <root>/results.json, results.md and
-accuracy_vs_storage.png. Rerunning resumes (finished stages are skipped).
+relabel + train. Each finished (row, IPC, seed) writes one run record,
+<records>/ipc<IPC>/<row>/seed<seed>.json: the command, seed, commit, machine,
+wall time, the row's settings, storage and every evaluation of the student.
+Rerunning resumes (rows with a record are skipped, killed stages resume).
+The tables are generated from the records: scripts/results_tables.py.
 
-    .venv/bin/python scripts/fmnist_results.py --root runs/results --ipc 10 --seeds 0 --rows core
+    .venv/bin/python scripts/fmnist_results.py --root runs/results --ipc 10 --seeds 0 1 2 --rows core
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,11 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lpqld_fast.io_utils import atomic_write_bytes, atomic_write_json  # noqa: E402
+from lpqld_fast.io_utils import atomic_write_json, read_json  # noqa: E402
 from lpqld_fast.pipeline import run_relabel_stage, stage_dirs  # noqa: E402
 from lpqld_fast.presets import get_preset  # noqa: E402
 from lpqld_fast.recover import run_recover  # noqa: E402
-from lpqld_fast.report import plot_accuracy_vs_storage, run_summary  # noqa: E402
+from lpqld_fast.report import run_summary  # noqa: E402
 from lpqld_fast.squeeze import run_squeeze  # noqa: E402
 from lpqld_fast.train import run_train  # noqa: E402
 
@@ -71,6 +72,10 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
             rows.append({"name": f"LPQLD x{f} MR-{k}", "recovery": "classwise", "group": f"LPQLD MR-{k}",
                          "relabel": {"label": "mr", "k": k, "prune_ratio": 1 - keep}, "train": lpqld_train,
                          "factor": f})
+    if kind == "lpqld-vs-lpld":
+        rows = [r for r in rows if r["name"] in ("LPLD x40", "LPQLD x40 MR-5")]
+    if kind in ("lpqld-vs-lpld", "all"):
+        rows += lpqld_vs_lpld_rows(num_classes, n_images, lpld_train, lpqld_train)
     if kind == "core":
         keep = {"SRe2L x1", "SRe2L x40", "SRe2L x100", "LPLD x1", "LPLD x40", "LPLD x100",
                 "LPQLD x40 MR-2", "LPQLD x40 MR-3", "LPQLD x100 MR-2", "LPQLD x100 MR-3"}
@@ -89,6 +94,39 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
     return rows
 
 
+def lpqld_vs_lpld_rows(num_classes: int, n_images: int, lpld_train: dict, lpqld_train: dict) -> list[dict]:
+    """Which part of the LPQLD recipe gains or loses what against LPLD at x40 label storage.
+
+    (a) all logits with the LPQLD recipe (pool, DKR from T0 = 4 or 20, calibration); (b) top-5 with the LPLD
+    recipe (constant T = 20 for teacher and student); (c) top-5 at the number of stored batches of the dense x40
+    row, i.e. fewer bytes (the cost of truncation alone, against (a)); (d) MRS-5 (the dropped classes filled
+    with the stored minimum) against MR-5 at equal bytes. "LPLD x40" and "LPQLD x40 MR-5" complete the set.
+    """
+    f, k = 40, 5
+    dense = bytes_per_sample(num_classes, n_images, "dense", 0)
+    keep_mr = (1 / f) * dense / bytes_per_sample(num_classes, n_images, "mr", k)
+    keep_mrs = (1 / f) * dense / (bytes_per_sample(num_classes, n_images, "mr", k) + 2)  # + fp16 fill per sample
+    group = "LPQLD vs LPLD at x40"
+    return [
+        {"name": "x40 dense, LPQLD recipe T0=4", "recovery": "classwise", "group": group,
+         "relabel": {"label": "dense", "prune_ratio": 1 - 1 / f}, "train": {**lpqld_train, "t0": 4.0}, "factor": f},
+        {"name": "x40 dense, LPQLD recipe T0=20", "recovery": "classwise", "group": group,
+         "relabel": {"label": "dense", "prune_ratio": 1 - 1 / f}, "train": {**lpqld_train, "t0": 20.0}, "factor": f},
+        {"name": "x40 MR-5, LPLD recipe", "recovery": "classwise", "group": group,
+         "relabel": {"label": "mr", "k": k, "prune_ratio": 1 - keep_mr}, "train": lpld_train, "factor": f},
+        {"name": "x40-batches MR-5, LPQLD recipe T0=4", "recovery": "classwise", "group": group,
+         "relabel": {"label": "mr", "k": k, "prune_ratio": 1 - 1 / f}, "train": {**lpqld_train, "t0": 4.0},
+         "factor": f},
+        {"name": "x40 MRS-5, LPQLD recipe T0=4", "recovery": "classwise", "group": group,
+         "relabel": {"label": "mrs", "k": k, "prune_ratio": 1 - keep_mrs}, "train": {**lpqld_train, "t0": 4.0},
+         "factor": f},
+    ]
+
+
+def row_slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name).strip("_")
+
+
 def link(src: Path, dst: Path) -> None:
     if not dst.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -103,13 +141,14 @@ def main() -> int:
     ap.add_argument("--root", default="runs/results")
     ap.add_argument("--ipc", type=int, nargs="+", default=[10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--rows", default="core", choices=["core", "main", "all", "ablation"],
-                    help="core: a few rows; main: every factor and k without the ablations; all: main + ablations")
+    ap.add_argument("--rows", default="core", choices=["core", "main", "all", "ablation", "lpqld-vs-lpld"],
+                    help="core: a few rows; main: every factor and k without the ablations; lpqld-vs-lpld: the "
+                         "x40 recipe cells; all: everything")
+    ap.add_argument("--records", default="docs/results/records", help="where the run records go")
     ap.add_argument("--only", default=None, help="substring filter on row names")
     ap.add_argument("--name", action="append", default=[], help="exact row name (repeatable): only these rows")
     ap.add_argument("--set", action="append", default=[], help="preset override stage.key=value for every row")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
-    ap.add_argument("--tag", default="", help="results-<tag>.json, so several processes can share one root")
     args = ap.parse_args()
     from lpqld_fast.presets import apply_overrides
 
@@ -124,8 +163,8 @@ def main() -> int:
     t0 = time.perf_counter()
     squeeze_dir = root / "squeeze"
     run_squeeze(base, squeeze_dir, seed=0)
-    results_path = root / (f"results-{args.tag}.json" if args.tag else "results.json")
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    records = Path(args.records)
+    command = " ".join([Path(sys.executable).name, *sys.argv])
     for ipc in args.ipc:
         specs = rows_for(args.rows, 10, 10 * ipc)
         if args.only:
@@ -137,8 +176,8 @@ def main() -> int:
             specs = [s for s in specs if s["name"] in args.name]
         for seed in args.seeds:
             for spec in specs:
-                key = f"{spec['name']} | IPC{ipc} | seed {seed}"
-                if key in results:
+                path = records / f"ipc{ipc}" / row_slug(spec["name"]) / f"seed{seed}.json"
+                if path.exists():
                     continue
                 cfg = copy.deepcopy(base)
                 cb, cs = RECOVERY[spec["recovery"]]
@@ -148,50 +187,28 @@ def main() -> int:
                 rec_dir = root / "recover" / f"{spec['recovery']}-ipc{ipc}-s{seed}"
                 t_row = time.perf_counter()
                 run_recover(cfg, squeeze_dir, rec_dir, seed=seed)
-                run = root / "rows" / f"ipc{ipc}-s{seed}" / spec["name"].replace(" ", "_").replace(":", "")
+                run = root / "rows" / f"ipc{ipc}-s{seed}" / row_slug(spec["name"])
                 link(squeeze_dir, stage_dirs(run)["squeeze"])
                 link(rec_dir, stage_dirs(run)["recover"])
                 run_relabel_stage(cfg, run, seed=seed)
                 run_train(cfg, stage_dirs(run)["recover"], stage_dirs(run)["relabel"], stage_dirs(run)["train"],
                           seed=seed)
                 s = run_summary(run)
-                results[key] = {"name": spec["name"], "group": spec["group"], "ipc": ipc, "seed": seed,
-                                "factor": spec["factor"], "best_acc": s["best_acc"], "last_acc": s["last_acc"],
-                                "total_bytes": s["total_bytes"], "label_bytes": s["label_bytes"],
-                                "image_bytes": s["image_bytes"], "label_compression": s["label_compression"],
-                                "relabel": spec["relabel"], "train": spec["train"],
-                                "row_seconds": time.perf_counter() - t_row}
-                atomic_write_json(results_path, results)
-                print(f"{key}: best {s['best_acc']:.2f} last {s['last_acc']:.2f} labels x{s['label_compression']:.1f}")
-    merged: dict = {}
-    for path in sorted(root.glob("results*.json")):
-        merged.update(json.loads(path.read_text()))
-    write_tables(root, merged)
-    print(f"done in {time.perf_counter() - t0:.0f}s -> {root / 'results.md'}")
+                metrics = read_json(stage_dirs(run)["train"] / "train_metrics.json", "train metrics")
+                teacher = read_json(squeeze_dir / "metrics.json", "squeeze metrics")
+                record = {"name": spec["name"], "group": spec["group"], "ipc": ipc, "seed": seed,
+                          "factor": spec["factor"], "recovery": spec["recovery"],
+                          "relabel": spec["relabel"], "train": spec["train"], "command": command,
+                          **{k: s[k] for k in ("selected_acc", "selection", "best_acc", "last_acc", "total_bytes",
+                                               "label_bytes", "image_bytes", "label_compression")},
+                          "selected_epoch": metrics["selected_epoch"], "teacher_test_acc": teacher["teacher_test_acc"],
+                          "row_seconds": time.perf_counter() - t_row, "train_seconds": metrics["seconds"],
+                          "record": metrics["record"], "evals": metrics["evals"]}
+                atomic_write_json(path, record)
+                print(f"IPC{ipc} {spec['name']} seed {seed}: selected {s['selected_acc']:.2f} "
+                      f"(last {s['last_acc']:.2f}, best-of-test {s['best_acc']:.2f}) labels x{s['label_compression']:.1f}")
+    print(f"done in {time.perf_counter() - t0:.0f}s; tables: scripts/results_tables.py --records {records}")
     return 0
-
-
-def write_tables(root: Path, results: dict) -> None:
-    groups: dict[tuple, list[dict]] = {}
-    for r in results.values():
-        groups.setdefault((r["ipc"], r["name"]), []).append(r)
-    lines = ["| IPC | row | label compression | total storage | best top-1 % (mean +- std) | last top-1 % | seeds |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    plot_rows = {}
-    for (ipc, name), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0]["group"], kv[1][0]["factor"])):
-        best = [r["best_acc"] for r in rs]
-        last = [r["last_acc"] for r in rs]
-        sd = statistics.stdev(best) if len(best) > 1 else 0.0
-        lines.append(f"| {ipc} | {name} | x{rs[0]['label_compression']:.1f} | {rs[0]['total_bytes'] / 1024:.1f} KiB | "
-                     f"{statistics.mean(best):.2f} +- {sd:.2f} | {statistics.mean(last):.2f} | {len(rs)} |")
-        plot_rows.setdefault(ipc, []).append({"label": name.split(" ")[-1] if "MR" in name else f"x{rs[0]['factor']}",
-                                              "total_bytes": rs[0]["total_bytes"], "acc": statistics.mean(best),
-                                              "std": sd, "group": rs[0]["group"]})
-    atomic_write_bytes(root / "results.md", ("\n".join(lines) + "\n").encode())
-    for ipc, rows in plot_rows.items():
-        plot_accuracy_vs_storage([r for r in rows if r["group"] != "ablation"],
-                                 root / f"accuracy_vs_storage_ipc{ipc}.png",
-                                 f"Fashion-MNIST IPC{ipc}: accuracy against total storage")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""The result tables are generated from run records: aggregation, selection column, block rewriting."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location("results_tables",
+                                               Path(__file__).resolve().parents[1] / "scripts/results_tables.py")
+rt = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(rt)
+
+
+def _record(tmp: Path, name: str, seed: int, selected: float, best: float, cpu: str = "CPU A") -> None:
+    rec = {"name": name, "group": "LPLD", "ipc": 10, "seed": seed, "factor": 40, "selected_acc": selected,
+           "last_acc": selected - 1, "best_acc": best, "total_bytes": 2048, "label_compression": 49.4,
+           "row_seconds": 120.0, "record": {"commit": "abcdef0123", "machine": {"cpu": cpu}}}
+    path = tmp / "ipc10" / name.replace(" ", "_") / f"seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+
+
+def test_rows_average_the_selected_accuracy_over_seeds(tmp_path) -> None:
+    for seed, (sel, best) in enumerate([(80.0, 81.0), (82.0, 83.0), (84.0, 84.5)]):
+        _record(tmp_path, "LPLD x40", seed, sel, best)
+    rows = rt.aggregate(rt.load_records(tmp_path))
+    assert len(rows) == 1 and rows[0]["seeds"] == [0, 1, 2]
+    text = rt.table(rows)
+    assert "**82.00 +- 2.00**" in text  # the headline is the validation-selected accuracy
+    assert "82.83 +- 1.76" in text  # best-of-test beside it
+    assert "| 2.0 KiB |" in text and "abcdef0" in text
+
+
+def test_blocks_are_rewritten_between_markers_only(tmp_path) -> None:
+    for seed in range(3):
+        _record(tmp_path, "LPLD x40", seed, 80.0 + seed, 85.0)
+    generated = rt.blocks(rt.load_records(tmp_path))
+    assert {"all", "pruning", "summary"} <= set(generated)
+    doc = "keep me\n<!-- results:pruning -->\nold table\n<!-- /results:pruning -->\nand me\n<!-- results:nope -->x" \
+          "<!-- /results:nope -->"
+    new = rt.rewrite(doc, generated)
+    assert new.startswith("keep me\n<!-- results:pruning -->\n") and "old table" not in new
+    assert "LPLD x40" in new and new.endswith("and me\n<!-- results:nope -->x<!-- /results:nope -->")
+    assert rt.rewrite(new, generated) == new  # idempotent
+
+
+@pytest.mark.parametrize("values,expect", [([81.0], "81.00"), ([80.0, 82.0], "81.00 +- 1.41")])
+def test_mean_sd_format(values, expect) -> None:
+    assert rt._mean_sd(values) == expect
