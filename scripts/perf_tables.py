@@ -118,7 +118,6 @@ def load_csv(results_dir: Path) -> list[Row]:
     windows: dict[tuple[str, str], dict] = {}
     for m in meta.values():
         windows[(m["command"], m["finished"])] = m
-    cpu_of = {r["timestamp"]: r["cpu"] for r in raw}
 
     def window_of(ts: str) -> dict | None:
         t = _ts(ts)
@@ -140,7 +139,7 @@ def load_csv(results_dir: Path) -> list[Row]:
         if m is None or r["kernel"] == "bandwidth":
             continue
         key = (m["command"], m["finished"])
-        run = Run(m["command"], m["git_commit"], int(m["threads"]), int(m["cpus"]), cpu_of[r["timestamp"]],
+        run = Run(m["command"], m["git_commit"], int(m["threads"]), int(m["cpus"]), r["cpu"],
                   bw.get(key))
         rows.append(Row(r["kernel"], r["impl"], r["sizes"], float(r["p50_ms"]), float(r["gbps"]), run))
     return rows
