@@ -45,7 +45,7 @@ import torch
 from bench.common import BenchContext, Case
 
 KERNEL = "segment_bn_loss"
-BASELINE = "torch-var_mean"  # plain torch autograd, per-segment var_mean + norms (issue 3 acceptance)
+BASELINE = "torch-var_mean"  # plain torch autograd, per-segment var_mean + norms
 LIMIT = "read+write-pass"
 IMPLS = ("reference-loop", "torch-split", "torch-var_mean", "torch-index_add", "cpp", "cuda", "triton",
          "read+write-pass")
@@ -263,7 +263,7 @@ def summary(rows: list[dict[str, str]]) -> list[str]:
     for (fused, base), v in logs.items():
         out.append(f"segment_bn_loss {fused}: geometric-mean speed-up vs {base} {math.exp(sum(v) / len(v)):.1f}x "
                    f"over {len(v)} shapes")
-    # Issue 3 acceptance: fused fwd+bwd >= 2x plain-torch var_mean autograd on the ResNet-18 BN shapes.
+    # Target: fused fwd+bwd >= 2x plain-torch var_mean autograd on the ResNet-18 BN shapes.
     for fused in ("cpp", "cuda", "triton"):
         r18 = [(sizes, t[BASELINE] / t[fused]) for (sizes, _), t in by.items()
                if fused in t and BASELINE in t and "net=r18" in sizes]

@@ -115,7 +115,7 @@ class ClasswiseBNStats:
     def all_reduce_(self) -> None:
         """Combine the exact-mode state of every torch.distributed rank, in place (no-op for 1 process).
 
-        Issue 8: see lpqld_fast.distributed.all_reduce_moments_ for the numerics. A
+        Under torchrun: see lpqld_fast.distributed.all_reduce_moments_ for the numerics. A
         rank that saw no batch contributes zero state (created here from the BN sizes).
         """
         from lpqld_fast import distributed

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of one short lease on a CUDA machine, as one command:
+# The GPU checks for a short time on a CUDA machine, as one command:
 #   1. build lpqld_fast._C with its CUDA kernels against that machine's torch (sm_90 by default),
 #   2. the GPU tests (CUDA + Triton backends against the references, GPU recover), scripts/gpu_probe.py
 #      (C++ exceptions under that image's toolchain, host-device syncs per step),
@@ -7,7 +7,7 @@
 #   4. the op test files whole, then the whole suite, with the time that is left.
 # Every step has its own time limit inside BUDGET_S (default 540 s) and never stops the next one; logs
 # and a one-line-per-step summary go to $OUT (default gpu_out/), the bench folder as bench.tar.gz
-# (bench.log inside: the lease returns at most 8 files). Usage: OUT=dir BUDGET_S=540 scripts/gpu_check.sh
+# (bench.log inside: some remote runners return at most 8 files). Usage: OUT=dir BUDGET_S=540 scripts/gpu_check.sh
 # (SKIP_BUILD=1: use the extension as built, e.g. for a dry run of the script on a machine without a GPU.)
 set -u
 cd "$(dirname "$0")/.."
@@ -51,7 +51,7 @@ if [ -z "${CUDA_HOME:-}" ]; then
   elif command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")"); export CUDA_HOME; fi
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
-# Session 8: built with the image's /opt/gcc/bin/g++, every C++ exception of _C was a SIGSEGV (libstdc++
+# Built with the image's /opt/gcc/bin/g++, every C++ exception of _C was a SIGSEGV (libstdc++
 # apparently linked statically, see scripts/gpu_probe.py): use the system compiler where there is one.
 if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 export WITH_CUDA=1
@@ -81,7 +81,7 @@ step bench-cuda 200 "$OUT/bench.log" $PY -m bench.run --devices cuda \
   --only "${BENCH_ONLY:-recover,soft_label_kl,segment_bn_loss,classwise_moments,crop_resize_flip}" --out "$OUT/bench"
 # End to end on the GPU (a short Fashion-MNIST distill) when the data travelled along: here, once,
 #   mkdir -p gpu_data && cp -r /usr/share/datasets/fashion-mnist gpu_data/ && echo /gpu_data/ >> .git/info/exclude
-# and name gpu_data in the lease's carry (30 MB).
+# and name gpu_data in what travels to the GPU machine (30 MB).
 FMNIST_DIR=${FMNIST_DIR:-gpu_data/fashion-mnist}
 if [ -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
   step e2e 180 "$OUT/e2e.log" $PY -m lpqld_fast.cli distill --preset fashion-mnist --device "${E2E_DEVICE:-cuda}" \

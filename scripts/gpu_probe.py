@@ -1,6 +1,6 @@
-"""Diagnostics for a GPU lease (scripts/gpu_check.sh runs it): python3 scripts/gpu_probe.py [OUT_DIR].
+"""Diagnostics for a GPU machine (scripts/gpu_check.sh runs it): python3 scripts/gpu_probe.py [OUT_DIR].
 
-1. C++ exceptions: on the H200 image of session 8 (torch 2.11, GCC 13.3) every error raised by our
+1. C++ exceptions: on one H200 image (torch 2.11, GCC 13.3) every error raised by our
    extension's C++ code (a TORCH_CHECK in an op's argument checks, the CPU kernels' data errors) killed the
    process with SIGSEGV, while torch's own errors were fine. Each case runs in a subprocess; the first that
    crashes is re-run under cuda-gdb (the image has no gdb) for a backtrace.
@@ -45,7 +45,7 @@ THROWS = {
 
 def probe_exceptions() -> None:
     say("== C++ exceptions (rc 1: a Python error, as it should be; -11 / 139: SIGSEGV)")
-    # Session 8's build went through /opt/gcc/bin/g++ ("g++-real") and its _C had no libstdc++ in ldd: a
+    # A build that went through /opt/gcc/bin/g++ ("g++-real") and its _C had no libstdc++ in ldd: a
     # libstdc++ linked statically (its own __cxa_throw / unwinder beside torch's) would explain the crashes.
     for c in ("readelf -p .comment lpqld_fast/_C*.so", "ldd lpqld_fast/_C*.so | grep -E 'gomp|stdc|gcc_s'",
               "nm -D --defined-only lpqld_fast/_C*.so | grep -E '__cxa_throw|_Unwind_RaiseException' || true",

@@ -1,4 +1,4 @@
-"""End-to-end race on Fashion-MNIST IPC10: our pipeline against the reference strategy (issue 7).
+"""End-to-end race on Fashion-MNIST IPC10: our pipeline against the reference strategy.
 
     .venv/bin/python scripts/race_fmnist.py --teacher runs/results/squeeze --out runs/race [--seed 0]
 

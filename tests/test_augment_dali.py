@@ -1,6 +1,6 @@
 """The DALI backend of the augmentation replay against the plain-torch oracle.
 
-Acceptance (issue #4): backends agree within one grey level. Measured here as
+Target: backends agree within one grey level. Measured here as
 max |dali - reference| <= 1 on the 0..255 scale over many random
 RandomResizedCrop boxes, edge boxes (1-pixel crops, strips, full image) and
 flips; run with ``-s`` to print the measured max/mean differences. Skipped

@@ -1,4 +1,4 @@
-"""Every stage under torchrun (2 gloo processes on CPU) gives the 1-process result (issue 8).
+"""Every stage under torchrun (2 gloo processes on CPU) gives the 1-process result.
 
 - primitives, 2 ranks via torch.multiprocessing (file:// rendezvous): class-wise
   moments all-reduce, DDP + CPU synchronised BatchNorm gradients, row gather,
