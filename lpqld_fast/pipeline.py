@@ -21,6 +21,36 @@ def stage_dirs(run: str | Path) -> dict[str, Path]:
     return {s: run / s for s in ("squeeze", "recover", "relabel", "train", "report")}
 
 
+_VALUE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1}
+
+
+def check_store_size(config: dict[str, Any], info: Any, run: str | Path) -> None:
+    """Refuse a label store that cannot fit on the disk before anything is written: per kept batch, B rows of
+    k values and k class ids, plus the augmentation record (a lower bound of the real layout)."""
+    import shutil
+
+    from lpqld_fast.relabel import kept_count, normalize_config
+    from lpqld_fast.store.quantize import index_dtype_for, stored_k
+
+    cfg = normalize_config(config["relabel"])
+    images = config["recover"]["ipc"] * info.num_classes
+    nb = images // cfg["batch_size"]
+    if nb < 1:
+        return  # relabel refuses it, naming both numbers
+    kept = kept_count(cfg["epochs"] * nb, cfg["prune_ratio"])
+    k = stored_k(cfg["label"], cfg["k"], info.num_classes)
+    index_bytes = 0 if cfg["label"] == "dense" else index_dtype_for(info.num_classes).itemsize
+    need = kept * cfg["batch_size"] * (k * (_VALUE_BYTES[cfg["value_dtype"]] + index_bytes) + 10)
+    where = Path(run).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise ValueError(f"relabel.epochs={cfg['epochs']} with relabel.batch_size={cfg['batch_size']}, "
+                         f"prune_ratio={cfg['prune_ratio']} and k={k} makes a label store of at least "
+                         f"{need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB are free under {where}")
+
+
 def run_relabel_stage(config: dict[str, Any], run: str | Path, seed: int = 0, device: str = "cpu",
                       progress: bool = True):
     """Relabel the recovered images with the squeezed teacher into <run>/relabel."""
@@ -31,7 +61,7 @@ def run_relabel_stage(config: dict[str, Any], run: str | Path, seed: int = 0, de
 
     d = stage_dirs(run)
     images, labels, manifest = load_recovered(d["recover"])
-    info = dataset_info(config["dataset"])
+    info = dataset_info(config["dataset"], root=config.get("data_root"))
     teacher = load_teacher(d["squeeze"] / "teacher.pt", build_teacher(config["squeeze"], info)).to(device).eval()
     from lpqld_fast.io_utils import sha256_tensors
 
@@ -39,7 +69,8 @@ def run_relabel_stage(config: dict[str, Any], run: str | Path, seed: int = 0, de
     if teacher_hash != manifest["teacher_sha256"]:
         raise ValueError(f"{d['recover']} was recovered with another teacher than {d['squeeze'] / 'teacher.pt'}")
     relabel_cfg = {k: v for k, v in config["relabel"].items()}
-    relabel_cfg.setdefault("num_classes", info.num_classes)
+    if relabel_cfg.get("num_classes") is None:
+        relabel_cfg["num_classes"] = info.num_classes
     # Issue 8: run_relabel itself for 1 process; under torchrun the slots are split over ranks (one store).
     return run_relabel_sharded(images, labels, teacher, info.mean, info.std, relabel_cfg, out_dir=d["relabel"],
                                seed=seed, teacher_sha256=teacher_hash, images_sha256=manifest["images_sha256"],
