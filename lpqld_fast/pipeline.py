@@ -25,8 +25,9 @@ _VALUE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1}
 
 
 def check_store_size(config: dict[str, Any], info: Any, run: str | Path) -> None:
-    """Refuse a label store that cannot fit on the disk before anything is written: per kept batch, B rows of
-    k values and k class ids, plus the augmentation record (a lower bound of the real layout)."""
+    """Refuse, before anything is written, a label store that keeps no batch or cannot fit on the disk: per
+    kept batch, B rows of k values and k class ids, plus the augmentation record (a lower bound of the real
+    layout)."""
     import shutil
 
     from lpqld_fast.relabel import kept_count, normalize_config
@@ -38,6 +39,9 @@ def check_store_size(config: dict[str, Any], info: Any, run: str | Path) -> None
     if nb < 1:
         return  # relabel refuses it, naming both numbers
     kept = kept_count(cfg["epochs"] * nb, cfg["prune_ratio"])
+    if kept < 1:  # relabel's own check, made before squeeze and recover run
+        raise ValueError(f"relabel.prune_ratio {cfg['prune_ratio']} keeps no batch of {cfg['epochs'] * nb} "
+                         f"({images} images in batches of {cfg['batch_size']}, {cfg['epochs']} epochs)")
     k = stored_k(cfg["label"], cfg["k"], info.num_classes)
     index_bytes = 0 if cfg["label"] == "dense" else index_dtype_for(info.num_classes).itemsize
     need = kept * cfg["batch_size"] * (k * (_VALUE_BYTES[cfg["value_dtype"]] + index_bytes) + 10)

@@ -23,7 +23,7 @@ TINY = [
     "--set", "squeeze.epochs=1", "--set", "squeeze.batch_size=20", "--set", "squeeze.stats_batch_size=60",
     "--set", "recover.ipc=1", "--set", "recover.iterations=2",
     "--set", "relabel.epochs=2", "--set", "relabel.batch_size=5", "--set", "relabel.k=3",
-    "--set", "train.epochs=2", "--set", "train.eval_every=1",
+    "--set", "relabel.prune_ratio=0.5", "--set", "train.epochs=2", "--set", "train.eval_every=1",
 ]
 
 
