@@ -4,9 +4,9 @@ config's ``auto`` settings (bf16, threads, loader workers; lpqld_fast.config.res
 
 bf16 autocast is chosen only where the device computes bf16 natively: on a CPU, the ``avx512_bf16`` or
 ``amx_bf16`` flag in /proc/cpuinfo (oneDNN's bf16 convolutions and matmuls use those instructions; without
-them it converts to fp32 and back around every op). Measured on a 2-core AMD EPYC with AVX2 only, a
-ConvNet-BN training step (batch 256, 1x28x28) takes 2.3-2.6x longer in bf16 than in fp32 (README, "Precision
-and threads"). The flags are read, not probed by timing: deterministic, free, and what oneDNN dispatches on.
+them it converts to fp32 and back around every op: `make demo` took 31 min in forced bf16 on a Xeon without
+them, 2.3-2.6x slower steps than fp32). The flags are read, not probed by timing: deterministic, free, and what
+oneDNN dispatches on; a timing probe on a shared machine would measure the neighbours.
 
 Two costs showed up in the profiles of the CPU pipeline, both page faults on freshly allocated tensors:
 
