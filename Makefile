@@ -20,12 +20,16 @@ $(FMNIST):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist
 
-# In-place build + a development install into .venv (a .pth entry and the `lpqld` command),
-# so `import lpqld_fast` and `.venv/bin/lpqld` work from anywhere. `pip install .` builds a wheel instead.
+# The extension built by rename (scripts/build_ext.sh: running jobs keep their mapped copy), then the standard
+# editable install of this checkout into .venv: `pip install -e .` (setup.py's `lpqld` console script),
+# --no-build-isolation so it builds against the venv's torch. A moved or copied checkout imports its own
+# code after its own `make build`. Earlier checkouts
+# installed a hand-written lpqld_fast_dev.pth and .venv/bin/lpqld pointing at the clone they were made in:
+# both are removed first.
 build: venv
 	scripts/build_ext.sh
-	$(PY) -c "import site, sys; open(site.getsitepackages()[0] + '/lpqld_fast_dev.pth', 'w').write(sys.argv[1] + '\n')" "$(CURDIR)"
-	printf '#!/bin/sh\nexec "%s" -m lpqld_fast.cli "$$@"\n' "$(CURDIR)/$(PY)" > .venv/bin/lpqld && chmod +x .venv/bin/lpqld
+	rm -f "$$($(PY) -c 'import site; print(site.getsitepackages()[0])')/lpqld_fast_dev.pth" .venv/bin/lpqld
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 # Compile-only check of the CUDA sources (no GPU needed; skipped without nvcc).
 cuda-check: venv

@@ -15,9 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lpqld_fast.presets import PRESETS, apply_overrides, get_preset
+from lpqld_fast.io_utils import atomic_write_json, read_json
+
+from lpqld_fast import config as schema
+from lpqld_fast.presets import DATASET_PRESET, PRESETS, get_preset
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], Any]] = {}
+STAGES = ("squeeze", "recover", "relabel", "train")
+# The config sections each command reads (its --help lists their keys).
+COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
+    "squeeze": ("squeeze", "runtime"), "recover": ("recover", "runtime"), "relabel": ("relabel", "runtime"),
+    "train": ("train", "runtime"), "distill": ("squeeze", "recover", "relabel", "train", "runtime"),
+    "report": ("runtime",)}
 
 
 def command(name: str):
@@ -28,10 +37,88 @@ def command(name: str):
     return register
 
 
+def _run_record(run: Path) -> dict[str, Any] | None:
+    """What the run in ``run`` was made on (dataset, data root, preset), or None for a fresh folder.
+
+    run.json is binding once a stage folder exists (a first command that failed before any stage wrote
+    its outputs may be corrected); a run from before run.json existed is read from squeeze/config.json.
+    """
+    if not any((run / s).is_dir() for s in STAGES):
+        return None
+    if (run / "run.json").exists():
+        return read_json(run / "run.json", "run record")
+    legacy = run / "squeeze" / "config.json"
+    if legacy.exists():
+        cfg = read_json(legacy, "squeeze config").get("config", {})
+        return {"dataset": cfg.get("dataset"), "data_root": cfg.get("data_root"), "preset": None}
+    return None
+
+
+def _abs_root(root: str | None) -> str | None:
+    return None if root is None else os.path.realpath(os.path.expanduser(root))
+
+
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    preset = args.preset or args.dataset
+    """The run's config: preset, dataset, data root and --set overrides, every setting validated against the
+    schema before anything runs; dataset and data root checked against what the run recorded."""
+    from lpqld_fast.data import DATASET_NAMES
+
+    overrides = [schema.parse_override(item) for item in args.set or []]
+    top = {key: value for section, key, value in overrides if section is None}
+    want_ds = args.dataset or top.get("dataset")
+    want_root = _abs_root(args.data_root or top.get("data_root"))
+    rec = _run_record(Path(args.out))
+    if args.preset is not None and args.preset not in PRESETS:
+        raise ValueError(f"--preset {args.preset!r} is not a preset; presets: {sorted(PRESETS)} (lpqld presets)")
+    if want_ds is not None and want_ds not in PRESETS and want_ds not in DATASET_NAMES:
+        raise ValueError(f"--dataset {want_ds!r} is neither a dataset {list(DATASET_NAMES)} nor a preset "
+                         f"{sorted(PRESETS)}")
+    if want_ds in PRESETS and want_ds not in DATASET_NAMES and args.preset is None:
+        preset, dataset = want_ds, get_preset(want_ds)["dataset"]  # a preset named by --dataset: its dataset
+    else:
+        rec_preset = rec.get("preset") if rec else None
+        preset = args.preset or (rec_preset if rec_preset in PRESETS and (want_ds in (None, rec["dataset"]))
+                                 else None) or DATASET_PRESET.get(want_ds or "", "fashion-mnist")
+        dataset = want_ds or (rec["dataset"] if rec else get_preset(preset)["dataset"])
     config = get_preset(preset)
-    return apply_overrides(config, args.set or [])
+    for section, key, value in overrides:
+        if section is not None:
+            config[section][key] = value
+    if rec is not None:
+        if rec.get("dataset") != dataset:
+            raise ValueError(f"{args.out} holds a run on dataset {rec.get('dataset')!r}, not {dataset!r}; continue "
+                             f"it without --dataset, or use another --out for {dataset!r}")
+        if want_root is not None and want_root != rec.get("data_root"):
+            raise ValueError(f"{args.out} holds a run on data root {rec.get('data_root')!r}, not {want_root!r}; "
+                             f"continue it without --data-root, or use another --out")
+        want_root = rec.get("data_root")
+    config["dataset"], config["data_root"] = dataset, want_root
+    config["preset"] = preset
+    return schema.check_config(config)
+
+
+def _write_run_record(run: Path, config: dict[str, Any], info: Any) -> None:
+    """<run>/run.json: the dataset, its location and its measured metadata, read by every later command."""
+    record = {"dataset": config["dataset"], "data_root": config["data_root"], "preset": config["preset"],
+              "dataset_info": None if info is None else {
+                  "num_classes": info.num_classes, "in_chans": info.in_chans, "image_size": info.image_size,
+                  "mean": list(info.mean), "std": list(info.std),
+                  "class_names": None if info.class_names is None else list(info.class_names)}}
+    path = run / "run.json"
+    if not path.exists() or read_json(path, "run record") != record:
+        atomic_write_json(path, record)
+
+
+def _check_sizes(command_name: str, config: dict[str, Any], info: Any, run: Path) -> None:
+    """Sizes that cannot fit, refused before any stage starts (recover.ipc=1e12 is an 8 TB allocation)."""
+    from lpqld_fast.pipeline import check_store_size
+    from lpqld_fast.recover import check_memory
+
+    shape = (info.in_chans, info.image_size, info.image_size)
+    if command_name in ("recover", "distill"):
+        check_memory(config["recover"], info.num_classes, shape)
+    if command_name in ("relabel", "distill"):
+        check_store_size(config, info, run)
 
 
 @command("squeeze")
@@ -58,7 +145,7 @@ def _relabel(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     from lpqld_fast.pipeline import run_relabel_stage
 
     store = run_relabel_stage(config, args.out, seed=args.seed, device=args.device)
-    if is_main():  # issue 8: one line per run, not per rank
+    if is_main():  # one line per run, not per rank
         print(store)
     return store
 
@@ -71,7 +158,7 @@ def _train(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 
     d = stage_dirs(args.out)
     summary = run_train(config, d["recover"], d["relabel"], d["train"], seed=args.seed, device=args.device)
-    if is_main():  # issue 8
+    if is_main():
         print(f"student test top-1: {summary['selected_acc']:.2f}% (selected by {summary['selection']}), "
               f"last {summary['last_acc']:.2f}%, best of the test evaluations {summary['best_acc']:.2f}%")
     return summary
@@ -95,7 +182,7 @@ def _report(args: argparse.Namespace, config: dict[str, Any]) -> Any:
         return None
     from lpqld_fast.report import write_report
 
-    return write_report(args.out, diversity=not args.no_diversity)
+    return write_report(args.out, diversity=not args.no_diversity, config=config)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -140,46 +227,66 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="lpqld", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dataset", default="fashion-mnist", choices=sorted(PRESETS),
-                       help="dataset preset (default: fashion-mnist)")
-        p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="alias of --dataset")
+    def stage(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="settings (--set KEY=VALUE; defaults of the schema, then the fashion-mnist "
+                                  "preset's where it differs):\n"
+                                  + schema.options_help(COMMAND_SECTIONS[name], get_preset("fashion-mnist")))
+        p.add_argument("--dataset", default=None,
+                       help="dataset: fashion-mnist, imagefolder (any root/{train,val|test}/<class>/* tree), "
+                            "tiny-imagenet, imagenet-1k, imagenet-21k-p, synthetic, or a preset name (default: "
+                            "the run's recorded dataset, else the preset's)")
+        p.add_argument("--preset", default=None,
+                       help=f"settings preset, one of {sorted(PRESETS)} (default: the dataset's; lpqld presets)")
         p.add_argument("--out", default="runs/fashion-mnist", help="run directory (one folder per stage inside)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="cpu")
         p.add_argument("--data-root", default=None,
-                       help="dataset location (default: the preset's), for every stage that reads it")
+                       help="dataset location (recorded in <out>/run.json; later commands on the run reuse it)")
         p.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE",
-                       help="override a preset field, e.g. --set squeeze.epochs=2 (repeatable)")
+                       help="override a setting, e.g. --set squeeze.epochs=2 (repeatable; keys below)")
+        return p
 
-    p = sub.add_parser("squeeze", help="train/load the teacher and collect class-wise BN statistics")
-    common(p)
+    p = stage("squeeze", "train/load the teacher and collect class-wise BN statistics")
     p.add_argument("--checkpoint", default=None, help="teacher weights to use instead of training one")
-    p = sub.add_parser("recover", help="synthesise IPC images per class (class-wise batching + BN supervision)")
-    common(p)
+    p = stage("recover", "synthesise IPC images per class (class-wise batching + BN supervision)")
     p.add_argument("--units-at-once", type=int, default=None,
                    help="classes optimised in one forward pass (default: chosen from free memory)")
-    p = sub.add_parser("relabel", help="store augmentations + pruned, top-k quantised teacher labels")
-    common(p)
-    p = sub.add_parser("train", help="train the student on the distilled images and stored labels")
-    common(p)
-    p = sub.add_parser("distill", help="squeeze -> recover -> relabel -> train -> report")
-    common(p)
+    stage("relabel", "store augmentations + pruned, top-k quantised teacher labels")
+    stage("train", "train the student on the distilled images and stored labels")
+    p = stage("distill", "squeeze -> recover -> relabel -> train -> report")
     p.add_argument("--checkpoint", default=None, help="teacher weights to use instead of training one")
-    p.add_argument("--units-at-once", type=int, default=None,  # issue 8: fixes recover's grouping across runs
+    p.add_argument("--units-at-once", type=int, default=None,  # fixes recover's grouping across runs
                    help="recover: classes optimised in one forward pass (default: chosen from free memory)")
-    p = sub.add_parser("report", help="write the run report (or print the storage table)")
-    common(p)
+    p = stage("report", "write the run report (or print the storage table)")
     p.add_argument("what", nargs="?", default="run", choices=["run", "storage"])
     p.add_argument("--no-diversity", action="store_true", help="skip the diversity metrics")
+    sub.add_parser("presets", help="list the presets and the settings each overrides")
     return parser
+
+
+def _print_presets() -> None:
+    """``lpqld presets``: each preset's dataset and what it changes from the schema's defaults."""
+    from lpqld_fast.presets import preset_overrides
+
+    for name in sorted(PRESETS):
+        over = preset_overrides(name)
+        print(f"{name} (dataset {over.pop('dataset', None)!r}):")
+        for section, values in over.items():
+            if isinstance(values, dict):
+                print(f"  {section}: " + ", ".join(f"{k}={schema._show(v)}" for k, v in values.items()))
+    datasets = ", ".join(f"{d} -> {p}" for d, p in DATASET_PRESET.items())
+    print(f"preset used when only --dataset is given: {datasets}; every key: lpqld <stage> --help")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "presets":
+        _print_presets()
+        return 0
     from lpqld_fast import distributed
-    from lpqld_fast.runtime import tune_cpu_allocator
+    from lpqld_fast.runtime import apply_threads, tune_cpu_allocator
 
     tune_cpu_allocator()
 
@@ -187,15 +294,23 @@ def main(argv: list[str] | None = None) -> int:
         return f" [rank {distributed.rank()}]" if distributed.world_size() > 1 else ""
 
     try:
-        config = _config(args)
         _check_device(args.device)
-        if args.data_root is not None:
-            # every stage that reads the dataset (squeeze, train's evaluation, report, real-image selection)
-            # takes it from the config; the location does not change what a run is
-            config["data_root"] = args.data_root
-        # Issue 8: under torchrun (WORLD_SIZE > 1) join the process group; "cuda" becomes cuda:LOCAL_RANK.
+        config = _config(args)
+        from lpqld_fast.data import dataset_info
+
+        # the dataset's metadata (an ImageFolder tree: measured) checks the location before anything is written
+        info = dataset_info(config["dataset"], root=config["data_root"])
+        _check_sizes(args.command, config, info, Path(args.out))
+        runtime, _ = schema.resolve_auto("runtime", config["runtime"], args.device)
+        config["runtime"] = runtime
+        apply_threads(runtime["threads"])
+        # under torchrun (WORLD_SIZE > 1) join the process group; "cuda" becomes cuda:LOCAL_RANK.
         args.device = distributed.init_from_env(args.device)
         _COMMANDS[args.command](args, config)
+        if args.command != "report" and distributed.is_main():
+            # after the command: a failed first command writes nothing (squeeze/config.json, written when
+            # teacher training starts, records the dataset of a run killed before this point)
+            _write_run_record(Path(args.out), config, info)
     except (ValueError, FileNotFoundError, IndexError, PermissionError, OSError) as e:
         # OSError covers a full disk (ENOSPC): the atomic writers leave every earlier file as it was
         _print_error(f"lpqld {args.command}{rank()}: error: {_one_line(e)}")

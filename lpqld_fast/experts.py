@@ -217,7 +217,8 @@ def relabel_with_expert(config: dict[str, Any], run: str | Path, seed: int = 0, 
                          f"not with this expert ({expert_hash}); relabel real-image sets, or recover with it")
     info = dataset_info(config["dataset"])
     relabel_cfg = dict(config["relabel"])
-    relabel_cfg.setdefault("num_classes", info.num_classes)
+    if relabel_cfg.get("num_classes") is None:  # a preset's config holds the key, set to None
+        relabel_cfg["num_classes"] = info.num_classes
     if distributed.is_main():  # one rank re-binds the set and writes the description (torchrun: then a barrier)
         if manifest["teacher_sha256"] != expert_hash:
             bind_real_images(d["recover"], expert_hash, desc)

@@ -21,6 +21,40 @@ def stage_dirs(run: str | Path) -> dict[str, Path]:
     return {s: run / s for s in ("squeeze", "recover", "relabel", "train", "report")}
 
 
+_VALUE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1}
+
+
+def check_store_size(config: dict[str, Any], info: Any, run: str | Path) -> None:
+    """Refuse, before anything is written, a label store that keeps no batch or cannot fit on the disk: per
+    kept batch, B rows of k values and k class ids, plus the augmentation record (a lower bound of the real
+    layout)."""
+    import shutil
+
+    from lpqld_fast.relabel import kept_count, normalize_config
+    from lpqld_fast.store.quantize import index_dtype_for, stored_k
+
+    cfg = normalize_config(config["relabel"])
+    images = config["recover"]["ipc"] * info.num_classes
+    nb = images // cfg["batch_size"]
+    if nb < 1:
+        return  # relabel refuses it, naming both numbers
+    kept = kept_count(cfg["epochs"] * nb, cfg["prune_ratio"])
+    if kept < 1:  # relabel's own check, made before squeeze and recover run
+        raise ValueError(f"relabel.prune_ratio {cfg['prune_ratio']} keeps no batch of {cfg['epochs'] * nb} "
+                         f"({images} images in batches of {cfg['batch_size']}, {cfg['epochs']} epochs)")
+    k = stored_k(cfg["label"], cfg["k"], info.num_classes)
+    index_bytes = 0 if cfg["label"] == "dense" else index_dtype_for(info.num_classes).itemsize
+    need = kept * cfg["batch_size"] * (k * (_VALUE_BYTES[cfg["value_dtype"]] + index_bytes) + 10)
+    where = Path(run).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise ValueError(f"relabel.epochs={cfg['epochs']} with relabel.batch_size={cfg['batch_size']}, "
+                         f"prune_ratio={cfg['prune_ratio']} and k={k} makes a label store of at least "
+                         f"{need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB are free under {where}")
+
+
 def run_relabel_stage(config: dict[str, Any], run: str | Path, seed: int = 0, device: str = "cpu",
                       progress: bool = True):
     """Relabel the recovered images with the squeezed teacher into <run>/relabel."""
@@ -31,7 +65,7 @@ def run_relabel_stage(config: dict[str, Any], run: str | Path, seed: int = 0, de
 
     d = stage_dirs(run)
     images, labels, manifest = load_recovered(d["recover"])
-    info = dataset_info(config["dataset"])
+    info = dataset_info(config["dataset"], root=config.get("data_root"))
     teacher = load_teacher(d["squeeze"] / "teacher.pt", build_teacher(config["squeeze"], info)).to(device).eval()
     from lpqld_fast.io_utils import sha256_tensors
 
@@ -39,8 +73,9 @@ def run_relabel_stage(config: dict[str, Any], run: str | Path, seed: int = 0, de
     if teacher_hash != manifest["teacher_sha256"]:
         raise ValueError(f"{d['recover']} was recovered with another teacher than {d['squeeze'] / 'teacher.pt'}")
     relabel_cfg = {k: v for k, v in config["relabel"].items()}
-    relabel_cfg.setdefault("num_classes", info.num_classes)
-    # Issue 8: run_relabel itself for 1 process; under torchrun the slots are split over ranks (one store).
+    if relabel_cfg.get("num_classes") is None:
+        relabel_cfg["num_classes"] = info.num_classes
+    # run_relabel itself for 1 process; under torchrun the slots are split over ranks (one store).
     return run_relabel_sharded(images, labels, teacher, info.mean, info.std, relabel_cfg, out_dir=d["relabel"],
                                seed=seed, teacher_sha256=teacher_hash, images_sha256=manifest["images_sha256"],
                                progress=progress)
@@ -66,7 +101,7 @@ def run_distill(config: dict[str, Any], run: str | Path, seed: int = 0, device: 
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-        if distributed.is_main():  # issue 8: rank 0 writes shared files
+        if distributed.is_main():  # rank 0 writes shared files
             atomic_write_json(prev, timings)
         return out
 
@@ -76,5 +111,5 @@ def run_distill(config: dict[str, Any], run: str | Path, seed: int = 0, device: 
     timed("relabel", run_relabel_stage, config, run, seed=seed, device=device, progress=progress)
     summary = timed("train", run_train, config, d["recover"], d["relabel"], d["train"], seed=seed, device=device,
                     progress=progress)
-    report = distributed.on_main(write_report, run)  # issue 8: rank 0 only (None elsewhere)
+    report = distributed.on_main(write_report, run)  # rank 0 only (None elsewhere)
     return {"train": summary, "timings": timings, "report": str(report)}

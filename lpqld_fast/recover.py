@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from lpqld_fast import config as schema
 from lpqld_fast import distributed
 from lpqld_fast.augment import sample_flips, sample_rrc_boxes
 from lpqld_fast.bn_stats import bn_layers, load_bn_stats
@@ -49,24 +50,37 @@ from lpqld_fast.io_utils import atomic_path, atomic_write_json, load_tensors, re
 from lpqld_fast.ops import batched_roll, crop_resize_flip
 from lpqld_fast.supervised_bn import supervised_bn
 from lpqld_fast.thin_conv import thin_input_grad_convs
-from lpqld_fast.presets import check_stage_keys
 
 RECOVER_SCHEMA = 1
 PASS_CKPT_SCHEMA = 1
-DEFAULT_CHECKPOINT_EVERY = 100  # iterations: ~80 s of the Fashion-MNIST pass on 2 loaded cores
-# recover.* keys that do not change the images: left out of the run identity, so they can change on resume.
-# channels_last only changes the teacher's memory layout (fp32 rounding-level differences), so runs made before the
-# option existed, or resumed with it toggled, stay valid.
-NON_RESULT_KEYS = ("checkpoint_every", "channels_last")
-# Every recover setting run_recover reads (presets and ablation switches).
-KNOWN_KEYS = frozenset({"ipc", "iterations", "lr", "r_bn", "first_bn_mult", "jitter", "normalize_input",
-                        "crop_scale", "classwise_batching", "classwise_supervision", "bf16", "channels_last",
-                        "checkpoint_every"})
+
+
+def recover_config(cfg: dict[str, Any] | None, device: str = "cpu",
+                   recorded: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The recover section validated (schema defaults filled in) with its auto settings chosen."""
+    return schema.resolve_auto("recover", schema.check_section("recover", cfg), device, recorded)
 
 
 def result_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The recover settings that define the images: without NON_RESULT_KEYS, and bf16 only when on."""
-    return {k: v for k, v in sorted(cfg.items()) if k not in NON_RESULT_KEYS and not (k == "bf16" and not v)}
+    """The recover settings that define the images (the schema's result settings; channels_last and
+    checkpoint_every only change rounding or resume points, so a run resumed with them changed stays valid)."""
+    keep = {k for k, f in schema.fields_of("recover").items() if f.metadata["result"]}
+    return {k: v for k, v in sorted(cfg.items()) if k in keep}
+
+
+def check_memory(cfg: dict[str, Any], num_classes: int, image_shape: tuple[int, int, int],
+                 available: int | None = None) -> None:
+    """Refuse an image set that cannot fit in memory before anything is written (recover.ipc=1e12 would
+    otherwise fail deep inside an allocation): the packed uint8 set (held ~3 times while packing) and the
+    float32 state of one unit (images, gradient, two Adam moments, augmented copies: ~6 copies)."""
+    c, h, w = image_shape
+    ipc = cfg["ipc"]
+    unit_images = ipc if cfg["classwise_batching"] else num_classes
+    need = 3 * ipc * num_classes * c * h * w + 6 * 4 * unit_images * c * h * w
+    available = _mem_available_bytes() if available is None else available
+    if need > available:
+        raise ValueError(f"recover.ipc={ipc} needs at least {need / 2**30:.1f} GiB of memory ({ipc * num_classes} "
+                         f"images of {c}x{h}x{w}); {available / 2**30:.1f} GiB are available")
 
 
 @dataclass
@@ -173,18 +187,19 @@ def synthesize_units(
     else:  # SRe2L: every unit matched to the global statistics
         layer_targets = [(m.expand(len(units), -1).to(device), v.expand(len(units), -1).to(device))
                          for m, v in targets]
-    iters = int(cfg["iterations"])
-    lr = float(cfg["lr"])
-    r_bn = float(cfg["r_bn"])
-    first_mult = float(cfg.get("first_bn_mult", 10.0))
-    jitter = int(cfg.get("jitter", 0))
-    scale = tuple(cfg.get("crop_scale", (0.08, 1.0)))
+    cfg, _ = recover_config(cfg, device)
+    iters = cfg["iterations"]
+    lr = cfg["lr"]
+    r_bn = cfg["r_bn"]
+    first_mult = cfg["first_bn_mult"]
+    jitter = cfg["jitter"]
+    scale = tuple(cfg["crop_scale"])
     opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9), eps=1e-8)
-    every = int(cfg.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY))
+    every = cfg["checkpoint_every"]
     # bf16 autocast + NHWC teacher: ~4x faster ConvNet passes on this CPU (bench_recover); the images,
     # Adam state and the BN / CE losses stay fp32 (segment_bn_loss reads bf16 BN inputs, sums in fp64).
-    bf16 = bool(cfg.get("bf16", False))
-    channels_last = bool(cfg.get("channels_last", False))
+    bf16 = cfg["bf16"]
+    channels_last = cfg["channels_last"]
     if channels_last:
         teacher.to(memory_format=torch.channels_last)
     # Everything the trajectory depends on besides the teacher / targets (the caller's run identity covers those).
@@ -350,7 +365,7 @@ def run_recover(
 ) -> dict[str, Any]:
     """Synthesise the distilled image set into ``out`` (resumes per unit after a kill).
 
-    Issue 8: under torchrun the groups of ``units_at_once`` units (the groups one
+    Under torchrun the groups of ``units_at_once`` units (the groups one
     process forms) go round-robin to the ranks, each rank writes its unit files,
     and rank 0 packs them after a barrier; with the same ``units_at_once`` and
     per-process thread count the images equal the 1-process ones bit for bit.
@@ -358,21 +373,22 @@ def run_recover(
     from lpqld_fast.data import dataset_info
     from lpqld_fast.squeeze import build_teacher, load_teacher
 
-    cfg = config["recover"]
-    check_stage_keys("recover", cfg, KNOWN_KEYS)
     out = Path(out)
-    progress = progress and distributed.is_main()  # issue 8: one progress bar
+    state_path = out / "recover_state.json"
+    prev = read_json(state_path, "recover state").get("run") if state_path.exists() else None
+    cfg, notes = recover_config(config["recover"], device, (prev or {}).get("recover"))
+    progress = progress and distributed.is_main()  # one progress bar
     squeeze_dir = Path(squeeze_dir)
-    info = dataset_info(config["dataset"])
-    ipc = int(cfg["ipc"])
-    if ipc < 1:
-        raise ValueError(f"recover.ipc must be >= 1, got {ipc}")
+    info = dataset_info(config["dataset"], root=config.get("data_root"))
+    shape = (info.in_chans, info.image_size, info.image_size)
+    check_memory(cfg, info.num_classes, shape)
+    ipc = cfg["ipc"]
     teacher = load_teacher(squeeze_dir / "teacher.pt", build_teacher(config["squeeze"], info)).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     teacher_hash = sha256_tensors(teacher.state_dict())
-    classwise_batching = bool(cfg.get("classwise_batching", True))
-    classwise_sup = bool(cfg.get("classwise_supervision", True))
+    classwise_batching = cfg["classwise_batching"]
+    classwise_sup = cfg["classwise_supervision"]
     targets = bn_targets(teacher, squeeze_dir / "bn_stats.pt" if classwise_sup else None, classwise_sup)
     units = make_units(info.num_classes, ipc, classwise_batching)
     if not classwise_sup:
@@ -384,28 +400,25 @@ def run_recover(
                  for c in range(info.num_classes)]
     mean = torch.tensor(info.mean)
     std = torch.tensor(info.std)
-    if not cfg.get("normalize_input", True):
+    if not cfg["normalize_input"]:
         mean, std = torch.zeros_like(mean), torch.ones_like(std)
-    shape = (info.in_chans, info.image_size, info.image_size)
-    unit_dir = out / "units"
-    unit_dir.mkdir(parents=True, exist_ok=True)
     run_cfg = {"recover": result_config(cfg), "dataset": config["dataset"],
                "seed": seed, "teacher_sha256": teacher_hash}
-    state_path = out / "recover_state.json"
-    if state_path.exists():
-        prev = read_json(state_path, "recover state")
-        if prev.get("run") != run_cfg:
-            raise ValueError(f"{out} holds a recover run with another config/teacher/seed; use a new --out")
-    if distributed.is_main():  # issue 8
+    if prev is not None:
+        _check_same_run(out, prev, run_cfg)
+    schema.announce("recover", notes)
+    unit_dir = out / "units"
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
         atomic_write_json(state_path, {"run": run_cfg})
     if (out / "manifest.json").exists() and (out / "images.pt").exists():
         done = read_json(out / "manifest.json", "recover manifest")
-        if all(done.get(k) == v for k, v in run_cfg.items()):
+        if not _run_diffs(done, run_cfg):
             print(f"recover: done already ({out})")
             return done
     per_pass = units_at_once or units_per_pass(teacher, shape, len(units[0].labels), device)
-    per_pass = distributed.all_reduce_min_int(per_pass)  # issue 8: every rank forms the same groups
-    # Issue 8: fixed groups of the full unit list, round-robin over ranks; each rank skips its finished units.
+    per_pass = distributed.all_reduce_min_int(per_pass)  # every rank forms the same groups
+    # fixed groups of the full unit list, round-robin over ranks; each rank skips its finished units.
     groups = [units[i:i + per_pass] for i in range(0, len(units), per_pass)]
     groups = groups[distributed.rank()::distributed.world_size()]
     done = lambda u: (unit_dir / f"unit_{u.uid:06d}.pt").exists()  # noqa: E731
@@ -430,11 +443,29 @@ def run_recover(
         bar.update(len(group))
     bar.close()
     seconds = time.perf_counter() - t0
-    # Issue 8: rank 0 packs every rank's units once all are written; the others read its manifest.
+    # rank 0 packs every rank's units once all are written; the others read its manifest.
     distributed.barrier()
     manifest = finalize_recover(out, units, info.num_classes, run_cfg, seconds) if distributed.is_main() else None
     distributed.barrier()
     return manifest if manifest is not None else read_json(out / "manifest.json", "recover manifest")
+
+
+def _run_diffs(prev: dict[str, Any], run_cfg: dict[str, Any]) -> list[str]:
+    """What differs between a recorded recover run and ``run_cfg``: settings (a setting missing from the
+    record counts as its default), dataset, seed, teacher."""
+    diffs = schema.result_diff("recover", prev.get("recover", {}), run_cfg["recover"])
+    for key, what in (("dataset", "dataset"), ("seed", "--seed"), ("teacher_sha256", "teacher")):
+        if prev.get(key) != run_cfg[key]:
+            diffs.append(f"{what} {prev.get(key)!r} -> {run_cfg[key]!r}" if key != "teacher_sha256" else
+                         "another teacher (squeeze/teacher.pt changed)")
+    return diffs
+
+
+def _check_same_run(out: Path, prev: dict[str, Any], run_cfg: dict[str, Any]) -> None:
+    diffs = _run_diffs(prev, run_cfg)
+    if diffs:
+        raise ValueError(f"{out} holds a recover run with another config ({'; '.join(diffs)}); rerun with the "
+                         f"recorded settings, or start fresh with another --out (or delete {out})")
 
 
 def finalize_recover(out: Path, units: list[Unit], num_classes: int, run_cfg: dict, seconds: float) -> dict:

@@ -31,99 +31,24 @@ from torch import nn
 
 import lpqld_fast
 from lpqld_fast.augment import replay_batch, sample_aug_params
+from lpqld_fast.config import check_section
 from lpqld_fast.engine import hashed_seed
 from lpqld_fast.store.layout import component_specs, encode_slot
-from lpqld_fast.store.quantize import MODES, VALUE_DTYPES, encode_labels, index_dtype_for, stored_k
+from lpqld_fast.store.quantize import encode_labels, index_dtype_for, stored_k
 from lpqld_fast.store.reader import LabelStore
 from lpqld_fast.store.writer import StoreWriter
 
-__all__ = ["DEFAULT_CONFIG", "normalize_config", "derive_seed", "seeded_generator", "kept_count", "EpochPermutations",
+__all__ = ["normalize_config", "derive_seed", "seeded_generator", "kept_count", "EpochPermutations",
            "select_kept_batch_ids", "batch_image_indices", "run_relabel"]
-
-DEFAULT_CONFIG: dict[str, Any] = {
-    "epochs": None,  # required
-    "batch_size": None,  # required
-    "prune_ratio": 0.0,
-    "label": "mr",  # one of quantize.MODES ("mode" is accepted as an alias)
-    "k": 10,
-    "value_dtype": "fp16",
-    "temperature": 1.0,  # relabel temperature of the probabilities of "ms" / "topk_norenorm"
-    "cutmix": False,
-    "cutout": False,
-    "cutout_factor": 0.5,
-    "flip": None,  # default: on, except with cutout (the IN21K recipe stores cutout instead of flips)
-    "rrc_scale": [0.08, 1.0],
-    "rrc_ratio": [3 / 4, 4 / 3],
-    "out_size": None,  # default: the image size
-    "num_classes": None,  # default: from one probe forward of the teacher
-}
-
-
-def _pos_int(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
-        raise ValueError(f"relabel config {name} must be a positive int, got {v!r}")
-    return int(v)
-
-
-def _pair(name: str, v: Any) -> list[float]:
-    try:
-        a, b = (float(x) for x in v)
-    except (TypeError, ValueError):
-        raise ValueError(f"relabel config {name} must be a pair of numbers, got {v!r}") from None
-    if not (0 < a <= b):
-        raise ValueError(f"relabel config {name} must satisfy 0 < {name}[0] <= {name}[1], got {v!r}")
-    return [a, b]
 
 
 def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate a relabel config and fill in defaults (a new dict; unknown keys are an error)."""
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    cfg = dict(config)
-    if "mode" in cfg:
-        alias = cfg.pop("mode")
-        if "label" in cfg and cfg["label"] != alias:
-            raise ValueError(f"relabel config has both label={cfg['label']!r} and mode={alias!r}")
-        cfg["label"] = alias
-    unknown = sorted(set(cfg) - set(DEFAULT_CONFIG))
-    if unknown:
-        raise ValueError(f"unknown relabel config keys {unknown}; known: {sorted(DEFAULT_CONFIG)}")
-    out = {**DEFAULT_CONFIG, **cfg}
-    out["epochs"] = _pos_int("epochs", out["epochs"])
-    out["batch_size"] = _pos_int("batch_size", out["batch_size"])
-    r = out["prune_ratio"]
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= float(r) < 1.0) or math.isnan(float(r)):
-        raise ValueError(f"relabel config prune_ratio must be a number in [0, 1), got {r!r}")
-    out["prune_ratio"] = float(r)
-    if out["label"] not in MODES:
-        raise ValueError(f"relabel config label must be one of {MODES}, got {out['label']!r}")
-    out["k"] = _pos_int("k", out["k"])
-    if out["value_dtype"] not in VALUE_DTYPES:
-        raise ValueError(f"relabel config value_dtype must be one of {VALUE_DTYPES}, got {out['value_dtype']!r}")
-    t = out["temperature"]
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not float(t) > 0 or math.isinf(float(t)):
-        raise ValueError(f"relabel config temperature must be a positive number, got {t!r}")
-    out["temperature"] = float(t)
-    if out["flip"] is None:
-        out["flip"] = not out["cutout"]
-    for key in ("cutmix", "cutout", "flip"):
-        if not isinstance(out[key], bool):
-            raise ValueError(f"relabel config {key} must be true or false, got {out[key]!r}")
-    f = out["cutout_factor"]
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < float(f) <= 1.0):
-        raise ValueError(f"relabel config cutout_factor must be in (0, 1], got {f!r}")
-    out["cutout_factor"] = float(f)
-    out["rrc_scale"] = _pair("rrc_scale", out["rrc_scale"])
-    out["rrc_ratio"] = _pair("rrc_ratio", out["rrc_ratio"])
-    if out["out_size"] is not None:
-        s = out["out_size"]
-        s = [s, s] if isinstance(s, int) and not isinstance(s, bool) else list(s)
-        if len(s) != 2:
-            raise ValueError(f"relabel config out_size must be an int or [height, width], got {out['out_size']!r}")
-        out["out_size"] = [_pos_int("out_size", v) for v in s]
-    if out["num_classes"] is not None:
-        out["num_classes"] = _pos_int("num_classes", out["num_classes"])
-    return out
+    """The relabel section validated against the schema (lpqld_fast.config.RelabelConfig), defaults filled in
+    and ``flip`` decided (default: on, except with cutout: the IN21K recipe stores cutout instead of flips)."""
+    cfg = check_section("relabel", config)
+    if cfg["flip"] is None:
+        cfg["flip"] = not cfg["cutout"]
+    return cfg
 
 
 def derive_seed(seed: int, tag: str, index: int) -> int:

@@ -66,6 +66,17 @@ def teacher_features(teacher: torch.nn.Module, images_uint8: torch.Tensor, mean,
     return torch.cat(out)
 
 
+def _real_images(train: Any, idx: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, C, S, S] of training images ``idx``: indexed in memory, or decoded from a streamed tree and
+    fitted to its image size (centre crop, the eval geometry) without augmentation."""
+    if hasattr(train, "images"):
+        return train.images[idx]
+    from lpqld_fast.data.folder_tree import _decode_all
+
+    files = type(train)(train.root, transform=None, classes=train.classes, mode=train.mode)
+    return _decode_all(files, "L" if train.in_chans == 1 else "RGB", train.image_size, idx.tolist())
+
+
 def diversity_metrics(squeeze_dir: Path, recover_dir: Path, config: dict[str, Any], real_per_class: int = 100,
                       seed: int = 0) -> dict[str, float]:
     """Diversity of the image set in ``recover_dir`` under the teacher of ``squeeze_dir``."""
@@ -77,14 +88,15 @@ def diversity_metrics(squeeze_dir: Path, recover_dir: Path, config: dict[str, An
     train = get_dataset(config["dataset"], "train", root=config.get("data_root"))
     teacher = load_teacher(Path(squeeze_dir) / "teacher.pt", build_teacher(config["squeeze"], train))
     g = torch.Generator().manual_seed(seed)
+    targets = train.targets
     real_idx = []
     for c in range(train.num_classes):
-        idx = torch.nonzero(train.labels == c).flatten()
+        idx = torch.nonzero(targets == c).flatten()
         real_idx.append(idx[torch.randperm(len(idx), generator=g)[:real_per_class]])
     real_idx = torch.cat(real_idx)
     fs = teacher_features(teacher, images, train.mean, train.std)
-    fr = teacher_features(teacher, train.images[real_idx], train.mean, train.std)
-    lr = train.labels[real_idx]
+    fr = teacher_features(teacher, _real_images(train, real_idx), train.mean, train.std)
+    lr = targets[real_idx]
     mmds, bws = [], []
     for c in labels.unique().tolist():
         m, bw = mmd2_gaussian(fs[labels == c], fr[lr == c])
@@ -176,14 +188,22 @@ def run_summary(run: str | Path) -> dict[str, Any]:
     }
 
 
-def write_report(run: str | Path, diversity: bool = True) -> Path:
-    """Write <run>/report/REPORT.md with plots; print the headline numbers. Returns the report path."""
+def write_report(run: str | Path, diversity: bool = True, config: dict[str, Any] | None = None) -> Path:
+    """Write <run>/report/REPORT.md with plots; print the headline numbers. Returns the report path.
+
+    The settings are each stage's recorded ones (the teacher's from squeeze/config.json, the student's from
+    train/config.json, IPC from the recover manifest); dataset and data root from ``config`` (the CLI's,
+    checked against <run>/run.json), else from squeeze/config.json.
+    """
     from lpqld_fast.store.accounting import storage_markdown
 
     run = Path(run)
+    recorded = read_json(run / "squeeze" / "config.json", "squeeze config")["config"]
+    config = {**recorded, **({k: config[k] for k in ("dataset", "data_root")} if config else {})}
+    if (run / "train" / "config.json").exists():
+        config["train"] = read_json(run / "train" / "config.json", "train config")["config"]["train"]
     out = run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    config = read_json(run / "squeeze" / "config.json", "squeeze config")["config"]
     s = run_summary(run)
     sq = read_json(run / "squeeze" / "metrics.json", "squeeze metrics")
     train = read_json(run / "train" / "train_metrics.json", "train metrics")
@@ -195,11 +215,12 @@ def write_report(run: str | Path, diversity: bool = True) -> Path:
                                "acc": float("nan"), "group": "full-label storage (accuracy n/a)"}],
                              out / "accuracy_vs_storage.png", "accuracy against storage")
     div = diversity_metrics(run / "squeeze", run / "recover", config) if diversity else {}
-    rc = config["recover"]
+    ipc = read_json(run / "recover" / "manifest.json", "recover manifest")["recover"]["ipc"]
     lines = [
         f"# lpqld_fast report: {run}",
         "",
-        f"- dataset: {config['dataset']}, IPC {rc['ipc']}, student {config['train'].get('model')}",
+        f"- dataset: {config['dataset']}" + (f" ({config['data_root']})" if config.get("data_root") else "")
+        + f", IPC {ipc}, student {config['train'].get('model')}",
         f"- teacher test top-1: {sq['teacher_test_acc']:.2f}%",
         f"- **student test top-1: {s['selected_acc']:.2f}%** (selected by {s['selection']}), last "
         f"{s['last_acc']:.2f}%; best of the test evaluations {s['best_acc']:.2f}% (chosen on the test set, "

@@ -1,5 +1,12 @@
 """Process-wide settings: the CPU allocator's, applied by the entry points (CLI, bench, scripts), never on
-import; and ``full_fp32()``, a block with TF32 off (GPU equivalence checks).
+import; ``full_fp32()``, a block with TF32 off (GPU equivalence checks); and the hardware's answers to the
+config's ``auto`` settings (bf16, threads, loader workers; lpqld_fast.config.resolve_auto).
+
+bf16 autocast is chosen only where the device computes bf16 natively: on a CPU, the ``avx512_bf16`` or
+``amx_bf16`` flag in /proc/cpuinfo (oneDNN's bf16 convolutions and matmuls use those instructions; without
+them it converts to fp32 and back around every op: `make demo` took 31 min in forced bf16 on a Xeon without
+them, 2.3-2.6x slower steps than fp32). The flags are read, not probed by timing: deterministic, free, and what
+oneDNN dispatches on; a timing probe on a shared machine would measure the neighbours.
 
 Two costs showed up in the profiles of the CPU pipeline, both page faults on freshly allocated tensors:
 
@@ -29,6 +36,8 @@ MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit: blocks below it come fro
 TRIM_THRESHOLD = 256 << 20  # free heap kept before memory is returned to the kernel
 
 _applied: dict[str, object] | None = None
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+MAX_AUTO_WORKERS = 4  # image decoding beyond 4 workers did not pay on the folder trees measured
 
 
 def tune_cpu_allocator() -> dict[str, object]:
@@ -78,3 +87,70 @@ def full_fp32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: str = "cpu") -> tuple[bool, str]:
+    """(use bf16 autocast, why): on a CPU only with native bf16 instructions, on CUDA where supported."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        ok = bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        return ok, "the GPU computes bf16 natively" if ok else "the GPU lacks native bf16"
+    have = sorted(cpu_flags() & set(NATIVE_BF16_FLAGS))
+    if have:
+        return True, f"the CPU has {'/'.join(have)}"
+    return False, "the CPU lacks avx512_bf16/amx_bf16, bf16 would be emulated"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (containers)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def auto_threads() -> tuple[int, str]:
+    """Threads for ``runtime.threads=auto``: never more than torch's current setting (which honours
+    OMP_NUM_THREADS and a caller's torch.set_num_threads), nor more than the usable CPUs per local process."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    cpus = max(1, usable_cpus() // max(local, 1))
+    n = max(1, min(torch.get_num_threads(), cpus))
+    return n, f"{usable_cpus()} usable CPUs" + (f" / {local} local processes" if local > 1 else "")
+
+
+def auto_workers() -> tuple[int, str]:
+    """DataLoader workers for folder trees: one CPU is left to the training process, at most 4."""
+    n = min(MAX_AUTO_WORKERS, usable_cpus() - 1)
+    return max(0, n), f"{usable_cpus()} usable CPUs"
+
+
+def apply_threads(threads: int) -> None:
+    """torch's intra-op threads for this process (a no-op when already set)."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

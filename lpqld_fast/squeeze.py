@@ -1,7 +1,7 @@
 """Squeeze: train (or load) the teacher, then collect class-wise BN statistics.
 
 Output directory layout:
-    config.json                 the squeeze config, seed, dataset
+    config.json                 the resolved config (auto settings as chosen), seed, checkpoint
     checkpoints/epoch_XXX.pt    teacher weights after each epoch (experts for paper 001)
     checkpoints/last.pt         full training state for resume (model, optimizer, scheduler, rng)
     teacher.pt                  final teacher weights (state dict)
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from lpqld_fast import config as schema
 from lpqld_fast import distributed
 from lpqld_fast.bn_stats import ClasswiseBNStats, bn_layers, save_bn_stats
 from lpqld_fast.data import get_dataset
@@ -30,26 +31,19 @@ from lpqld_fast.engine import (batch_indices, build_optimizer, hashed_seed, seed
                                warmup_cosine)
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models import get_model
-from lpqld_fast.presets import check_stage_keys
 
-# Every squeeze setting the teacher training and the statistics pass read.
-KNOWN_KEYS = frozenset({"model", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
-                        "warmup_epochs", "label_smoothing", "augment", "crop_pad", "bf16", "channels_last",
-                        "checkpoint_required", "stats_batch_size", "stats_mode", "stats_momentum", "stats_workers",
-                        "train_workers"})
+# The settings of the statistics pass: a change recomputes the statistics of the existing teacher.
+STATS_KEYS = ("stats_mode", "stats_momentum", "stats_batch_size")
+
+
+def squeeze_config(cfg: dict[str, Any] | None, device: str = "cpu",
+                   recorded: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The squeeze section validated (schema defaults filled in) with its auto settings chosen."""
+    return schema.resolve_auto("squeeze", schema.check_section("squeeze", cfg), device, recorded)
 
 
 def build_teacher(cfg: dict[str, Any], meta: Any) -> nn.Module:
     return get_model(cfg["model"], num_classes=meta.num_classes, in_chans=meta.in_chans, image_size=meta.image_size)
-
-
-def _int_setting(cfg: dict[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
-    """cfg[key] as an int >= minimum, else a one-line error naming squeeze.<key> (0 would divide by zero)."""
-    v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"squeeze.{key} must be {what}, got {v!r}")
-    return v
 
 
 def load_teacher(path: str | Path, model: nn.Module) -> nn.Module:
@@ -71,8 +65,8 @@ def load_teacher(path: str | Path, model: nn.Module) -> nn.Module:
 
 def _augment(x_uint8: torch.Tensor, cfg: dict[str, Any], gen: torch.Generator, mean, std) -> torch.Tensor:
     x = to_float_images(x_uint8)
-    if cfg.get("augment", "crop-flip") == "crop-flip":
-        x = random_crop_flip(x, pad=int(cfg.get("crop_pad", 2)), generator=gen)
+    if cfg["augment"] == "crop-flip":
+        x = random_crop_flip(x, pad=cfg["crop_pad"], generator=gen)
     return normalize(x, mean, std)
 
 
@@ -84,7 +78,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _memory_steps(train: Any, cfg: dict[str, Any], gen: torch.Generator, bs: int
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
     """(x, y, loss weight) of this rank per step: every rank draws the global batch and its augmentation
-    (same generator), then keeps its rows (issue 8; the whole batch and weight 1.0 in one process)."""
+    (same generator), then keeps its rows (the whole batch and weight 1.0 in one process)."""
     for idx in batch_indices(len(train.labels), bs, gen, drop_last=True):
         x = _augment(train.images[idx], cfg, gen, train.mean, train.std)
         rows, share = distributed.batch_share(len(idx))
@@ -123,37 +117,35 @@ def _plot_curve(metrics: list[dict], path: Path) -> None:
 
 
 def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, device: str = "cpu",
-                  data_root: str | None = None) -> tuple[nn.Module, list[dict]]:
+                  data_root: str | None = None, record: dict[str, Any] | None = None) -> tuple[nn.Module, list[dict]]:
     """Train the teacher with per-epoch checkpoints; resumes from checkpoints/last.pt.
 
     In-memory datasets are augmented with ``squeeze.augment``; an ImageFolder tree is decoded in
     ``squeeze.train_workers`` DataLoader workers with the folder's train transform, each image under a seed of
     (seed, epoch, image index), so a resumed run and any number of ranks see the same pixels.
+    ``record`` (the resolved config) is written to config.json once the inputs are checked, before the first
+    epoch of a fresh run: a killed run's settings are then known when it is resumed.
     """
+    cfg, _ = squeeze_config(cfg, device)
     train = get_dataset(dataset, "train", root=data_root)
     test = get_dataset(dataset, "test", root=data_root)
     streamed = not hasattr(train, "images")
     labels = train.targets if streamed else train.labels
     gen = seed_everything(seed)
     model = build_teacher(cfg, train).to(device)
-    if cfg.get("channels_last", False):
+    if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    # Issue 8: under torchrun, DDP + synchronised BN (model itself for 1 process); optimizer on the shared params.
+    # under torchrun, DDP + synchronised BN (model itself for 1 process); optimizer on the shared params.
     net = distributed.ddp_model(model, device)
-    for key in ("lr", "weight_decay", "momentum", "label_smoothing"):  # a string fails deep in torch
-        v = cfg.get(key, 0.0)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
-            raise ValueError(f"squeeze.{key} must be a number >= 0, got {v!r}")
-    epochs = _int_setting(cfg, "epochs")
-    bs = _int_setting(cfg, "batch_size")
+    epochs = cfg["epochs"]
+    bs = cfg["batch_size"]
     if bs > len(labels):  # drop_last: not one step per epoch, an untrained teacher
         raise ValueError(f"squeeze.batch_size {bs} exceeds the {len(labels)} training images of {dataset}")
     steps_per_epoch = len(labels) // bs
-    workers = _int_setting(cfg, "train_workers", 4, minimum=0)
-    opt = build_optimizer(model, cfg["optimizer"], cfg["lr"], cfg.get("weight_decay", 0.0), cfg.get("momentum", 0.9),
-                          cfg.get("nesterov", False))
+    workers = cfg["train_workers"]
+    opt = build_optimizer(model, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"], cfg["nesterov"])
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(epochs * steps_per_epoch, int(cfg.get("warmup_epochs", 0)) * steps_per_epoch))
+        opt, warmup_cosine(epochs * steps_per_epoch, cfg["warmup_epochs"] * steps_per_epoch))
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     metrics: list[dict] = []
@@ -170,8 +162,10 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
         metrics = read_json(out / "metrics.json", "squeeze metrics")["teacher"] if (out / "metrics.json").exists() else []
         metrics = metrics[:start]
         print(f"squeeze: resuming teacher training after epoch {start}")
-    bf16 = bool(cfg.get("bf16", False))
-    channels_last = bool(cfg.get("channels_last", False))
+    elif record is not None and distributed.is_main():
+        atomic_write_json(out / "config.json", record)
+    bf16 = cfg["bf16"]
+    channels_last = cfg["channels_last"]
     for epoch in range(start, epochs):
         net.train()
         t0 = time.perf_counter()
@@ -185,7 +179,7 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(net(x), y, label_smoothing=float(cfg.get("label_smoothing", 0.0)))
+                loss = F.cross_entropy(net(x), y, label_smoothing=cfg["label_smoothing"])
             opt.zero_grad(set_to_none=True)
             (loss * share if share != 1.0 else loss).backward()
             opt.step()
@@ -193,7 +187,7 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
             total += float(loss.detach()) * len(y)
             n += len(y)
             bar.set_postfix(loss=f"{total / n:.3f}")
-        total, n = distributed.all_reduce_scalar(total), int(distributed.all_reduce_scalar(n))  # issue 8
+        total, n = distributed.all_reduce_scalar(total), int(distributed.all_reduce_scalar(n))
         if streamed:
             acc = evaluate_folder(model, test, num_workers=workers, channels_last=channels_last, bf16=bf16)
         else:
@@ -201,7 +195,7 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
                                                channels_last=channels_last)
         metrics.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "test_acc": acc,
                         "seconds": time.perf_counter() - t0})
-        if distributed.is_main():  # issue 8: rank 0 writes checkpoints and metrics
+        if distributed.is_main():  # rank 0 writes checkpoints and metrics
             print(f"teacher epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}, test top-1 {acc:.2f}%, "
                   f"{metrics[-1]['seconds']:.1f}s")
             save_tensors(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", model.state_dict())
@@ -218,19 +212,20 @@ def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], see
     """One eval-mode pass over the train set (train augmentation, as the reference) recording class-wise BN stats.
 
     Batch b of the seeded order is augmented with its own generator (seed, b), so
-    each image gets the same pixels however the pass is split. Issue 8: under
+    each image gets the same pixels however the pass is split. Under
     torchrun, exact mode gives batch b to rank b % world and all-reduces the
     float64 moments (every rank returns the same result); EMA mode depends on
     batch order, so rank 0 runs it alone (the other ranks return ({}, layers)).
     """
+    cfg, _ = squeeze_config(cfg, device)
     train = get_dataset(dataset, "train", root=data_root)
     streamed = not hasattr(train, "images")  # an ImageFolder tree: decoded in workers, seeded per image
     model = model.to(device).eval()
     gen = torch.Generator().manual_seed(seed + 1)
-    mode = cfg.get("stats_mode", "exact")
-    collector = ClasswiseBNStats(model, train.num_classes, mode=mode,
-                                 momentum=float(cfg.get("stats_momentum", 0.1)), backend=backend)
-    bs = _int_setting(cfg, "stats_batch_size", 500)
+    mode = cfg["stats_mode"]
+    collector = ClasswiseBNStats(model, train.num_classes, mode=mode, momentum=cfg["stats_momentum"],
+                                 backend=backend)
+    bs = cfg["stats_batch_size"]
     labels = train.targets if streamed else train.labels
     batches = list(batch_indices(len(labels), bs, gen, drop_last=False))
     rank, world = distributed.rank(), distributed.world_size()
@@ -241,8 +236,7 @@ def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], see
     with collector.attached():
         if streamed:
             # the folder's train transform (RandomResizedCrop + flip + normalise) under a per-image seed
-            stream = seeded_batches(train, [batches[b].tolist() for b in mine], seed + 1,
-                                    int(cfg.get("stats_workers", 4)))
+            stream = seeded_batches(train, [batches[b].tolist() for b in mine], seed + 1, cfg["stats_workers"])
             for x, y in tqdm(stream, total=len(mine), desc="class-wise BN stats", leave=False, disable=rank != 0):
                 collector.observe(model, x.to(device), y)
         else:
@@ -263,17 +257,48 @@ def _stats_generator(seed: int, batch: int) -> torch.Generator:
 def _write_config(out: Path, config: dict[str, Any], seed: int, checkpoint: str | None) -> None:
     """config.json, written once the outputs it describes exist: a command that fails (bad dataset,
     full disk) leaves the config of the finished outputs in place."""
-    if distributed.is_main():  # issue 8: rank 0 writes shared files
-        atomic_write_json(out / "config.json", {"config": config, "seed": seed, "checkpoint": checkpoint})
+    if distributed.is_main():  # rank 0 writes shared files
+        atomic_write_json(out / "config.json", _record(config, seed, checkpoint))
+
+
+def _record(config: dict[str, Any], seed: int, checkpoint: str | None) -> dict[str, Any]:
+    return {"config": config, "seed": seed, "checkpoint": checkpoint}
+
+
+def _check_rerun(out: Path, config: dict[str, Any], cfg: dict[str, Any], seed: int,
+                 checkpoint: str | None) -> None:
+    """Refuse a teacher (trained or partly trained in ``out``) made with other teacher settings, seed or
+    dataset: it would be reused as if it were the one asked for. The statistics settings may change (the
+    statistics are recomputed)."""
+    if checkpoint or not ((out / "teacher.pt").exists() or (out / "checkpoints" / "last.pt").exists()):
+        return
+    if not (out / "config.json").exists():
+        return  # a folder from before config.json was written at the start: nothing to compare with
+    rec = read_json(out / "config.json", "squeeze config")
+    if rec.get("checkpoint"):
+        return  # the teacher came from a checkpoint: the training settings did not make it
+    old = rec.get("config", {})
+    diffs = schema.result_diff("squeeze", old.get("squeeze", {}), cfg, ignore=STATS_KEYS)
+    if rec.get("seed") != seed:
+        diffs.append(f"--seed {rec.get('seed')!r} -> {seed!r}")
+    if old.get("dataset") != config.get("dataset"):
+        diffs.append(f"dataset {old.get('dataset')!r} -> {config.get('dataset')!r}")
+    if diffs:
+        schema.refuse_rerun(out, diffs)
 
 
 def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: str = "cpu",
                 checkpoint: str | None = None, data_root: str | None = None) -> dict[str, Any]:
     """Teacher (trained, resumed or loaded) + class-wise BN statistics into ``out``."""
     out = Path(out)
+    recorded = None
+    if (out / "config.json").exists():
+        recorded = read_json(out / "config.json", "squeeze config").get("config", {}).get("squeeze")
+    cfg, notes = squeeze_config(config["squeeze"], device, recorded)
+    config = {**config, "squeeze": cfg}
+    _check_rerun(out, config, cfg, seed, checkpoint)
+    schema.announce("squeeze", notes)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = config["squeeze"]
-    check_stage_keys("squeeze", cfg, KNOWN_KEYS)
     if data_root is None:
         data_root = config.get("data_root")
     dataset = config["dataset"]
@@ -288,11 +313,12 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
         metrics = read_json(out / "metrics.json", "squeeze metrics").get("teacher", [])
         print(f"squeeze: teacher already trained ({out / 'teacher.pt'})")
     else:
-        if cfg.get("checkpoint_required"):
+        if cfg["checkpoint_required"]:
             raise ValueError(f"preset for {dataset} expects a teacher checkpoint (--checkpoint PATH)")
-        model, metrics = train_teacher(cfg, dataset, out, seed, device, data_root)
+        model, metrics = train_teacher(cfg, dataset, out, seed, device, data_root,
+                                       record=_record(config, seed, checkpoint))
         model = model.to(memory_format=torch.contiguous_format)
-        if distributed.is_main():  # issue 8
+        if distributed.is_main():
             save_tensors(out / "teacher.pt", model.state_dict())
             _plot_curve(metrics, out / "teacher_curve.png")
     teacher_time = time.perf_counter() - t0
@@ -301,27 +327,29 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
     summary_path = out / "metrics.json"
     if (out / "bn_stats.pt").exists() and summary_path.exists():
         done = read_json(summary_path, "squeeze metrics")
-        if done.get("teacher_sha256") == teacher_hash and done.get("stats_mode") == cfg.get("stats_mode", "exact"):
+        # runs recorded before stats_config existed name only stats_mode
+        have = done.get("stats_config") or {"stats_mode": done.get("stats_mode")}
+        if done.get("teacher_sha256") == teacher_hash and all(cfg[k] == v for k, v in have.items()):
             print(f"squeeze: done already ({out})")
             _write_config(out, config, seed, checkpoint)
             return done
     stats, layers = collect_class_stats(model, dataset, cfg, seed, device, data_root)
-    if distributed.is_main():  # issue 8
-        save_bn_stats(out / "bn_stats.pt", stats, layers, cfg.get("stats_mode", "exact"), teacher_hash)
+    if distributed.is_main():
+        save_bn_stats(out / "bn_stats.pt", stats, layers, cfg["stats_mode"], teacher_hash)
     stats_time = time.perf_counter() - t1
     train = get_dataset(dataset, "train", root=data_root)
     test = get_dataset(dataset, "test", root=data_root)
     if hasattr(test, "images"):
         acc = distributed.evaluate_sharded(model, test.images, test.labels, train.mean, train.std)
     else:
-        acc = evaluate_folder(model, test, num_workers=int(cfg.get("stats_workers", 4)))
+        acc = evaluate_folder(model, test, num_workers=cfg["stats_workers"])
     summary = {"teacher": metrics, "teacher_test_acc": acc, "teacher_sha256": teacher_hash,
                "bn_layers": len(bn_layers(model)), "teacher_seconds": teacher_time, "stats_seconds": stats_time,
-               "stats_mode": cfg.get("stats_mode", "exact")}
+               "stats_mode": cfg["stats_mode"], "stats_config": {k: cfg[k] for k in STATS_KEYS}}
     if distributed.is_main():
         _write_config(out, config, seed, checkpoint)
         atomic_write_json(out / "metrics.json", summary)
         print(f"squeeze: teacher test top-1 {acc:.2f}% | class-wise stats of {len(layers)} BN layers in "
               f"{stats_time:.1f}s | {out}")
-    distributed.barrier()  # issue 8: the next stage reads what rank 0 wrote
+    distributed.barrier()  # the next stage reads what rank 0 wrote
     return summary

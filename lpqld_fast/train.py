@@ -11,6 +11,8 @@ Resumes from ``out/last.pt`` after a kill.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lpqld_fast import config as schema
 from lpqld_fast import distributed
 from lpqld_fast.augment import replay_batch
 from lpqld_fast.data import get_dataset, stratified_subset
 from lpqld_fast.data.streaming import evaluate_folder
 from lpqld_fast.engine import build_optimizer, seed_everything, warmup_cosine
-from lpqld_fast.io_utils import atomic_write_json, load_tensors, save_tensors
+from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors
 from lpqld_fast.label_pool import epoch_batch_ids, temperature_at
 from lpqld_fast.models import get_model
 from lpqld_fast.ops import calibrate_student_temperature, soft_label_kl
@@ -32,61 +35,47 @@ from lpqld_fast.records import run_record
 from lpqld_fast.recover import load_recovered
 from lpqld_fast.store import LabelStore
 
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "model": "convnet-bn",
-    "epochs": 300,
-    "optimizer": "adamw",
-    "lr": 1e-3,
-    "weight_decay": 0.01,
-    "momentum": 0.9,
-    "warmup_epochs": 0,
-    "pool": "lpqld",
-    "temperature": "step",  # step | cosine | constant
-    "t0": 20.0,
-    "t_decay": 0.7,
-    "t_step": 30,
-    "t_floor": 2.0,
-    "calibrate": True,
-    # Student temperature when not calibrated: a number, or "teacher" = the teacher's T(e)
-    # (SRe2L / LPLD divide student and teacher logits by the same temperature).
-    "student_t": 1.0,
-    "calibrate_batches": 1,  # 1 = the last mini-batch, as the reference
-    "t2_scale": False,
-    # Hard-label baseline: one-hot labels of the replayed images (CutMix-mixed), stored soft labels ignored.
-    "hard_labels": False,
-    "eval_every": 25,
-    # Evaluate on a fixed class-balanced subset of this many test images (seed 0); 0 = the whole test split.
-    "test_subset": 0,
-    # Model selection without the test set: a fixed class-balanced split of this many real training images
-    # (seed 0; the student never sees real images) is evaluated beside the test set, and the reported
-    # "selected" accuracy is the test accuracy at the evaluation with the best validation accuracy.
-    # 0, or a dataset that is not held in memory: the last evaluation is the selected one.
-    "val_size": 1000,
-    "checkpoint_every": 10,
-    "bf16": False,
-    # NHWC student + inputs: the fast CPU conv path (with bf16, ~3x faster ConvNet steps and evals here).
-    "channels_last": False,
-}
+# Every train setting with its default (lpqld_fast.config.TrainConfig holds the types and meanings).
+TRAIN_DEFAULTS: dict[str, Any] = schema.defaults("train")
 
 
-def train_config(config: dict[str, Any]) -> dict[str, Any]:
-    cfg = {**TRAIN_DEFAULTS, **config.get("train", {})}
-    unknown = set(cfg) - set(TRAIN_DEFAULTS) - {"batch_size"}
-    if unknown:
-        raise ValueError(f"unknown train settings {sorted(unknown)}; valid: {sorted(TRAIN_DEFAULTS)}")
-    for key in ("epochs", "eval_every", "checkpoint_every", "calibrate_batches"):  # 0 would divide or skip every eval
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"train.{key} must be a positive int, got {v!r}")
-    for key, meaning in (("test_subset", "the whole test split"), ("val_size", "select the last evaluation")):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"train.{key} must be an int >= 0 (0 = {meaning}), got {v!r}")
-    for key in ("lr", "weight_decay", "momentum", "t0", "t_decay", "t_floor"):  # a string fails deep in torch
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
-            raise ValueError(f"train.{key} must be a number >= 0, got {v!r}")
+def train_config(config: dict[str, Any], device: str = "cpu", out: str | Path | None = None) -> dict[str, Any]:
+    """The train section validated against the schema, defaults filled in and its auto settings chosen
+    (as recorded in ``out``/config.json when that run exists, else by the hardware; printed)."""
+    rec_path = Path(out) / "config.json" if out is not None else None
+    recorded = read_json(rec_path, "train config")["config"].get("train") if rec_path and rec_path.exists() else None
+    cfg, notes = schema.resolve_auto("train", schema.check_section("train", config.get("train")), device, recorded)
+    schema.announce("train", notes)
     return cfg
+
+
+def _store_identity(store: LabelStore) -> str:
+    """sha256 of the store manifest's file checksums: which labels a student was trained on."""
+    return hashlib.sha256(json.dumps(store.manifest["files"], sort_keys=True).encode()).hexdigest()
+
+
+def _check_resume(out: Path, config: dict[str, Any], cfg: dict[str, Any], seed: int, store: LabelStore,
+                  images_sha256: str) -> dict[str, Any]:
+    """Before anything is written: a run in ``out`` made with other settings, seed, images or labels is
+    refused naming what differs; train.epochs may be raised (training goes on) but not lowered below the
+    recorded value. Returns the record of this run (the resolved config), for out/config.json."""
+    rec_path = out / "config.json"
+    record = {"config": {**config, "train": cfg}, "seed": seed, "images_sha256": images_sha256,
+              "label_store": _store_identity(store)}
+    started = (out / "last.pt").exists() or (out / "student.pt").exists()
+    if started and rec_path.exists():
+        old = read_json(rec_path, "train config")
+        old_cfg = old.get("config", {}).get("train", {})
+        diffs = schema.result_diff("train", old_cfg, cfg, ignore=("epochs",))
+        if cfg["epochs"] < old_cfg.get("epochs", cfg["epochs"]):
+            diffs.append(f"train.epochs {old_cfg['epochs']!r} -> {cfg['epochs']!r} (only raising it trains on)")
+        for key, what in (("seed", "--seed"), ("images_sha256", "the distilled images"),
+                          ("label_store", "the label store")):
+            if old.get(key) != record[key]:
+                diffs.append(f"{what} changed" if key != "seed" else f"--seed {old.get(key)!r} -> {seed!r}")
+        if diffs:
+            schema.refuse_rerun(out, diffs)
+    return record
 
 
 def run_train(
@@ -98,12 +87,13 @@ def run_train(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    cfg = train_config(config)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = train_config(config, device, out)
     images, image_labels, manifest = load_recovered(recover_dir)
+    # every file's sha256 once, before the first step and before anything is written: a flipped byte in the
+    # labels would otherwise train silently (measured here: ~40 ms for a tiny store, ~1 s for 100 MB)
     store = LabelStore.open(relabel_dir, expect_images_sha256=manifest["images_sha256"],
-                            expect_teacher_sha256=manifest["teacher_sha256"], verify="size")
+                            expect_teacher_sha256=manifest["teacher_sha256"], verify="sha256")
     if cfg.get("batch_size") not in (None, store.batch_size):
         raise ValueError(f"train.batch_size {cfg['batch_size']} differs from the label store's batch size "
                          f"{store.batch_size}: the student replays whole stored batches")
@@ -118,7 +108,7 @@ def run_train(
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
     images = images.to(device)
-    # Issue 8: under torchrun, DDP + synchronised BN; each rank trains on its rows of every stored batch.
+    # under torchrun, DDP + synchronised BN; each rank trains on its rows of every stored batch.
     net = distributed.ddp_model(student, device)
     epochs = int(cfg["epochs"])
     nb = store.batches_per_epoch
@@ -128,6 +118,8 @@ def run_train(
     metrics: dict[str, Any] = {"epochs": [], "evals": []}
     start = 1
     last_path = out / "last.pt"
+    out.mkdir(parents=True, exist_ok=True)
+    record = _check_resume(out, config, cfg, seed, store, manifest["images_sha256"])
     if last_path.exists():
         state = load_tensors(last_path, what="train resume checkpoint")
         try:
@@ -145,6 +137,9 @@ def run_train(
         gen.set_state(state["generator"])
         t_s = float(state["t_s"])
         start = int(state["epoch"]) + 1
+        if start - 1 > epochs:
+            raise ValueError(f"{last_path} holds epoch {start - 1}, more than train.epochs={epochs}; rerun with "
+                             f"train.epochs >= {start - 1}, or start fresh with another --out (or delete {out})")
         from lpqld_fast.io_utils import read_json
 
         metrics = read_json(out / "train_metrics.json", "train metrics")
@@ -152,6 +147,8 @@ def run_train(
         for key in ("epochs", "evals"):
             metrics[key] = [m for m in metrics.get(key, []) if m["epoch"] < start]
         print(f"train: resuming after epoch {start - 1}")
+    if distributed.is_main():  # once the resume state loaded: a refused resume leaves the old record
+        atomic_write_json(out / "config.json", record)
     mean, std = store.mean, store.std
     t_begin = time.perf_counter()
     on_gpu = torch.device(device).type != "cpu"
@@ -178,7 +175,7 @@ def run_train(
                 check_label_data(**rec.labels.kl_kwargs(), num_classes=test.num_classes)
                 labels_checked.add(bid)
             labels = rec.labels.to(device)
-            rows, share = distributed.batch_share(x.shape[0])  # issue 8: all rows, share 1.0 for 1 process
+            rows, share = distributed.batch_share(x.shape[0])  # all rows, share 1.0 for 1 process
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"])):
                 logits = net(x[rows])
             if cfg["hard_labels"]:
@@ -195,7 +192,7 @@ def run_train(
             total = total + loss.detach().double()  # summed on the device: float() would sync a GPU per step
             if i >= len(ids) - int(cfg["calibrate_batches"]):
                 calib.append((distributed.gather_rows(logits.detach().float(), x.shape[0]), labels))
-        total = distributed.all_reduce_scalar(float(total)) / distributed.world_size()  # issue 8: mean over ranks
+        total = distributed.all_reduce_scalar(float(total)) / distributed.world_size()  # mean over ranks
         if cfg["calibrate"] and not cfg["hard_labels"]:
             t_s = calibrate_on(calib, T)
         entry = {"epoch": epoch, "loss": total / max(len(ids), 1), "T": T, "t_s": t_s, "steps": len(ids),
@@ -210,7 +207,7 @@ def run_train(
                 ev.update(logit_ranges(calib[-1][0], calib[-1][1]))
             metrics["evals"].append(ev)
             bar.set_postfix(acc=f"{ev['test_acc']:.2f}", T=f"{T:.1f}", t_s=f"{t_s:.2f}")
-        if (epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs) and distributed.is_main():  # issue 8
+        if (epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs) and distributed.is_main():
             atomic_write_json(out / "train_metrics.json", metrics)
             save_tensors(last_path, {"model": student.state_dict(), "optimizer": opt.state_dict(),
                                      "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -220,7 +217,7 @@ def run_train(
                "seconds": time.perf_counter() - t_begin + metrics.get("seconds", 0.0),
                "record": run_record(config, seed, device)}
     metrics.update(summary)
-    if distributed.is_main():  # issue 8: rank 0 writes, the others wait for it
+    if distributed.is_main():  # rank 0 writes, the others wait for it
         atomic_write_json(out / "train_metrics.json", metrics)
         save_tensors(out / "student.pt", student.state_dict())
     distributed.barrier()

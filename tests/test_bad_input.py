@@ -334,20 +334,21 @@ def _other_arch_weights(path: Path) -> None:
 
 
 # Each case: (id, stages to drop from the copied run, prepare(run, tmp_path) -> extra argv, command, message regex)
+ALL_STAGES = ("squeeze", "recover", "relabel", "train")  # a fresh run directory (run.json binds only a started run)
 def _prep_none(run: Path, tmp: Path) -> list[str]:
     return []
 
 
 CLI_CASES = [
     # squeeze
-    ("squeeze-missing-dataset", (), lambda r, t: ["--dataset", "fmnist-real", "--data-root", str(t / "nowhere")],
+    ("squeeze-missing-dataset", ALL_STAGES, lambda r, t: ["--dataset", "fmnist-real", "--data-root", str(t / "nowhere")],
      "squeeze", r"^lpqld squeeze: error: Fashion-MNIST directory '.*nowhere' does not exist"),
-    ("squeeze-unreadable-dataset", (), "garbage-idx", "squeeze", r"^lpqld squeeze: error: .*garbage"),
-    ("squeeze-missing-imagefolder", (), lambda r, t: ["--dataset", "tiny-imagenet", "--data-root", str(t / "nowhere")],
+    ("squeeze-unreadable-dataset", ALL_STAGES, "garbage-idx", "squeeze", r"^lpqld squeeze: error: .*garbage"),
+    ("squeeze-missing-imagefolder", ALL_STAGES, lambda r, t: ["--dataset", "tiny-imagenet", "--data-root", str(t / "nowhere")],
      "squeeze", r"^lpqld squeeze: error: imagefolder split directory '.*nowhere/train' does not exist"),
     ("squeeze-imagefolder-bad-workers", ("squeeze",), "tiny-imagenet-tree-bad-workers", "squeeze",
-     r"^lpqld squeeze: error: squeeze.train_workers must be an int >= 0, got -1$"),
-    ("squeeze-imagefolder-class-count", (), "tree-3-classes", "squeeze",
+     r"^lpqld squeeze: error: squeeze.train_workers must be an int >= 0 or auto, got -1$"),
+    ("squeeze-imagefolder-class-count", ALL_STAGES, "tree-3-classes", "squeeze",
      r"^lpqld squeeze: error: .*/train holds 3 class folders; tiny-imagenet has 200"),
     ("squeeze-checkpoint-missing", ("squeeze",), lambda r, t: ["--checkpoint", str(t / "none.pt")], "squeeze",
      r"^lpqld squeeze: error: teacher checkpoint not found: .*none\.pt$"),
@@ -373,7 +374,7 @@ CLI_CASES = [
      r"^lpqld squeeze: error: argument --seed: invalid int value: 'x' \(see lpqld squeeze --help\)$"),
     # recover
     ("recover-ipc-zero", ("recover",), lambda r, t: ["--set", "recover.ipc=0"], "recover",
-     r"^lpqld recover: error: recover.ipc must be >= 1, got 0$"),
+     r"^lpqld recover: error: recover.ipc must be a positive int, got 0$"),
     ("recover-unknown-key", ("recover",), lambda r, t: ["--set", "recover.iteration=5"], "recover",
      r"^lpqld recover: error: unknown recover config keys 'iteration' \(did you mean 'iterations'\?\); known: "),
     ("recover-teacher-other-architecture", ("recover",), "teacher-other-arch", "recover",
@@ -383,13 +384,23 @@ CLI_CASES = [
      r"^lpqld recover: error: class-wise BN statistics .*bn_stats\.pt cannot be loaded safely"),
     ("recover-no-squeeze", ("squeeze", "recover"), _prep_none, "recover",
      r"^lpqld recover: error: teacher checkpoint not found: .*squeeze/teacher\.pt$"),
+    ("recover-ipc-fraction", ("recover",), lambda r, t: ["--set", "recover.ipc=2.7"], "recover",
+     r"^lpqld recover: error: recover.ipc must be a positive int, got '2.7'$"),
+    ("recover-ipc-not-a-number", ("recover",), lambda r, t: ["--set", "recover.ipc=abc"], "recover",
+     r"^lpqld recover: error: recover.ipc must be a positive int, got 'abc'$"),
+    ("recover-ipc-too-large-for-memory", ("recover",), lambda r, t: ["--set", "recover.ipc=1000000000000"],
+     "recover", r"^lpqld recover: error: recover.ipc=1000000000000 needs at least [\d.]+ GiB of memory "
+     r"\(10000000000000 images of 1x28x28\); [\d.]+ GiB are available$"),
+    ("recover-changed-setting", (), lambda r, t: ["--set", "recover.iterations=4"], "recover",
+     r"^lpqld recover: error: .*/recover holds a recover run with another config \(recover.iterations 3 -> 4\); "
+     r"rerun with the recorded settings, or start fresh with another --out"),
     # relabel
     ("relabel-prune-ratio-one", ("relabel",), lambda r, t: ["--set", "relabel.prune_ratio=1.0"], "relabel",
-     r"^lpqld relabel: error: relabel config prune_ratio must be a number in \[0, 1\), got 1.0$"),
+     r"^lpqld relabel: error: relabel.prune_ratio must be a number in \[0, 1\), got 1.0$"),
     ("relabel-prune-ratio-negative", ("relabel",), lambda r, t: ["--set", "relabel.prune_ratio=-0.1"], "relabel",
-     r"^lpqld relabel: error: relabel config prune_ratio must be a number in \[0, 1\), got -0.1$"),
+     r"^lpqld relabel: error: relabel.prune_ratio must be a number in \[0, 1\), got -0.1$"),
     ("relabel-prune-ratio-nan", ("relabel",), lambda r, t: ["--set", "relabel.prune_ratio=nan"], "relabel",
-     r"^lpqld relabel: error: relabel config prune_ratio must be a number in \[0, 1\), got nan$"),
+     r"^lpqld relabel: error: relabel.prune_ratio must be a number in \[0, 1\), got nan$"),
     ("relabel-k-larger-than-C", ("relabel",), lambda r, t: ["--set", "relabel.k=11"], "relabel",
      r"^lpqld relabel: error: k must be an int in \[1, num_classes=10\] for mode 'mr', got 11$"),
     ("relabel-batch-larger-than-images", ("relabel",), lambda r, t: ["--set", "relabel.batch_size=500"], "relabel",
@@ -400,13 +411,19 @@ CLI_CASES = [
      r"^lpqld relabel: error: distilled images .*images\.pt cannot be loaded safely"),
     ("relabel-no-recover", ("recover", "relabel"), _prep_none, "relabel",
      r"^lpqld relabel: error: recover manifest not found: .*recover/manifest\.json$"),
+    ("relabel-store-too-large-for-disk", ("relabel",), lambda r, t: ["--set", "relabel.epochs=1000000000000"],
+     "relabel", r"^lpqld relabel: error: relabel.epochs=1000000000000 with relabel.batch_size=5, prune_ratio=0.5 and "
+     r"k=3 makes a label store of at least [\d.]+ GiB; [\d.]+ GiB are free under "),
+    ("relabel-changed-setting", (), lambda r, t: ["--set", "relabel.k=4"], "relabel",
+     r"^lpqld relabel: error: .*/relabel already holds a different label store \(differs in: .*k"),
     # train
     ("train-image-set-does-not-match-store", ("train",), "recover-ipc3", "train",
      r"^lpqld train: error: .*relabel/manifest\.json: images_sha256 is '[0-9a-f]+', expected '[0-9a-f]+'; the store "
      r"was made with a different image set$"),
     ("train-resume-other-architecture", (), lambda r, t: ["--set", "train.model=resnet18-small",
                                                           "--set", "train.epochs=4"], "train",
-     r"^lpqld train: error: train resume checkpoint .*last\.pt does not fit train.model='resnet18-small'"),
+     r"^lpqld train: error: .*/train holds a run made with other settings \(train.model 'convnet-bn' -> "
+     r"'resnet18-small'\); rerun with the recorded settings, or start fresh with another --out \(or delete "),
     ("train-resume-checkpoint-pickle", (), "last-evil", "train",
      r"^lpqld train: error: train resume checkpoint .*last\.pt cannot be loaded safely \(UnpicklingError: Weights only "
      r"load failed\); only plain tensor files are accepted, never arbitrary pickles$"),
@@ -422,13 +439,38 @@ CLI_CASES = [
      r"^lpqld train: error: train.epochs must be a positive int, got 0$"),
     ("train-lr-not-a-number", ("train",), lambda r, t: ["--set", "train.lr=abc"], "train",
      r"^lpqld train: error: train.lr must be a number >= 0, got 'abc'$"),
+    ("train-store-values-corrupt", ("train",), "store-values-flipped", "train",
+     r"^lpqld train: error: label store file .*label_values\.bin is corrupt: sha256 differs from the manifest$"),
+    ("train-store-indices-corrupt", ("train",), "store-indices-flipped", "train",
+     r"^lpqld train: error: label store file .*label_indices\.bin is corrupt: sha256 differs from the manifest$"),
+    ("train-changed-setting", (), lambda r, t: ["--set", "train.lr=0.01"], "train",
+     r"^lpqld train: error: .*/train holds a run made with other settings \(train.lr 0.001 -> 0.01\); rerun with "
+     r"the recorded settings, or start fresh with another --out \(or delete .*/train\)$"),
+    ("train-epochs-lowered", (), lambda r, t: ["--set", "train.epochs=2"], "train",
+     r"^lpqld train: error: .*/train holds a run made with other settings \(train.epochs 3 -> 2 \(only raising it "
+     r"trains on\)\)"),
+    ("squeeze-changed-setting", (), lambda r, t: ["--set", "squeeze.lr=0.2"], "squeeze",
+     r"^lpqld squeeze: error: .*/squeeze holds a run made with other settings \(squeeze.lr 0.1 -> 0.2\)"),
+    ("squeeze-other-dataset", (), lambda r, t: ["--dataset", "fmnist-real"], "squeeze",
+     r"^lpqld squeeze: error: .*/run holds a run on dataset 'synthetic', not 'fashion-mnist'; continue it without "
+     r"--dataset, or use another --out for 'fashion-mnist'$"),
+    ("any-unknown-dataset", ALL_STAGES, lambda r, t: ["--dataset", "cifar10"], "squeeze",
+     r"^lpqld squeeze: error: --dataset 'cifar10' is neither a dataset \[.*'imagefolder'.*\] nor a preset"),
+    ("squeeze-imagefolder-no-eval-split", ALL_STAGES, "tree-no-eval", "squeeze",
+     r"^lpqld squeeze: error: imagefolder tree '.*tree' has no evaluation split: expected .*tree/test or "
+     r".*tree/val holding the train split's class folders$"),
+    ("any-bf16-not-a-choice", ALL_STAGES, lambda r, t: ["--set", "train.bf16=yes"], "distill",
+     r"^lpqld distill: error: train.bf16 must be true, false or auto, got 'yes'$"),
     # distill, report
-    ("distill-missing-dataset", (), "fmnist-env-missing", "distill",
+    ("distill-missing-dataset", ALL_STAGES, "fmnist-env-missing", "distill",
      r"^lpqld distill: error: .*nowhere"),
     ("train-data-root-synthetic", (), lambda r, t: ["--data-root", str(t)], "train",
-     r"^lpqld train: error: the synthetic dataset takes no root$"),
+     r"^lpqld train: error: .*/run holds a run on data root None, not '.*'; continue it without --data-root, "
+     r"or use another --out$"),
     ("train-data-root-missing", ("train",), lambda r, t: ["--dataset", "fmnist-real", "--data-root",
-                                                          str(t / "nowhere")], "train", r"^lpqld train: error: .*nowhere"),
+                                                          str(t / "nowhere")], "train",
+     r"^lpqld train: error: .*/run holds a run on dataset 'synthetic', not 'fashion-mnist'; continue it without "
+     r"--dataset, or use another --out for 'fashion-mnist'$"),
     ("report-no-run", ("squeeze", "recover", "relabel", "train"), _prep_none, "report",
      r"^lpqld report: error: squeeze config not found: .*squeeze/config\.json$"),
     ("report-storage-no-store", ("relabel", "train"), lambda r, t: ["storage"], "report",
@@ -499,6 +541,21 @@ def _prepare(kind, run: Path, tmp: Path, monkeypatch) -> list[str]:
         f = run / "relabel" / "label_values.bin"
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
         return []
+    if kind in ("store-values-flipped", "store-indices-flipped"):  # 3 flipped bytes: sizes unchanged
+        f = run / "relabel" / ("label_values.bin" if kind == "store-values-flipped" else "label_indices.bin")
+        data = bytearray(f.read_bytes())
+        for i in (0, len(data) // 2, len(data) - 1):
+            data[i] ^= 0xFF
+        f.write_bytes(bytes(data))
+        return []
+    if kind == "tree-no-eval":  # train/<class>/ only
+        from PIL import Image
+
+        for c in range(3):
+            d = tmp / "tree" / "train" / f"c{c}"
+            d.mkdir(parents=True)
+            Image.new("L", (8, 8), c).save(d / "a.png")
+        return ["--dataset", "imagefolder", "--data-root", str(tmp / "tree")]
     if kind == "store-manifest-corrupt":
         (run / "relabel" / "manifest.json").write_text("{not json")
         return []
@@ -519,6 +576,9 @@ def test_cli_bad_input_one_line(drop, prepare, command, pattern, finished_run, t
     after = _snapshot(run)
     changed = [p for p, h in before.items() if after.get(p) != h]
     assert not changed, f"files changed by a failed command: {changed}"
+    if "--set" in extra or prepare in ("store-values-flipped", "store-indices-flipped"):
+        # a refused setting or a corrupt store is caught before anything is written
+        assert sorted(after) == sorted(before), f"files written by a refused command: {set(after) - set(before)}"
 
 
 # --------------------------------------------------------------------------- full disk
@@ -565,6 +625,8 @@ def test_full_disk_one_line_and_nothing_damaged(command, drop, extra, target, fi
                                 rf"^lpqld {command}: error: \[Errno {errno.ENOSPC}\] No space left on device: ")
     assert hits, "the simulated full disk was never reached"
     after = _snapshot(run)
+    if command == "train":  # the resumed run's record (train.epochs=4) is written before its first epoch
+        before.pop("train/config.json")
     assert {p: h for p, h in after.items() if p in before} == before, "a file written earlier was damaged"
     assert not [p for p in after if p.endswith(".tmp")], "a temporary file was left behind"
     assert str(hits[0].parent) in line

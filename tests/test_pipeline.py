@@ -131,7 +131,9 @@ def test_train_test_subset_evaluates_on_a_fixed_balanced_subset(tmp_path, synthe
     student = get_model("convnet-bn", num_classes=full.num_classes, in_chans=full.images.shape[1],
                         image_size=full.images.shape[2])
     student.load_state_dict(load_tensors(run / "train" / "student.pt"))
-    train_cfg = synthetic_preset["train"]  # evaluated as train evaluates: the preset's precision and layout
+    # evaluated as train evaluates: the precision and layout it chose for this machine (its recorded config)
+    train_cfg = json.loads((run / "train" / "config.json").read_text())["config"]["train"]
+    assert isinstance(train_cfg["bf16"], bool) and isinstance(train_cfg["channels_last"], bool)
     if train_cfg.get("channels_last"):
         student = student.to(memory_format=torch.channels_last)
     acc = evaluate(student, sub.images, sub.labels, full.mean, full.std, bf16=bool(train_cfg.get("bf16")),

@@ -1,28 +1,48 @@
-"""Presets and ``--set stage.key=value`` overrides."""
+"""Presets (overrides of the config schema) and ``--set stage.key=value`` overrides."""
 from __future__ import annotations
 
 import pytest
 
-from lpqld_fast.presets import PRESETS, apply_overrides, get_preset
+from lpqld_fast import config as schema
+from lpqld_fast.presets import PRESETS, apply_overrides, get_preset, preset_overrides
 
 
 def test_override_value_types() -> None:
     cfg = get_preset("fashion-mnist")
     apply_overrides(cfg, ["train.epochs=7", "train.lr=0.002", "train.calibrate=false", "train.student_t=teacher",
-                          "relabel.rrc_scale=0.5,1.0", "relabel.rrc_ratio=[0.75, 1.25]", "train.warmup_epochs=none"])
+                          "relabel.rrc_scale=0.5,1.0", "relabel.rrc_ratio=[0.75, 1.25]", "train.batch_size=none",
+                          "train.bf16=auto", "squeeze.train_workers=2", "relabel.out_size=20,24"])
     assert cfg["train"]["epochs"] == 7 and isinstance(cfg["train"]["epochs"], int)
     assert cfg["train"]["lr"] == pytest.approx(0.002)
     assert cfg["train"]["calibrate"] is False
     assert cfg["train"]["student_t"] == "teacher"
     assert cfg["relabel"]["rrc_scale"] == [0.5, 1.0]
     assert cfg["relabel"]["rrc_ratio"] == [0.75, 1.25]
-    assert cfg["train"]["warmup_epochs"] is None
+    assert cfg["train"]["batch_size"] is None and cfg["train"]["bf16"] == "auto"
+    assert cfg["squeeze"]["train_workers"] == 2 and cfg["relabel"]["out_size"] == [20, 24]
 
 
 def test_get_preset_is_a_copy() -> None:
     a = get_preset("fashion-mnist")
     a["train"]["epochs"] = -1
-    assert PRESETS["fashion-mnist"]["train"]["epochs"] != -1
+    assert get_preset("fashion-mnist")["train"]["epochs"] != -1
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_complete_and_valid_overrides(name: str) -> None:
+    """Every preset names only schema keys; applied to the defaults it is a complete, valid config."""
+    for section, values in PRESETS[name].items():
+        if section in schema.SECTIONS:
+            assert set(values) <= set(schema.defaults(section)), (name, section)
+    cfg = get_preset(name)
+    assert schema.check_config(cfg) == cfg
+    for section in schema.SECTIONS:
+        assert set(cfg[section]) == set(schema.defaults(section))
+    over = preset_overrides(name)
+    assert over["dataset"] == cfg["dataset"]
+    for section, values in over.items():
+        if section in schema.SECTIONS:
+            assert all(schema.defaults(section)[k] != v for k, v in values.items())
 
 
 @pytest.mark.parametrize("bad", ["train", "train=3", "nostage.x=1", "dataset.x=1"])

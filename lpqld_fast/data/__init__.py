@@ -322,6 +322,7 @@ from .fashion_mnist import (  # noqa: E402
     read_idx,
 )
 from .image_folder import ImageFolderDataset  # noqa: E402
+from .folder_tree import folder_info, load_folder  # noqa: E402
 from .synthetic import SyntheticDataset  # noqa: E402
 
 # --------------------------------------------------------------------------- registry
@@ -342,14 +343,17 @@ FOLDER_DATASETS: tuple[str, ...] = ("imagenet-1k", "imagenet-21k-p", "tiny-image
 DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "imagefolder", "synthetic") + FOLDER_DATASETS
 
 
-def dataset_info(name: str, **kwargs) -> DatasetInfo:
-    """Metadata without loading data: a preset in DATASET_INFO, or "synthetic" from its keyword arguments."""
+def dataset_info(name: str, root: str | os.PathLike | None = None, **kwargs) -> DatasetInfo:
+    """Metadata: a named dataset's from DATASET_INFO (without reading data), "synthetic" from its keyword
+    arguments, "imagefolder" measured from the tree at ``root`` (lpqld_fast.data.folder_tree)."""
     key = name.lower()
     if key in DATASET_INFO:
         return DATASET_INFO[key]
     if key == "synthetic":
         return SyntheticDataset.describe(**kwargs)
-    raise ValueError(f"unknown dataset {name!r}; metadata is known for {sorted(DATASET_INFO) + ['synthetic']}")
+    if key == "imagefolder":
+        return folder_info(root)
+    raise ValueError(f"unknown dataset {name!r}; valid names: {list(DATASET_NAMES)}")
 
 
 def get_dataset(
@@ -359,9 +363,10 @@ def get_dataset(
 
     - ``"fashion-mnist"``: split "train" | "test"; root overrides the IDX directory (else $LPQLD_FASHION_MNIST,
       else /usr/share/datasets/fashion-mnist). Returns an :class:`InMemoryDataset`.
-    - ``"imagefolder"``: reads ``root/<split>/<class>/*``; kwargs go to :class:`ImageFolderDataset`
-      (``image_size``, ``transform``, ``classes``, ...). The transform defaults to the ImageNet train
-      transform for split "train", the eval transform otherwise.
+    - ``"imagefolder"``: any tree ``root/train/<class>/*`` + ``root/test`` or ``root/val``, measured and read
+      as the pipeline needs it (lpqld_fast.data.folder_tree: in memory when small, streamed otherwise).
+      With kwargs, ``root/<split>/<class>/*`` as a plain :class:`ImageFolderDataset` (``image_size``,
+      ``transform``, ``classes``, ...; the ImageNet train transform for split "train", eval otherwise).
     - ``"synthetic"``: split "train" | "test"; kwargs go to :class:`SyntheticDataset`.
     - ``"imagenet-1k"``, ``"imagenet-21k-p"``, ``"tiny-imagenet"`` (FOLDER_DATASETS): ``"imagefolder"`` with the
       image size, normalisation and class count of DATASET_INFO; root is required and must hold that many
@@ -387,7 +392,9 @@ def get_dataset(
                              f"{key} has {info.num_classes} (use dataset 'imagefolder' for another tree)")
         return ds
     if key == "imagefolder":
-        return _image_folder(split, root, **kwargs)
+        if kwargs or split not in ("train", "test", "val"):
+            return _image_folder(split, root, **kwargs)
+        return load_folder(root, split)
     if key == "synthetic":
         if root is not None:
             raise ValueError("the synthetic dataset takes no root")
