@@ -27,7 +27,7 @@ class Moments(NamedTuple):
 
 
 def _check_inputs(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
-    """Structural checks (no device work); the label range is checked where the backend is known."""
+    """Structural checks (no device work); classwise_moments_accumulate_ checks the label range."""
     V.check_tensor("x", x, ndim=range(2, 8), dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
     V.check_tensor("labels", labels, ndim=1, dtypes=V.INDEX_DTYPES, device=x.device)
     if labels.shape[0] != x.shape[0]:
