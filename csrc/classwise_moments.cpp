@@ -46,5 +46,6 @@ void check_classwise_moments_args(const at::Tensor& x, const at::Tensor& labels,
 }  // namespace lpqld
 
 TORCH_LIBRARY_FRAGMENT(lpqld, m) {
+  m.set_python_module("lpqld_fast.ops._fake");  // fake (meta) implementations for torch.compile / opcheck
   m.def("classwise_moments_accumulate_(Tensor x, Tensor labels, Tensor(a!) count, Tensor(b!) mean, Tensor(c!) m2) -> ()");
 }

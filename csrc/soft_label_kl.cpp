@@ -19,6 +19,8 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 namespace lpqld {
@@ -101,11 +103,22 @@ std::tuple<at::Tensor, at::Tensor> call_fwd(const at::Tensor& logits, const at::
   return op.call(logits, values, indices, fill, scale, offset, mode, T, t_s, grad_scale);
 }
 
+// An ordinary CPU tensor whose bytes this file may read directly. The fake and functional tensors of
+// torch.compile / opcheck tracing (and vmap's batched tensors) have no readable data: they take the
+// dispatched path, which the tracer records.
+bool readable_cpu(const at::Tensor& t) {
+  static const c10::DispatchKeySet wrapper_keys =
+      c10::python_ks | c10::DispatchKeySet({c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchBatched,
+                                            c10::DispatchKey::FuncTorchGradWrapper});
+  return t.is_cpu() && t.layout() == at::kStrided && !t.key_set().has_any(wrapper_keys);
+}
+
 // The batch mean of the row losses. On the CPU summed here in double (two dispatched ops,
 // sum and div_, cost a few microseconds per call, which shows at small B).
-at::Tensor mean_loss(const at::Tensor& loss_rows, int64_t B) {
-  if (loss_rows.is_cpu() && loss_rows.dim() == 1 && loss_rows.is_contiguous() &&
+at::Tensor mean_loss(const at::Tensor& loss_rows) {
+  if (readable_cpu(loss_rows) && loss_rows.dim() == 1 && loss_rows.is_contiguous() &&
       (loss_rows.scalar_type() == at::kFloat || loss_rows.scalar_type() == at::kDouble)) {
+    const int64_t B = loss_rows.size(0);
     at::Tensor out = at::empty({}, loss_rows.options());
     double sum = 0.0;
     if (loss_rows.scalar_type() == at::kFloat) {
@@ -119,12 +132,12 @@ at::Tensor mean_loss(const at::Tensor& loss_rows, int64_t B) {
     }
     return out;
   }
-  return loss_rows.sum().div_(static_cast<double>(B));
+  return loss_rows.mean();  // symbolic B under tracing
 }
 
 // grad_output == 1 on the CPU, read without a dispatched item() call.
 bool is_cpu_one(const at::Tensor& go) {
-  if (!go.is_cpu() || go.numel() != 1) return false;
+  if (!readable_cpu(go) || go.numel() != 1) return false;
   if (go.scalar_type() == at::kFloat) return *go.const_data_ptr<float>() == 1.0f;
   if (go.scalar_type() == at::kDouble) return *go.const_data_ptr<double>() == 1.0;
   return go.item<double>() == 1.0;
@@ -139,7 +152,7 @@ class SoftLabelKLFunction : public torch::autograd::Function<SoftLabelKLFunction
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss_rows, grad] = call_fwd(logits, values, indices, fill, scale, offset, mode, T, t_s, grad_scale);
     ctx->save_for_backward({grad});
-    return mean_loss(loss_rows, logits.size(0));
+    return mean_loss(loss_rows);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -148,9 +161,15 @@ class SoftLabelKLFunction : public torch::autograd::Function<SoftLabelKLFunction
     TORCH_CHECK(!torch::autograd::GradMode::is_enabled() && !go.requires_grad(),
                 "soft_label_kl: the fused op is differentiable once (no double backward / create_graph)");
     at::Tensor grad = ctx->get_saved_variables()[0];
-    // loss.backward() on a CPU loss: grad_output is 1, hand the saved gradient
-    // over as it is (no [B, C] pass). On a GPU, reading the value would synchronise.
-    if (!is_cpu_one(go)) grad = grad * go.to(grad.scalar_type());
+    // loss.backward() on a CPU loss: grad_output is 1, so the saved gradient is the answer (no [B, C]
+    // multiply; on a GPU, reading the value would synchronise). It is handed over only when the graph is
+    // freed after this pass: with retain_graph the caller could edit the returned tensor in place and so
+    // change what the next backward returns, so it gets a copy.
+    if (!is_cpu_one(go)) {
+      grad = grad * go.to(grad.scalar_type());
+    } else if (torch::autograd::get_current_graph_task_keep_graph()) {
+      grad = grad.clone();
+    }
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -169,13 +188,14 @@ at::Tensor soft_label_kl_no_grad(const at::Tensor& logits, const at::Tensor& val
                                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& offset,
                                  int64_t mode, double T, double t_s, double grad_scale) {
   auto [loss_rows, grad] = call_fwd(logits, values, indices, fill, scale, offset, mode, T, t_s, grad_scale);
-  return mean_loss(loss_rows, logits.size(0));
+  return mean_loss(loss_rows);
 }
 
 }  // namespace
 }  // namespace lpqld
 
 TORCH_LIBRARY_FRAGMENT(lpqld, m) {
+  m.set_python_module("lpqld_fast.ops._fake");  // fake (meta) implementations for torch.compile / opcheck
   m.def(
       "soft_label_kl_fwd(Tensor logits, Tensor values, Tensor? indices, Tensor? fill, Tensor? scale, "
       "Tensor? offset, int mode, float T, float t_s, float grad_scale) -> (Tensor loss_rows, Tensor grad)");
@@ -184,5 +204,9 @@ TORCH_LIBRARY_FRAGMENT(lpqld, m) {
       "Tensor? offset, int mode, float T, float t_s, float grad_scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lpqld, Autograd, m) { m.impl("soft_label_kl", &lpqld::soft_label_kl_autograd); }
+TORCH_LIBRARY_IMPL(lpqld, Autograd, m) {
+  m.impl("soft_label_kl", &lpqld::soft_label_kl_autograd);
+  // The kernel's gradient output is not itself differentiable: backprop through it raises.
+  m.impl("soft_label_kl_fwd", torch::autograd::autogradNotImplementedFallback());
+}
 TORCH_LIBRARY_IMPL(lpqld, CompositeExplicitAutograd, m) { m.impl("soft_label_kl", &lpqld::soft_label_kl_no_grad); }

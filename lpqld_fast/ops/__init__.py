@@ -4,6 +4,13 @@ Each op validates its inputs, then dispatches by device to the native C++
 (CPU), CUDA or Triton kernel, or to the plain-PyTorch reference in
 lpqld_fast.ops.reference. Force a backend with ``backend=`` per call,
 ``force_backend(name)`` per block or LPQLD_BACKEND per process.
+
+The native (cpp, cuda) kernels are torch.library custom ops with their autograd
+in C++ and fake implementations in lpqld_fast.ops._fake, so
+torch.compile(fullgraph=True) traces the public ops (tests/test_opcheck.py).
+Under torch.compile pass ``validate=False``: the data checks read values back
+to the host, which breaks the graph (the cpp kernels still check their index
+ranges themselves).
 """
 from lpqld_fast.ops._dispatch import (  # noqa: F401
     BACKENDS,

@@ -22,17 +22,25 @@ _forced: list[str] = []
 
 @functools.lru_cache(maxsize=None)
 def native_available() -> bool:
-    """True when lpqld_fast._C imported and registered its ops."""
+    """True when lpqld_fast._C imported and registered its ops (and their fake implementations)."""
     try:
         from lpqld_fast import _C  # noqa: F401
     except ImportError:
         return False
-    return hasattr(torch.ops, "lpqld")
+    if not hasattr(torch.ops, "lpqld"):
+        return False
+    from lpqld_fast.ops import _fake  # noqa: F401
+    return True
+
+
+@torch.compiler.assume_constant_result  # fixed once the extension is loaded: torch.compile bakes it in
+def native_has_kernel(native_op: str, dispatch_key: str) -> bool:
+    """True when lpqld::<native_op> has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+    return _native_has_kernel(native_op, dispatch_key)
 
 
 @functools.lru_cache(maxsize=None)
-def native_has_kernel(native_op: str, dispatch_key: str) -> bool:
-    """True when lpqld::<native_op> has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+def _native_has_kernel(native_op: str, dispatch_key: str) -> bool:
     if not native_available():
         return False
     try:

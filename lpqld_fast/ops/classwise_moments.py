@@ -27,13 +27,13 @@ class Moments(NamedTuple):
 
 
 def _check_inputs(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    """Structural checks (no device work); classwise_moments_accumulate_ checks the label range."""
     V.check_tensor("x", x, ndim=range(2, 8), dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
     V.check_tensor("labels", labels, ndim=1, dtypes=V.INDEX_DTYPES, device=x.device)
     if labels.shape[0] != x.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries but x has {x.shape[0]} samples")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    V.check_index_range("labels", labels, num_classes)
 
 
 def _run_accumulate(
@@ -57,12 +57,16 @@ def classwise_moments_accumulate_(
     m2: torch.Tensor,
     *,
     backend: str | None = None,
+    validate: bool = True,
 ) -> None:
     """Merge the class-wise moments of ``x`` into running float64 state, in place.
 
     count [K] float64 holds the number of elements (samples * spatial size) per
     class, mean [K, C] and m2 [K, C] float64 the running mean and sum of
-    squared deviations. Variance = m2 / count.
+    squared deviations. Variance = m2 / count. Labels outside [0, K) raise
+    IndexError; the check reads a value back to the host (a device sync on a
+    GPU, a graph break under torch.compile), and ``validate=False`` skips it
+    for labels known to be good (the cpp kernel still checks them itself).
     """
     V.check_tensor("x", x)  # before x.device is used below
     V.check_tensor("count", count, ndim=1, dtypes=(torch.float64,), device=x.device)
@@ -76,10 +80,13 @@ def classwise_moments_accumulate_(
             raise ValueError(f"{name} must be contiguous (it is updated in place)")
     if not count.is_contiguous():
         raise ValueError("count must be contiguous (it is updated in place)")
+    name = resolve_backend(OP, x.device, backend, NATIVE_OP)
+    if validate:
+        V.check_index_range("labels", labels, num_classes)
     length = math.prod(x.shape[2:])  # explicit: reshape(..., -1) is ambiguous for empty x
-    x3 = x.reshape(x.shape[0], channels, length).contiguous()
+    x3 = x.detach().reshape(x.shape[0], channels, length).contiguous()  # statistics: no gradient
     labels = labels.to(torch.int64).contiguous()
-    _run_accumulate(x3, labels, count, mean, m2, resolve_backend(OP, x.device, backend, NATIVE_OP))
+    _run_accumulate(x3, labels, count, mean, m2, name)
 
 
 def classwise_moments(
@@ -89,15 +96,17 @@ def classwise_moments(
     *,
     out_dtype: torch.dtype = torch.float32,
     backend: str | None = None,
+    validate: bool = True,
 ) -> Moments:
     """Per class: sample count, mean and biased variance over (samples, spatial).
 
     x is [N, C, *spatial] or [N, C]; labels [N] integer class ids in
     [0, num_classes). Empty classes get count 0, mean 0 and var 0.
+    ``validate``: see classwise_moments_accumulate_.
     """
     _check_inputs(x, labels, num_classes)
     acc = ClasswiseMomentsAccumulator(num_classes, x.shape[1], device=x.device)
-    acc.update(x, labels, backend=backend)
+    acc.update(x, labels, backend=backend, validate=validate)
     return acc.result(out_dtype)
 
 
@@ -132,11 +141,14 @@ class ClasswiseMomentsAccumulator:
         self.mean = torch.zeros(num_classes, channels, dtype=torch.float64, device=self.device)
         self.m2 = torch.zeros(num_classes, channels, dtype=torch.float64, device=self.device)
 
-    def update(self, x: torch.Tensor, labels: torch.Tensor, *, backend: str | None = None) -> None:
+    def update(self, x: torch.Tensor, labels: torch.Tensor, *, backend: str | None = None,
+               validate: bool = True) -> None:
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"x must be [N, {self.channels}, ...], got shape {tuple(x.shape)}")
-        classwise_moments_accumulate_(x, labels, self.count, self.mean, self.m2, backend=backend)
-        self.samples += torch.bincount(labels.to(torch.int64), minlength=self.num_classes)
+        classwise_moments_accumulate_(x, labels, self.count, self.mean, self.m2, backend=backend, validate=validate)
+        # index_add_, not bincount: a static output shape, which torch.compile traces without a graph break
+        lab = labels.to(torch.int64)
+        self.samples.index_add_(0, lab, torch.ones_like(lab))
 
     def merge_(self, other: "ClasswiseMomentsAccumulator") -> None:
         merge_moments_(self.count, self.mean, self.m2, other.count, other.mean, other.m2)

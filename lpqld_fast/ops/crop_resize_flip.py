@@ -118,25 +118,15 @@ def _triton_module():
     return mod
 
 
-def _forward(backend: str, x: torch.Tensor, pix: torch.Tensor, flips: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
-    if backend == "triton":
-        return _triton_module().crop_resize_flip_fwd(x, pix, flips, oh, ow)
-    return torch.ops.lpqld.crop_resize_flip(x, pix, flips, oh, ow)
-
-
-def _backward(backend: str, g: torch.Tensor, pix: torch.Tensor, flips: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    if backend == "triton":
-        return _triton_module().crop_resize_flip_bwd(g, pix, flips, h, w)
-    return torch.ops.lpqld.crop_resize_flip_backward(g.contiguous(), pix, flips, h, w)
-
-
 class _CropResizeFlip(torch.autograd.Function):
+    """The Triton kernels' forward and backward (cpp and cuda run the lpqld::crop_resize_flip op, whose
+    autograd is in C++)."""
+
     @staticmethod
-    def forward(ctx, x, pix, flips, oh, ow, backend):  # noqa: D401 - autograd signature
+    def forward(ctx, x, pix, flips, oh, ow):  # noqa: D401 - autograd signature
         ctx.save_for_backward(pix, flips)
         ctx.in_size = (x.shape[2], x.shape[3])
-        ctx.backend = backend
-        return _forward(backend, x, pix, flips, oh, ow)
+        return _triton_module().crop_resize_flip_fwd(x, pix, flips, oh, ow)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -144,8 +134,8 @@ class _CropResizeFlip(torch.autograd.Function):
         pix, flips = ctx.saved_tensors
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = _backward(ctx.backend, grad_out, pix, flips, *ctx.in_size)
-        return gx, None, None, None, None, None
+            gx = _triton_module().crop_resize_flip_bwd(grad_out, pix, flips, *ctx.in_size)
+        return gx, None, None, None, None
 
 
 def crop_resize_flip(
@@ -180,9 +170,11 @@ def crop_resize_flip(
     flips_b = flips.to(torch.bool).contiguous()
     if name == "reference":
         return ref.crop_resize_flip(x, pix, flips_b, (oh, ow))
-    if x.requires_grad and torch.is_grad_enabled():
-        return _CropResizeFlip.apply(x, pix, flips_b, oh, ow, name)
-    return _forward(name, x, pix, flips_b, oh, ow)
+    if name == "triton":
+        if x.requires_grad and torch.is_grad_enabled():
+            return _CropResizeFlip.apply(x, pix, flips_b, oh, ow)
+        return _triton_module().crop_resize_flip_fwd(x, pix, flips_b, oh, ow)
+    return torch.ops.lpqld.crop_resize_flip(x, pix, flips_b, oh, ow)
 
 
 def crop_resize_flip_gather(
@@ -214,22 +206,18 @@ def _roll_gather(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 ROLL_BACKENDS = ("cpp", "gather")
 
 
-def _roll(x: torch.Tensor, shifts: torch.Tensor, native: bool) -> torch.Tensor:
-    return torch.ops.lpqld.batched_roll(x, shifts) if native else _roll_gather(x, shifts)
-
-
 class _BatchedRoll(torch.autograd.Function):
+    """The gather path with the roll-back backward (a permutation: exact, and no scatter_add atomics)."""
+
     @staticmethod
-    def forward(ctx, x, shifts, native):  # noqa: D401 - autograd signature
+    def forward(ctx, x, shifts):  # noqa: D401 - autograd signature
         ctx.save_for_backward(shifts)
-        ctx.native = native
-        return _roll(x, shifts, native)
+        return _roll_gather(x, shifts)
 
     @staticmethod
     def backward(ctx, grad_out):
         (shifts,) = ctx.saved_tensors
-        # The adjoint of a roll is the roll by the opposite shift (a permutation: exact, no atomics).
-        return _BatchedRoll.apply(grad_out, -shifts, ctx.native), None, None
+        return _BatchedRoll.apply(grad_out, -shifts), None
 
 
 def batched_roll(x: torch.Tensor, shifts: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -251,8 +239,10 @@ def batched_roll(x: torch.Tensor, shifts: torch.Tensor, *, backend: str | None =
         raise RuntimeError("batched_roll: backend 'cpp' needs CPU tensors and lpqld_fast._C with batched_roll "
                            "(scripts/build_ext.sh)")
     shifts = shifts.to(torch.int64)
+    if native:  # lpqld::batched_roll, differentiable (its C++ backward rolls back)
+        return torch.ops.lpqld.batched_roll(x, shifts)
     if x.numel():  # reduced first, so that the backward's -shifts cannot overflow (int64 min)
         shifts = torch.stack((shifts[:, 0].remainder(x.shape[2]), shifts[:, 1].remainder(x.shape[3])), dim=1)
     if x.requires_grad and torch.is_grad_enabled():
-        return _BatchedRoll.apply(x, shifts, native)
-    return _roll(x, shifts, native)
+        return _BatchedRoll.apply(x, shifts)
+    return _roll_gather(x, shifts)

@@ -101,18 +101,6 @@ def _triton_module():
     return mod
 
 
-def _fwd(backend: str):
-    if backend == "triton":
-        return _triton_module().segment_bn_loss_fwd
-    return torch.ops.lpqld.segment_bn_loss_fwd  # cpp and cuda are both registered under torch.ops.lpqld
-
-
-def _bwd(backend: str):
-    if backend == "triton":
-        return _triton_module().segment_bn_loss_bwd
-    return torch.ops.lpqld.segment_bn_loss_bwd
-
-
 def _is_nlc(x3: torch.Tensor) -> bool:
     """x3 [N, C, L] stored as [N, L, C] (a channels_last activation): strides (C*L, 1, C)."""
     n, c, length = x3.shape
@@ -135,19 +123,16 @@ def _kernel_targets(segment_ids: torch.Tensor, target_mean: torch.Tensor,
 
 
 class _SegmentBNLoss(torch.autograd.Function):
-    """Forward/backward through the fused kernels; targets are constants."""
+    """The Triton kernels' forward/backward (cpp and cuda run the lpqld::segment_bn_loss op); targets are
+    constants."""
 
     @staticmethod
-    def forward(ctx, x, segment_ids, target_mean, target_var, backend):  # type: ignore[override]
-        # The CPU kernel reads a channels_last x in place (viewed [N, C, L] with strides (C*L, 1, C)) and returns
-        # the gradient in that layout; the GPU kernels take contiguous [N, C, L].
-        x3 = _kernel_x3(x, keep_nlc=backend == "cpp" and x.device.type == "cpu")
+    def forward(ctx, x, segment_ids, target_mean, target_var):  # type: ignore[override]
+        x3 = _kernel_x3(x, keep_nlc=False)
         seg, tm, tv = _kernel_targets(segment_ids, target_mean, target_var)
-        loss, mean, var, count = _fwd(backend)(x3, seg, tm, tv)
-        ctx.backend = backend
+        loss, mean, var, count = _triton_module().segment_bn_loss_fwd(x3, seg, tm, tv)
         ctx.x_shape = x.shape
-        # Hand the gradient back in x's layout: autograd adds it to the BN path's gradient, and adding an
-        # NCHW tensor to an NHWC one is a slow strided pass (3x the cost of this conversion, profiled).
+        # Hand the gradient back in x's layout (as the native op does).
         ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
             memory_format=torch.channels_last)
         if ctx.needs_input_grad[0]:
@@ -158,14 +143,13 @@ class _SegmentBNLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None
         x3, seg, tm, tv, mean, var, count = ctx.saved_tensors
         g = grad_loss.to(torch.float64).contiguous()
-        grad3 = _bwd(ctx.backend)(g, x3, seg, tm, tv, mean, var, count)
-        grad = grad3.view(ctx.x_shape)
+        grad = _triton_module().segment_bn_loss_bwd(g, x3, seg, tm, tv, mean, var, count).view(ctx.x_shape)
         if ctx.channels_last:
             grad = grad.contiguous(memory_format=torch.channels_last)
-        return grad, None, None, None, None
+        return grad, None, None, None
 
 
 def segment_bn_loss(
@@ -192,7 +176,9 @@ def segment_bn_loss(
     if chosen == "reference":
         return ref.segment_bn_loss(x, segment_ids, target_mean, target_var)
     # targets are constants: detached, so a target with requires_grad does not make the loss require grad
-    return _SegmentBNLoss.apply(x, segment_ids, target_mean.detach(), target_var.detach(), chosen)
+    if chosen == "triton":
+        return _SegmentBNLoss.apply(x, segment_ids, target_mean.detach(), target_var.detach())
+    return torch.ops.lpqld.segment_bn_loss(x, segment_ids, target_mean.detach(), target_var.detach())
 
 
 def _check_affine(x: torch.Tensor, scale: object, shift: object, pool: object, validate: bool = True) -> None:
@@ -241,47 +227,6 @@ def _native_bn_act(x: torch.Tensor, x3: torch.Tensor, s: torch.Tensor, b: torch.
     return y
 
 
-class _BnEvalSegmentLoss(torch.autograd.Function):
-    """(y, loss) of bn_eval_segment_loss through the CPU kernels; one backward pass for both paths."""
-
-    @staticmethod
-    def forward(ctx, x, segment_ids, target_mean, target_var, scale, shift, relu, pool):  # type: ignore[override]
-        x3 = _kernel_x3(x, keep_nlc=True)
-        seg, tm, tv = _kernel_targets(segment_ids, target_mean, target_var)
-        acc = ref.out_dtype_for(x.dtype)
-        s = scale.detach().to(acc).contiguous()
-        b = shift.detach().to(acc).contiguous()
-        loss, mean, var, count = torch.ops.lpqld.segment_bn_loss_fwd(x3, seg, tm, tv)
-        width = x.shape[-1]
-        y = _native_bn_act(x, x3, s, b, bool(relu), pool)  # pool 2: x3 is channels-last (the caller checks)
-        ctx.conf = (bool(relu), int(pool), width, x.shape)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(x3, seg, tm, tv, mean, var, count, s, b)
-        return y, loss.to(ref.out_dtype_for(x.dtype))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, grad_loss):  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 8
-        x3, seg, tm, tv, mean, var, count, s, b = ctx.saved_tensors
-        relu, pool, width, x_shape = ctx.conf
-        g = (grad_loss.to(torch.float64).contiguous() if grad_loss is not None
-             else torch.zeros(tm.shape[0], dtype=torch.float64, device=x3.device))
-        if grad_y is None:  # y unused: the loss gradient alone
-            grad3 = torch.ops.lpqld.segment_bn_loss_bwd(g, x3, seg, tm, tv, mean, var, count)
-        else:
-            gy3 = grad_y.to(x3.dtype).reshape(grad_y.shape[0], grad_y.shape[1], -1)
-            nlc = _is_nlc(x3) or pool == 2  # the kernel walks grad_y in x3's layout (channels-last when pooled)
-            if nlc:
-                gy3 = gy3.transpose(1, 2).contiguous().transpose(1, 2)  # a no-op when it is channels-last already
-            else:
-                gy3 = gy3.contiguous()
-            grad3 = torch.ops.lpqld.segment_bn_loss_bwd_bn_eval(g, x3, seg, tm, tv, mean, var, count, gy3, s, b,
-                                                                  relu, width, pool)
-        return (grad3.view(x_shape),) + (None,) * 7
-
-
 def bn_eval_segment_loss(
     x: torch.Tensor,
     segment_ids: torch.Tensor,
@@ -311,28 +256,30 @@ def bn_eval_segment_loss(
     _check_inputs(x, segment_ids, target_mean, target_var, validate)
     _check_affine(x, scale, shift, pool, validate)
     chosen = resolve_backend(OP, x.device, backend, NATIVE_OP)
-    if chosen == "cpp" and x.device.type == "cpu" and native_has_kernel("bn_eval_act_pool2", "CPU"):
-        args = (x, segment_ids, target_mean.detach(), target_var.detach(), scale.detach(), shift.detach(), bool(relu))
-        x3 = x.reshape(x.shape[0], x.shape[1], -1)
-        if pool == 1 or _is_nlc(x3) or x.shape[1] == 1:
-            return _BnEvalSegmentLoss.apply(*args, pool)
-        y, loss = _BnEvalSegmentLoss.apply(*args, 1)  # pooled kernel needs channels-last: pool with torch
-        return torch.nn.functional.avg_pool2d(y, 2), loss
+    if chosen == "cpp" and native_has_kernel("bn_eval_act_pool2", "CPU"):
+        # The pooled kernel reads a channels-last x; other layouts pool with torch after the op.
+        fused_pool = pool == 1 or x.shape[1] == 1 or (
+            x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        y, loss = torch.ops.lpqld.bn_eval_segment_loss(x, segment_ids, target_mean.detach(), target_var.detach(),
+                                                       scale.detach(), shift.detach(), bool(relu),
+                                                       pool if fused_pool else 1)
+        return (y, loss) if fused_pool else (torch.nn.functional.avg_pool2d(y, 2), loss)
     bn_act = ref.bn_eval_act if chosen == "reference" else _torch_bn_act
     y = bn_act(x, scale.detach(), shift.detach(), bool(relu), pool)
     return y, segment_bn_loss(x, segment_ids, target_mean, target_var, backend=chosen, validate=False)
 
 
 def bn_eval_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, relu: bool = False, pool: int = 1,
-                backend: str | None = None) -> torch.Tensor:
+                backend: str | None = None, validate: bool = True) -> torch.Tensor:
     """Eval-mode BatchNorm (+ ReLU, + 2x2 average pool) for inference: y as in bn_eval_segment_loss, no loss.
 
     The CPU kernel (one read of x, only the pooled map written for a channels-last x) runs when nothing
     needs a gradient; with autograd recording, or on other devices, torch's BatchNorm / ReLU / pool kernels
-    (backend "reference": the float oracle).
+    (backend "reference": the float oracle). ``validate=False`` skips the NaN/inf check of scale and shift
+    (a device sync on a GPU, a graph break under torch.compile).
     """
     V.check_tensor("x", x, ndim=range(2, 8), dtypes=V.FLOAT_DTYPES)
-    _check_affine(x, scale, shift, pool)
+    _check_affine(x, scale, shift, pool, validate)
     chosen = resolve_backend(OP, x.device, backend, NATIVE_OP)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
     if chosen == "cpp" and not needs_grad and native_has_kernel("bn_eval_act_pool2", "CPU"):

@@ -22,9 +22,7 @@ indices and one device sync) unless ``validate=False``. Probabilities ("ms",
 """
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -47,21 +45,6 @@ def _triton_module():
     from lpqld_fast.kernels import soft_label_kl as mod  # imports triton
 
     return mod
-
-
-@functools.lru_cache(maxsize=None)
-def _native_op_present() -> bool:
-    return hasattr(torch.ops, "lpqld") and hasattr(torch.ops.lpqld, NATIVE_OP)
-
-
-def _resolve(device: torch.device, backend: str | None) -> str:
-    name = resolve_backend(OP, device, backend, native_op=NATIVE_OP)
-    if name in ("cpp", "cuda") and not _native_op_present():
-        if backend in ("cpp", "cuda"):
-            raise RuntimeError(f"{OP}: lpqld_fast._C has no {NATIVE_OP}; rebuild it (scripts/build_ext.sh)")
-        warnings.warn(f"{OP}: lpqld_fast._C has no {NATIVE_OP} (stale build?); using the reference", stacklevel=3)
-        return "reference"
-    return name
 
 
 def _check_temperature(name: str, value: object) -> float:
@@ -214,26 +197,29 @@ def check_label_data(values: torch.Tensor, indices: torch.Tensor | None, *, mode
             raise ValueError(f"{n} contains NaN or inf")
 
 
-def _fused_forward(backend, logits, values, indices, fill, scale, offset, mode_code, T, t_s, grad_scale):
+def _triton_forward(logits, values, indices, fill, scale, offset, mode_code, T, t_s, grad_scale):
     if fill is not None:
         fill = fill.to(torch.float32)
     if scale is not None:
         scale = scale.to(torch.float32)
         offset = offset.to(torch.float32)
-    if backend == "triton":
-        return _triton_module().soft_label_kl_fwd(logits, values, indices, fill, scale, offset, mode_code, T, t_s,
-                                                  grad_scale)
-    return torch.ops.lpqld.soft_label_kl_fwd(logits, values, indices, fill, scale, offset, mode_code, T, t_s,
-                                             grad_scale)
+    return _triton_module().soft_label_kl_fwd(logits, values, indices, fill, scale, offset, mode_code, T, t_s,
+                                              grad_scale)
+
+
+def _graph_retained() -> bool:
+    """True inside a backward pass that keeps the graph (retain_graph=True)."""
+    return torch._C._autograd._get_current_graph_task_keep_graph()
 
 
 class _FusedSoftLabelKL(torch.autograd.Function):
-    """Forward runs the fused kernel (loss rows and the full gradient); backward scales it."""
+    """The Triton backend: forward runs the fused kernel (loss rows and the full gradient); backward scales
+    it. (cpp and cuda run lpqld::soft_label_kl, whose autograd is in C++.)"""
 
     @staticmethod
-    def forward(ctx, logits, values, indices, fill, scale, offset, mode_code, T, t_s, grad_scale, backend):
-        loss_rows, grad = _fused_forward(backend, logits, values, indices, fill, scale, offset, mode_code, T, t_s,
-                                         grad_scale)
+    def forward(ctx, logits, values, indices, fill, scale, offset, mode_code, T, t_s, grad_scale):
+        loss_rows, grad = _triton_forward(logits, values, indices, fill, scale, offset, mode_code, T, t_s,
+                                          grad_scale)
         ctx.save_for_backward(grad)
         return loss_rows.sum() / logits.shape[0]
 
@@ -241,12 +227,13 @@ class _FusedSoftLabelKL(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        # loss.backward() on a CPU loss: grad_output is 1, so hand the saved
-        # gradient over as it is (no [B, C] pass; autograd copies it if the
-        # graph is retained). On a GPU, checking the value would synchronise.
+        # loss.backward() on a CPU loss: grad_output is 1, so the saved gradient is the answer (no [B, C]
+        # pass; on a GPU, checking the value would synchronise). Handed over only when the graph is freed
+        # after this pass: with retain_graph the caller could edit the returned tensor in place and so change
+        # what the next backward returns, so it gets a copy.
         if grad_output.device.type == "cpu" and float(grad_output) == 1.0:
-            return (grad,) + (None,) * 10
-        return (grad * grad_output.to(grad.dtype),) + (None,) * 10
+            return (grad.clone() if _graph_retained() else grad,) + (None,) * 9
+        return (grad * grad_output.to(grad.dtype),) + (None,) * 9
 
 
 def soft_label_kl(
@@ -284,7 +271,7 @@ def soft_label_kl(
     T, t_s = _check_inputs(student_logits, values, indices, mode, T, t_s, fill, scale, offset)
     if not isinstance(t2_scale, bool):
         raise TypeError(f"t2_scale must be a bool, got {type(t2_scale).__name__}")
-    name = _resolve(student_logits.device, backend)
+    name = resolve_backend(OP, student_logits.device, backend, native_op=NATIVE_OP)
     if validate and name != "cpp":
         _check_data(student_logits, values, indices, mode, fill, scale, offset)
     b = student_logits.shape[0]
@@ -305,7 +292,7 @@ def soft_label_kl(
         return torch.ops.lpqld.soft_label_kl(student_logits, values, indices, fill, scale, offset, MODE_CODES[mode],
                                              T, t_s, grad_scale)
     return _FusedSoftLabelKL.apply(student_logits, values, indices, fill, scale, offset, MODE_CODES[mode], T, t_s,
-                                   grad_scale, name)
+                                   grad_scale)
 
 
 def calibrate_student_temperature(
