@@ -29,7 +29,7 @@ $(FMNIST):
 build: venv
 	scripts/build_ext.sh
 	rm -f "$$($(PY) -c 'import site; print(site.getsitepackages()[0])')/lpqld_fast_dev.pth" .venv/bin/lpqld
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	LPQLD_PACKAGE_ONLY=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 # Compile-only check of the CUDA sources (no GPU needed; skipped without nvcc).
 cuda-check: venv

@@ -108,7 +108,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lpqld_fast", "lpqld_fast.*"]) + ["lpqld_fast.kernels"],
     package_dir={"lpqld_fast.kernels": "kernels"},
-    ext_modules=_extensions(),
+    # LPQLD_PACKAGE_ONLY=1: register the package and the `lpqld` command only (make build installs it editable
+    # after scripts/build_ext.sh has put lpqld_fast/_C in place, so the extension is not compiled twice).
+    ext_modules=[] if os.environ.get("LPQLD_PACKAGE_ONLY") == "1" else _extensions(),
     cmdclass={"build_ext": _build_ext()},
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
     entry_points={"console_scripts": ["lpqld=lpqld_fast.cli:main"]},
