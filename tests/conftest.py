@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 try:
     from hypothesis import HealthCheck, settings
 except ImportError:  # hypothesis is a test dependency; without it only test_properties.py is skipped
@@ -21,3 +23,15 @@ if settings is not None:
     settings.register_profile("ci", max_examples=25, derandomize=True, **_common)
     settings.register_profile("thorough", max_examples=300, **_common)
     settings.load_profile(os.environ.get("LPQLD_HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One torch thread for a module of tiny ops: on a shared CPU they are much faster without OpenMP's
+    spinning threads (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread_module")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -38,12 +38,7 @@ from lpqld_fast.ops import (
 META = torch.device("meta")  # a device other than the inputs' (works on machines without a GPU)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 # =========================================================================== ops

@@ -16,7 +16,8 @@ from lpqld_fast import ops
 from lpqld_fast.ops._dispatch import native_available, native_has_cuda
 from lpqld_fast.ops.reference import crop_resize_flip as crf_ref
 
-pytestmark = pytest.mark.skipif(not native_available(), reason="needs lpqld_fast._C (make build)")
+pytestmark = [pytest.mark.skipif(not native_available(), reason="needs lpqld_fast._C (make build)"),
+              pytest.mark.usefixtures("one_thread_module")]
 
 DEVICES = [
     "cpu",
@@ -26,12 +27,6 @@ DEVICES = [
 L = torch.ops.lpqld if native_available() else None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -58,13 +58,7 @@ def _few(backend: str):
     return settings(max_examples=max(4, n // 3) if backend == "triton" else n)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops on a shared CPU are much faster without OpenMP's spinning threads
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 # --------------------------------------------------------------------------- strategies
