@@ -69,6 +69,11 @@ def _check_resume(out: Path, config: dict[str, Any], cfg: dict[str, Any], seed: 
         diffs = schema.result_diff("train", old_cfg, cfg, ignore=("epochs",))
         if cfg["epochs"] < old_cfg.get("epochs", cfg["epochs"]):
             diffs.append(f"train.epochs {old_cfg['epochs']!r} -> {cfg['epochs']!r} (only raising it trains on)")
+        elif cfg["epochs"] > old_cfg.get("epochs", cfg["epochs"]) and not diffs and distributed.is_main():
+            # The schedules are functions of the total length: the remaining epochs follow the longer run's
+            # curves, so the learning rate (annealed to ~0 at the old end) rises again.
+            print(f"train: train.epochs raised {old_cfg['epochs']} -> {cfg['epochs']}: the learning-rate and "
+                  f"temperature schedules are re-sized to {cfg['epochs']} epochs (the learning rate rises again)")
         for key, what in (("seed", "--seed"), ("images_sha256", "the distilled images"),
                           ("label_store", "the label store")):
             if old.get(key) != record[key]:
@@ -91,7 +96,7 @@ def run_train(
     cfg = train_config(config, device, out)
     images, image_labels, manifest = load_recovered(recover_dir)
     # every file's sha256 once, before the first step and before anything is written: a flipped byte in the
-    # labels would otherwise train silently (measured here: ~40 ms for a tiny store, ~1 s for 100 MB)
+    # labels would otherwise train silently (cost: the store-open-sha256 rows of bench/bench_store_read.py)
     store = LabelStore.open(relabel_dir, expect_images_sha256=manifest["images_sha256"],
                             expect_teacher_sha256=manifest["teacher_sha256"], verify="sha256")
     if cfg.get("batch_size") not in (None, store.batch_size):
