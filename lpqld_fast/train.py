@@ -25,6 +25,7 @@ from lpqld_fast import distributed
 from lpqld_fast.augment import replay_batch
 from lpqld_fast.data import get_dataset, stratified_subset
 from lpqld_fast.data.streaming import evaluate_folder
+from lpqld_fast.ema import WeightEMA
 from lpqld_fast.engine import build_optimizer, seed_everything, warmup_cosine
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors
 from lpqld_fast.label_pool import epoch_batch_ids, temperature_at
@@ -118,6 +119,8 @@ def run_train(
     epochs = int(cfg["epochs"])
     nb = store.batches_per_epoch
     opt = build_optimizer(student, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
+    ema = WeightEMA(student, float(cfg["ema"])) if cfg["ema"] > 0 else None
+    evaluated = student if ema is None else ema.module  # what evaluations and student.pt hold
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * nb, int(cfg["warmup_epochs"]) * nb))
     t_s = 1.0
     metrics: dict[str, Any] = {"epochs": [], "evals": []}
@@ -141,6 +144,8 @@ def run_train(
         torch.set_rng_state(state["torch_rng"])
         gen.set_state(state["generator"])
         t_s = float(state["t_s"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start = int(state["epoch"]) + 1
         if start - 1 > epochs:
             raise ValueError(f"{last_path} holds epoch {start - 1}, more than train.epochs={epochs}; rerun with "
@@ -194,6 +199,8 @@ def run_train(
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(student)
             total = total + loss.detach().double()  # summed on the device: float() would sync a GPU per step
             if i >= len(ids) - int(cfg["calibrate_batches"]):
                 calib.append((distributed.gather_rows(logits.detach().float(), x.shape[0]), labels))
@@ -205,9 +212,9 @@ def run_train(
         metrics["epochs"].append(entry)
         if epoch % int(cfg["eval_every"]) == 0 or epoch == epochs:
             ev = {"epoch": epoch, "train_loss": entry["loss"], "T": T, "t_s": t_s,
-                  **evaluate_split(student, test, mean, std, "test", bool(cfg["bf16"]), channels_last)}
+                  **evaluate_split(evaluated, test, mean, std, "test", bool(cfg["bf16"]), channels_last)}
             if val is not None:
-                ev.update(evaluate_split(student, val, mean, std, "val", bool(cfg["bf16"]), channels_last))
+                ev.update(evaluate_split(evaluated, val, mean, std, "val", bool(cfg["bf16"]), channels_last))
             if not cfg["hard_labels"]:
                 ev.update(logit_ranges(calib[-1][0], calib[-1][1]))
             metrics["evals"].append(ev)
@@ -216,7 +223,8 @@ def run_train(
             atomic_write_json(out / "train_metrics.json", metrics)
             save_tensors(last_path, {"model": student.state_dict(), "optimizer": opt.state_dict(),
                                      "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                                     "generator": gen.get_state(), "t_s": t_s, "epoch": epoch})
+                                     "generator": gen.get_state(), "t_s": t_s, "epoch": epoch,
+                                     **({} if ema is None else {"ema": ema.state_dict()})})
     summary = {**select_evaluation(metrics["evals"]), "num_epochs": epochs, "t_s_final": t_s,
                "test_images": len(test), "val_images": 0 if val is None else len(val),
                "seconds": time.perf_counter() - t_begin + metrics.get("seconds", 0.0),
@@ -224,7 +232,7 @@ def run_train(
     metrics.update(summary)
     if distributed.is_main():  # rank 0 writes, the others wait for it
         atomic_write_json(out / "train_metrics.json", metrics)
-        save_tensors(out / "student.pt", student.state_dict())
+        save_tensors(out / "student.pt", evaluated.state_dict())
     distributed.barrier()
     return summary
 
