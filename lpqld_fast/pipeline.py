@@ -30,8 +30,8 @@ def check_store_size(config: dict[str, Any], info: Any, run: str | Path) -> None
     layout)."""
     import shutil
 
-    from lpqld_fast.relabel import kept_count, normalize_config
-    from lpqld_fast.store.quantize import index_dtype_for, stored_k
+    from lpqld_fast.relabel import config_stored_k, kept_count, normalize_config
+    from lpqld_fast.store.quantize import index_dtype_for
 
     cfg = normalize_config(config["relabel"])
     images = config["recover"]["ipc"] * info.num_classes
@@ -42,7 +42,7 @@ def check_store_size(config: dict[str, Any], info: Any, run: str | Path) -> None
     if kept < 1:  # relabel's own check, made before squeeze and recover run
         raise ValueError(f"relabel.prune_ratio {cfg['prune_ratio']} keeps no batch of {cfg['epochs'] * nb} "
                          f"({images} images in batches of {cfg['batch_size']}, {cfg['epochs']} epochs)")
-    k = stored_k(cfg["label"], cfg["k"], info.num_classes)
+    k = config_stored_k(cfg, info.num_classes)
     index_bytes = 0 if cfg["label"] == "dense" else index_dtype_for(info.num_classes).itemsize
     need = kept * cfg["batch_size"] * (k * (_VALUE_BYTES[cfg["value_dtype"]] + index_bytes) + 10)
     where = Path(run).absolute()

@@ -512,9 +512,9 @@ CLI_CASES = [
     ("relabel-prune-ratio-nan", ("relabel",), lambda r, t: ["--set", "relabel.prune_ratio=nan"], "relabel",
      r"^lpqld relabel: error: relabel.prune_ratio must be a number in \[0, 1\), got nan$"),
     ("relabel-k-larger-than-C", ("relabel",), lambda r, t: ["--set", "relabel.k=11"], "relabel",
-     r"^lpqld relabel: error: k must be an int in \[1, num_classes=10\] for mode 'mr', got 11$"),
+     r"^lpqld relabel: error: relabel.k 11 exceeds the teacher's 10 classes \(label 'mr' stores k of them per sample\)$"),
     ("relabel-batch-larger-than-images", ("relabel",), lambda r, t: ["--set", "relabel.batch_size=500"], "relabel",
-     r"^lpqld relabel: error: batch_size 500 exceeds the number of images 20$"),
+     r"^lpqld relabel: error: relabel.batch_size 500 exceeds the 20 distilled images$"),
     ("relabel-images-tampered", ("relabel",), "images-tampered", "relabel",
      r"^lpqld relabel: error: .*images\.pt does not match the hash in .*manifest\.json \(modified or corrupt\)$"),
     ("relabel-images-pickle", ("relabel",), "images-evil", "relabel",
@@ -575,7 +575,7 @@ CLI_CASES = [
     ("distill-missing-dataset", ALL_STAGES, "fmnist-env-missing", "distill",
      r"^lpqld distill: error: .*nowhere"),
     ("train-data-root-synthetic", (), lambda r, t: ["--data-root", str(t)], "train",
-     r"^lpqld train: error: .*/run holds a run on data root None, not '.*'; continue it without --data-root, "
+     r"^lpqld train: error: .*/run holds a run on data root the dataset's default location, not '.*'; continue it without --data-root, "
      r"or use another --out$"),
     ("train-data-root-missing", ("train",), lambda r, t: ["--dataset", "fmnist-real", "--data-root",
                                                           str(t / "nowhere")], "train",
