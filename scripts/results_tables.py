@@ -24,7 +24,10 @@ sys.path.insert(0, str(ROOT))
 from lpqld_fast.io_utils import atomic_write_bytes  # noqa: E402
 
 GROUP_ORDER = ("SRe2L-style recovery", "LPLD", "LPQLD MR-2", "LPQLD MR-3", "LPQLD MR-5", "LPQLD vs LPLD at x40",
-               "ablation")
+               "late drop", "ablation")
+# The rows that show the late drop of top-k labels and what changes it (stored mass on dropped classes, EMA).
+LATE_DROP = ("LPQLD x40 MR-5", "LPQLD x40 MR-5 + EMA 0.99", "x40-batches MR-5, LPQLD recipe T0=4",
+             "x40 MRS-5, LPQLD recipe T0=4", "x40 dense, LPQLD recipe T0=4")
 
 
 def load_records(records: Path) -> list[dict]:
@@ -89,6 +92,9 @@ def blocks(records: list[dict]) -> dict[str, str]:
         sel = [r for r in rows if r["group"] in groups and (key != "lpqld-vs-lpld" or r["factor"] == 40)]
         if sel:
             out[key] = note + "\n\n" + table(sel)
+    late = [r for r in rows if r["name"] in LATE_DROP]
+    if any(r["group"] == "late drop" for r in late):
+        out["late-drop"] = note + "\n\n" + table(late)
     summary = [r for r in rows if len(r["seeds"]) >= 3]
     if summary:
         out["summary"] = ("Fashion-MNIST, ConvNet-BN student, mean of 3+ seeds, accuracy selected on a validation "
