@@ -67,7 +67,8 @@ NATIVE_OP = "crop_resize_flip"
 IMPLS = ("pil-loop", "tv-tensor-loop", "reference-loop", "torch-gather", "torch-grid_sample",
          "torch-grid_sample-compiled", "cpp", "cpp-compiled", "cuda", "triton", "write-pass")
 COMPILED = ("torch-grid_sample-compiled", "cpp-compiled")
-PLAIN = {KERNEL: ("reference-loop", "torch-gather", "tv-tensor-loop", "torch-grid_sample", "torch-grid_sample-compiled"),
+PLAIN = {KERNEL: ("reference-loop", "torch-gather", "tv-tensor-loop", "torch-grid_sample",
+                  "torch-grid_sample-compiled"),
          BWD_KERNEL: ("reference-loop", "torch-gather", "torch-grid_sample", "torch-grid_sample-compiled")}
 OURS = ("cpp", "cpp-compiled", "cuda", "triton")
 SHAPES = ((28, 28, 1), (64, 64, 3), (224, 224, 3))
