@@ -13,8 +13,14 @@ in one process, on the same tensors:
                    of x^2 (as vector_norm(x)^2, no x^2 temporary), index_add_ into
                    float64 [K, C] sum state (var = E[x^2] - E[x]^2 is computed
                    once at the end of a pass, not per batch)
+  torch-index_add-compiled  torch.compile(torch-index_add, dynamic=False), inductor:
+                   the strongest plain strategy compiled (inductor fuses the two
+                   spatial reductions into one read of x); compiled in the check
   cpp              lpqld_fast.ops.classwise_moments_accumulate_(..., backend="cpp")
                    into preallocated float64 (count, mean, m2): what squeeze uses
+  cpp-compiled     the same op call inside torch.compile(fullgraph=True,
+                   dynamic=False), validate=False (the label range check reads a
+                   value back to the host; the cpp kernel checks labels itself)
   cpp-functional   lpqld_fast.ops.classwise_moments(x, labels, K, backend="cpp"):
                    allocates and finalises [K, C] outputs each call
   read-pass        x.sum(dim=(2, 3)): one read of x, the practical floor
@@ -24,6 +30,9 @@ bytes (the op's minimal traffic) = x + labels + read and write of the state rows
 of the classes present; read-pass: x + its [N, C] output.
 
 Batch: 256 (full), 32 (quick), 2 (tiny); ctx.options["batch"] overrides.
+torch-index_add (eager, or compiled) is the strongest plain-PyTorch strategy; the
+summary states cpp / cpp-compiled against the faster of the two (named) and issue
+22's CPU target (>= 1.5x it or >= 90% of read-pass). No compiled rows in tiny.
 Before timing, every fast impl is checked against torch-index_add on the same
 batch, and so is the reference loop (momentum 1) in the full and tiny profiles
 where x <= 256 MB (an impl that disagrees is reported as a failure, not timed).
@@ -35,12 +44,16 @@ from collections.abc import Callable
 
 import torch
 
+from bench import compiled as cmp
 from bench.common import BenchContext, Case, parse_sizes
 
 KERNEL = "classwise_moments"
 BASELINE = "reference-loop"
 LIMIT = "read-pass"
-IMPLS = ("reference-loop", "torch-index_add", "cpp", "cpp-functional", "read-pass", "cuda", "triton")
+IMPLS = ("reference-loop", "torch-index_add", "torch-index_add-compiled", "cpp", "cpp-compiled", "cpp-functional",
+         "read-pass", "cuda", "triton")
+PLAIN = ("torch-index_add", "torch-index_add-compiled")  # the strongest plain strategy, eager and compiled
+OURS = ("cpp", "cpp-compiled", "cuda", "triton")
 NUM_CLASSES = (1000, 10450)
 # (C, H, W, number of BN layers with that input) of ResNet-18 at 224x224; the
 # benchmark derives them from the model and uses this list only without torchvision.
@@ -105,6 +118,28 @@ def torch_index_add_(
     s1.index_add_(0, labels, p1)
     s2.index_add_(0, labels, p2)
     count.index_add_(0, labels, torch.full(labels.shape, float(length), dtype=torch.float64, device=x3.device))
+
+
+def _cpp_accumulate_(x: torch.Tensor, labels: torch.Tensor, count: torch.Tensor, mean: torch.Tensor,
+                     m2: torch.Tensor) -> None:
+    from lpqld_fast import ops
+
+    ops.classwise_moments_accumulate_(x, labels, count, mean, m2, backend="cpp", validate=False)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_impl(impl: str) -> Callable:
+    """torch-index_add-compiled / cpp-compiled: one compiled object per process (recompiled per shape)."""
+    if impl not in _COMPILED:
+        if impl == "torch-index_add-compiled":
+            _COMPILED[impl] = cmp.compile_fn(torch_index_add_)
+        elif impl == "cpp-compiled":
+            _COMPILED[impl] = cmp.compile_fn(_cpp_accumulate_, fullgraph=True)
+        else:
+            raise ValueError(impl)
+    return _COMPILED[impl]
 
 
 def index_add_finalize(count: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,8 +207,21 @@ def check(x: torch.Tensor, labels: torch.Tensor, num_classes: int, impls: list[s
     want_mean, want_var = index_add_finalize(cnt, s1, s2)
     want_mean, want_var = want_mean[present], want_var[present]
     got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    problems = {}
     for impl in impls:
-        if impl in ("cpp", "cuda", "triton"):
+        if impl in ("torch-index_add-compiled", "cpp-compiled"):
+            st = _state(num_classes, c, x.device)
+            try:  # the first call compiles
+                if impl == "cpp-compiled":
+                    compiled_impl(impl)(x, labels, *st)
+                    got[impl] = (st[1][present], (st[2] / st[0].clamp_min(1.0)[:, None])[present])
+                else:
+                    compiled_impl(impl)(x.reshape(x.shape[0], c, -1), labels, *st)
+                    m, v = index_add_finalize(*st)
+                    got[impl] = (m[present], v[present])
+            except Exception as e:  # noqa: BLE001 - a compile failure is reported, not timed
+                problems[impl] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        elif impl in ("cpp", "cuda", "triton"):
             count, mean, m2 = _state(num_classes, c, x.device)
             ops.classwise_moments_accumulate_(x, labels, count, mean, m2, backend=impl)
             got[impl] = (mean[present], (m2 / count.clamp_min(1.0)[:, None])[present])
@@ -185,7 +233,6 @@ def check(x: torch.Tensor, labels: torch.Tensor, num_classes: int, impls: list[s
         rv = torch.zeros(num_classes, c, device=x.device)
         reference_loop_(x, labels, rm, rv, momentum=1.0)  # momentum 1: the batch statistics themselves
         got["reference-loop"] = (rm[present], rv[present])
-    problems = {}
     for impl, (mean, var) in got.items():
         for name, a, b in (("mean", mean, want_mean), ("var", var, want_var)):
             a = a.to(torch.float64)
@@ -197,7 +244,7 @@ def check(x: torch.Tensor, labels: torch.Tensor, num_classes: int, impls: list[s
 
 def build_cases(
     n: int, c: int, h: int, w: int, num_classes: int, *, device: str = "cpu", layers: int | None = None, seed: int = 0,
-    check_reference: bool = True,
+    check_reference: bool = True, compiled: bool = True,
 ) -> tuple[dict[str, Case], dict[str, str]]:
     """All available impls for one (shape, K) on ``device``, sharing one x and labels; plus check problems.
 
@@ -226,14 +273,21 @@ def build_cases(
     add("reference-loop", lambda: reference_loop_(x, labels, rm, rv))
     ia = _state(num_classes, c, device)
     add("torch-index_add", lambda: torch_index_add_(x3, labels, *ia))
+    if compiled:
+        iac = _state(num_classes, c, device)
+        add("torch-index_add-compiled", lambda: compiled_impl("torch-index_add-compiled")(x3, labels, *iac))
     for backend in native:
         st = _state(num_classes, c, device)
         add(backend, lambda b=backend, st=st: ops.classwise_moments_accumulate_(x, labels, *st, backend=b))
+    if compiled and "cpp" in native:
+        stc = _state(num_classes, c, device)
+        add("cpp-compiled", lambda: compiled_impl("cpp-compiled")(x, labels, *stc))
     if "cpp" in native:
         add("cpp-functional", lambda: ops.classwise_moments(x, labels, num_classes, backend="cpp"))
     add("read-pass", lambda: read_pass(x), x_bytes + n * c * x.element_size())
 
-    fast = [i for i in cases if i in ("cpp", "cpp-functional", "cuda", "triton")]
+    fast = [i for i in cases if i in ("cpp", "cpp-functional", "cuda", "triton", "torch-index_add-compiled",
+                                      "cpp-compiled")]
     problems = check(x, labels, num_classes, fast, with_reference=check_reference and x_bytes <= (256 << 20))
     for impl in problems:
         cases.pop(impl, None)
@@ -269,7 +323,8 @@ def run(ctx: BenchContext) -> None:
             for k in ks:
                 # quick skips checking the (slow) reference loop: it must stay under 2 minutes
                 cases, problems = build_cases(batch, c, h, w, k, device=device, layers=layers,
-                                              check_reference=ctx.profile != "quick")
+                                              check_reference=ctx.profile != "quick",
+                                              compiled=cmp.enabled(ctx.profile))
                 for impl, msg in problems.items():
                     ctx.fail(f"{KERNEL}/{impl} N={batch} C={c} H={h} W={w} K={k} on {device}: {msg}")
                 ctx.time_group(list(cases.values()))  # round-robin: load noise hits every impl alike
@@ -296,7 +351,7 @@ def summary(rows: list[dict[str, str]]) -> list[str]:
                 limits.append((t["cpp"][0] / t["read-pass"][0], t["cpp"][1] / t["read-pass"][1], sizes))
     if not speedups and not limits:
         return ["classwise_moments acceptance: no cpp rows (kernel not built)"]
-    out = []
+    out = cmp.versus_strongest(rows, KERNEL, OURS, PLAIN, LIMIT)
     if speedups:
         worst = min(speedups)
         out.append(f"classwise_moments acceptance: cpp >= 5x reference-loop on every shape: "
@@ -349,7 +404,8 @@ if pytest is not None:
         if key not in _CACHE:
             _CACHE.clear()  # one shape's tensors alive at a time
             n, c, h, w, layers = shape
-            _CACHE[key] = build_cases(n, c, h, w, num_classes, layers=layers)
+            _CACHE[key] = build_cases(n, c, h, w, num_classes, layers=layers,
+                                      compiled=cmp.enabled(os.environ.get("LPQLD_BENCH_PROFILE", "quick")))
         cases, problems = _CACHE[key]
         if impl in problems:
             pytest.fail(f"{impl}: {problems[impl]}")

@@ -15,14 +15,24 @@ ImageNet replay shape: 224x224 crops of 256x256x3 images (out=224x224 in sizes):
   reference-loop  lpqld_fast.ops.crop_resize_flip(backend="reference"): the
                   per-sample F.interpolate loop (the oracle)
   torch-gather    crop_resize_flip_gather: vectorised plain torch (4 gathers)
+  torch-grid_sample  the strongest plain strategy: one F.grid_sample (bilinear,
+                  align_corners=False, border padding) over the batch, the grid
+                  built from the same pixel boxes with the source coordinates
+                  clamped to the crop (what F.interpolate on the crop does) and
+                  reversed for flipped samples; uint8 input converted with .float()
+  torch-grid_sample-compiled  torch.compile(that function, dynamic=False), inductor
+                  (compiled in the check, before timing)
   cpp             the batched C++ kernel (uint8 read directly)
+  cpp-compiled    the cpp op inside torch.compile(fullgraph=True, dynamic=False),
+                  validate=False (the box / flip checks read values back to the host)
   write-pass      out.fill_(0) on the float32 output: the write floor
   cuda / triton, and reference-loop / torch-gather on the GPU, when a GPU is present
 
 kernel "crop_resize_flip_bwd" (mode full): recover's use — float32 input
 that requires grad, forward + backward of sum(out * g): reference-loop
-(autograd through F.interpolate), torch-gather (autograd), cpp (hand-written
-backward), cuda / triton on a GPU.
+(autograd through F.interpolate), torch-gather (autograd), torch-grid_sample
+(autograd) and its compiled form, cpp (hand-written backward) and cpp-compiled,
+cuda / triton on a GPU. The compiled rows are skipped in the tiny profile.
 
 kernel "batched_roll" (mode full, forward + backward): the recover jitter,
 reference-loop (torch.roll per sample), batched-gather (one torch.gather with
@@ -44,6 +54,7 @@ from collections.abc import Callable
 
 import torch
 
+from bench import compiled as cmp
 from bench.common import BenchContext, Case
 from lpqld_fast.ops import _dispatch
 
@@ -53,7 +64,13 @@ ROLL_KERNEL = "batched_roll"
 BASELINE = "pil-loop"
 LIMIT = "write-pass"
 NATIVE_OP = "crop_resize_flip"
-IMPLS = ("pil-loop", "tv-tensor-loop", "reference-loop", "torch-gather", "cpp", "cuda", "triton", "write-pass")
+IMPLS = ("pil-loop", "tv-tensor-loop", "reference-loop", "torch-gather", "torch-grid_sample",
+         "torch-grid_sample-compiled", "cpp", "cpp-compiled", "cuda", "triton", "write-pass")
+COMPILED = ("torch-grid_sample-compiled", "cpp-compiled")
+PLAIN = {KERNEL: ("reference-loop", "torch-gather", "tv-tensor-loop", "torch-grid_sample",
+                  "torch-grid_sample-compiled"),
+         BWD_KERNEL: ("reference-loop", "torch-gather", "torch-grid_sample", "torch-grid_sample-compiled")}
+OURS = ("cpp", "cpp-compiled", "cuda", "triton")
 SHAPES = ((28, 28, 1), (64, 64, 3), (224, 224, 3))
 # Replay only: ImageNet's RandomResizedCrop to 224x224 from 256x256 images (input shape -> output size).
 CROP_256 = (256, 256, 3)
@@ -124,6 +141,57 @@ def native_backends(device: str) -> list[str]:
 # ----------------------------------------------------------------------------- replay impls
 
 
+def _src_coords(start: torch.Tensor, length: torch.Tensor, out: int) -> torch.Tensor:
+    """[N, out] source pixel coordinates of F.interpolate(bilinear, align_corners=False) on each crop."""
+    o = torch.arange(out, device=start.device, dtype=torch.float32) + 0.5
+    length = length.float()
+    s = (o[None, :] * (length / out)[:, None] - 0.5).clamp(min=0.0)
+    return start.float()[:, None] + torch.minimum(s, (length - 1)[:, None])
+
+
+def grid_sample_crop(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out: tuple[int, int]) -> torch.Tensor:
+    """Plain torch, batched: one F.grid_sample over the crop grids (flip = reversed x coordinates)."""
+    import torch.nn.functional as F
+
+    from lpqld_fast.ops.reference import crop_resize_flip as ref
+
+    n, _c, h, w = x.shape
+    pix = ref.pixel_boxes(boxes, h, w)
+    oh, ow = out
+    ys = _src_coords(pix[:, 0], pix[:, 2], oh)
+    xs = _src_coords(pix[:, 1], pix[:, 3], ow)
+    xs = torch.where(flips.to(torch.bool)[:, None], xs.flip(1), xs)
+    gy, gx = (2 * ys + 1) / h - 1, (2 * xs + 1) / w - 1
+    grid = torch.stack((gx[:, None, :].expand(n, oh, ow), gy[:, :, None].expand(n, oh, ow)), dim=-1)
+    xf = x if x.is_floating_point() else x.float()
+    return F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _cpp_crop(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out: tuple[int, int]) -> torch.Tensor:
+    from lpqld_fast.ops import crop_resize_flip
+
+    return crop_resize_flip(x, boxes, flips, out, backend="cpp", validate=False)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_impl(impl: str) -> Callable:
+    """torch-grid_sample-compiled / cpp-compiled, one compiled object per process (recompiled per shape)."""
+    if impl not in _COMPILED:
+        if impl == "torch-grid_sample-compiled":
+            _COMPILED[impl] = cmp.compile_fn(grid_sample_crop)
+        elif impl == "cpp-compiled":
+            _COMPILED[impl] = cmp.compile_fn(_cpp_crop, fullgraph=True)
+        else:
+            raise ValueError(impl)
+    return _COMPILED[impl]
+
+
+def _failure(e: Exception) -> str:
+    return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def pil_loop(pil_images: list, pix: list, flips: list, out: tuple[int, int]) -> torch.Tensor:
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
@@ -150,7 +218,8 @@ def tv_tensor_loop(x: torch.Tensor, pix: list, flips: list, out: tuple[int, int]
     return torch.stack(outs).float()
 
 
-def build_replay_cases(n: int, h: int, w: int, c: int, device: str = "cpu") -> tuple[list[Case], dict[str, str]]:
+def build_replay_cases(n: int, h: int, w: int, c: int, device: str = "cpu",
+                       compiled: bool = True) -> tuple[list[Case], dict[str, str]]:
     from torchvision.transforms.functional import to_pil_image
 
     from lpqld_fast.ops import crop_resize_flip
@@ -174,14 +243,24 @@ def build_replay_cases(n: int, h: int, w: int, c: int, device: str = "cpu") -> t
     xd, bd, fd = x.to(device), boxes.to(device), flips.to(device)
     add("reference-loop", lambda: crop_resize_flip(xd, bd, fd, out, backend="reference"))
     add("torch-gather", lambda: crop_resize_flip_gather(xd, bd, fd, out))
+    add("torch-grid_sample", lambda: grid_sample_crop(xd, bd, fd, out))
+    if compiled:
+        add("torch-grid_sample-compiled", lambda: compiled_impl("torch-grid_sample-compiled")(xd, bd, fd, out))
     for b in native_backends(device):
         add(b, lambda be=b: crop_resize_flip(xd, bd, fd, out, backend=be))
+    if compiled and "cpp" in cases:
+        add("cpp-compiled", lambda: compiled_impl("cpp-compiled")(xd, bd, fd, out))
     sink = torch.empty((n, c, *out), dtype=torch.float32, device=device)
     add("write-pass", lambda: sink.fill_(0))
 
     want = crop_resize_flip(xd, bd, fd, out, backend="reference")
     for impl in [i for i in cases if i not in ("reference-loop", "write-pass", "pil-loop")]:
-        got = cases[impl].fn()
+        try:  # a compiled impl compiles here, before timing
+            got = cases[impl].fn()
+        except Exception as e:  # noqa: BLE001 - a compile failure is reported, not timed
+            problems[impl] = _failure(e)
+            cases.pop(impl)
+            continue
         if impl == "tv-tensor-loop":  # torchvision rounds to uint8: one grey level
             err, tol = float((got.to(want.device) - want.round()).abs().max()), 1.0
         else:
@@ -198,7 +277,8 @@ def build_replay_cases(n: int, h: int, w: int, c: int, device: str = "cpu") -> t
 # ----------------------------------------------------------------------------- recover (fwd + bwd) and roll
 
 
-def build_grad_cases(n: int, h: int, w: int, c: int, device: str = "cpu") -> tuple[list[Case], dict[str, str]]:
+def build_grad_cases(n: int, h: int, w: int, c: int, device: str = "cpu",
+                     compiled: bool = True) -> tuple[list[Case], dict[str, str]]:
     from lpqld_fast.ops import crop_resize_flip
     from lpqld_fast.ops.crop_resize_flip import crop_resize_flip_gather
 
@@ -218,14 +298,25 @@ def build_grad_cases(n: int, h: int, w: int, c: int, device: str = "cpu") -> tup
     fns: dict[str, Callable[[], torch.Tensor]] = {
         "reference-loop": lambda: crop_resize_flip(x, boxes, flips, out, backend="reference"),
         "torch-gather": lambda: crop_resize_flip_gather(x, boxes, flips, out),
+        "torch-grid_sample": lambda: grid_sample_crop(x, boxes, flips, out),
     }
+    if compiled:
+        fns["torch-grid_sample-compiled"] = lambda: compiled_impl("torch-grid_sample-compiled")(x, boxes, flips, out)
     for b in native_backends(device):
         fns[b] = lambda be=b: crop_resize_flip(x, boxes, flips, out, backend=be)
+    if compiled and "cpp" in fns:
+        fns["cpp-compiled"] = lambda: compiled_impl("cpp-compiled")(x, boxes, flips, out)
     want = step(fns["reference-loop"]).clone()
     scale = float(want.abs().max().clamp_min(1.0))
     problems = {}
     for impl in [i for i in fns if i != "reference-loop"]:
-        err = float((step(fns[impl]) - want).abs().max())
+        try:  # a compiled impl compiles its forward and backward here, before timing
+            got = step(fns[impl])
+        except Exception as e:  # noqa: BLE001 - a compile failure is reported, not timed
+            problems[impl] = _failure(e)
+            fns.pop(impl)
+            continue
+        err = float((got - want).abs().max())
         if err > 1e-4 * scale:
             problems[impl] = f"gradient differs from reference-loop by {err:.3g} (max |grad| {scale:.3g})"
             fns.pop(impl)
@@ -234,7 +325,9 @@ def build_grad_cases(n: int, h: int, w: int, c: int, device: str = "cpu") -> tup
     return sorted(cases, key=lambda cs: IMPLS.index(cs.impl)), problems
 
 
-def build_roll_cases(n: int, h: int, w: int, c: int, device: str = "cpu") -> tuple[list[Case], dict[str, str]]:
+def build_roll_cases(n: int, h: int, w: int, c: int, device: str = "cpu",
+                     compiled: bool = True) -> tuple[list[Case], dict[str, str]]:
+    """The roll has no compiled rows (``compiled`` is accepted for a uniform builder signature)."""
     from lpqld_fast.ops import batched_roll
     from lpqld_fast.ops.reference import crop_resize_flip as ref
 
@@ -281,7 +374,7 @@ def run(ctx: BenchContext) -> None:
             grid = problem_grid(ctx.profile, ctx.options.get("batch"), kernel)
             ctx.log(f"{kernel} on {device}: (N, H, W, C) {grid}")
             for n, h, w, c in grid:
-                cases, problems = build(n, h, w, c, device)
+                cases, problems = build(n, h, w, c, device, compiled=cmp.enabled(ctx.profile))
                 for impl, msg in problems.items():
                     ctx.fail(f"{kernel}/{impl} N={n} {h}x{w}x{c} on {device}: {msg}")
                 ctx.time_group(cases)
@@ -318,6 +411,8 @@ def summary(rows: list[dict[str, str]]) -> list[str]:
         out.append(f"crop_resize_flip acceptance (cpp >= {ACCEPT_SPEEDUP:.0f}x the faster per-sample torchvision "
                    f"loop, PIL or tensor, on 28x28 and 256x256->224x224): {'met' if ok else 'NOT met'} ("
                    + ", ".join(f"{k}: {v:.1f}x" for k, v in accept) + ")")
+    for kernel, plain in PLAIN.items():
+        out += cmp.versus_strongest(rows, kernel, OURS, plain, LIMIT if kernel == KERNEL else None)
     return out or ["crop_resize_flip: no batched rows"]
 
 
@@ -332,7 +427,8 @@ except ImportError:  # pragma: no cover - pytest is a dev dependency
     pytest = None
 
 _CACHE: dict[tuple, tuple[list[Case], dict[str, str]]] = {}
-_IMPLS = {KERNEL: IMPLS, BWD_KERNEL: ("reference-loop", "torch-gather", "cpp"),
+_IMPLS = {KERNEL: IMPLS, BWD_KERNEL: ("reference-loop", "torch-gather", "torch-grid_sample",
+                                      "torch-grid_sample-compiled", "cpp", "cpp-compiled"),
           ROLL_KERNEL: ("reference-loop", "batched-gather", "cpp")}
 
 
@@ -359,7 +455,8 @@ if pytest is not None:
         key = (kernel, shape)
         if key not in _CACHE:
             _CACHE.clear()  # one problem's tensors alive at a time
-            _CACHE[key] = _BUILDERS[kernel](*shape)
+            _CACHE[key] = _BUILDERS[kernel](*shape, compiled=cmp.enabled(os.environ.get("LPQLD_BENCH_PROFILE",
+                                                                                         "quick")))
         cases, problems = _CACHE[key]
         if impl in problems:
             pytest.fail(f"{impl}: {problems[impl]}")

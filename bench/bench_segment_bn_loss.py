@@ -24,16 +24,28 @@ sorted. Implementations, in one process on the same tensors:
                    (correction=0, one op for both moments) + the two norms;
                    autograd backward (the best case of a plain-torch loop)
   torch-index_add  vectorised plain torch, no loop: per-(sample, channel) sums of
-                   x and x^2, index_add_ into [S, C], var = E[x^2] - mean^2; autograd
+                   x and x^2, index_add_ into [S, C] (counts by index_add too, not
+                   bincount, whose output size depends on the data and breaks a
+                   compiled graph), var = E[x^2] - mean^2; autograd. The strongest
+                   plain strategy (per-segment var_mean via index_add)
+  torch-index_add-compiled  torch.compile(torch-index_add's loss, dynamic=False),
+                   inductor; backward outside it (AOTAutograd compiles it);
+                   compiled in the check, before timing
   cpp              lpqld_fast.ops.segment_bn_loss(..., backend="cpp") (+ cuda /
                    triton on a GPU)
+  cpp-compiled     the cpp op inside torch.compile(fullgraph=True, dynamic=False),
+                   validate=False (the data checks read values back to the host;
+                   ids and targets are checked once, eagerly, by the cpp row)
   read+write-pass  x.sum over space + one elementwise pass into a new grad-sized
                    tensor (allocated per call, as every impl allocates x.grad: on
                    this VM the page faults of a fresh 64 MB tensor cost about as
                    much as writing it): the memory-traffic floor of a fused fwd + bwd
 
 bytes = 3 x x (read in the forward; read and write of grad in the backward).
-Before timing, the fused impls are checked against torch-split (loss and grad).
+Before timing, the fused and compiled impls are checked against torch-split (loss
+and grad). No compiled rows in the tiny profile. The summary states cpp /
+cpp-compiled against the faster of torch-index_add and torch-index_add-compiled
+(named) and issue 22's CPU target (>= 1.5x it or >= 90% of read+write-pass).
 """
 from __future__ import annotations
 
@@ -42,13 +54,16 @@ from collections.abc import Callable
 
 import torch
 
+from bench import compiled as cmp
 from bench.common import BenchContext, Case
 
 KERNEL = "segment_bn_loss"
 BASELINE = "torch-var_mean"  # plain torch autograd, per-segment var_mean + norms
 LIMIT = "read+write-pass"
-IMPLS = ("reference-loop", "torch-split", "torch-var_mean", "torch-index_add", "cpp", "cuda", "triton",
-         "read+write-pass")
+IMPLS = ("reference-loop", "torch-split", "torch-var_mean", "torch-index_add", "torch-index_add-compiled", "cpp",
+         "cpp-compiled", "cuda", "triton", "read+write-pass")
+PLAIN = ("torch-index_add", "torch-index_add-compiled")  # the strongest plain strategy, eager and compiled
+OURS = ("cpp", "cpp-compiled", "cuda", "triton")
 NUM_CLASSES = 10
 
 # (family, C, H, W)
@@ -126,10 +141,32 @@ def torch_index_add(x: torch.Tensor, seg: torch.Tensor, tm: torch.Tensor, tv: to
     s = tm.shape[0]
     s1 = torch.zeros(s, c, device=x.device, dtype=x.dtype).index_add(0, seg, x3.sum(dim=2))
     s2 = torch.zeros(s, c, device=x.device, dtype=x.dtype).index_add(0, seg, x3.square().sum(dim=2))
-    cnt = torch.bincount(seg, minlength=s).to(x.dtype)[:, None] * length
+    cnt = torch.zeros(s, device=x.device, dtype=x.dtype).index_add(0, seg, torch.ones(n, device=x.device,
+                                                                                   dtype=x.dtype))[:, None] * length
     mean = s1 / cnt.clamp_min(1)
     var = s2 / cnt.clamp_min(1) - mean.square()
     return torch.where(cnt[:, 0] > 0, _norms(tm, tv, mean, var), 0.0)
+
+
+def _cpp_loss(x: torch.Tensor, seg: torch.Tensor, tm: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
+    from lpqld_fast.ops import segment_bn_loss
+
+    return segment_bn_loss(x, seg, tm, tv, backend="cpp", validate=False)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_impl(impl: str) -> Callable:
+    """torch-index_add-compiled / cpp-compiled loss functions, one compiled object per process."""
+    if impl not in _COMPILED:
+        if impl == "torch-index_add-compiled":
+            _COMPILED[impl] = cmp.compile_fn(torch_index_add)
+        elif impl == "cpp-compiled":
+            _COMPILED[impl] = cmp.compile_fn(_cpp_loss, fullgraph=True)
+        else:
+            raise ValueError(impl)
+    return _COMPILED[impl]
 
 
 # ----------------------------------------------------------------------------- cases
@@ -166,7 +203,8 @@ QUICK_SKIP = ("reference-loop", "torch-split")  # the slowest loops: --quick kee
 
 
 def build_cases(family: str, n: int, c: int, h: int, w: int, *, device: str = "cpu",
-                num_segments: int = NUM_CLASSES, skip: tuple[str, ...] = ()) -> tuple[list[Case], dict[str, str]]:
+                num_segments: int = NUM_CLASSES, skip: tuple[str, ...] = (),
+                compiled: bool = True) -> tuple[list[Case], dict[str, str]]:
     """All available impls for one shape, sharing one x; plus {impl: problem} of the check."""
     from lpqld_fast.ops import segment_bn_loss
 
@@ -182,9 +220,14 @@ def build_cases(family: str, n: int, c: int, h: int, w: int, *, device: str = "c
         "torch-var_mean": lambda t: torch_var_mean(t, counts, tm, tv),
         "torch-index_add": lambda t: torch_index_add(t, seg, tm, tv),
     }
+    if compiled:
+        fns["torch-index_add-compiled"] = lambda t: compiled_impl("torch-index_add-compiled")(t, seg, tm, tv)
     for b in fused_backends(device):
         fns[b] = lambda t, b=b: segment_bn_loss(t, seg, tm, tv, backend=b)
-    problems = check(x, fns, [b for b in fns if b in ("cpp", "cuda", "triton")])
+    if compiled and "cpp" in fns:
+        fns["cpp-compiled"] = lambda t: compiled_impl("cpp-compiled")(t, seg, tm, tv)
+    problems = check(x, fns, [b for b in fns if b in ("cpp", "cuda", "triton", "torch-index_add",
+                                                      "torch-index_add-compiled", "cpp-compiled")])
     cases = [Case(KERNEL, impl, sizes, _fwd_bwd(fn, x), nbytes, device=device)
              for impl, fn in fns.items() if impl not in problems and impl not in skip]
     xd = x.detach()
@@ -206,7 +249,11 @@ def check(x: torch.Tensor, fns: dict[str, Callable], fused: list[str]) -> dict[s
     want_loss, want_grad = run(fns["torch-split"])
     problems = {}
     for impl in fused:
-        loss, grad = run(fns[impl])
+        try:  # a compiled impl compiles here, before timing
+            loss, grad = run(fns[impl])
+        except Exception as e:  # noqa: BLE001 - a compile failure is reported, not timed
+            problems[impl] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            continue
         gscale = want_grad.abs().max().item()
         if not torch.allclose(loss, want_loss, rtol=1e-4, atol=1e-4 * (1 + want_loss.abs().max().item())):
             problems[impl] = f"loss differs from torch-split by up to {(loss - want_loss).abs().max().item():.3g}"
@@ -229,7 +276,8 @@ def run(ctx: BenchContext) -> None:
     for device in devices:
         for family, n, c, h, w in shapes:
             cases, problems = build_cases(family, n, c, h, w, device=device,
-                                          skip=QUICK_SKIP if ctx.profile == "quick" else ())
+                                          skip=QUICK_SKIP if ctx.profile == "quick" else (),
+                                          compiled=cmp.enabled(ctx.profile))
             for impl, msg in problems.items():
                 ctx.fail(f"{KERNEL}/{impl} {family} N={n} C={c} H={h} W={w} on {device}: {msg}")
             ctx.time_group(cases)
@@ -248,11 +296,12 @@ def summary(rows: list[dict[str, str]]) -> list[str]:
             by.setdefault((r["sizes"], r["device"]), {})[r["impl"]] = float(r["p50_ms"])
     out, logs = [], {}
     for (sizes, dev), t in by.items():
-        for fused in ("cpp", "cuda", "triton"):
+        for fused in OURS:
             if fused not in t:
                 continue
             parts = []
-            for base in ("torch-var_mean", "reference-loop", "torch-split", "torch-index_add"):
+            for base in ("torch-var_mean", "reference-loop", "torch-split", "torch-index_add",
+                         "torch-index_add-compiled"):
                 if base in t:
                     ratio = t[base] / t[fused]
                     logs.setdefault((fused, base), []).append(math.log(ratio))
@@ -263,6 +312,7 @@ def summary(rows: list[dict[str, str]]) -> list[str]:
     for (fused, base), v in logs.items():
         out.append(f"segment_bn_loss {fused}: geometric-mean speed-up vs {base} {math.exp(sum(v) / len(v)):.1f}x "
                    f"over {len(v)} shapes")
+    out += cmp.versus_strongest(rows, KERNEL, OURS, PLAIN, LIMIT)
     # Target: fused fwd+bwd >= 2x plain-torch var_mean autograd on the ResNet-18 BN shapes.
     for fused in ("cpp", "cuda", "triton"):
         r18 = [(sizes, t[BASELINE] / t[fused]) for (sizes, _), t in by.items()
@@ -307,7 +357,7 @@ if pytest is not None:
     def test_segment_bn_loss(record_benchmark, shape, impl):
         if shape not in _CACHE:
             _CACHE.clear()  # one shape's tensors alive at a time
-            _CACHE[shape] = build_cases(*shape)
+            _CACHE[shape] = build_cases(*shape, compiled=cmp.enabled(os.environ.get("LPQLD_BENCH_PROFILE", "quick")))
         cases, problems = _CACHE[shape]
         if impl in problems:
             pytest.fail(f"{impl}: {problems[impl]}")

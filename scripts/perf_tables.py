@@ -54,18 +54,49 @@ class Claim:
 
 CLAIMS: tuple[Claim, ...] = (
     Claim("classwise_moments", "`classwise_moments` (squeeze), ResNet-18 BN inputs, K = 1000 / 10450", CSV, "cpp",
-          ("torch-index_add", "reference-loop"), "reference-loop", "read-pass"),
+          ("torch-index_add", "torch-index_add-compiled", "reference-loop"), "reference-loop", "read-pass"),
+    Claim("classwise_moments", "`classwise_moments`, ours eager vs `torch.compile`d index_add only", CSV, "cpp",
+          ("torch-index_add-compiled",), "reference-loop", "read-pass"),
+    Claim("classwise_moments", "`classwise_moments`, ours under `torch.compile`", CSV, "cpp-compiled",
+          ("torch-index_add", "torch-index_add-compiled", "reference-loop"), "reference-loop", "read-pass"),
     Claim("segment_bn_loss", "`segment_bn_loss` fwd + bwd (recover), ResNet-18 / ConvNet BN shapes", CSV, "cpp",
-          ("torch-index_add", "torch-var_mean", "torch-split", "reference-loop"), "reference-loop",
-          "read+write-pass"),
-    Claim("crop_resize_flip", "`crop_resize_flip` replay, uint8 -> fp32, 28-256 px", CRF_MD, "cpp",
+          ("torch-index_add", "torch-index_add-compiled", "torch-var_mean", "torch-split", "reference-loop"),
+          "reference-loop", "read+write-pass"),
+    Claim("segment_bn_loss", "`segment_bn_loss` fwd + bwd, ours eager vs `torch.compile`d index_add only", CSV,
+          "cpp", ("torch-index_add-compiled",), "reference-loop", "read+write-pass"),
+    Claim("segment_bn_loss", "`segment_bn_loss` fwd + bwd, ours under `torch.compile`", CSV, "cpp-compiled",
+          ("torch-index_add", "torch-index_add-compiled", "torch-var_mean", "torch-split", "reference-loop"),
+          "reference-loop", "read+write-pass"),
+    Claim("crop_resize_flip", "`crop_resize_flip` replay, uint8 -> fp32, 28-256 px (quick run)", CSV, "cpp",
+          ("reference-loop", "torch-gather", "tv-tensor-loop", "torch-grid_sample", "torch-grid_sample-compiled",
+           "pil-loop"), "pil-loop", "write-pass"),
+    Claim("crop_resize_flip", "`crop_resize_flip` replay, ours eager vs `torch.compile`d grid_sample only", CSV,
+          "cpp", ("torch-grid_sample-compiled",), "pil-loop", "write-pass"),
+    Claim("crop_resize_flip", "`crop_resize_flip` replay, ours under `torch.compile`", CSV, "cpp-compiled",
+          ("reference-loop", "torch-gather", "tv-tensor-loop", "torch-grid_sample", "torch-grid_sample-compiled",
+           "pil-loop"), "pil-loop", "write-pass"),
+    Claim("crop_resize_flip_bwd", "`crop_resize_flip` fwd + bwd (recover), fp32 (quick run)", CSV, "cpp",
+          ("reference-loop", "torch-gather", "torch-grid_sample", "torch-grid_sample-compiled"), "reference-loop"),
+    Claim("crop_resize_flip_bwd", "`crop_resize_flip` fwd + bwd, ours under `torch.compile`", CSV, "cpp-compiled",
+          ("reference-loop", "torch-gather", "torch-grid_sample", "torch-grid_sample-compiled"), "reference-loop"),
+    Claim("crop_resize_flip", "`crop_resize_flip` replay, uint8 -> fp32, 28-256 px (full run, no grid_sample rows)",
+          CRF_MD, "cpp",
           ("reference-loop", "torch-gather", "tv-tensor-loop", "pil-loop"), "pil-loop", "write-pass"),
-    Claim("crop_resize_flip_bwd", "`crop_resize_flip` fwd + bwd (recover), fp32", CRF_MD, "cpp",
+    Claim("crop_resize_flip_bwd", "`crop_resize_flip` fwd + bwd (recover), fp32 (full run, no grid_sample rows)",
+          CRF_MD, "cpp",
           ("reference-loop", "torch-gather"), "reference-loop"),
     Claim("batched_roll", "`batched_roll` fwd + bwd (recover's jitter)", CRF_MD, "cpp",
           ("batched-gather", "reference-loop"), "reference-loop"),
-    Claim("soft_label_kl", "`soft_label_kl` fwd + bwd (train), MR-k fp16 / int8", SLKL_MD, "cpp",
-          ("reference-strategy", "op-reference"), None, "copy-pass"),
+    Claim("soft_label_kl", "`soft_label_kl` fwd + bwd (train), MR-k fp16 / int8", CSV, "cpp",
+          ("torch-topk", "torch-topk-compiled", "reference-strategy", "op-reference"), "reference-strategy",
+          "copy-pass"),
+    Claim("soft_label_kl", "`soft_label_kl` fwd + bwd, ours eager vs `torch.compile`d k-column KL only", CSV, "cpp",
+          ("torch-topk-compiled",), "reference-strategy", "copy-pass"),
+    Claim("soft_label_kl", "`soft_label_kl` fwd + bwd, ours under `torch.compile`", CSV, "cpp-compiled",
+          ("torch-topk", "torch-topk-compiled", "reference-strategy", "op-reference"), "reference-strategy",
+          "copy-pass"),
+    Claim("soft_label_kl", "`soft_label_kl` fwd + bwd at (1024, 10450, 200), full run (no k-column rows)", SLKL_MD,
+          "cpp", ("reference-strategy", "op-reference"), None, "copy-pass", "B=1024"),
     Claim("store_read", "label store read, warm page cache", CSV, "store",
           ("reference-torch-load", "reference-torch-load-pickle"), None, None, "cache=warm"),
     Claim("relabel", "relabel at r = 0.9 (generate only the kept batches)", CSV, "store-kept",
@@ -85,6 +116,15 @@ RACES: tuple[tuple[str, str, str], ...] = (
      "ours with `recover.bf16=true` against the reference's fp32: not like for like"),
 )
 RACE_MACHINE = "AMD EPYC, 2 cores"
+
+# Stated under the table: the result files record the CPU's model name only, and two different hosts report
+# "AMD EPYC".
+NOTES = (
+    "The `bench/results` rows of `classwise_moments`, `segment_bn_loss`, `soft_label_kl` and `crop_resize_flip` "
+    "(with the compiled rows) come from a `--quick --threads 1` run on an AMD EPYC *without* AVX-512 (family 25 "
+    "model 1, Zen 3: AVX2, 1 MiB L2 per core), shared with other jobs; the other rows come from the Zen 4 host "
+    "with AVX-512 (`docs/PERFORMANCE.md`). Compare ratios within a run, not across these hosts.",
+)
 
 
 @dataclass(frozen=True)
@@ -245,6 +285,7 @@ def readme_table(root: Path = ROOT) -> str:
     lines.append("")
     lines.append("Commands of the runs (with `.venv/bin/python`): "
                  + "; ".join(sorted({f"`{r.command}` at `{r.commit}`" for r in runs.values()})) + ".")
+    lines += list(NOTES)
     if any(r.read_bw is None for r in runs.values()):
         lines.append("Fraction of read bandwidth \"n/a\": the bandwidth row of that run was replaced in "
                      "results.csv by a later `bench.run --only` run; the same-run floor column needs no "
