@@ -6,7 +6,7 @@ SEED    ?= 0
 OUT     ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv data build cuda-check lint-imports test test-all demo bench bench-quick clean sanitize
+.PHONY: venv data build cuda-check lint-imports test test-all demo bench bench-quick clean sanitize bad-input-doc
 
 venv: .venv/.stamp
 .venv/.stamp: requirements.txt
@@ -45,6 +45,11 @@ test: venv data build cuda-check lint-imports
 # Everything, including the slow torchrun kill/resume and the 21K-class scale tests.
 test-all: venv data build cuda-check
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --timeout=1200 $(PYTEST_ARGS)
+
+# docs/BAD_INPUT.md's tables, regenerated from the cases in tests/test_bad_input.py (`make test` fails when
+# they are out of date; `$(PY) scripts/bad_input_doc.py --check` checks without writing).
+bad-input-doc: venv build
+	TRITON_INTERPRET=1 $(PY) scripts/bad_input_doc.py
 
 demo: venv data build
 	$(PY) -m lpqld_fast.cli distill --preset fashion-mnist --seed $(SEED) --out $(OUT)

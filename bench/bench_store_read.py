@@ -22,6 +22,9 @@ indices).
                         taken against the faster of the two references.
   store                 ``LabelStore[slot]`` (memory-mapped packed arrays, one
                         row range per component per batch).
+  store-open-sha256     ``LabelStore.open(verify="sha256")``: the checksum of
+                        every store file that ``train`` computes once before its
+                        first step (bytes: the files' size).
 
 Stores (full profile; --quick: 60 epochs -> 120 batches, and 50 ImageNet-like
 batches): Fashion-MNIST IPC10 scale (N=100 images 28x28x1, B=50, E=300 ->
@@ -235,6 +238,11 @@ def build_cases(spec: StoreSpec, caches: tuple[str, ...], root: Path) -> tuple[l
         for f in ref_files:
             reference_read(f, spec.label, weights_only)
 
+    file_bytes = sum(f.stat().st_size for f in store_files)
+
+    def open_verified() -> None:  # what train does once before its first step
+        LabelStore.open(sdir, verify="sha256").close()
+
     def warm_store() -> None:
         store.release_pages()  # fault pages back in from the page cache, like a fresh process
 
@@ -254,6 +262,8 @@ def build_cases(spec: StoreSpec, caches: tuple[str, ...], root: Path) -> tuple[l
             Case(KERNEL, "reference-torch-load-pickle", sizes, lambda: read_reference(False), nbytes,
                  setup=cold_ref if cache == "cold" else None),
             Case(KERNEL, "store", sizes, read_store, nbytes, setup=cold_store if cache == "cold" else warm_store),
+            Case(KERNEL, "store-open-sha256", sizes, open_verified, file_bytes,
+                 setup=(lambda: evict(store_files)) if cache == "cold" else None),
         ])
     return groups, problems, store
 
@@ -298,6 +308,9 @@ def summary(rows: list[dict[str, str]]) -> list[str]:
         parts = [f"{i} {k / t[i] * 1e3:,.0f} batches/s ({t[i] / t['store']:.1f}x)" for i in refs]
         out.append(f"`{sizes}`: store {k / t['store'] * 1e3:,.0f} batches/s "
                    f"({t['store'] / k * 1e3:.0f} us/batch); " + ", ".join(parts))
+        if "store-open-sha256" in t:  # train's one-time check, against one read of every stored batch
+            out.append(f"`{sizes}`: sha256 verification on open {t['store-open-sha256']:.1f} ms = "
+                       f"{t['store-open-sha256'] / t['store']:.2f}x one pass over all {k} batches")
     if warm_ratios:
         ok = min(warm_ratios) >= 10
         out.append(f"store_read acceptance (store >= 10x the faster reference, warm cache, every store): "

@@ -99,7 +99,9 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"{args.out} holds a run on dataset {rec.get('dataset')!r}, not {dataset!r}; continue "
                              f"it without --dataset, or use another --out for {dataset!r}")
         if want_root is not None and want_root != rec.get("data_root"):
-            raise ValueError(f"{args.out} holds a run on data root {rec.get('data_root')!r}, not {want_root!r}; "
+            had = rec.get("data_root")
+            had = "the dataset's default location" if had is None else repr(had)
+            raise ValueError(f"{args.out} holds a run on data root {had}, not {want_root!r}; "
                              f"continue it without --data-root, or use another --out")
         want_root = rec.get("data_root")
     config["dataset"], config["data_root"] = dataset, want_root

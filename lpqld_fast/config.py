@@ -151,6 +151,8 @@ class TrainConfig:
                          "float_or_teacher")
     calibrate_batches: int = opt(1, "last mini-batches the calibration uses", "int", lo=1)
     t2_scale: bool = opt(False, "multiply the KL loss by T^2", "bool")
+    ema: float = opt(0.0, "decay per step of an average of the student's weights (0 = off); evaluations and "
+                     "student.pt then use the averaged weights", "float", lo=0, hi=1, hi_open=True)
     hard_labels: bool = opt(False, "baseline: one-hot labels of the replayed images, stored labels ignored", "bool")
     eval_every: int = opt(25, "epochs between test evaluations (and the last)", "int", lo=1, result=False)
     test_subset: int = opt(0, "evaluate on a fixed class-balanced subset of this many test images", "int", lo=0,

@@ -21,10 +21,10 @@ from lpqld_fast.io_utils import atomic_write_json, read_json, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
 from lpqld_fast.records import stage_dirs
 from lpqld_fast.recover import run_recover
-from lpqld_fast.relabel import kept_count, normalize_config, run_relabel_sharded
+from lpqld_fast.relabel import config_stored_k, kept_count, normalize_config, run_relabel_sharded
 from lpqld_fast.report import write_report
 from lpqld_fast.squeeze import run_squeeze
-from lpqld_fast.store.quantize import index_dtype_for, stored_k
+from lpqld_fast.store.quantize import index_dtype_for
 from lpqld_fast.train import run_train
 
 __all__ = ["check_store_size", "run_relabel_stage", "run_distill"]
@@ -46,7 +46,7 @@ def check_store_size(config: dict[str, Any], info: Any, run: str | Path) -> None
     if kept < 1:  # relabel's own check, made before squeeze and recover run
         raise ValueError(f"relabel.prune_ratio {cfg['prune_ratio']} keeps no batch of {cfg['epochs'] * nb} "
                          f"({images} images in batches of {cfg['batch_size']}, {cfg['epochs']} epochs)")
-    k = stored_k(cfg["label"], cfg["k"], info.num_classes)
+    k = config_stored_k(cfg, info.num_classes)
     index_bytes = 0 if cfg["label"] == "dense" else index_dtype_for(info.num_classes).itemsize
     need = kept * cfg["batch_size"] * (k * (_VALUE_BYTES[cfg["value_dtype"]] + index_bytes) + 10)
     where = Path(run).absolute()

@@ -127,6 +127,14 @@ def _as_list(name: str, v: Sequence[float] | torch.Tensor, channels: int) -> lis
     return vals
 
 
+def config_stored_k(cfg: dict[str, Any], num_classes: int) -> int:
+    """Values stored per sample under the relabel section ``cfg``; a k above the class count names the key."""
+    if cfg["label"] != "dense" and isinstance(cfg["k"], int) and cfg["k"] > num_classes:
+        raise ValueError(f"relabel.k {cfg['k']} exceeds the teacher's {num_classes} classes (label "
+                         f"{cfg['label']!r} stores k of them per sample)")
+    return stored_k(cfg["label"], cfg["k"], num_classes)
+
+
 def run_relabel(
     images_uint8: torch.Tensor,
     image_labels: torch.Tensor,
@@ -172,7 +180,7 @@ def run_relabel(
     b_size, epochs = cfg["batch_size"], cfg["epochs"]
     nb = n // b_size
     if nb < 1:
-        raise ValueError(f"batch_size {b_size} exceeds the number of images {n}")
+        raise ValueError(f"relabel.batch_size {b_size} exceeds the {n} distilled images")
     total = epochs * nb
     k_slots = kept_count(total, cfg["prune_ratio"])
     if k_slots < 1:
@@ -198,7 +206,7 @@ def run_relabel(
         num_classes = int(forward(torch.zeros((1, c_img, *out_size), dtype=torch.float32)).shape[1])
     if image_labels.numel() and (int(image_labels.min()) < 0 or int(image_labels.max()) >= num_classes):
         raise ValueError(f"image_labels must lie in [0, {num_classes}) (the teacher's classes)")
-    kk = stored_k(cfg["label"], cfg["k"], num_classes)
+    kk = config_stored_k(cfg, num_classes)
     kept = select_kept_batch_ids(total, k_slots, seed)
 
     manifest: dict[str, Any] = {

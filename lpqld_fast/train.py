@@ -25,6 +25,7 @@ from lpqld_fast import distributed
 from lpqld_fast.augment import replay_batch
 from lpqld_fast.data import get_dataset, stratified_subset
 from lpqld_fast.ddp import ddp_model
+from lpqld_fast.ema import WeightEMA
 from lpqld_fast.engine import build_optimizer, seed_everything, warmup_cosine
 from lpqld_fast.evaluation import evaluate_dataset
 from lpqld_fast.image_set import load_recovered
@@ -70,6 +71,11 @@ def _check_resume(out: Path, config: dict[str, Any], cfg: dict[str, Any], seed: 
         diffs = schema.result_diff("train", old_cfg, cfg, ignore=("epochs",))
         if cfg["epochs"] < old_cfg.get("epochs", cfg["epochs"]):
             diffs.append(f"train.epochs {old_cfg['epochs']!r} -> {cfg['epochs']!r} (only raising it trains on)")
+        elif cfg["epochs"] > old_cfg.get("epochs", cfg["epochs"]) and not diffs and distributed.is_main():
+            # The schedules are functions of the total length: the remaining epochs follow the longer run's
+            # curves, so the learning rate (annealed to ~0 at the old end) rises again.
+            print(f"train: train.epochs raised {old_cfg['epochs']} -> {cfg['epochs']}: the learning-rate and "
+                  f"temperature schedules are re-sized to {cfg['epochs']} epochs (the learning rate rises again)")
         for key, what in (("seed", "--seed"), ("images_sha256", "the distilled images"),
                           ("label_store", "the label store")):
             if old.get(key) != record[key]:
@@ -92,7 +98,7 @@ def run_train(
     cfg = train_config(config, device, out)
     images, image_labels, manifest = load_recovered(recover_dir)
     # every file's sha256 once, before the first step and before anything is written: a flipped byte in the
-    # labels would otherwise train silently (measured here: ~40 ms for a tiny store, ~1 s for 100 MB)
+    # labels would otherwise train silently (cost: the store-open-sha256 rows of bench/bench_store_read.py)
     store = LabelStore.open(relabel_dir, expect_images_sha256=manifest["images_sha256"],
                             expect_teacher_sha256=manifest["teacher_sha256"], verify="sha256")
     if cfg.get("batch_size") not in (None, store.batch_size):
@@ -114,6 +120,8 @@ def run_train(
     epochs = int(cfg["epochs"])
     nb = store.batches_per_epoch
     opt = build_optimizer(student, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
+    ema = WeightEMA(student, float(cfg["ema"])) if cfg["ema"] > 0 else None
+    evaluated = student if ema is None else ema.module  # what evaluations and student.pt hold
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * nb, int(cfg["warmup_epochs"]) * nb))
     t_s = 1.0
     metrics: dict[str, Any] = {"epochs": [], "evals": []}
@@ -137,6 +145,8 @@ def run_train(
         torch.set_rng_state(state["torch_rng"])
         gen.set_state(state["generator"])
         t_s = float(state["t_s"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start = int(state["epoch"]) + 1
         if start - 1 > epochs:
             raise ValueError(f"{last_path} holds epoch {start - 1}, more than train.epochs={epochs}; rerun with "
@@ -188,6 +198,8 @@ def run_train(
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(student)
             total = total + loss.detach().double()  # summed on the device: float() would sync a GPU per step
             if i >= len(ids) - int(cfg["calibrate_batches"]):
                 calib.append((distributed.gather_rows(logits.detach().float(), x.shape[0]), labels))
@@ -199,9 +211,9 @@ def run_train(
         metrics["epochs"].append(entry)
         if epoch % int(cfg["eval_every"]) == 0 or epoch == epochs:
             ev = {"epoch": epoch, "train_loss": entry["loss"], "T": T, "t_s": t_s,
-                  **evaluate_split(student, test, mean, std, "test", bool(cfg["bf16"]), channels_last)}
+                  **evaluate_split(evaluated, test, mean, std, "test", bool(cfg["bf16"]), channels_last)}
             if val is not None:
-                ev.update(evaluate_split(student, val, mean, std, "val", bool(cfg["bf16"]), channels_last))
+                ev.update(evaluate_split(evaluated, val, mean, std, "val", bool(cfg["bf16"]), channels_last))
             if not cfg["hard_labels"]:
                 ev.update(logit_ranges(calib[-1][0], calib[-1][1]))
             metrics["evals"].append(ev)
@@ -210,7 +222,8 @@ def run_train(
             atomic_write_json(out / "train_metrics.json", metrics)
             save_tensors(last_path, {"model": student.state_dict(), "optimizer": opt.state_dict(),
                                      "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                                     "generator": gen.get_state(), "t_s": t_s, "epoch": epoch})
+                                     "generator": gen.get_state(), "t_s": t_s, "epoch": epoch,
+                                     **({} if ema is None else {"ema": ema.state_dict()})})
     summary = {**select_evaluation(metrics["evals"]), "num_epochs": epochs, "t_s_final": t_s,
                "test_images": len(test), "val_images": 0 if val is None else len(val),
                "seconds": time.perf_counter() - t_begin + metrics.get("seconds", 0.0),
@@ -218,7 +231,7 @@ def run_train(
     metrics.update(summary)
     if distributed.is_main():  # rank 0 writes, the others wait for it
         atomic_write_json(out / "train_metrics.json", metrics)
-        save_tensors(out / "student.pt", student.state_dict())
+        save_tensors(out / "student.pt", evaluated.state_dict())
     distributed.barrier()
     return summary
 

@@ -77,6 +77,10 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
         rows = [r for r in rows if r["name"] in ("LPLD x40", "LPQLD x40 MR-5")]
     if kind in ("lpqld-vs-lpld", "all"):
         rows += lpqld_vs_lpld_rows(num_classes, n_images, lpld_train, lpqld_train)
+    if kind == "late-drop":  # the top-k rows lose 1-4 points after their best epoch; an average of the weights
+        base = next(r for r in rows if r["name"] == "LPQLD x40 MR-5")
+        rows = [base, {**base, "name": "LPQLD x40 MR-5 + EMA 0.99", "group": "late drop",
+                       "train": {**lpqld_train, "ema": 0.99}}]
     if kind == "core":
         keep = {"SRe2L x1", "SRe2L x40", "SRe2L x100", "LPLD x1", "LPLD x40", "LPLD x100",
                 "LPQLD x40 MR-2", "LPQLD x40 MR-3", "LPQLD x100 MR-2", "LPQLD x100 MR-3"}
@@ -142,9 +146,10 @@ def main() -> int:
     ap.add_argument("--root", default="runs/results")
     ap.add_argument("--ipc", type=int, nargs="+", default=[10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--rows", default="core", choices=["core", "main", "all", "ablation", "lpqld-vs-lpld"],
+    ap.add_argument("--rows", default="core",
+                    choices=["core", "main", "all", "ablation", "lpqld-vs-lpld", "late-drop"],
                     help="core: a few rows; main: every factor and k without the ablations; lpqld-vs-lpld: the "
-                         "x40 recipe cells; all: everything")
+                         "x40 recipe cells; late-drop: LPQLD x40 MR-5 with and without train.ema; all: everything")
     ap.add_argument("--records", default="docs/results/records", help="where the run records go")
     ap.add_argument("--only", default=None, help="substring filter on row names")
     ap.add_argument("--name", action="append", default=[], help="exact row name (repeatable): only these rows")

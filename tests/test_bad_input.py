@@ -10,6 +10,7 @@ this file is the user-facing table.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -24,9 +25,11 @@ import torch
 
 import lpqld_fast.io_utils as io_utils
 from lpqld_fast.cli import main
+from lpqld_fast.real_images import select_indices
 from lpqld_fast.ops import (
     available_backends,
     batched_roll,
+    bn_eval_segment_loss,
     calibrate_student_temperature,
     classwise_moments,
     classwise_moments_accumulate_,
@@ -114,6 +117,21 @@ OP_CASES: list[tuple[str, Callable[[str], object], type, str]] = [
      r"^target_mean has 3 channels but x has 2 \(x is \[N, C, \.\.\.\]\)$"),
     ("segbn-device", lambda b: segment_bn_loss(_x(), LAB, TM.to(META), TV, backend=b), ValueError,
      r"^target_mean is on meta but must be on cpu like the other inputs$"),
+    ("segbn-backend-cuda", lambda b: segment_bn_loss(_x(), LAB, TM, TV, backend="cuda"), RuntimeError,
+     r"^segment_bn_loss: backend 'cuda' cannot run tensors on cpu here \("),
+    # bn_eval_segment_loss (its x / segment_ids / target checks are segment_bn_loss's)
+    ("bneval-scale-channels", lambda b: bn_eval_segment_loss(_x(), LAB, TM, TV, torch.ones(4), torch.zeros(3),
+                                                              backend=b),
+     ValueError, r"^scale has 4 channels but x has 3 \(x is \[N, C, \.\.\.\]\)$"),
+    ("bneval-shift-nan", lambda b: bn_eval_segment_loss(_x(), LAB, TM, TV, torch.ones(3),
+                                                         torch.tensor([0.0, float("nan"), 1.0]), backend=b),
+     ValueError, r"^shift contains NaN or inf$"),
+    ("bneval-pool", lambda b: bn_eval_segment_loss(_x(), LAB, TM, TV, torch.ones(3), torch.zeros(3), pool=3,
+                                                    backend=b),
+     ValueError, r"^pool must be 1 \(none\) or 2 \(2x2 average\), got 3$"),
+    ("bneval-pool-small", lambda b: bn_eval_segment_loss(torch.randn(4, 3, 1, 5), LAB, TM, TV, torch.ones(3),
+                                                          torch.zeros(3), pool=2, backend=b),
+     ValueError, r"^pool=2 needs x \[N, C, H, W\] with H, W >= 2, got shape \(4, 3, 1, 5\)$"),
     # crop_resize_flip / batched_roll
     ("crop-box-nan", lambda b: crop_resize_flip(IMG, _with(BOXES, (1, 0), float("nan")), FLIPS, 4, backend=b),
      ValueError, r"^boxes must hold finite normalised \(i/H, j/W, h/H, w/W\) values in \[0, 1\], got row 1: "),
@@ -176,26 +194,117 @@ OP_CASES: list[tuple[str, Callable[[str], object], type, str]] = [
      ValueError, r"^calibrate_student_temperature needs at least one sample"),
     ("calib-class-id", lambda b: calibrate_student_temperature(Z, V, _with(IDX, (1, 2), 10), mode="mr", T=2.0),
      IndexError, r"^indices holds class id 10 outside \[0, 10\)$"),
+    # select_indices (real-image recover, paper 001 baseline): IPC above a class's image count names the class
+    ("ipc-larger-than-class", lambda b: select_indices(torch.tensor([0, 0, 0, 1, 1, 2, 2, 2]), 3, 3), ValueError,
+     r"^ipc=3 exceeds the 2 training images of class 1$"),
+    ("ipc-zero", lambda b: select_indices(torch.tensor([0, 0, 0, 1, 1, 2, 2, 2]), 3, 0), ValueError,
+     r"^ipc must be a positive int, got 0$"),
 ]
 
 _NATIVE = {"moments": "classwise_moments_accumulate_", "segbn": "segment_bn_loss_fwd", "crop": "crop_resize_flip",
-           "kl": "soft_label_kl_fwd", "roll": "batched_roll"}
+           "kl": "soft_label_kl_fwd", "roll": "batched_roll", "bneval": "segment_bn_loss_fwd"}
 
 
-def _op_params():
-    for case, call, exc, msg in OP_CASES:
-        op = case.split("-")[0]
-        backends = available_backends("cpu", _NATIVE[op]) if op in _NATIVE else [None]
-        for b in backends:
-            yield pytest.param(call, exc, msg, b, id=f"{case}-{b}" if b else case)
+# What the docs say about each op case: (op as the user calls it, the bad input in words).
+OP_DOC: dict[str, tuple[str, str]] = {
+    "moments-x-dtype": ("classwise_moments", "x int64"),
+    "moments-x-shape": ("classwise_moments", "x 1-D"),
+    "moments-labels-length": ("classwise_moments", "3 labels for 4 samples"),
+    "moments-labels-dtype": ("classwise_moments", "labels float32"),
+    "moments-labels-device": ("classwise_moments", "labels on another device"),
+    "moments-class-id-too-large": ("classwise_moments", "class id 5 with K = 3"),
+    "moments-class-id-negative": ("classwise_moments", "class id -1"),
+    "moments-no-classes": ("classwise_moments", "num_classes 0"),
+    "moments-state-dtype": ("classwise_moments_accumulate_", "count float32"),
+    "moments-state-shape": ("classwise_moments_accumulate_", "mean [K, C+1]"),
+    "segbn-x-dtype": ("segment_bn_loss", "x int64"),
+    "segbn-empty-spatial": ("segment_bn_loss", "empty spatial dim"),
+    "segbn-segment-id": ("segment_bn_loss", "segment id 3 with S = 3"),
+    "segbn-target-inf": ("segment_bn_loss", "inf in target_mean"),
+    "segbn-target-nan": ("segment_bn_loss", "NaN in target_var"),
+    "segbn-target-shape": ("segment_bn_loss", "target_var [S, C-1]"),
+    "segbn-channels": ("segment_bn_loss", "x with 2 channels, targets 3"),
+    "segbn-device": ("segment_bn_loss", "target on another device"),
+    "segbn-backend-cuda": ("segment_bn_loss", 'backend "cuda" forced for CPU tensors'),
+    "bneval-scale-channels": ("bn_eval_segment_loss", "scale [C+1]"),
+    "bneval-shift-nan": ("bn_eval_segment_loss", "NaN in shift"),
+    "bneval-pool": ("bn_eval_segment_loss", "pool 3"),
+    "bneval-pool-small": ("bn_eval_segment_loss", "pool 2, x [4, 3, 1, 5]"),
+    "crop-box-nan": ("crop_resize_flip", "NaN in a box"),
+    "crop-box-outside": ("crop_resize_flip", "box value 1.5"),
+    "crop-flips-length": ("crop_resize_flip", "1 flip for 2 images"),
+    "crop-flips-values": ("crop_resize_flip", "flip value 2"),
+    "crop-out-size": ("crop_resize_flip", "out_size (0, 4)"),
+    "crop-x-shape": ("crop_resize_flip", "x 3-D"),
+    "crop-x-dtype": ("crop_resize_flip", "x int32"),
+    "crop-device": ("crop_resize_flip", "boxes on another device"),
+    "roll-shift-dtype": ("batched_roll", "float shifts"),
+    "roll-shift-shape": ("batched_roll", "shifts [3, 2] for 2 images"),
+    "roll-backend": ("batched_roll", 'backend "triton"'),
+    "kl-k-larger-than-C": ("soft_label_kl", "k = 11 > C = 10"),
+    "kl-class-id-too-large": ("soft_label_kl", "class id 10 with C = 10"),
+    "kl-class-id-negative": ("soft_label_kl", "class id -1"),
+    "kl-class-twice": ("soft_label_kl", "a class twice in a row"),
+    "kl-values-nan": ("soft_label_kl", "NaN in values"),
+    "kl-values-inf": ("soft_label_kl", "inf in values (mode ms)"),
+    "kl-T-zero": ("soft_label_kl", "T = 0"),
+    "kl-t_s-nan": ("soft_label_kl", "t_s = NaN"),
+    "kl-mode": ("soft_label_kl", 'mode "topk"'),
+    "kl-int8-no-scale": ("soft_label_kl", "int8 values without scale"),
+    "kl-index-dtype": ("soft_label_kl", "indices float32"),
+    "kl-device": ("soft_label_kl", "indices on another device"),
+    "kl-rows": ("soft_label_kl", "1 row of values for B = 2"),
+    "kl-mrs-no-fill": ("soft_label_kl", 'mode "mrs" without fill'),
+    "calib-empty-grid": ("calibrate_student_temperature", "grid []"),
+    "calib-grid-negative": ("calibrate_student_temperature", "grid with -1"),
+    "calib-no-samples": ("calibrate_student_temperature", "B = 0"),
+    "calib-class-id": ("calibrate_student_temperature", "class id 10 with C = 10"),
+    "ipc-larger-than-class": ("select_indices (real-image recover)", "IPC 3, class 1 has 2 images"),
+    "ipc-zero": ("select_indices (real-image recover)", "IPC 0"),
+}
+
+# What each case printed in this session, for the doc check at the end of this file (scripts/bad_input_doc.py
+# turns them into docs/BAD_INPUT.md's tables): ("op", case, backend) -> (exception type, message);
+# ("cli" or "disk", case, None) -> (stderr line, the case's tmp directory).
+OBSERVED: dict[tuple[str, str, str | None], tuple[str, str]] = {}
 
 
-@pytest.mark.parametrize("call,exc,msg,backend", list(_op_params()))
-def test_op_bad_input_message(call, exc, msg, backend) -> None:
+def op_backends(case_id: str) -> list[str | None]:
+    """The backends a case runs on here: every CPU backend of its op's native kernel, [None] for an op without."""
+    op = case_id.split("-")[0]
+    return available_backends("cpu", _NATIVE[op]) if op in _NATIVE else [None]
+
+
+def run_op_case(call, exc, msg, backend) -> BaseException:
+    """One op case, as the test and the doc generator run it: the exception, checked against the case."""
     with pytest.raises(exc) as info:
         call(backend)
     assert re.search(msg, str(info.value)), str(info.value)
     assert "\n" not in str(info.value)
+    return info.value
+
+
+def _op_params():
+    for case, call, exc, msg in OP_CASES:
+        for b in op_backends(case):
+            yield pytest.param(case, call, exc, msg, b, id=f"{case}-{b}" if b else case)
+
+
+@pytest.mark.parametrize("case,call,exc,msg,backend", list(_op_params()))
+def test_op_bad_input_message(case, call, exc, msg, backend) -> None:
+    err = run_op_case(call, exc, msg, backend)
+    OBSERVED["op", case, backend] = (type(err).__name__, str(err))
+
+
+# Inputs the ops do not check, by design, and what happens instead: (op, input, outcome, the test that shows it).
+NOT_CHECKED: list[tuple[str, str, str, str]] = [
+    ("classwise_moments", "NaN in x", "no error: NaN in that class's mean/var only, every other entry exact "
+     "(not checked: it would cost a pass over x)", "test_moments_nan_stays_in_its_class"),
+    ("segment_bn_loss", "NaN in x", "no error: that segment's loss is NaN, the others exact",
+     "test_segment_loss_nan_stays_in_its_segment"),
+    ("soft_label_kl", "NaN / inf in student logits", "no error: the loss is NaN (never a finite number); logits "
+     "come from the model and are not checked", "test_kl_non_finite_logits_give_nan_not_a_number"),
+]
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu", "classwise_moments_accumulate_"))
@@ -228,17 +337,6 @@ def test_kl_non_finite_logits_give_nan_not_a_number(backend: str) -> None:
         assert torch.isnan(loss)
 
 
-def test_ipc_larger_than_a_class_is_refused() -> None:
-    """Real-image recover (paper 001 baseline): IPC above a class's image count names the class."""
-    from lpqld_fast.real_images import select_indices
-
-    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
-    with pytest.raises(ValueError, match=r"^ipc=3 exceeds the 2 training images of class 1$"):
-        select_indices(labels, 3, 3)
-    with pytest.raises(ValueError, match=r"^ipc must be a positive int, got 0$"):
-        select_indices(labels, 3, 0)
-
-
 # =========================================================================== CLI
 
 TINY = [
@@ -251,8 +349,8 @@ TINY = [
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-@pytest.fixture(scope="module")
-def presets_patched():
+@contextlib.contextmanager
+def patched_presets():
     """fashion-mnist -> the small synthetic dataset; "fmnist-real" keeps the real Fashion-MNIST preset."""
     import lpqld_fast.presets as presets
 
@@ -262,17 +360,30 @@ def presets_patched():
     tiny["dataset"] = "synthetic"
     mp.setitem(presets.PRESETS, "fashion-mnist", tiny)
     mp.setitem(presets.PRESETS, "fmnist-real", real)
-    yield
-    mp.undo()
+    try:
+        yield
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def presets_patched():
+    with patched_presets():
+        yield
+
+
+def make_finished_run(root: Path) -> Path:
+    """One complete tiny run (squeeze, recover, relabel, train) under ``root`` (presets patched)."""
+    run = root / "run"
+    for stage in ("squeeze", "recover", "relabel", "train"):
+        assert main([stage, "--out", str(run), *TINY]) == 0, stage
+    return run
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, presets_patched) -> Path:
-    """One complete tiny run (squeeze, recover, relabel, train), copied by each case that needs one."""
-    run = tmp_path_factory.mktemp("bad-input") / "run"
-    for stage in ("squeeze", "recover", "relabel", "train"):
-        assert main([stage, "--out", str(run), *TINY]) == 0, stage
-    return run
+    """One complete tiny run, copied by each case that needs one."""
+    return make_finished_run(tmp_path_factory.mktemp("bad-input"))
 
 
 def _copy(finished_run: Path, tmp_path: Path, drop: tuple[str, ...] = ()) -> Path:
@@ -298,13 +409,15 @@ def _user_lines(err: str) -> list[str]:
     return lines
 
 
-def _fails_with_one_line(capsys, argv: list[str], pattern: str) -> str:
-    capsys.readouterr()
+def _fails_with_one_line(read_err: Callable[[], str], argv: list[str], pattern: str) -> str:
+    """Run ``argv``; it must fail with one line on stderr (``read_err()``: stderr since its last call) matching
+    ``pattern``. Returns that line."""
+    read_err()
     try:
         rc = main(argv)
     except SystemExit as e:  # argparse's usage errors exit from parse_args
         rc = e.code
-    err = capsys.readouterr().err
+    err = read_err()
     lines = _user_lines(err)
     assert rc != 0, err
     assert "Traceback" not in err, err
@@ -367,6 +480,8 @@ CLI_CASES = [
      r"^lpqld squeeze: error: --device 'gpu0' is not a device"),
     ("squeeze-usage", (), lambda r, t: ["--seed", "x"], "squeeze",
      r"^lpqld squeeze: error: argument --seed: invalid int value: 'x' \(see lpqld squeeze --help\)$"),
+    ("any-malformed-override", ("squeeze",), lambda r, t: ["--set", "bogus=1"], "squeeze",
+     r"^lpqld squeeze: error: override must look like stage.key=value, got 'bogus=1'$"),
     # recover
     ("recover-ipc-zero", ("recover",), lambda r, t: ["--set", "recover.ipc=0"], "recover",
      r"^lpqld recover: error: recover.ipc must be a positive int, got 0$"),
@@ -397,9 +512,9 @@ CLI_CASES = [
     ("relabel-prune-ratio-nan", ("relabel",), lambda r, t: ["--set", "relabel.prune_ratio=nan"], "relabel",
      r"^lpqld relabel: error: relabel.prune_ratio must be a number in \[0, 1\), got nan$"),
     ("relabel-k-larger-than-C", ("relabel",), lambda r, t: ["--set", "relabel.k=11"], "relabel",
-     r"^lpqld relabel: error: k must be an int in \[1, num_classes=10\] for mode 'mr', got 11$"),
+     r"^lpqld relabel: error: relabel.k 11 exceeds the teacher's 10 classes \(label 'mr' stores k of them per sample\)$"),
     ("relabel-batch-larger-than-images", ("relabel",), lambda r, t: ["--set", "relabel.batch_size=500"], "relabel",
-     r"^lpqld relabel: error: batch_size 500 exceeds the number of images 20$"),
+     r"^lpqld relabel: error: relabel.batch_size 500 exceeds the 20 distilled images$"),
     ("relabel-images-tampered", ("relabel",), "images-tampered", "relabel",
      r"^lpqld relabel: error: .*images\.pt does not match the hash in .*manifest\.json \(modified or corrupt\)$"),
     ("relabel-images-pickle", ("relabel",), "images-evil", "relabel",
@@ -460,7 +575,7 @@ CLI_CASES = [
     ("distill-missing-dataset", ALL_STAGES, "fmnist-env-missing", "distill",
      r"^lpqld distill: error: .*nowhere"),
     ("train-data-root-synthetic", (), lambda r, t: ["--data-root", str(t)], "train",
-     r"^lpqld train: error: .*/run holds a run on data root None, not '.*'; continue it without --data-root, "
+     r"^lpqld train: error: .*/run holds a run on data root the dataset's default location, not '.*'; continue it without --data-root, "
      r"or use another --out$"),
     ("train-data-root-missing", ("train",), lambda r, t: ["--dataset", "fmnist-real", "--data-root",
                                                           str(t / "nowhere")], "train",
@@ -472,6 +587,75 @@ CLI_CASES = [
      r"^lpqld report: error: label store manifest not found: .*manifest\.json$"),
 ]
 
+
+# What the docs say about each CLI case: (the bad input in words, a note after the message or "").
+CLI_DOC: dict[str, tuple[str, str]] = {
+    "squeeze-missing-dataset": ("Fashion-MNIST directory missing", ""),
+    "squeeze-unreadable-dataset": ("dataset files unreadable (not IDX)", ""),
+    "squeeze-missing-imagefolder": ("image folder missing", ""),
+    "squeeze-imagefolder-bad-workers": ("`tiny-imagenet` tree (200 classes), no teacher yet, "
+                                        "`--set squeeze.train_workers=-1`", ""),
+    "squeeze-imagefolder-class-count": ("`tiny-imagenet` tree with 3 class folders", ""),
+    "squeeze-checkpoint-missing": ("`--checkpoint` missing", ""),
+    "squeeze-checkpoint-other-architecture": ("`--checkpoint` of another architecture", ""),
+    "squeeze-checkpoint-pickle": ("`--checkpoint` is a malicious pickle", "the payload does not run"),
+    "squeeze-batch-size-zero": ("`squeeze.batch_size=0`", ""),
+    "squeeze-batch-larger-than-dataset": ("batch larger than the dataset", ""),
+    "squeeze-lr-not-a-number": ("`squeeze.lr=abc`", ""),
+    "squeeze-unknown-key": ("a misspelt key `--set squeeze.epoch=2`", ""),
+    "squeeze-no-gpu": ("`--device cuda` without a GPU", "not run on a host with a GPU"),
+    "squeeze-bad-device": ("`--device gpu0`", ""),
+    "squeeze-usage": ("a usage error (`--seed x`)", ""),
+    "any-malformed-override": ("`--set bogus=1` (no stage)", ""),
+    "recover-ipc-zero": ("`recover.ipc=0`", ""),
+    "recover-unknown-key": ("a misspelt key `--set recover.iteration=5`", ""),
+    "recover-teacher-other-architecture": ("squeeze/teacher.pt of another architecture", ""),
+    "recover-stats-nan": ("NaN in bn_stats.pt", ""),
+    "recover-stats-corrupt": ("bn_stats.pt corrupt", ""),
+    "recover-no-squeeze": ("no squeeze output", ""),
+    "recover-ipc-fraction": ("`recover.ipc=2.7`", ""),
+    "recover-ipc-not-a-number": ("`recover.ipc=abc`", ""),
+    "recover-ipc-too-large-for-memory": ("`recover.ipc=1000000000000`", "the available memory is the machine's"),
+    "recover-changed-setting": ("a finished recover rerun with `recover.iterations=4`", ""),
+    "relabel-prune-ratio-one": ("`relabel.prune_ratio=1.0`", ""),
+    "relabel-prune-ratio-negative": ("`relabel.prune_ratio=-0.1`", ""),
+    "relabel-prune-ratio-nan": ("`relabel.prune_ratio=nan`", ""),
+    "relabel-k-larger-than-C": ("`relabel.k=11` with 10 classes", ""),
+    "relabel-batch-larger-than-images": ("batch larger than the image set", ""),
+    "relabel-images-tampered": ("images.pt modified", ""),
+    "relabel-images-pickle": ("images.pt is a malicious pickle", "the payload does not run"),
+    "relabel-no-recover": ("no recover output", ""),
+    "relabel-store-too-large-for-disk": ("`relabel.epochs=1000000000000`", "the free space is the machine's"),
+    "relabel-changed-setting": ("a finished store rerun with `relabel.k=4`", ""),
+    "train-image-set-does-not-match-store": ("image set (3/class) does not match the store (made for 2/class)", ""),
+    "train-resume-other-architecture": ("`train.model` changed on a started run",
+                                        "a run without train/config.json: `train resume checkpoint … does not fit "
+                                        "train.model=…`"),
+    "train-resume-checkpoint-pickle": ("train/last.pt is a malicious pickle", "the payload does not run"),
+    "train-store-truncated": ("label store file truncated", ""),
+    "train-store-manifest-corrupt": ("store manifest not JSON", ""),
+    "train-no-store": ("no label store", ""),
+    "train-batch-size-differs": ("`train.batch_size` differs from the store", ""),
+    "train-epochs-zero": ("`train.epochs=0`", ""),
+    "train-lr-not-a-number": ("`train.lr=abc`", ""),
+    "train-store-values-corrupt": ("3 bytes flipped in label_values.bin (sizes intact)",
+                                   "nothing written: every file is hashed before the first step"),
+    "train-store-indices-corrupt": ("3 bytes flipped in label_indices.bin", ""),
+    "train-changed-setting": ("`train.lr=0.01` on a finished run", ""),
+    "train-epochs-lowered": ("`train.epochs=2` on a run finished at 3", "raising it trains on from the last epoch"),
+    "squeeze-changed-setting": ("`squeeze.lr=0.2` on a trained teacher",
+                                "statistics settings may change: the statistics are recomputed"),
+    "squeeze-other-dataset": ("`--dataset fmnist-real` (Fashion-MNIST) on a run made on synthetic data", ""),
+    "any-unknown-dataset": ("`--dataset cifar10`", "`fmnist-real` is the tests' extra preset (the real "
+                            "Fashion-MNIST); users do not see it"),
+    "squeeze-imagefolder-no-eval-split": ("`--dataset imagefolder` on a tree without val/ or test/", ""),
+    "any-bf16-not-a-choice": ("`train.bf16=yes`", "every section is validated before the first stage starts"),
+    "distill-missing-dataset": ("dataset missing", ""),
+    "train-data-root-synthetic": ("`--data-root DIR` on a run recorded without one", ""),
+    "train-data-root-missing": ("`--dataset fmnist-real --data-root DIR` on a run made on synthetic data", ""),
+    "report-no-run": ("no run", ""),
+    "report-storage-no-store": ("`report storage` without a label store", ""),
+}
 
 def _prepare(kind, run: Path, tmp: Path, monkeypatch) -> list[str]:
     if callable(kind):
@@ -557,16 +741,22 @@ def _prepare(kind, run: Path, tmp: Path, monkeypatch) -> list[str]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("drop,prepare,command,pattern", [pytest.param(*c[1:], id=c[0]) for c in CLI_CASES])
-def test_cli_bad_input_one_line(drop, prepare, command, pattern, finished_run, tmp_path, capsys, monkeypatch) -> None:
-    if "--device" in str(pattern) and torch.cuda.is_available() and "no CUDA" in pattern:
-        pytest.skip("a CUDA device is present")
+def cli_case_skipped(case_id: str) -> str | None:
+    """Why a CLI case cannot run here (None: it runs)."""
+    if case_id == "squeeze-no-gpu" and torch.cuda.is_available():
+        return "a CUDA device is present"
+    return None
+
+
+def run_cli_case(case, finished_run: Path, tmp_path: Path, monkeypatch, read_err: Callable[[], str]) -> str:
+    """One CLI case, as the test and the doc generator run it: the stderr line, after every check of the case."""
+    _, drop, prepare, command, pattern = case
     run = _copy(finished_run, tmp_path, drop)
     extra = _prepare(prepare, run, tmp_path, monkeypatch)
     before = _snapshot(run)
     argv = [command, *([a for a in extra if a == "storage"]), "--out", str(run), *TINY,
             *[a for a in extra if a != "storage"]]
-    _fails_with_one_line(capsys, argv, pattern)
+    line = _fails_with_one_line(read_err, argv, pattern)
     assert not (tmp_path / "PWNED").exists(), "a pickled payload was executed"
     after = _snapshot(run)
     changed = [p for p, h in before.items() if after.get(p) != h]
@@ -574,6 +764,15 @@ def test_cli_bad_input_one_line(drop, prepare, command, pattern, finished_run, t
     if "--set" in extra or prepare in ("store-values-flipped", "store-indices-flipped"):
         # a refused setting or a corrupt store is caught before anything is written
         assert sorted(after) == sorted(before), f"files written by a refused command: {set(after) - set(before)}"
+    return line
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in CLI_CASES])
+def test_cli_bad_input_one_line(case, finished_run, tmp_path, capsys, monkeypatch) -> None:
+    if reason := cli_case_skipped(case[0]):
+        pytest.skip(reason)
+    line = run_cli_case(case, finished_run, tmp_path, monkeypatch, lambda: capsys.readouterr().err)
+    OBSERVED["cli", case[0], None] = (line, str(tmp_path))
 
 
 # --------------------------------------------------------------------------- full disk
@@ -600,23 +799,28 @@ def _full_disk(monkeypatch, fail_on: Callable[[Path], bool]) -> list[Path]:
     return hits
 
 
-@pytest.mark.parametrize("command,drop,extra,target", [
-    # train resumes from epoch 3 and fails writing epoch 4's metrics: the epoch-3 files stay
-    pytest.param("train", (), ["--set", "train.epochs=4"], "train_metrics.json", id="train"),
-    # squeeze recomputes the statistics (another stats_mode) and fails writing them
-    pytest.param("squeeze", (), ["--set", "squeeze.stats_mode=ema"], "bn_stats.pt", id="squeeze"),
-    # recover fails on its first unit file
-    pytest.param("recover", ("recover", "relabel", "train"), [], "unit_", id="recover"),
-    # relabel fails writing the store's manifest
-    pytest.param("relabel", ("relabel", "train"), [], "manifest.json", id="relabel"),
-    pytest.param("report", (), ["--no-diversity"], "REPORT.md", id="report"),
-])
-def test_full_disk_one_line_and_nothing_damaged(command, drop, extra, target, finished_run, tmp_path, capsys,
-                                                monkeypatch) -> None:
+# Each case: (id, command, stages to drop from the copied run, extra argv, name of the write that fails,
+#             the situation in words, the failing write in words)
+FULL_DISK_CASES: list[tuple[str, str, tuple[str, ...], list[str], str, str, str]] = [
+    ("train", "train", (), ["--set", "train.epochs=4"], "train_metrics.json",
+     "resumes a 3-epoch run to 4 epochs", "train_metrics.json of epoch 4 (last.pt, student.pt of epoch 3 intact; "
+     "config.json already records train.epochs=4)"),
+    ("squeeze", "squeeze", (), ["--set", "squeeze.stats_mode=ema"], "bn_stats.pt",
+     "recomputes the statistics (`squeeze.stats_mode=ema`)", "bn_stats.pt (the old statistics, metrics and "
+     "config.json intact)"),
+    ("recover", "recover", ("recover", "relabel", "train"), [], "unit_", "fresh recover", "its first unit file"),
+    ("relabel", "relabel", ("relabel", "train"), [], "manifest.json", "fresh store", "the store's manifest.json"),
+    ("report", "report", (), ["--no-diversity"], "REPORT.md", "a finished run", "REPORT.md"),
+]
+
+
+def run_full_disk_case(case, finished_run: Path, tmp_path: Path, monkeypatch, read_err: Callable[[], str]) -> str:
+    """One full-disk case, as the test and the doc generator run it: the stderr line, after every check."""
+    _, command, drop, extra, target = case[:5]
     run = _copy(finished_run, tmp_path, drop)
     before = _snapshot(run)
     hits = _full_disk(monkeypatch, lambda p: p.name.startswith(target))
-    line = _fails_with_one_line(capsys, [command, "--out", str(run), *TINY, *extra],
+    line = _fails_with_one_line(read_err, [command, "--out", str(run), *TINY, *extra],
                                 rf"^lpqld {command}: error: \[Errno {errno.ENOSPC}\] No space left on device: ")
     assert hits, "the simulated full disk was never reached"
     after = _snapshot(run)
@@ -625,3 +829,27 @@ def test_full_disk_one_line_and_nothing_damaged(command, drop, extra, target, fi
     assert {p: h for p, h in after.items() if p in before} == before, "a file written earlier was damaged"
     assert not [p for p in after if p.endswith(".tmp")], "a temporary file was left behind"
     assert str(hits[0].parent) in line
+    return line
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in FULL_DISK_CASES])
+def test_full_disk_one_line_and_nothing_damaged(case, finished_run, tmp_path, capsys, monkeypatch) -> None:
+    line = run_full_disk_case(case, finished_run, tmp_path, monkeypatch, lambda: capsys.readouterr().err)
+    OBSERVED["disk", case[0], None] = (line, str(tmp_path))
+
+
+# =========================================================================== docs/BAD_INPUT.md
+
+
+def test_doc_tables_match_what_the_cases_print() -> None:
+    """docs/BAD_INPUT.md's tables equal scripts/bad_input_doc.py's rendering of the cases above, with the messages
+    this session's tests printed (cases that did not run here, e.g. with -k or on a host without a backend, keep
+    the doc's entry). Runs last in this file; regenerate with ``python scripts/bad_input_doc.py``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bad_input_doc.py"
+    spec = importlib.util.spec_from_file_location("bad_input_doc", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    problem = gen.check(OBSERVED)
+    assert problem is None, problem

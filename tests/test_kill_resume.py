@@ -37,6 +37,7 @@ ARGS = [
     "--set", "relabel.epochs=32", "--set", "relabel.batch_size=5", "--set", "relabel.k=3",
     "--set", "relabel.prune_ratio=0.5",
     "--set", "train.epochs=4", "--set", "train.eval_every=1", "--set", "train.checkpoint_every=1",
+    "--set", "train.ema=0.5",  # the weight average is part of the resume state
 ]
 STAGE_ARGS = {"recover": ["--units-at-once", "1"]}  # fixed grouping: the images do not depend on free memory
 STAGES = ("squeeze", "recover", "relabel", "train")
