@@ -6,7 +6,7 @@ SEED    ?= 0
 OUT     ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv data build cuda-check test test-all demo bench bench-quick clean sanitize bad-input-doc
+.PHONY: venv data build cuda-check lint-imports test test-all demo bench bench-quick clean sanitize bad-input-doc
 
 venv: .venv/.stamp
 .venv/.stamp: requirements.txt
@@ -35,7 +35,11 @@ build: venv
 cuda-check: venv
 	scripts/cuda_compile_check.sh
 
-test: venv data build cuda-check
+# The package's layers and import cycles (contracts in pyproject.toml); tests/test_layers.py runs it too.
+lint-imports: venv
+	.venv/bin/lint-imports --no-cache
+
+test: venv data build cuda-check lint-imports
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --timeout=600 -m "not slow" $(PYTEST_ARGS)
 
 # Everything, including the slow torchrun kill/resume and the 21K-class scale tests.

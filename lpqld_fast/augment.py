@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lpqld_fast import ops
 from lpqld_fast.ops.reference.crop_resize_flip import pixel_boxes  # noqa: F401  (one definition, shared)
 
 __all__ = [
@@ -341,12 +342,11 @@ def crop_resize_flip(
     ``force_backend``/LPQLD_BACKEND never pick it).
     """
     if backend == "dali":
+        # DALI is optional and slow to import (~1 s): loaded only when asked for
         from lpqld_fast.augment_dali import crop_resize_flip_dali
 
         return crop_resize_flip_dali(x, boxes, flips, _out_size(out_size))
-    from lpqld_fast.ops import crop_resize_flip as op
-
-    return op(x, boxes, flips, _out_size(out_size), backend=backend)
+    return ops.crop_resize_flip(x, boxes, flips, _out_size(out_size), backend=backend)
 
 
 def _channel_vector(name: str, v: Sequence[float] | torch.Tensor, channels: int, device: torch.device) -> torch.Tensor:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lpqld_fast import distributed
 from lpqld_fast.io_utils import load_tensors, save_tensors
 from lpqld_fast.ops import ClasswiseMomentsAccumulator, classwise_ema_update_, classwise_moments
 
@@ -118,8 +119,6 @@ class ClasswiseBNStats:
         Under torchrun: see lpqld_fast.distributed.all_reduce_moments_ for the numerics. A
         rank that saw no batch contributes zero state (created here from the BN sizes).
         """
-        from lpqld_fast import distributed
-
         if distributed.world_size() == 1:
             return
         if self.mode != "exact":

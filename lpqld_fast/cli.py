@@ -15,10 +15,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lpqld_fast.io_utils import atomic_write_json, read_json
+import torch
+from tqdm import tqdm
 
 from lpqld_fast import config as schema
-from lpqld_fast.presets import DATASET_PRESET, PRESETS, get_preset
+from lpqld_fast import distributed
+from lpqld_fast.data import DATASET_NAMES, dataset_info
+from lpqld_fast.io_utils import atomic_write_json, read_json
+from lpqld_fast.pipeline import check_store_size, run_distill, run_relabel_stage
+from lpqld_fast.presets import DATASET_PRESET, PRESETS, get_preset, preset_overrides
+from lpqld_fast.records import stage_dirs
+from lpqld_fast.recover import check_memory, run_recover
+from lpqld_fast.report import write_report
+from lpqld_fast.runtime import apply_threads, tune_cpu_allocator
+from lpqld_fast.squeeze import run_squeeze
+from lpqld_fast.store.accounting import storage_markdown, storage_report
+from lpqld_fast.train import run_train
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], Any]] = {}
 STAGES = ("squeeze", "recover", "relabel", "train")
@@ -61,8 +73,6 @@ def _abs_root(root: str | None) -> str | None:
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     """The run's config: preset, dataset, data root and --set overrides, every setting validated against the
     schema before anything runs; dataset and data root checked against what the run recorded."""
-    from lpqld_fast.data import DATASET_NAMES
-
     overrides = [schema.parse_override(item) for item in args.set or []]
     top = {key: value for section, key, value in overrides if section is None}
     want_ds = args.dataset or top.get("dataset")
@@ -113,9 +123,6 @@ def _write_run_record(run: Path, config: dict[str, Any], info: Any) -> None:
 
 def _check_sizes(command_name: str, config: dict[str, Any], info: Any, run: Path) -> None:
     """Sizes that cannot fit, refused before any stage starts (recover.ipc=1e12 is an 8 TB allocation)."""
-    from lpqld_fast.pipeline import check_store_size
-    from lpqld_fast.recover import check_memory
-
     shape = (info.in_chans, info.image_size, info.image_size)
     if command_name in ("recover", "distill"):
         check_memory(config["recover"], info.num_classes, shape)
@@ -125,17 +132,12 @@ def _check_sizes(command_name: str, config: dict[str, Any], info: Any, run: Path
 
 @command("squeeze")
 def _squeeze(args: argparse.Namespace, config: dict[str, Any]) -> Any:
-    from lpqld_fast.squeeze import run_squeeze
-
     return run_squeeze(config, Path(args.out) / "squeeze", seed=args.seed, device=args.device,
                        checkpoint=args.checkpoint)
 
 
 @command("recover")
 def _recover(args: argparse.Namespace, config: dict[str, Any]) -> Any:
-    from lpqld_fast.pipeline import stage_dirs
-    from lpqld_fast.recover import run_recover
-
     d = stage_dirs(args.out)
     return run_recover(config, d["squeeze"], d["recover"], seed=args.seed, device=args.device,
                        units_at_once=args.units_at_once)
@@ -143,24 +145,17 @@ def _recover(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 
 @command("relabel")
 def _relabel(args: argparse.Namespace, config: dict[str, Any]) -> Any:
-    from lpqld_fast.distributed import is_main
-    from lpqld_fast.pipeline import run_relabel_stage
-
     store = run_relabel_stage(config, args.out, seed=args.seed, device=args.device)
-    if is_main():  # one line per run, not per rank
+    if distributed.is_main():  # one line per run, not per rank
         print(store)
     return store
 
 
 @command("train")
 def _train(args: argparse.Namespace, config: dict[str, Any]) -> Any:
-    from lpqld_fast.distributed import is_main
-    from lpqld_fast.pipeline import stage_dirs
-    from lpqld_fast.train import run_train
-
     d = stage_dirs(args.out)
     summary = run_train(config, d["recover"], d["relabel"], d["train"], seed=args.seed, device=args.device)
-    if is_main():
+    if distributed.is_main():
         print(f"student test top-1: {summary['selected_acc']:.2f}% (selected by {summary['selection']}), "
               f"last {summary['last_acc']:.2f}%, best of the test evaluations {summary['best_acc']:.2f}%")
     return summary
@@ -168,8 +163,6 @@ def _train(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 
 @command("distill")
 def _distill(args: argparse.Namespace, config: dict[str, Any]) -> Any:
-    from lpqld_fast.pipeline import run_distill
-
     return run_distill(config, args.out, seed=args.seed, device=args.device, checkpoint=args.checkpoint,
                        units_at_once=args.units_at_once)
 
@@ -177,13 +170,9 @@ def _distill(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 @command("report")
 def _report(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     if args.what == "storage":
-        from lpqld_fast.store.accounting import storage_markdown, storage_report
-
         path = Path(args.out) / "relabel" if (Path(args.out) / "relabel").is_dir() else Path(args.out)
         print(storage_markdown(storage_report(path)))
         return None
-    from lpqld_fast.report import write_report
-
     return write_report(args.out, diversity=not args.no_diversity, config=config)
 
 
@@ -196,8 +185,6 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def _print_error(msg: str) -> None:
     """The error on a line of its own: a progress bar left open by the failed stage ends without a newline."""
-    from tqdm import tqdm
-
     if getattr(tqdm, "_instances", None):
         sys.stderr.write("\n")
     print(msg, file=sys.stderr)
@@ -211,8 +198,6 @@ def _one_line(e: BaseException) -> str:
 
 def _check_device(device: str) -> None:
     """Refuse a device string torch cannot parse or a device this machine lacks, before any work."""
-    import torch
-
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as e:
@@ -269,8 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_presets() -> None:
     """``lpqld presets``: each preset's dataset and what it changes from the schema's defaults."""
-    from lpqld_fast.presets import preset_overrides
-
     for name in sorted(PRESETS):
         over = preset_overrides(name)
         print(f"{name} (dataset {over.pop('dataset', None)!r}):")
@@ -287,9 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "presets":
         _print_presets()
         return 0
-    from lpqld_fast import distributed
-    from lpqld_fast.runtime import apply_threads, tune_cpu_allocator
-
     tune_cpu_allocator()
 
     def rank() -> str:
@@ -298,8 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_device(args.device)
         config = _config(args)
-        from lpqld_fast.data import dataset_info
-
         # the dataset's metadata (an ImageFolder tree: measured) checks the location before anything is written
         info = dataset_info(config["dataset"], root=config["data_root"])
         _check_sizes(args.command, config, info, Path(args.out))

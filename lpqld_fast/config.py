@@ -25,6 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from lpqld_fast import distributed, runtime
 from lpqld_fast.models import MODEL_NAMES as _MODELS
 from lpqld_fast.store.quantize import MODES as _LABEL_MODES
 from lpqld_fast.store.quantize import VALUE_DTYPES as _VALUE_DTYPES
@@ -426,8 +429,6 @@ def resolve_auto(section: str, cfg: Mapping[str, Any], device: str = "cpu",
     A setting recorded by an earlier run of the same stage folder is kept (a run continued on other
     hardware keeps its precision); otherwise the hardware decides (lpqld_fast.runtime).
     """
-    from lpqld_fast import runtime
-
     out = dict(cfg)
     notes: list[str] = []
     for key, f in fields_of(section).items():
@@ -511,9 +512,5 @@ def options_help(sections: tuple[str, ...], preset: Mapping[str, Any] | None = N
 
 def announce(stage: str, notes: list[str]) -> None:
     """One line at the start of a stage: the settings chosen for this hardware, and the thread count."""
-    import torch
-
-    from lpqld_fast import distributed
-
     if distributed.is_main():
         print(f"{stage}: {', '.join([*notes, f'threads={torch.get_num_threads()}'])}")

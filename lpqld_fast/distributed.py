@@ -1,4 +1,8 @@
-"""Multi-process runs with ``torch.distributed``: every stage under torchrun, same results as 1 process.
+"""Multi-process runs with ``torch.distributed``: the process group, collectives and sharding.
+
+This is the bottom layer: it imports nothing else of the package. What builds on it lives with its user:
+DDP and synchronised BatchNorm in :mod:`lpqld_fast.ddp`, the sharded evaluations in
+:mod:`lpqld_fast.evaluation`, the sharded relabel in :mod:`lpqld_fast.relabel`.
 
 Launch (docs/LAUNCH.md has every stage and the multi-node form)::
 
@@ -21,12 +25,12 @@ How each stage splits its work, and why it equals one process:
   :func:`all_reduce_moments_` (see there for the numerics).
 - squeeze, teacher training / train, student: DDP. Every rank draws the same
   global batch and keeps its contiguous slice (:func:`batch_share`); BatchNorm
-  is synchronised (:func:`ddp_model`: torch.nn.SyncBatchNorm on CUDA,
-  :class:`CPUSyncBatchNorm` on CPU/gloo, where torch's refuses CPU tensors) and
+  is synchronised (:func:`lpqld_fast.ddp.ddp_model`: torch.nn.SyncBatchNorm on CUDA,
+  :class:`lpqld_fast.ddp.CPUSyncBatchNorm` on CPU/gloo, where torch's refuses CPU tensors) and
   each rank's mean loss is weighted by world * n_local / B, so the averaged
   gradient is the 1-process full-batch gradient up to float summation order.
 - recover: groups of classes (the same groups 1 process forms) round-robin over ranks.
-- relabel: contiguous ranges of store slots, one store (:func:`run_relabel_sharded`).
+- relabel: contiguous ranges of store slots, one store (:func:`lpqld_fast.relabel.run_relabel_sharded`).
 - writes of shared files (configs, checkpoints, metrics, manifests) happen on
   rank 0 only, with barriers where another rank reads them.
 """
@@ -39,14 +43,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 __all__ = [
     "env_world_size", "init_from_env", "shutdown", "is_initialized", "rank", "world_size", "local_rank", "is_main",
     "barrier", "all_reduce_", "all_reduce_scalar", "all_reduce_min_int", "shard_slice", "shard_range", "batch_share",
-    "gather_rows", "all_reduce_moments_", "CPUSyncBatchNorm", "convert_sync_batchnorm", "ddp_model", "unwrap",
-    "evaluate_sharded", "evaluate_sharded_metrics", "run_relabel_sharded", "on_main",
+    "gather_rows", "all_reduce_moments_", "on_main",
 ]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
@@ -252,220 +253,3 @@ def all_reduce_moments_(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tenso
     count.copy_(n)
     if samples is not None:
         all_reduce_(samples)
-
-
-# --------------------------------------------------------------------------- synchronised BatchNorm on CPU
-
-
-class _SyncBNFunction(torch.autograd.Function):
-    """Training-mode BatchNorm over the union of every rank's batch (gloo all-reduces of float64 sums)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):  # type: ignore[override]
-        c = x.shape[1]
-        dims = [0, *range(2, x.dim())]
-        xf = x.float()
-        local_n = xf.numel() // max(c, 1)
-        xd = xf.double()
-        stats = torch.cat([xd.sum(dims), (xd * xd).sum(dims), torch.tensor([float(local_n)], dtype=torch.float64)])
-        del xd
-        all_reduce_(stats)
-        total = stats[-1]
-        mean = stats[:c] / total
-        var = (stats[c:2 * c] / total - mean * mean).clamp_min(0.0)
-        invstd = torch.rsqrt(var + eps)
-        if running_mean is not None:
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_((mean * momentum).to(running_mean.dtype))
-                unbiased = var * (total / (total - 1)) if float(total) > 1 else var
-                running_var.mul_(1 - momentum).add_((unbiased * momentum).to(running_var.dtype))
-        shape = [1, c] + [1] * (x.dim() - 2)
-        mean_f, invstd_f = mean.float().view(shape), invstd.float().view(shape)
-        xhat = (xf - mean_f) * invstd_f
-        y = xhat
-        if weight is not None:
-            y = y * weight.float().view(shape) + bias.float().view(shape)
-        ctx.save_for_backward(xf, weight, mean_f, invstd_f)
-        ctx.total = float(total)
-        ctx.in_dtype = x.dtype
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        xf, weight, mean_f, invstd_f = ctx.saved_tensors
-        dims = [0, *range(2, xf.dim())]
-        shape = mean_f.shape
-        c = xf.shape[1]
-        dyf = dy.float()
-        xhat = (xf - mean_f) * invstd_f
-        sum_dy = dyf.double().sum(dims)
-        sum_dy_xhat = (dyf.double() * xhat.double()).sum(dims)
-        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_bias = sum_dy.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
-        red = all_reduce_(torch.cat([sum_dy, sum_dy_xhat]))  # the other ranks' samples depend on these stats too
-        g_dy = (red[:c] / ctx.total).float().view(shape)
-        g_dyx = (red[c:] / ctx.total).float().view(shape)
-        scale = invstd_f if weight is None else invstd_f * weight.float().view(shape)
-        dx = (dyf - g_dy - xhat * g_dyx) * scale
-        return dx.to(ctx.in_dtype), grad_weight, grad_bias, None, None, None, None
-
-
-class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose training-mode statistics span every rank's batch, on CPU (gloo).
-
-    torch.nn.SyncBatchNorm refuses CPU tensors. This one all-reduces float64
-    per-channel sums (count, sum, sum of squares) in the forward pass and
-    (sum dy, sum dy * xhat) in the backward pass, like SyncBatchNorm; the
-    weight/bias gradients stay local (DDP averages them). Eval mode and 1
-    process are plain BatchNorm. State-dict compatible with BatchNorm*d.
-    """
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2-D input, got {input.dim()}-D")
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if not (self.training and world_size() > 1):
-            return super().forward(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        rm = self.running_mean if self.track_running_stats else None
-        rv = self.running_var if self.track_running_stats else None
-        return _SyncBNFunction.apply(input, self.weight, self.bias, rm, rv, self.eps, factor)
-
-
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm*d in ``module`` by :class:`CPUSyncBatchNorm`, sharing parameters and buffers."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
-            module, (CPUSyncBatchNorm, nn.SyncBatchNorm)):
-        new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
-        if module.affine:
-            new.weight, new.bias = module.weight, module.bias
-        new.running_mean, new.running_var = module.running_mean, module.running_var
-        new.num_batches_tracked = module.num_batches_tracked
-        new.train(module.training)
-        return new
-    for name, child in module.named_children():
-        new_child = convert_sync_batchnorm(child)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
-
-
-def ddp_model(model: nn.Module, device: str | torch.device = "cpu", sync_bn: bool = True) -> nn.Module:
-    """``model`` itself for 1 process; else BatchNorm synchronised (in place) and wrapped in DDP.
-
-    Build the optimizer after this call or before it (parameters are shared
-    either way); save ``unwrap(net).state_dict()`` (keys without "module.").
-    """
-    if world_size() == 1:
-        return model
-    dev = torch.device(device)
-    if sync_bn:
-        if dev.type == "cuda":
-            converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            converted = convert_sync_batchnorm(model)
-        if converted is not model:
-            raise ValueError("the model itself is a BatchNorm layer; wrap it in a module first")
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    # Synchronised BN keeps the running stats equal on every rank: no per-forward buffer broadcast needed
-    # (buffers are still synced once at construction). Newer torch renamed broadcast_buffers.
-    import inspect
-
-    key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters \
-        else "broadcast_buffers"
-    return DDP(model, device_ids=[dev] if dev.type == "cuda" else None, **{key: not sync_bn})
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def slice_soft_labels(labels: Any, rows: slice) -> Any:
-    """A SoftLabels restricted to ``rows`` (every field is batch-first)."""
-    from lpqld_fast.store.quantize import SoftLabels
-
-    if rows == slice(0, labels.values.shape[0]):
-        return labels
-    cut = (lambda t: None if t is None else t[rows])  # noqa: E731
-    return SoftLabels(labels.mode, cut(labels.values), cut(labels.indices), cut(labels.fill), cut(labels.scale),
-                      cut(labels.offset))
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def evaluate_sharded(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, mean, std,
-                     **kwargs: Any) -> float:
-    """:func:`lpqld_fast.engine.evaluate` with the test set split over ranks; the same number on every rank."""
-    return evaluate_sharded_metrics(model, images_uint8, labels, mean, std, **kwargs)["acc"]
-
-
-def evaluate_sharded_metrics(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, mean, std,
-                             **kwargs: Any) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean NLL of ``model``, the split shared over ranks; the same on every rank.
-
-    Each rank counts its contiguous part (:func:`lpqld_fast.engine.eval_counts`); the sums are
-    all-reduced in float64, so the accuracy equals the 1-process value exactly.
-    """
-    from lpqld_fast.engine import eval_counts
-
-    model = unwrap(model)
-    sl = shard_slice(len(labels)) if world_size() > 1 else slice(0, len(labels))
-    if sl.stop > sl.start:
-        correct, nll, n = eval_counts(model, images_uint8[sl], labels[sl], mean, std, **kwargs)
-    else:
-        correct, nll, n = 0, 0.0, 0
-    if world_size() > 1:
-        sums = torch.tensor([correct, nll, n], dtype=torch.float64)
-        all_reduce_(sums)
-        correct, nll, n = int(sums[0]), float(sums[1]), int(sums[2])
-    return {"acc": 100.0 * correct / max(n, 1), "nll": nll / max(n, 1)}
-
-
-# --------------------------------------------------------------------------- relabel
-
-
-def run_relabel_sharded(*args: Any, out_dir: str | os.PathLike, progress: bool = True, **kwargs: Any):
-    """:func:`lpqld_fast.relabel.run_relabel` with the store slots split over ranks, one store.
-
-    Protocol (the writer's multi-writer contract): rank 0 creates the store (or
-    resumes / finds it complete) writing no slot; barrier; every rank writes its
-    contiguous slot range (unfinished slots only, so a killed run resumes);
-    barrier; rank 0 checksums and finalises; barrier; every rank opens the store.
-    Slot bytes depend only on (seed, batch id), so the finished store is byte for
-    byte the 1-process one (same per-process thread count; torchrun's default
-    OMP_NUM_THREADS=1 — pin it in both runs when comparing).
-    """
-    from lpqld_fast.relabel import run_relabel
-    from lpqld_fast.store import LabelStore
-
-    if world_size() == 1:
-        return run_relabel(*args, out_dir=out_dir, progress=progress, **kwargs)
-    from lpqld_fast.io_utils import read_json
-    from pathlib import Path
-
-    done = None
-    if is_main():
-        done = run_relabel(*args, out_dir=out_dir, progress=False, slot_range=range(0), finalize=False, **kwargs)
-    barrier()
-    manifest = read_json(Path(out_dir) / "manifest.json", "label store manifest")
-    if not manifest.get("complete"):
-        mine = shard_range(int(manifest["num_kept"]))
-        run_relabel(*args, out_dir=out_dir, progress=progress and is_main(), slot_range=mine, finalize=False,
-                    **kwargs)
-        barrier()
-        if is_main():
-            done = run_relabel(*args, out_dir=out_dir, progress=False, slot_range=range(0), finalize=True, **kwargs)
-    barrier()
-    if done is not None:
-        return done
-    return LabelStore.open(out_dir, expect_teacher_sha256=kwargs["teacher_sha256"],
-                           expect_images_sha256=kwargs["images_sha256"], verify="size")

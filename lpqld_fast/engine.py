@@ -1,10 +1,11 @@
-"""Training building blocks shared by squeeze (teacher) and train (student)."""
+"""Training building blocks shared by squeeze (teacher) and train (student): seeding, optimizer, schedule,
+batch order. Evaluation lives in :mod:`lpqld_fast.evaluation`."""
 from __future__ import annotations
 
 import hashlib
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -70,43 +71,3 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, dr
 
 def to_float_images(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float().div_(255.0)
-
-
-@torch.no_grad()
-def eval_counts(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor,
-                mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor, batch_size: int = 256,
-                bf16: bool = False, channels_last: bool = False) -> tuple[int, float, int]:
-    """(correct, summed negative log-likelihood, count) of ``model`` on an in-memory uint8 dataset.
-
-    Sums rather than means, so shards of a split combine exactly (distributed.evaluate_sharded).
-    Batches of 256 keep a ConvNet's activations in cache (1000 was ~2x slower);
-    ``channels_last`` must match the model's memory format to use the fast conv path.
-    """
-    from lpqld_fast.supervised_bn import fused_eval_bn
-
-    was_training = model.training
-    model.eval()
-    correct, nll = 0, 0.0
-    device = next(model.parameters()).device
-    mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).to(device)
-    std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1).to(device)
-    with fused_eval_bn(model):  # BN + ReLU + pool blocks as one pass each (lpqld_fast.supervised_bn)
-        for idx in batch_indices(len(labels), batch_size, None, drop_last=False):
-            x = (to_float_images(images_uint8[idx].to(device)) - mean) / std
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x).float()
-            y = labels[idx].to(device)
-            correct += int((logits.argmax(dim=1) == y).sum())
-            nll += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-    model.train(was_training)
-    return correct, nll, len(labels)
-
-
-def evaluate(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, mean: Sequence[float] | torch.Tensor,
-             std: Sequence[float] | torch.Tensor, batch_size: int = 256, bf16: bool = False,
-             channels_last: bool = False) -> float:
-    """Top-1 accuracy (%) of ``model`` on an in-memory uint8 dataset (see :func:`eval_counts`)."""
-    correct, _, n = eval_counts(model, images_uint8, labels, mean, std, batch_size, bf16, channels_last)
-    return 100.0 * correct / max(n, 1)

@@ -44,7 +44,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lpqld_fast import distributed
+from lpqld_fast.data import dataset_info
+from lpqld_fast.image_set import bind_real_images, load_recovered
 from lpqld_fast.io_utils import atomic_write_json, sha256_tensors
+from lpqld_fast.models.teacher import build_teacher, load_teacher
+from lpqld_fast.records import stage_dirs
+from lpqld_fast.relabel import run_relabel_sharded
 
 __all__ = ["COMBINE_MODES", "ExpertNotFoundError", "ExpertEnsemble", "MemoizedExpert", "expert_checkpoint_path",
            "available_epochs", "load_expert", "expert_description", "relabel_with_expert"]
@@ -154,9 +160,6 @@ def load_expert(config: dict[str, Any], squeeze_dir: str | Path, epoch: int | No
     ``epoch`` and ``ensemble`` are exclusive. The architecture comes from
     ``config["squeeze"]`` and the dataset's metadata, as the squeeze teacher's.
     """
-    from lpqld_fast.data import dataset_info
-    from lpqld_fast.squeeze import build_teacher, load_teacher
-
     if epoch is not None and ensemble is not None:
         raise ValueError("give either an expert epoch or an ensemble of epochs, not both")
     if combine not in COMBINE_MODES:
@@ -189,7 +192,7 @@ def relabel_with_expert(config: dict[str, Any], run: str | Path, seed: int = 0, 
     ``temperature``). The store records the expert's hash as its teacher.
 
     A real-image set (manifest ``source == "real"``) is bound to the expert
-    (:func:`lpqld_fast.real_images.bind_real_images`), so that
+    (:func:`lpqld_fast.image_set.bind_real_images`), so that
     :func:`lpqld_fast.train.run_train` on ``<run>/recover`` + ``<run>/relabel``
     passes its teacher-hash check; a synthetic set must have been recovered by
     this very expert. Writes ``<run>/expert.json``. Returns the LabelStore.
@@ -198,12 +201,6 @@ def relabel_with_expert(config: dict[str, Any], run: str | Path, seed: int = 0, 
     relabel batch size / epochs / augmentation (e.g. a sweep over label modes and k): the expert's outputs
     are memoised there (:class:`MemoizedExpert`) and computed once per stored batch.
     """
-    from lpqld_fast import distributed
-    from lpqld_fast.data import dataset_info
-    from lpqld_fast.pipeline import stage_dirs
-    from lpqld_fast.real_images import bind_real_images
-    from lpqld_fast.recover import load_recovered
-
     defaults = config.get("expert") or {}
     if expert_epoch is None and ensemble is None:
         expert_epoch, ensemble = defaults.get("epoch"), defaults.get("ensemble")
@@ -228,6 +225,6 @@ def relabel_with_expert(config: dict[str, Any], run: str | Path, seed: int = 0, 
     distributed.barrier()
     # run_relabel for 1 process; under torchrun the store's slots are split over the ranks (as the pipeline's).
     labeller = expert if logit_cache is None else MemoizedExpert(expert, logit_cache).eval()
-    return distributed.run_relabel_sharded(images, labels, labeller, info.mean, info.std, relabel_cfg,
-                                           out_dir=d["relabel"], seed=seed, teacher_sha256=expert_hash,
-                                           images_sha256=manifest["images_sha256"], progress=progress)
+    return run_relabel_sharded(images, labels, labeller, info.mean, info.std, relabel_cfg, out_dir=d["relabel"],
+                               seed=seed, teacher_sha256=expert_hash, images_sha256=manifest["images_sha256"],
+                               progress=progress)

@@ -9,16 +9,25 @@ Every stage resumes where a killed run stopped; rerunning a finished stage is a 
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from lpqld_fast.io_utils import atomic_write_json, read_json
+from lpqld_fast import distributed
+from lpqld_fast.data import dataset_info
+from lpqld_fast.image_set import load_recovered
+from lpqld_fast.io_utils import atomic_write_json, read_json, sha256_tensors
+from lpqld_fast.models.teacher import build_teacher, load_teacher
+from lpqld_fast.records import stage_dirs
+from lpqld_fast.recover import run_recover
+from lpqld_fast.relabel import config_stored_k, kept_count, normalize_config, run_relabel_sharded
+from lpqld_fast.report import write_report
+from lpqld_fast.squeeze import run_squeeze
+from lpqld_fast.store.quantize import index_dtype_for
+from lpqld_fast.train import run_train
 
-
-def stage_dirs(run: str | Path) -> dict[str, Path]:
-    run = Path(run)
-    return {s: run / s for s in ("squeeze", "recover", "relabel", "train", "report")}
+__all__ = ["check_store_size", "run_relabel_stage", "run_distill"]
 
 
 _VALUE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1}
@@ -28,11 +37,6 @@ def check_store_size(config: dict[str, Any], info: Any, run: str | Path) -> None
     """Refuse, before anything is written, a label store that keeps no batch or cannot fit on the disk: per
     kept batch, B rows of k values and k class ids, plus the augmentation record (a lower bound of the real
     layout)."""
-    import shutil
-
-    from lpqld_fast.relabel import config_stored_k, kept_count, normalize_config
-    from lpqld_fast.store.quantize import index_dtype_for
-
     cfg = normalize_config(config["relabel"])
     images = config["recover"]["ipc"] * info.num_classes
     nb = images // cfg["batch_size"]
@@ -58,17 +62,10 @@ def check_store_size(config: dict[str, Any], info: Any, run: str | Path) -> None
 def run_relabel_stage(config: dict[str, Any], run: str | Path, seed: int = 0, device: str = "cpu",
                       progress: bool = True):
     """Relabel the recovered images with the squeezed teacher into <run>/relabel."""
-    from lpqld_fast.data import dataset_info
-    from lpqld_fast.distributed import run_relabel_sharded
-    from lpqld_fast.recover import load_recovered
-    from lpqld_fast.squeeze import build_teacher, load_teacher
-
     d = stage_dirs(run)
     images, labels, manifest = load_recovered(d["recover"])
     info = dataset_info(config["dataset"], root=config.get("data_root"))
     teacher = load_teacher(d["squeeze"] / "teacher.pt", build_teacher(config["squeeze"], info)).to(device).eval()
-    from lpqld_fast.io_utils import sha256_tensors
-
     teacher_hash = sha256_tensors(teacher.state_dict())
     if teacher_hash != manifest["teacher_sha256"]:
         raise ValueError(f"{d['recover']} was recovered with another teacher than {d['squeeze'] / 'teacher.pt'}")
@@ -85,12 +82,6 @@ def run_distill(config: dict[str, Any], run: str | Path, seed: int = 0, device: 
                 checkpoint: str | None = None, progress: bool = True,
                 units_at_once: int | None = None) -> dict[str, Any]:
     """squeeze -> recover -> relabel -> train -> report, timing each stage."""
-    from lpqld_fast import distributed
-    from lpqld_fast.recover import run_recover
-    from lpqld_fast.report import write_report
-    from lpqld_fast.squeeze import run_squeeze
-    from lpqld_fast.train import run_train
-
     d = stage_dirs(run)
     timings: dict[str, float] = {}
     prev = Path(run) / "timings.json"

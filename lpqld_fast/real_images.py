@@ -5,7 +5,7 @@ real training images plus an expert's soft labels match far more elaborate
 distillation methods. In this pipeline that is "recover = real images",
 everything downstream (relabel, train, report) unchanged: the output directory
 has exactly the layout of :func:`lpqld_fast.recover.run_recover`, written by
-the same :func:`lpqld_fast.recover.finalize_recover`::
+the same :func:`lpqld_fast.image_set.finalize_recover`::
 
     images.pt       {"images": uint8 [N, C, H, W], "labels": int64 [N]}, class-major
     png/<class>/<i>.png, grid.png
@@ -37,13 +37,12 @@ Hashes: ``teacher_sha256`` in the manifest is the hash of the final teacher
 (``teacher.pt``), the default labeller, so :func:`lpqld_fast.pipeline.run_relabel_stage`
 works on a real-image set unchanged. Real images are not made by a teacher;
 to label them with another expert use :func:`lpqld_fast.experts.relabel_with_expert`,
-which re-binds the set to the expert's hash (:func:`bind_real_images`). The
+which re-binds the set to the expert's hash (:func:`lpqld_fast.image_set.bind_real_images`). The
 manifest also records ``source = "real"`` and, for CE strategies, the scoring
 teacher's hash (``recover.score_teacher_sha256``).
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -51,11 +50,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lpqld_fast.data import get_dataset, require_in_memory
+from lpqld_fast.data.transforms import normalize
 from lpqld_fast.engine import hashed_seed
+from lpqld_fast.experts import expert_checkpoint_path, load_expert
+from lpqld_fast.image_set import Unit, finalize_recover
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
+from lpqld_fast.models.teacher import build_teacher, load_teacher
 
-__all__ = ["STRATEGIES", "select_real_images", "teacher_cross_entropy", "select_indices", "bind_real_images",
-           "load_real_indices"]
+__all__ = ["STRATEGIES", "select_real_images", "teacher_cross_entropy", "select_indices", "load_real_indices"]
 
 STRATEGIES = ("random", "ce-easiest", "ce-quantile")
 
@@ -68,8 +71,6 @@ def _class_generator(seed: int, c: int) -> torch.Generator:
 def teacher_cross_entropy(teacher: torch.nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor,
                           mean, std, batch_size: int = 500, device: str | torch.device = "cpu") -> torch.Tensor:
     """Per-image CE (float32 [N]) of ``teacher`` (eval mode) on the un-augmented, normalised images."""
-    from lpqld_fast.data.transforms import normalize
-
     was_training = teacher.training
     teacher.eval()
     out = []
@@ -150,10 +151,6 @@ def select_real_images(
     ``ipc`` defaults to ``config["recover"]["ipc"]``. Rerunning with the same
     arguments is a no-op; ``out`` holding another recover run is refused.
     """
-    from lpqld_fast.data import get_dataset, require_in_memory
-    from lpqld_fast.recover import Unit, finalize_recover
-    from lpqld_fast.squeeze import build_teacher, load_teacher
-
     if ipc is None:
         ipc = config.get("recover", {}).get("ipc")
     if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
@@ -175,8 +172,6 @@ def select_real_images(
         if score_epoch is None:
             scorer, score_hash, score_name = teacher, teacher_hash, "teacher.pt"
         else:
-            from lpqld_fast.experts import expert_checkpoint_path, load_expert
-
             scorer, score_hash = load_expert(config, squeeze_dir, epoch=score_epoch)
             score_name = str(expert_checkpoint_path(squeeze_dir, score_epoch).relative_to(squeeze_dir))
         rec_cfg.update({"score_teacher": score_name, "score_teacher_sha256": score_hash})
@@ -209,41 +204,6 @@ def select_real_images(
         units.append(u)
     save_tensors(out / "indices.pt", {"indices": torch.cat(picked)})  # class-major, as images.pt
     return finalize_recover(out, units, train.num_classes, run_cfg, time.perf_counter() - t0)
-
-
-def bind_real_images(recover_dir: str | Path, teacher_sha256: str, expert: dict[str, Any] | None = None) -> dict:
-    """Bind a real-image recover set to the labeller with hash ``teacher_sha256``; return the new manifest.
-
-    The label store records its teacher's hash and training checks it against
-    the recover manifest's ``teacher_sha256``. Real images were not made by a
-    teacher, so any expert may label them: this rewrites the manifest's
-    ``teacher_sha256`` (keeping the selection's own hash as
-    ``selection_teacher_sha256``). A ``recover_dir`` that is a symlink to a
-    shared set is replaced by a small directory of symlinks to the shared
-    files plus its own manifest, so the shared set is never modified.
-    Synthetic (teacher-made) sets are refused.
-    """
-    d = Path(recover_dir)
-    manifest = read_json(d / "manifest.json", "recover manifest")
-    if manifest.get("source") != "real":
-        raise ValueError(f"{d} holds synthetic images recovered with teacher {manifest.get('teacher_sha256')!r}; "
-                         "only real-image sets (lpqld_fast.real_images) can be bound to another expert")
-    if manifest["teacher_sha256"] == teacher_sha256:
-        return manifest
-    new = {**manifest, "teacher_sha256": teacher_sha256,
-           "selection_teacher_sha256": manifest.get("selection_teacher_sha256", manifest["teacher_sha256"]),
-           "bound_expert": expert or {}}
-    if d.is_symlink():
-        src = d.resolve()
-        new["bound_from"] = str(src)
-        d.unlink()
-        d.mkdir()
-        for name in os.listdir(src):
-            if name in ("manifest.json", "recover_state.json", "units"):
-                continue
-            os.symlink(os.path.relpath(src / name, d), d / name)
-    atomic_write_json(d / "manifest.json", new)
-    return new
 
 
 def load_real_indices(recover_dir: str | Path) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Provenance of a run: what code, on which machine, with which threads and library versions.
+"""A run on disk: its stage folders (:func:`stage_dirs`), and its provenance: what code, on which machine,
+with which threads and library versions.
 
 Every result table is generated from run records (train_metrics.json's ``record`` and the per-row files of
 ``scripts/fmnist_results.py``), so each number carries the commit, machine and wall time it came from.
@@ -13,6 +14,13 @@ from pathlib import Path
 from typing import Any
 
 _SOURCE = Path(__file__).resolve().parent
+STAGES = ("squeeze", "recover", "relabel", "train", "report")
+
+
+def stage_dirs(run: str | Path) -> dict[str, Path]:
+    """The folder of each stage inside run directory ``run`` (lpqld_fast.pipeline describes what each holds)."""
+    run = Path(run)
+    return {s: run / s for s in STAGES}
 
 
 def git_commit(path: Path = _SOURCE) -> str | None:

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +44,15 @@ from lpqld_fast import config as schema
 from lpqld_fast import distributed
 from lpqld_fast.augment import sample_flips, sample_rrc_boxes
 from lpqld_fast.bn_stats import bn_layers, load_bn_stats
-from lpqld_fast.io_utils import atomic_path, atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
+from lpqld_fast.data import dataset_info
+from lpqld_fast.image_set import Unit, finalize_recover
+from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
+from lpqld_fast.models.teacher import build_teacher, load_teacher
 from lpqld_fast.ops import batched_roll, crop_resize_flip
+from lpqld_fast.runtime import mem_available_bytes
 from lpqld_fast.supervised_bn import supervised_bn
 from lpqld_fast.thin_conv import thin_input_grad_convs
 
-RECOVER_SCHEMA = 1
 PASS_CKPT_SCHEMA = 1
 
 
@@ -77,19 +78,10 @@ def check_memory(cfg: dict[str, Any], num_classes: int, image_shape: tuple[int, 
     ipc = cfg["ipc"]
     unit_images = ipc if cfg["classwise_batching"] else num_classes
     need = 3 * ipc * num_classes * c * h * w + 6 * 4 * unit_images * c * h * w
-    available = _mem_available_bytes() if available is None else available
+    available = mem_available_bytes() if available is None else available
     if need > available:
         raise ValueError(f"recover.ipc={ipc} needs at least {need / 2**30:.1f} GiB of memory ({ipc * num_classes} "
                          f"images of {c}x{h}x{w}); {available / 2**30:.1f} GiB are available")
-
-
-@dataclass
-class Unit:
-    """One optimisation unit: images that share augmentation draws and BN targets."""
-
-    uid: int
-    labels: torch.Tensor  # [n] class of each image
-    target: int  # index into the BN target table (class id, or 0 for global stats)
 
 
 def _unit_generator(seed: int, uid: int) -> torch.Generator:
@@ -307,51 +299,8 @@ def units_per_pass(teacher: nn.Module, image_shape: tuple[int, int, int], unit_s
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info()
     else:
-        free = _mem_available_bytes()
+        free = mem_available_bytes()
     return max(1, int(free * budget_fraction) // max(per_image * unit_size, 1))
-
-
-def _mem_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-
-
-def save_png(path: Path, img_uint8: torch.Tensor) -> None:
-    from PIL import Image
-
-    arr = img_uint8.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-    with atomic_path(path) as tmp:
-        pil.save(tmp, format="PNG")
-
-
-def save_grid(path: Path, images: torch.Tensor, labels: torch.Tensor, num_classes: int, max_per_class: int = 10) -> None:
-    """One row per class, up to ``max_per_class`` images each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per = min(max_per_class, max(int((labels == c).sum()) for c in range(num_classes)))
-    rows = min(num_classes, 50)
-    fig, axes = plt.subplots(rows, per, figsize=(per * 0.8, rows * 0.8), squeeze=False)
-    for r in range(rows):
-        idx = torch.nonzero(labels == r).flatten()[:per]
-        for col in range(per):
-            ax = axes[r][col]
-            ax.axis("off")
-            if col < len(idx):
-                img = images[idx[col]].permute(1, 2, 0).numpy()
-                ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None)
-    fig.tight_layout(pad=0.1)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run_recover(
@@ -370,9 +319,6 @@ def run_recover(
     and rank 0 packs them after a barrier; with the same ``units_at_once`` and
     per-process thread count the images equal the 1-process ones bit for bit.
     """
-    from lpqld_fast.data import dataset_info
-    from lpqld_fast.squeeze import build_teacher, load_teacher
-
     out = Path(out)
     state_path = out / "recover_state.json"
     prev = read_json(state_path, "recover state").get("run") if state_path.exists() else None
@@ -466,43 +412,3 @@ def _check_same_run(out: Path, prev: dict[str, Any], run_cfg: dict[str, Any]) ->
     if diffs:
         raise ValueError(f"{out} holds a recover run with another config ({'; '.join(diffs)}); rerun with the "
                          f"recorded settings, or start fresh with another --out (or delete {out})")
-
-
-def finalize_recover(out: Path, units: list[Unit], num_classes: int, run_cfg: dict, seconds: float) -> dict:
-    """Pack all units into images.pt (+ PNGs per class folder, a grid, the manifest)."""
-    imgs, labels = [], []
-    for u in units:
-        payload = load_tensors(out / "units" / f"unit_{u.uid:06d}.pt", what="recovered unit")
-        imgs.append(payload["images"])
-        labels.append(payload["labels"])
-    images = torch.cat(imgs)
-    labels = torch.cat(labels)
-    order = torch.argsort(labels, stable=True)  # class-major order for every mode
-    images, labels = images[order].contiguous(), labels[order].contiguous()
-    save_tensors(out / "images.pt", {"images": images, "labels": labels})
-    counts = torch.zeros(num_classes, dtype=torch.int64)
-    for i in range(len(labels)):
-        c = int(labels[i])
-        save_png(out / "png" / f"{c:05d}" / f"{int(counts[c]):04d}.png", images[i])
-        counts[c] += 1
-    save_grid(out / "grid.png", images, labels, num_classes)
-    for stale in (out / "units").glob("pass_*.ckpt.pt"):  # left by a killed run that used other groups
-        stale.unlink(missing_ok=True)
-    images_hash = sha256_tensors({"images": images, "labels": labels})
-    manifest = {"schema": RECOVER_SCHEMA, **run_cfg, "images_sha256": images_hash, "num_images": len(labels),
-                "num_classes": num_classes, "shape": list(images.shape[1:]), "seconds": seconds,
-                "images_file_bytes": os.path.getsize(out / "images.pt")}
-    atomic_write_json(out / "manifest.json", manifest)
-    return manifest
-
-
-def load_recovered(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Load a recover output (images uint8 [N, C, H, W], labels [N], manifest); verify its hash."""
-    path = Path(path)
-    manifest = read_json(path / "manifest.json", "recover manifest")
-    payload = load_tensors(path / "images.pt", what="distilled images")
-    images, labels = payload["images"], payload["labels"]
-    if sha256_tensors({"images": images, "labels": labels}) != manifest.get("images_sha256"):
-        raise ValueError(f"{path / 'images.pt'} does not match the hash in {path / 'manifest.json'} "
-                         "(modified or corrupt)")
-    return images, labels, manifest

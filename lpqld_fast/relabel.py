@@ -17,12 +17,16 @@ A batch's bytes therefore depend only on (seed, b), the images, the teacher
 and the config: a killed run resumes (unfinished slots are recomputed) and
 ends byte-identical to an uninterrupted one when the teacher forward is
 deterministic (CPU, same thread count).
+
+Under torchrun, :func:`run_relabel_sharded` splits the store's slots over the ranks (one store, the same
+bytes as one process).
 """
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,16 +34,18 @@ import torch
 from torch import nn
 
 import lpqld_fast
+from lpqld_fast import distributed
 from lpqld_fast.augment import replay_batch, sample_aug_params
 from lpqld_fast.config import check_section
 from lpqld_fast.engine import hashed_seed
+from lpqld_fast.io_utils import read_json
 from lpqld_fast.store.layout import component_specs, encode_slot
 from lpqld_fast.store.quantize import encode_labels, index_dtype_for, stored_k
 from lpqld_fast.store.reader import LabelStore
 from lpqld_fast.store.writer import StoreWriter
 
 __all__ = ["normalize_config", "derive_seed", "seeded_generator", "kept_count", "EpochPermutations",
-           "select_kept_batch_ids", "batch_image_indices", "run_relabel"]
+           "select_kept_batch_ids", "batch_image_indices", "run_relabel", "run_relabel_sharded"]
 
 
 def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -267,3 +273,34 @@ def run_relabel(
     return LabelStore.open(out_dir, expect_teacher_sha256=teacher_sha256, expect_images_sha256=images_sha256,
                            verify="size")
 
+
+def run_relabel_sharded(*args: Any, out_dir: str | os.PathLike, progress: bool = True, **kwargs: Any):
+    """:func:`run_relabel` with the store slots split over ranks, one store.
+
+    Protocol (the writer's multi-writer contract): rank 0 creates the store (or
+    resumes / finds it complete) writing no slot; barrier; every rank writes its
+    contiguous slot range (unfinished slots only, so a killed run resumes);
+    barrier; rank 0 checksums and finalises; barrier; every rank opens the store.
+    Slot bytes depend only on (seed, batch id), so the finished store is byte for
+    byte the 1-process one (same per-process thread count; torchrun's default
+    OMP_NUM_THREADS=1 — pin it in both runs when comparing).
+    """
+    if distributed.world_size() == 1:
+        return run_relabel(*args, out_dir=out_dir, progress=progress, **kwargs)
+    done = None
+    if distributed.is_main():
+        done = run_relabel(*args, out_dir=out_dir, progress=False, slot_range=range(0), finalize=False, **kwargs)
+    distributed.barrier()
+    manifest = read_json(Path(out_dir) / "manifest.json", "label store manifest")
+    if not manifest.get("complete"):
+        mine = distributed.shard_range(int(manifest["num_kept"]))
+        run_relabel(*args, out_dir=out_dir, progress=progress and distributed.is_main(), slot_range=mine,
+                    finalize=False, **kwargs)
+        distributed.barrier()
+        if distributed.is_main():
+            done = run_relabel(*args, out_dir=out_dir, progress=False, slot_range=range(0), finalize=True, **kwargs)
+    distributed.barrier()
+    if done is not None:
+        return done
+    return LabelStore.open(out_dir, expect_teacher_sha256=kwargs["teacher_sha256"],
+                           expect_images_sha256=kwargs["images_sha256"], verify="size")

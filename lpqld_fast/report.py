@@ -14,10 +14,17 @@ from typing import Any
 
 import torch
 
+from lpqld_fast.data import get_dataset
+from lpqld_fast.data.folder_tree import _decode_all
+from lpqld_fast.data.transforms import normalize
+from lpqld_fast.image_set import load_recovered
 from lpqld_fast.io_utils import atomic_write_bytes, read_json
+from lpqld_fast.models.teacher import build_teacher, load_teacher
+from lpqld_fast.store.accounting import storage_markdown, storage_report
 
 
 def _plt():
+    # matplotlib is imported on first plot: it costs ~0.5 s and only the report draws
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,8 +64,6 @@ def mmd2_gaussian(a: torch.Tensor, b: torch.Tensor, bandwidth: float | None = No
 
 @torch.no_grad()
 def teacher_features(teacher: torch.nn.Module, images_uint8: torch.Tensor, mean, std, batch: int = 500) -> torch.Tensor:
-    from lpqld_fast.data.transforms import normalize
-
     teacher.eval()
     out = []
     for i in range(0, len(images_uint8), batch):
@@ -71,8 +76,6 @@ def _real_images(train: Any, idx: torch.Tensor) -> torch.Tensor:
     fitted to its image size (centre crop, the eval geometry) without augmentation."""
     if hasattr(train, "images"):
         return train.images[idx]
-    from lpqld_fast.data.folder_tree import _decode_all
-
     files = type(train)(train.root, transform=None, classes=train.classes, mode=train.mode)
     return _decode_all(files, "L" if train.in_chans == 1 else "RGB", train.image_size, idx.tolist())
 
@@ -80,10 +83,6 @@ def _real_images(train: Any, idx: torch.Tensor) -> torch.Tensor:
 def diversity_metrics(squeeze_dir: Path, recover_dir: Path, config: dict[str, Any], real_per_class: int = 100,
                       seed: int = 0) -> dict[str, float]:
     """Diversity of the image set in ``recover_dir`` under the teacher of ``squeeze_dir``."""
-    from lpqld_fast.data import get_dataset
-    from lpqld_fast.recover import load_recovered
-    from lpqld_fast.squeeze import build_teacher, load_teacher
-
     images, labels, _ = load_recovered(recover_dir)
     train = get_dataset(config["dataset"], "train", root=config.get("data_root"))
     teacher = load_teacher(Path(squeeze_dir) / "teacher.pt", build_teacher(config["squeeze"], train))
@@ -167,8 +166,6 @@ def plot_accuracy_vs_storage(rows: list[dict[str, Any]], path: Path, title: str 
 
 def run_summary(run: str | Path) -> dict[str, Any]:
     """Numbers of one finished run: accuracy, storage (images + labels), teacher accuracy."""
-    from lpqld_fast.store.accounting import storage_report
-
     run = Path(run)
     train = read_json(run / "train" / "train_metrics.json", "train metrics")
     rec = read_json(run / "recover" / "manifest.json", "recover manifest")
@@ -195,8 +192,6 @@ def write_report(run: str | Path, diversity: bool = True, config: dict[str, Any]
     train/config.json, IPC from the recover manifest); dataset and data root from ``config`` (the CLI's,
     checked against <run>/run.json), else from squeeze/config.json.
     """
-    from lpqld_fast.store.accounting import storage_markdown
-
     run = Path(run)
     recorded = read_json(run / "squeeze" / "config.json", "squeeze config")["config"]
     config = {**recorded, **({k: config[k] for k in ("dataset", "data_root")} if config else {})}

@@ -25,12 +25,14 @@ from lpqld_fast import config as schema
 from lpqld_fast import distributed
 from lpqld_fast.bn_stats import ClasswiseBNStats, bn_layers, save_bn_stats
 from lpqld_fast.data import get_dataset
-from lpqld_fast.data.streaming import evaluate_folder, seeded_batches
+from lpqld_fast.data.streaming import seeded_batches
 from lpqld_fast.data.transforms import normalize, random_crop_flip
+from lpqld_fast.ddp import ddp_model
 from lpqld_fast.engine import (batch_indices, build_optimizer, hashed_seed, seed_everything, to_float_images,
                                warmup_cosine)
+from lpqld_fast.evaluation import evaluate_dataset
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
-from lpqld_fast.models import get_model
+from lpqld_fast.models.teacher import build_teacher, load_teacher
 
 # The settings of the statistics pass: a change recomputes the statistics of the existing teacher.
 STATS_KEYS = ("stats_mode", "stats_momentum", "stats_batch_size")
@@ -40,27 +42,6 @@ def squeeze_config(cfg: dict[str, Any] | None, device: str = "cpu",
                    recorded: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
     """The squeeze section validated (schema defaults filled in) with its auto settings chosen."""
     return schema.resolve_auto("squeeze", schema.check_section("squeeze", cfg), device, recorded)
-
-
-def build_teacher(cfg: dict[str, Any], meta: Any) -> nn.Module:
-    return get_model(cfg["model"], num_classes=meta.num_classes, in_chans=meta.in_chans, image_size=meta.image_size)
-
-
-def load_teacher(path: str | Path, model: nn.Module) -> nn.Module:
-    """Load teacher weights (state dict, safely) into ``model``; a clear error for another architecture."""
-    state = load_tensors(path, what="teacher checkpoint")
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        # line 0 is "Error(s) in loading state_dict for X:"; line 1 names the missing/unexpected keys
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
-        detail = detail if len(detail) <= 160 else detail[:157] + "..."
-        raise ValueError(f"teacher checkpoint {path} does not fit model {type(model).__name__} "
-                         f"(another architecture?): {detail}") from None
-    return model
 
 
 def _augment(x_uint8: torch.Tensor, cfg: dict[str, Any], gen: torch.Generator, mean, std) -> torch.Tensor:
@@ -136,7 +117,7 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     # under torchrun, DDP + synchronised BN (model itself for 1 process); optimizer on the shared params.
-    net = distributed.ddp_model(model, device)
+    net = ddp_model(model, device)
     epochs = cfg["epochs"]
     bs = cfg["batch_size"]
     if bs > len(labels):  # drop_last: not one step per epoch, an untrained teacher
@@ -188,11 +169,8 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
             n += len(y)
             bar.set_postfix(loss=f"{total / n:.3f}")
         total, n = distributed.all_reduce_scalar(total), int(distributed.all_reduce_scalar(n))
-        if streamed:
-            acc = evaluate_folder(model, test, num_workers=workers, channels_last=channels_last, bf16=bf16)
-        else:
-            acc = distributed.evaluate_sharded(model, test.images, test.labels, train.mean, train.std, bf16=bf16,
-                                               channels_last=channels_last)
+        acc = evaluate_dataset(model, test, train.mean, train.std, bf16=bf16, channels_last=channels_last,
+                               num_workers=workers)["acc"]
         metrics.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "test_acc": acc,
                         "seconds": time.perf_counter() - t0})
         if distributed.is_main():  # rank 0 writes checkpoints and metrics
@@ -339,10 +317,7 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
     stats_time = time.perf_counter() - t1
     train = get_dataset(dataset, "train", root=data_root)
     test = get_dataset(dataset, "test", root=data_root)
-    if hasattr(test, "images"):
-        acc = distributed.evaluate_sharded(model, test.images, test.labels, train.mean, train.std)
-    else:
-        acc = evaluate_folder(model, test, num_workers=cfg["stats_workers"])
+    acc = evaluate_dataset(model, test, train.mean, train.std, num_workers=cfg["stats_workers"])["acc"]
     summary = {"teacher": metrics, "teacher_test_acc": acc, "teacher_sha256": teacher_hash,
                "bn_layers": len(bn_layers(model)), "teacher_seconds": teacher_time, "stats_seconds": stats_time,
                "stats_mode": cfg["stats_mode"], "stats_config": {k: cfg[k] for k in STATS_KEYS}}

@@ -24,17 +24,18 @@ from lpqld_fast import config as schema
 from lpqld_fast import distributed
 from lpqld_fast.augment import replay_batch
 from lpqld_fast.data import get_dataset, stratified_subset
-from lpqld_fast.data.streaming import evaluate_folder
+from lpqld_fast.ddp import ddp_model
 from lpqld_fast.ema import WeightEMA
 from lpqld_fast.engine import build_optimizer, seed_everything, warmup_cosine
+from lpqld_fast.evaluation import evaluate_dataset
+from lpqld_fast.image_set import load_recovered
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors
 from lpqld_fast.label_pool import epoch_batch_ids, temperature_at
 from lpqld_fast.models import get_model
 from lpqld_fast.ops import calibrate_student_temperature, soft_label_kl
 from lpqld_fast.ops.soft_label_kl import check_label_data
 from lpqld_fast.records import run_record
-from lpqld_fast.recover import load_recovered
-from lpqld_fast.store import LabelStore
+from lpqld_fast.store import LabelStore, SoftLabels
 
 # Every train setting with its default (lpqld_fast.config.TrainConfig holds the types and meanings).
 TRAIN_DEFAULTS: dict[str, Any] = schema.defaults("train")
@@ -115,7 +116,7 @@ def run_train(
         student = student.to(memory_format=torch.channels_last)
     images = images.to(device)
     # under torchrun, DDP + synchronised BN; each rank trains on its rows of every stored batch.
-    net = distributed.ddp_model(student, device)
+    net = ddp_model(student, device)
     epochs = int(cfg["epochs"])
     nb = store.batches_per_epoch
     opt = build_optimizer(student, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
@@ -150,8 +151,6 @@ def run_train(
         if start - 1 > epochs:
             raise ValueError(f"{last_path} holds epoch {start - 1}, more than train.epochs={epochs}; rerun with "
                              f"train.epochs >= {start - 1}, or start fresh with another --out (or delete {out})")
-        from lpqld_fast.io_utils import read_json
-
         metrics = read_json(out / "train_metrics.json", "train metrics")
         # a kill between writing the metrics and last.pt leaves metrics of epochs the checkpoint lacks
         for key in ("epochs", "evals"):
@@ -191,7 +190,7 @@ def run_train(
             if cfg["hard_labels"]:
                 loss = hard_label_loss(logits.float(), image_labels.to(device), rec.aug, rows)
             else:
-                loss = soft_label_kl(logits.float(), **distributed.slice_soft_labels(labels, rows).kl_kwargs(),
+                loss = soft_label_kl(logits.float(), **labels.slice_rows(rows).kl_kwargs(),
                                      T=T, t_s=t_s, t2_scale=bool(cfg["t2_scale"]), validate=not on_gpu)
             if share != 1.0:
                 loss = loss * share  # DDP averages: world * n_local / B makes it the full-batch mean
@@ -251,12 +250,8 @@ def validation_split(config: dict[str, Any], size: int) -> Any:
 def evaluate_split(model: torch.nn.Module, ds: Any, mean: Any, std: Any, name: str, bf16: bool,
                    channels_last: bool) -> dict[str, float]:
     """``{name}_acc`` (top-1 %) and, for in-memory splits, ``{name}_nll`` of ``model`` on ``ds``."""
-    if hasattr(ds, "images"):
-        m = distributed.evaluate_sharded_metrics(model, ds.images, ds.labels, mean, std, bf16=bf16,
-                                                 channels_last=channels_last)
-        return {f"{name}_acc": m["acc"], f"{name}_nll": m["nll"]}
-    # an ImageFolder split, decoded in workers with its eval transform
-    return {f"{name}_acc": evaluate_folder(model, ds, bf16=bf16, channels_last=channels_last)}
+    return {f"{name}_{k}": v for k, v in evaluate_dataset(model, ds, mean, std, bf16=bf16,
+                                                           channels_last=channels_last).items()}
 
 
 def logit_ranges(logits: torch.Tensor, labels: Any) -> dict[str, float]:
@@ -318,8 +313,6 @@ def calibrate_on(batches: list[tuple[torch.Tensor, Any]], T: float) -> float:
     logits = torch.cat([b[0] for b in batches])
     labels = batches[0][1]
     if len(batches) > 1:
-        from lpqld_fast.store.quantize import SoftLabels
-
         def cat(name: str):
             parts = [getattr(b[1], name) for b in batches]
             return None if parts[0] is None else torch.cat(parts)

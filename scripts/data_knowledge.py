@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lpqld_fast.io_utils import atomic_write_bytes, atomic_write_json, read_json  # noqa: E402
-from lpqld_fast.pipeline import stage_dirs  # noqa: E402
 from lpqld_fast.presets import apply_overrides, get_preset  # noqa: E402
+from lpqld_fast.records import stage_dirs  # noqa: E402
 
 FULL = {"ipc": [1, 2, 5, 10, 20, 50], "k": [1, 2, 3, 5, 10], "experts": ["2", "final"],
         "modes": ["topk_norenorm", "mr"], "hard_ipc": [1, 10, 50]}
@@ -150,7 +150,7 @@ def write_idx_subset(out: Path, train_n: int, test_n: int) -> str:
 def full_test_accuracy(run: Path, cfg: dict) -> float:
     """Accuracy of a finished row's student (train/student.pt) on the whole test set."""
     from lpqld_fast.data import get_dataset
-    from lpqld_fast.engine import evaluate
+    from lpqld_fast.evaluation import evaluate
     from lpqld_fast.io_utils import load_tensors
     from lpqld_fast.models import get_model
     from lpqld_fast.store import LabelStore

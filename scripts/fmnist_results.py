@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lpqld_fast.io_utils import atomic_write_json, read_json  # noqa: E402
-from lpqld_fast.pipeline import run_relabel_stage, stage_dirs  # noqa: E402
+from lpqld_fast.pipeline import run_relabel_stage  # noqa: E402
 from lpqld_fast.presets import get_preset  # noqa: E402
+from lpqld_fast.records import stage_dirs  # noqa: E402
 from lpqld_fast.recover import run_recover  # noqa: E402
 from lpqld_fast.report import run_summary  # noqa: E402
 from lpqld_fast.squeeze import run_squeeze  # noqa: E402

@@ -204,14 +204,15 @@ def phase_relabel(out: Path, epochs: int) -> dict:
 
 def phase_train(out: Path, epochs: int) -> dict:
     import lpqld_fast.train as train_mod
+    from lpqld_fast import evaluation
     from lpqld_fast.models import get_model
 
     test = _dataset("test", 1)
     train_mod.get_dataset = lambda name, split="test", root=None: test  # 10,450-class test split
     train_mod.get_model = lambda name, **kw: get_model(name, **kw, width=WIDTH)
     # Evaluate 10,450-way logits in batches of 200 (not 1000): smaller transient peaks, less RSS noise.
-    sharded = train_mod.distributed.evaluate_sharded
-    train_mod.distributed.evaluate_sharded = lambda *a, **kw: sharded(*a, **kw, batch_size=200)
+    sharded = evaluation.evaluate_sharded_metrics
+    evaluation.evaluate_sharded_metrics = lambda *a, **kw: sharded(*a, **kw, batch_size=200)
     config = {"dataset": "synthetic-21k", "train": {"model": "convnet-bn", "epochs": 1, "eval_every": 1,
                                                      "checkpoint_every": 1, "optimizer": "adamw", "lr": 1e-3}}
     rss0 = _rss_mb()

@@ -39,10 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lpqld_fast.data import dataset_info  # noqa: E402
+from lpqld_fast.image_set import load_recovered  # noqa: E402
 from lpqld_fast.io_utils import read_json, sha256_tensors  # noqa: E402
-from lpqld_fast.recover import load_recovered  # noqa: E402
+from lpqld_fast.models.teacher import build_teacher, load_teacher  # noqa: E402
 from lpqld_fast.relabel import run_relabel  # noqa: E402
-from lpqld_fast.squeeze import build_teacher, load_teacher  # noqa: E402
 from lpqld_fast.store import storage_report  # noqa: E402
 
 RATIOS = (0.0, 0.9, 0.95, 0.975, 0.99)

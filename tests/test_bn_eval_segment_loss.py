@@ -363,7 +363,7 @@ def test_fused_eval_bn_leaves_batch_statistics_bn_alone() -> None:
 
 
 def test_evaluate_uses_fused_blocks_and_agrees() -> None:
-    from lpqld_fast.engine import evaluate
+    from lpqld_fast.evaluation import evaluate
 
     model = _teacher()
     g = torch.Generator().manual_seed(0)

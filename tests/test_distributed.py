@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 
 from lpqld_fast import distributed as D
+from lpqld_fast.ddp import ddp_model
+from lpqld_fast.evaluation import evaluate_sharded
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is needed")
@@ -62,7 +64,7 @@ def test_single_process_helpers_are_identities() -> None:
     assert D.gather_rows(t, 7) is t
     assert D.all_reduce_scalar(2.5) == 2.5 and D.all_reduce_min_int(4) == 4
     m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
-    assert D.ddp_model(m) is m
+    assert ddp_model(m) is m
     D.barrier()
 
 
@@ -123,7 +125,7 @@ def _primitives_worker(rank: int, world: int, init_file: str, out: str) -> None:
 
         # One DDP step (synchronised BN, uneven 4/3 split of a 7-sample batch) of a ConvNet-BN.
         model, xb, yb = _teacher_batch()
-        net = D.ddp_model(model, "cpu")
+        net = ddp_model(model, "cpu")
         rows, share = D.batch_share(len(yb))
         logits = net(xb[rows])
         loss = torch.nn.functional.cross_entropy(logits, yb[rows]) * share
@@ -132,7 +134,7 @@ def _primitives_worker(rank: int, world: int, init_file: str, out: str) -> None:
         res.update({f"buf.{n}": b.clone() for n, b in model.named_buffers()})
         res["logits"] = D.gather_rows(logits.detach(), len(yb))
         imgs = (torch.arange(11 * 256) % 251).to(torch.uint8).view(11, 1, 16, 16)
-        acc_pct = D.evaluate_sharded(net, imgs, torch.arange(11) % K, [0.5], [0.25])
+        acc_pct = evaluate_sharded(net, imgs, torch.arange(11) % K, [0.5], [0.25])
         res["acc"] = torch.tensor(acc_pct, dtype=torch.float64)
         res["loss_sum"] = torch.tensor(D.all_reduce_scalar(float(loss.detach())) / world, dtype=torch.float64)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
@@ -143,7 +145,7 @@ def _primitives_worker(rank: int, world: int, init_file: str, out: str) -> None:
 def test_primitives_on_two_gloo_ranks_equal_one_process(tmp_path) -> None:
     import torch.multiprocessing as mp
 
-    from lpqld_fast.engine import evaluate
+    from lpqld_fast.evaluation import evaluate
     from lpqld_fast.models import get_model  # noqa: F401  (imported before the fork: the children reuse it)
     from lpqld_fast.ops import ClasswiseMomentsAccumulator
 

@@ -9,12 +9,12 @@ import torch
 from lpqld_fast.augment import replay_batch
 from lpqld_fast.data import get_dataset
 from lpqld_fast.experts import ExpertEnsemble, ExpertNotFoundError, load_expert, relabel_with_expert
+from lpqld_fast.image_set import bind_real_images, load_recovered
 from lpqld_fast.io_utils import save_tensors, sha256_tensors
 from lpqld_fast.models import get_model
-from lpqld_fast.pipeline import stage_dirs
-from lpqld_fast.real_images import bind_real_images, select_real_images
-from lpqld_fast.recover import load_recovered
-from lpqld_fast.squeeze import build_teacher
+from lpqld_fast.models.teacher import build_teacher
+from lpqld_fast.real_images import select_real_images
+from lpqld_fast.records import stage_dirs
 from lpqld_fast.train import run_train
 
 

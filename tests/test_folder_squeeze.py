@@ -14,7 +14,8 @@ import torch
 from lpqld_fast.bn_stats import load_bn_stats
 from lpqld_fast.cli import main
 from lpqld_fast.data import get_dataset
-from lpqld_fast.data.streaming import evaluate_folder, image_seed, seeded_batches
+from lpqld_fast.data.streaming import image_seed, seeded_batches
+from lpqld_fast.evaluation import evaluate_folder
 from lpqld_fast.io_utils import read_json, save_tensors
 from lpqld_fast.models import get_model
 
@@ -116,7 +117,7 @@ def test_folder_teacher_training_streams_and_resumes(tree, tmp_path, monkeypatch
     assert any(not torch.equal(first[k], final[k]) for k in final)  # epoch 2 trained
 
     calls = {"n": 0}
-    real_eval = squeeze.evaluate_folder
+    real_eval = squeeze.evaluate_dataset
 
     def dies_in_epoch_2(*args, **kwargs):
         calls["n"] += 1
@@ -124,11 +125,11 @@ def test_folder_teacher_training_streams_and_resumes(tree, tmp_path, monkeypatch
             raise KeyboardInterrupt("killed during epoch 2")
         return real_eval(*args, **kwargs)
 
-    monkeypatch.setattr(squeeze, "evaluate_folder", dies_in_epoch_2)
+    monkeypatch.setattr(squeeze, "evaluate_dataset", dies_in_epoch_2)
     assert _train(tree, tmp_path / "b", workers=2) != 0  # the CLI reports the interrupt and exits non-zero
     assert calls["n"] == 2
     assert not (tmp_path / "b" / "squeeze" / "teacher.pt").exists()
-    monkeypatch.setattr(squeeze, "evaluate_folder", real_eval)
+    monkeypatch.setattr(squeeze, "evaluate_dataset", real_eval)
     capsys.readouterr()
     assert _train(tree, tmp_path / "b", workers=2) == 0
     out = capsys.readouterr().out

@@ -127,7 +127,7 @@ def test_every_pool_takes_a_full_epoch_of_steps_under_pruning(tmp_path, syntheti
 
 def test_train_test_subset_evaluates_on_a_fixed_balanced_subset(tmp_path, synthetic_preset, capsys) -> None:
     from lpqld_fast.data import get_dataset, stratified_subset
-    from lpqld_fast.engine import evaluate
+    from lpqld_fast.evaluation import evaluate
     from lpqld_fast.io_utils import load_tensors
     from lpqld_fast.models import get_model
 

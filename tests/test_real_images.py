@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from lpqld_fast.data import get_dataset
+from lpqld_fast.image_set import load_recovered
 from lpqld_fast.io_utils import save_tensors, sha256_tensors
-from lpqld_fast.pipeline import run_relabel_stage, stage_dirs
+from lpqld_fast.models.teacher import build_teacher
+from lpqld_fast.pipeline import run_relabel_stage
 from lpqld_fast.real_images import load_real_indices, select_indices, select_real_images
-from lpqld_fast.recover import load_recovered
-from lpqld_fast.squeeze import build_teacher
+from lpqld_fast.records import stage_dirs
 from lpqld_fast.store import LabelStore
 from lpqld_fast.train import run_train
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import InMemoryDataset
+from .memory import InMemoryDataset
 
 __all__ = [
     "DEFAULT_ROOT",

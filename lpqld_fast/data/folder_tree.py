@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import DatasetInfo, InMemoryDataset
+from lpqld_fast.runtime import mem_available_bytes
+
 from . import transforms as T
 from .image_folder import ImageFolderDataset
+from .memory import DatasetInfo, InMemoryDataset
 
 __all__ = ["split_dir", "folder_info", "load_folder", "memory_budget", "SAMPLE_IMAGES", "STREAM_STATS_IMAGES"]
 
@@ -38,9 +40,7 @@ SMALL_IMAGE = 64  # up to this size: padded random crop + flip; above: RandomRes
 
 def memory_budget() -> int:
     """Bytes a tree's uint8 copy may take to be held in memory: a quarter of the available memory, <= 4 GiB."""
-    from lpqld_fast.recover import _mem_available_bytes
-
-    return min(4 << 30, _mem_available_bytes() // 4)
+    return min(4 << 30, mem_available_bytes() // 4)
 
 
 def split_dir(root: str | os.PathLike, split: str) -> str:

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from . import DatasetInfo
 from . import transforms as T
+from .memory import DatasetInfo
 
 __all__ = ["IMG_EXTENSIONS", "ImageFolderDataset"]
 

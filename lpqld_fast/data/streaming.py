@@ -1,13 +1,11 @@
-"""Decode-as-you-go passes over an ImageFolder tree: the class-wise statistics pass and evaluation.
+"""Decode-as-you-go passes over an ImageFolder tree (teacher training, the class-wise statistics pass and
+lpqld_fast.evaluation.evaluate_folder).
 
 The in-memory datasets (Fashion-MNIST, synthetic) index one uint8 tensor; an ImageNet-scale tree is decoded
-image by image in DataLoader workers instead. Two rules keep the results independent of how the work is
-split:
-
-- augmentation is seeded per image: image ``i`` of the pass with seed ``s`` is transformed under the torch
-  RNG seeded from ``(s, i)`` (the folder's train transform draws from the torch RNG), so the pixels do not
-  depend on the batch size, the number of workers or the number of ranks;
-- evaluation counts correct predictions per rank over a contiguous shard and all-reduces the counts.
+image by image in DataLoader workers instead. Augmentation is seeded per image, so the results do not
+depend on how the work is split: image ``i`` of the pass with seed ``s`` is transformed under the torch RNG
+seeded from ``(s, i)`` (the folder's train transform draws from the torch RNG), so the pixels do not depend
+on the batch size, the number of workers or the number of ranks.
 """
 from __future__ import annotations
 
@@ -15,11 +13,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from lpqld_fast.engine import hashed_seed
 
-__all__ = ["image_seed", "seeded_batches", "evaluate_folder"]
+__all__ = ["image_seed", "seeded_batches"]
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -54,31 +51,3 @@ def seeded_batches(ds: Any, batches: Sequence[Sequence[int]], seed: int | None, 
                                          num_workers=num_workers, persistent_workers=False,
                                          generator=torch.Generator().manual_seed(0))
     return ((x, torch.as_tensor(y, dtype=torch.int64)) for x, y in loader)
-
-
-@torch.no_grad()
-def evaluate_folder(model: nn.Module, ds: Any, batch_size: int = 256, num_workers: int = 4,
-                    channels_last: bool = False, bf16: bool = False) -> float:
-    """Top-1 accuracy (%) over an ImageFolder split with its (deterministic) eval transform, ranks sharded."""
-    from lpqld_fast import distributed
-
-    model = distributed.unwrap(model)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    n = len(ds)
-    sl = distributed.shard_slice(n)
-    idx = list(range(sl.start, sl.stop))
-    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-    correct = 0
-    for x, y in seeded_batches(ds, batches, None, num_workers):
-        x = x.to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            correct += int((model(x).argmax(dim=1).cpu() == y).sum())
-    model.train(was_training)
-    counts = torch.tensor([correct, len(idx)], dtype=torch.int64)
-    if distributed.world_size() > 1:
-        distributed.all_reduce_(counts)
-    return 100.0 * int(counts[0]) / max(n, 1)

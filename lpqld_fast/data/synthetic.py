@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import DatasetInfo, InMemoryDataset
+from .memory import DatasetInfo, InMemoryDataset
 
 __all__ = ["SyntheticDataset"]
 

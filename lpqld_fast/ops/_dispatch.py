@@ -23,13 +23,13 @@ _forced: list[str] = []
 @functools.lru_cache(maxsize=None)
 def native_available() -> bool:
     """True when lpqld_fast._C imported and registered its ops (and their fake implementations)."""
-    try:
+    try:  # the compiled extension is optional: the reference and Triton backends work without it
         from lpqld_fast import _C  # noqa: F401
     except ImportError:
         return False
     if not hasattr(torch.ops, "lpqld"):
         return False
-    from lpqld_fast.ops import _fake  # noqa: F401
+    from lpqld_fast.ops import _fake  # noqa: F401  (registers fake kernels: only once the extension's ops exist)
     return True
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lpqld_fast.ops.segment_bn_loss import _kernel_x3
+from lpqld_fast.ops._layout import kernel_x3
 
 _LIB = "lpqld"
 
@@ -74,7 +74,7 @@ def _register() -> None:
             n, c, h, w = x.shape
             return torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, device=x.device,
                                memory_format=torch.channels_last), loss
-        x3 = _kernel_x3(x, keep_nlc=x.device.type == "cpu")  # the layout csrc/segment_bn_loss.cpp gives y
+        x3 = kernel_x3(x, keep_nlc=x.device.type == "cpu")  # the layout csrc/segment_bn_loss.cpp gives y
         return torch.empty_strided(x3.shape, x3.stride(), dtype=x.dtype, device=x.device).view(x.shape), loss
 
     @reg(f"{_LIB}::crop_resize_flip")

@@ -42,7 +42,7 @@ def _run_accumulate(
     if backend == "reference":
         ref.classwise_moments_accumulate_(x3, labels, count, mean, m2)
     elif backend == "triton":
-        from lpqld_fast.kernels import classwise_moments as tk
+        from lpqld_fast.kernels import classwise_moments as tk  # imports triton, only for this backend
 
         tk.classwise_moments_accumulate_(x3, labels, count, mean, m2)
     else:  # cpp and cuda are both registered under torch.ops.lpqld

@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import math
 import sys
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import torch
 
 from lpqld_fast.ops import _validate as V
 from lpqld_fast.ops._dispatch import native_has_kernel, resolve_backend
+from lpqld_fast.ops._layout import is_nlc, kernel_x3
 from lpqld_fast.ops.reference import segment_bn_loss as ref
 
 OP = "segment_bn_loss"
@@ -101,20 +101,6 @@ def _triton_module():
     return mod
 
 
-def _is_nlc(x3: torch.Tensor) -> bool:
-    """x3 [N, C, L] stored as [N, L, C] (a channels_last activation): strides (C*L, 1, C)."""
-    n, c, length = x3.shape
-    return ((c == 1 or x3.stride(1) == 1) and (length == 1 or x3.stride(2) == c)
-            and (n <= 1 or x3.stride(0) == c * length) and not x3.is_contiguous())
-
-
-def _kernel_x3(x: torch.Tensor, keep_nlc: bool) -> torch.Tensor:
-    """x as [N, C, L] for the kernels: a channels-last x stays in place when ``keep_nlc`` (the CPU kernels
-    read it as is), anything else becomes contiguous."""
-    x3 = x.detach().reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
-    return x3 if keep_nlc and _is_nlc(x3) else x3.contiguous()
-
-
 def _kernel_targets(segment_ids: torch.Tensor, target_mean: torch.Tensor,
                     target_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """segment ids as contiguous int64 and the targets as contiguous float64 constants."""
@@ -128,7 +114,7 @@ class _SegmentBNLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, segment_ids, target_mean, target_var):  # type: ignore[override]
-        x3 = _kernel_x3(x, keep_nlc=False)
+        x3 = kernel_x3(x, keep_nlc=False)
         seg, tm, tv = _kernel_targets(segment_ids, target_mean, target_var)
         loss, mean, var, count = _triton_module().segment_bn_loss_fwd(x3, seg, tm, tv)
         ctx.x_shape = x.shape
@@ -284,10 +270,10 @@ def bn_eval_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, re
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
     if chosen == "cpp" and not needs_grad and native_has_kernel("bn_eval_act_pool2", "CPU"):
         c = x.shape[1]
-        x3 = _kernel_x3(x, keep_nlc=True)
+        x3 = kernel_x3(x, keep_nlc=True)
         acc = ref.out_dtype_for(x.dtype)
         s, b = scale.detach().to(acc).contiguous(), shift.detach().to(acc).contiguous()
-        if pool == 1 or _is_nlc(x3) or c == 1:
+        if pool == 1 or is_nlc(x3) or c == 1:
             return _native_bn_act(x, x3, s, b, bool(relu), pool)
         return torch.nn.functional.avg_pool2d(_native_bn_act(x, x3, s, b, bool(relu), 1), 2)
     return (ref.bn_eval_act if chosen == "reference" else _torch_bn_act)(x, scale, shift, bool(relu), pool)

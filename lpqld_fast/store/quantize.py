@@ -138,6 +138,14 @@ class SoftLabels:
         return SoftLabels(self.mode, mv(self.values), mv(self.indices), mv(self.fill), mv(self.scale),
                           mv(self.offset))
 
+    def slice_rows(self, rows: slice) -> SoftLabels:
+        """These labels restricted to ``rows`` (every field is batch-first): a rank's share of a global batch."""
+        if rows == slice(0, self.values.shape[0]):
+            return self
+        cut = (lambda t: None if t is None else t[rows])  # noqa: E731
+        return SoftLabels(self.mode, cut(self.values), cut(self.indices), cut(self.fill), cut(self.scale),
+                          cut(self.offset))
+
 
 # --------------------------------------------------------------------------- int8
 
