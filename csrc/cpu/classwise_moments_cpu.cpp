@@ -42,21 +42,38 @@ void check_classwise_moments_args(const at::Tensor& x, const at::Tensor& labels,
 namespace {
 
 #define LPQLD_AI [[gnu::always_inline]] inline
+// Explicit multiversioning: each ISA level gets its own vector width, because
+// a generic vector wider than the hardware's registers is not kept in
+// registers by GCC (the 64-byte accumulators of the AVX2 clone lived on the
+// stack, a load-add-store chain per vector: 4-12x one read pass).
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(LPQLD_NO_MULTIVERSION)
-#define LPQLD_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define LPQLD_MULTIVERSION 1
+#define LPQLD_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+#define LPQLD_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
 #else
-#define LPQLD_MULTIVERSION
+#define LPQLD_MULTIVERSION 0
 #endif
 
 namespace rowk {
 constexpr int64_t kChunk = 1024;  // elements per L1-resident chunk
 
-typedef float vf __attribute__((vector_size(64)));
-typedef double vd __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef int64_t vl __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
+// Generic vectors of B bytes (64: AVX-512, 32: AVX2, 16: SSE2 / NEON).
+template <int B> struct Vec;
+#define LPQLD_VEC(B)                                            \
+  template <> struct Vec<B> {                                   \
+    typedef float f __attribute__((vector_size(B)));            \
+    typedef double d __attribute__((vector_size(B)));           \
+    typedef int32_t i __attribute__((vector_size(B)));          \
+    typedef uint32_t u __attribute__((vector_size(B)));         \
+    typedef int64_t l __attribute__((vector_size(B)));          \
+    typedef uint16_t h __attribute__((vector_size(B / 2)));     \
+  };
+LPQLD_VEC(64)
+LPQLD_VEC(32)
+LPQLD_VEC(16)
+#undef LPQLD_VEC
+typedef Vec<64>::f vf;
+typedef Vec<64>::d vd;
 
 enum class In { F32, F64, F16, BF16 };
 
@@ -73,28 +90,37 @@ LPQLD_AI float half_to_float(uint16_t h) {
   return std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | sign);
 }
 
-template <In I> struct Traits;
-template <> struct Traits<In::F32> {
-  using S = float; using T = float; using V = vf; using M = vi; static constexpr int W = 16;
+template <In I, int B> struct Traits;
+template <int B> struct Traits<In::F32, B> {
+  using S = float; using T = float; using V = typename Vec<B>::f; using M = typename Vec<B>::i;
+  static constexpr int W = B / 4;
   LPQLD_AI static V load(const S* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
   LPQLD_AI static T scalar(const S* p) { return *p; }
 };
-template <> struct Traits<In::F64> {
-  using S = double; using T = double; using V = vd; using M = vl; static constexpr int W = 8;
+template <int B> struct Traits<In::F64, B> {
+  using S = double; using T = double; using V = typename Vec<B>::d; using M = typename Vec<B>::l;
+  static constexpr int W = B / 8;
   LPQLD_AI static V load(const S* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
   LPQLD_AI static T scalar(const S* p) { return *p; }
 };
-template <> struct Traits<In::BF16> {
-  using S = uint16_t; using T = float; using V = vf; using M = vi; static constexpr int W = 16;
+template <int B> struct Traits<In::BF16, B> {
+  using S = uint16_t; using T = float; using V = typename Vec<B>::f; using M = typename Vec<B>::i;
+  static constexpr int W = B / 4;
   LPQLD_AI static V load(const S* p) {
+    using vh = typename Vec<B>::h;
+    using vu = typename Vec<B>::u;
     vh h; std::memcpy(&h, p, sizeof(vh));
     return reinterpret_cast<V>(__builtin_convertvector(h, vu) << 16);
   }
   LPQLD_AI static T scalar(const S* p) { S h; std::memcpy(&h, p, sizeof(S)); return bf16_to_float(h); }
 };
-template <> struct Traits<In::F16> {
-  using S = uint16_t; using T = float; using V = vf; using M = vi; static constexpr int W = 16;
+template <int B> struct Traits<In::F16, B> {
+  using S = uint16_t; using T = float; using V = typename Vec<B>::f; using M = typename Vec<B>::i;
+  static constexpr int W = B / 4;
   LPQLD_AI static V load(const S* p) {
+    using vh = typename Vec<B>::h;
+    using vu = typename Vec<B>::u;
+    using vf = V;
     vh h; std::memcpy(&h, p, sizeof(vh));
     const vu u = __builtin_convertvector(h, vu);
     const vu sign = (u & 0x8000u) << 16;
@@ -126,6 +152,16 @@ LPQLD_AI double hsum(const vd& v) {
   const vd2 b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
   return b[0] + b[1];
 }
+LPQLD_AI float hsum(const vf8& v) {
+  const vf4 b = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+LPQLD_AI float hsum(const vf4& v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+LPQLD_AI double hsum(const vd4& v) {
+  const vd2 b = __builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3);
+  return b[0] + b[1];
+}
+LPQLD_AI double hsum(const vd2& v) { return v[0] + v[1]; }
 
 template <typename M, int W>
 LPQLD_AI M lane_index() {
@@ -139,10 +175,10 @@ LPQLD_AI M lane_index() {
 // chunk mean, all in L1 (16-bit inputs are converted once into buf). inv_n
 // is 1/n. The ragged end is read as the last full vector of the chunk
 // (overlapping, lanes masked); requires n >= W.
-template <In I>
-LPQLD_AI void chunk_moments(const typename Traits<I>::S* __restrict__ p, int64_t n, double inv_n,
-                            typename Traits<I>::T* __restrict__ buf, double& mean_out, double& m2_out) {
-  using Tr = Traits<I>;
+template <In I, int B>
+LPQLD_AI void chunk_moments(const typename Traits<I, B>::S* __restrict__ p, int64_t n, double inv_n,
+                            typename Traits<I, B>::T* __restrict__ buf, double& mean_out, double& m2_out) {
+  using Tr = Traits<I, B>;
   using T = typename Tr::T;
   using V = typename Tr::V;
   using M = typename Tr::M;
@@ -223,8 +259,9 @@ LPQLD_AI vf reduce_rows(const vf* v) {
   return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
-LPQLD_AI vd reduce_rows(const vd* v) {
-  vd a[4], b[2];
+template <typename V>  // 8 lanes (vd, vf8)
+LPQLD_AI V reduce_rows8(const V* v) {
+  V a[4], b[2];
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i)
     a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
@@ -236,17 +273,37 @@ LPQLD_AI vd reduce_rows(const vd* v) {
   return __builtin_shufflevector(b[0], b[1], 0, 2, 4, 6, 8, 10, 12, 14) +
          __builtin_shufflevector(b[0], b[1], 1, 3, 5, 7, 9, 11, 13, 15);
 }
+template <typename V>  // 4 lanes (vd4, vf4)
+LPQLD_AI V reduce_rows4(const V* v) {
+  V a[2];
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 4, 5) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 6, 7);
+  return __builtin_shufflevector(a[0], a[1], 0, 2, 4, 6) + __builtin_shufflevector(a[0], a[1], 1, 3, 5, 7);
+}
+template <typename V>  // 2 lanes (vd2)
+LPQLD_AI V reduce_rows2(const V* v) {
+  return __builtin_shufflevector(v[0], v[1], 0, 2) + __builtin_shufflevector(v[0], v[1], 1, 3);
+}
+template <int W, typename V>
+LPQLD_AI V reduce_rows_w(const V* v) {
+  if constexpr (W == 16) return reduce_rows(v);
+  else if constexpr (W == 8) return reduce_rows8(v);
+  else if constexpr (W == 4) return reduce_rows4(v);
+  else return reduce_rows2(v);
+}
 
 constexpr int64_t kShortRow = 256;  // rows up to this long are reduced W at a time
 
 // (mean, M2) of W consecutive short rows (W <= length <= kShortRow): the same
 // corrected two-pass per row, but the horizontal sums of W rows are done
 // together by reduce_rows. buf holds the W converted rows (16-bit inputs).
-template <In I>
-LPQLD_AI void short_rows_block(const typename Traits<I>::S* __restrict__ x, int64_t length, double inv_n,
-                               typename Traits<I>::T* __restrict__ buf, double* __restrict__ rm,
+template <In I, int B>
+LPQLD_AI void short_rows_block(const typename Traits<I, B>::S* __restrict__ x, int64_t length, double inv_n,
+                               typename Traits<I, B>::T* __restrict__ buf, double* __restrict__ rm,
                                double* __restrict__ rm2) {
-  using Tr = Traits<I>;
+  using Tr = Traits<I, B>;
   using T = typename Tr::T;
   using V = typename Tr::V;
   using M = typename Tr::M;
@@ -281,7 +338,7 @@ LPQLD_AI void short_rows_block(const typename Traits<I>::S* __restrict__ x, int6
     }
     acc[r] = a0 + a1;
   }
-  const V shifts = reduce_rows(acc) * static_cast<T>(inv_n);
+  const V shifts = reduce_rows_w<W>(acc) * static_cast<T>(inv_n);
   V sum1[W], sum2[W];
   for (int r = 0; r < W; ++r) {
     const T* q;
@@ -312,7 +369,7 @@ LPQLD_AI void short_rows_block(const typename Traits<I>::S* __restrict__ x, int6
     sum1[r] = b1 + c1;
     sum2[r] = b2 + c2;
   }
-  const V s1 = reduce_rows(sum1), s2 = reduce_rows(sum2);
+  const V s1 = reduce_rows_w<W>(sum1), s2 = reduce_rows_w<W>(sum2);
   for (int r = 0; r < W; ++r) {
     const double d1 = static_cast<double>(s1[r]), d2 = static_cast<double>(s2[r]);
     rm[r] = static_cast<double>(shifts[r]) + d1 * inv_n;
@@ -321,15 +378,15 @@ LPQLD_AI void short_rows_block(const typename Traits<I>::S* __restrict__ x, int6
 }
 
 // (mean, M2) of a row shorter than one vector: plain two-pass in double.
-template <In I>
-LPQLD_AI void tiny_row_moments(const typename Traits<I>::S* __restrict__ p, int64_t n, double inv_n, double& mean_out,
+template <In I, int B>
+LPQLD_AI void tiny_row_moments(const typename Traits<I, B>::S* __restrict__ p, int64_t n, double inv_n, double& mean_out,
                                double& m2_out) {
   double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(Traits<I>::scalar(p + i));
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(Traits<I, B>::scalar(p + i));
   const double mu = s * inv_n;
   double m2 = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(Traits<I>::scalar(p + i)) - mu;
+    const double d = static_cast<double>(Traits<I, B>::scalar(p + i)) - mu;
     m2 += d * d;
   }
   mean_out = mu;
@@ -337,29 +394,30 @@ LPQLD_AI void tiny_row_moments(const typename Traits<I>::S* __restrict__ p, int6
 }
 
 // (mean, M2) of rows [r0, r1) of length L starting at x; chunks Chan-merged in double.
-template <In I>
-LPQLD_AI void rows_moments(const typename Traits<I>::S* __restrict__ x, int64_t length, int64_t r0, int64_t r1,
+template <In I, int B>
+LPQLD_AI void rows_moments(const typename Traits<I, B>::S* __restrict__ x, int64_t length, int64_t r0, int64_t r1,
                            double* __restrict__ rm, double* __restrict__ rm2) {
-  if (length < Traits<I>::W) {
+  using Tr = Traits<I, B>;
+  if (length < Tr::W) {
     const double inv = 1.0 / static_cast<double>(length);
-    for (int64_t r = r0; r < r1; ++r) tiny_row_moments<I>(x + r * length, length, inv, rm[r], rm2[r]);
+    for (int64_t r = r0; r < r1; ++r) tiny_row_moments<I, B>(x + r * length, length, inv, rm[r], rm2[r]);
     return;
   }
   if (length <= kShortRow) {
-    alignas(64) typename Traits<I>::T sbuf[kShortRow * Traits<I>::W];
+    alignas(64) typename Tr::T sbuf[kShortRow * Tr::W];
     const double inv = 1.0 / static_cast<double>(length);
-    for (; r0 + Traits<I>::W <= r1; r0 += Traits<I>::W)
-      short_rows_block<I>(x + r0 * length, length, inv, sbuf, rm + r0, rm2 + r0);
+    for (; r0 + Tr::W <= r1; r0 += Tr::W)
+      short_rows_block<I, B>(x + r0 * length, length, inv, sbuf, rm + r0, rm2 + r0);
   }
-  alignas(64) typename Traits<I>::T buf[kChunk];
+  alignas(64) typename Tr::T buf[kChunk];
   // Chunks are kChunk long except the last, which is made at least W long by
   // shortening the one before it (every chunk then holds a full vector).
   const int64_t nchunks = (length + kChunk - 1) / kChunk;
   int64_t last = length - (nchunks - 1) * kChunk;  // 1..kChunk
   int64_t before = kChunk;                         // size of the chunk before the last
-  if (nchunks > 1 && last < Traits<I>::W) {
-    before -= Traits<I>::W;
-    last += Traits<I>::W;
+  if (nchunks > 1 && last < Tr::W) {
+    before -= Tr::W;
+    last += Tr::W;
   }
   const double inv_full = 1.0 / static_cast<double>(kChunk);
   const double inv_before = 1.0 / static_cast<double>(before);
@@ -373,7 +431,7 @@ LPQLD_AI void rows_moments(const typename Traits<I>::S* __restrict__ x, int64_t 
       const int64_t n = is_last ? last : (is_before ? before : kChunk);
       const double inv = is_last ? inv_last : (is_before ? inv_before : inv_full);
       double cm, cm2;
-      chunk_moments<I>(row + off, n, inv, buf, cm, cm2);
+      chunk_moments<I, B>(row + off, n, inv, buf, cm, cm2);
       const double nb = static_cast<double>(n);
       if (ci == 0) {
         n_acc = nb; mean_acc = cm; m2_acc = cm2;
@@ -390,19 +448,48 @@ LPQLD_AI void rows_moments(const typename Traits<I>::S* __restrict__ x, int64_t 
   }
 }
 
-// Non-inline, multiversioned entry points (AVX-512 / AVX2 / baseline clones on x86-64 Linux).
-LPQLD_MULTIVERSION void rows_f32(const float* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) {
-  rows_moments<In::F32>(x, L, r0, r1, rm, rm2);
-}
-LPQLD_MULTIVERSION void rows_f64(const double* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) {
-  rows_moments<In::F64>(x, L, r0, r1, rm, rm2);
-}
-LPQLD_MULTIVERSION void rows_f16(const uint16_t* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) {
-  rows_moments<In::F16>(x, L, r0, r1, rm, rm2);
-}
-LPQLD_MULTIVERSION void rows_bf16(const uint16_t* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) {
-  rows_moments<In::BF16>(x, L, r0, r1, rm, rm2);
-}
+// Non-inline entry points. On x86-64 Linux: one version per ISA level, each
+// with the vector width of its registers (AVX-512: 64 bytes, AVX2: 32, baseline
+// SSE2: 16), picked once at first use by the same CPU tests as the ifunc
+// resolver of target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default").
+// Elsewhere: one portable version with the width the compiler targets.
+template <typename S>
+using RowsFn = void (*)(const S*, int64_t, int64_t, int64_t, double*, double*);
+#define LPQLD_ROWS_VERSION(NAME, ATTR, I, B, S)                                                \
+  ATTR [[gnu::noinline]] void NAME(const S* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) { \
+    rows_moments<I, B>(x, L, r0, r1, rm, rm2);                                               \
+  }
+#if LPQLD_MULTIVERSION
+#define LPQLD_ROWS(NAME, I, S)                                                          \
+  LPQLD_ROWS_VERSION(NAME##_v4, LPQLD_TARGET_V4, I, 64, S)                             \
+  LPQLD_ROWS_VERSION(NAME##_v3, LPQLD_TARGET_V3, I, 32, S)                             \
+  LPQLD_ROWS_VERSION(NAME##_base, , I, 16, S)                                         \
+  RowsFn<S> NAME##_pick() {                                                           \
+    __builtin_cpu_init();                                                             \
+    if (__builtin_cpu_supports("x86-64-v4")) return NAME##_v4;                        \
+    if (__builtin_cpu_supports("x86-64-v3")) return NAME##_v3;                        \
+    return NAME##_base;                                                               \
+  }                                                                                   \
+  void NAME(const S* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) { \
+    static const RowsFn<S> fn = NAME##_pick();                                        \
+    fn(x, L, r0, r1, rm, rm2);                                                        \
+  }
+#else
+#if defined(__AVX512F__)
+constexpr int kPortableBytes = 64;
+#elif defined(__AVX__)
+constexpr int kPortableBytes = 32;
+#else
+constexpr int kPortableBytes = 16;
+#endif
+#define LPQLD_ROWS(NAME, I, S) LPQLD_ROWS_VERSION(NAME, , I, kPortableBytes, S)
+#endif
+LPQLD_ROWS(rows_f32, In::F32, float)
+LPQLD_ROWS(rows_f64, In::F64, double)
+LPQLD_ROWS(rows_f16, In::F16, uint16_t)
+LPQLD_ROWS(rows_bf16, In::BF16, uint16_t)
+#undef LPQLD_ROWS
+#undef LPQLD_ROWS_VERSION
 }  // namespace rowk
 
 template <typename scalar_t> struct InOf;
@@ -430,7 +517,7 @@ constexpr int64_t kChannelBlock = 8;       // 8 doubles = one cache line of mean
 template <typename scalar_t>
 void accumulate_impl(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count, const at::Tensor& mean,
                      const at::Tensor& m2) {
-  using Tr = rowk::Traits<InOf<scalar_t>::value>;
+  using Tr = rowk::Traits<InOf<scalar_t>::value, 16>;  // S and scalar() only: any width
   const int64_t n = x.size(0), c = x.size(1), length = x.size(2);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t* lab = labels.const_data_ptr<int64_t>();
