@@ -171,6 +171,97 @@ LPQLD_AI M lane_index() {
   return iota;
 }
 
+// Independent accumulators per sum in a chunk: enough to hide the add / FMA
+// latency (2 x 64-byte vectors on AVX-512, 4 x 32 or 16 bytes elsewhere).
+// Short rows use it too when they hold at least 2 groups of vectors, else 2
+// (4 would leave most of a 49-value row to the leftover code).
+template <int B> constexpr int kAcc = B == 64 ? 2 : 4;
+
+template <int U, typename V>
+LPQLD_AI V tree_sum(const V* a) {
+  if constexpr (U == 2) return a[0] + a[1];
+  else return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
+// Sums x - shift and (x - shift)^2 over the nv full vectors at q, the masked
+// tail vector (tail, tail_mask) if rem, into U accumulator pairs: one
+// accumulator per vector of a group of U, a leftover vector u into pair u,
+// the tail into pair U - 1.
+template <int U, typename V, typename M, typename T>
+LPQLD_AI void shifted_sums(const T* __restrict__ q, int64_t nv, int rem, const V& tail, const M& tail_mask,
+                           T shift, V& s1, V& s2) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  V b1[U], b2[U];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) b1[u] = b2[u] = V{};
+  int64_t v = 0;
+  for (; v + U <= nv; v += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      V x0;
+      std::memcpy(&x0, q + (v + u) * W, sizeof(V));
+      const V d0 = x0 - shift;
+      b1[u] += d0; b2[u] += d0 * d0;
+    }
+  }
+#pragma GCC unroll 4
+  for (int u = 0; u < U - 1; ++u) {
+    if (v < nv) {
+      V x0;
+      std::memcpy(&x0, q + v * W, sizeof(V));
+      const V d0 = x0 - shift;
+      b1[u] += d0; b2[u] += d0 * d0;
+      ++v;
+    }
+  }
+  if (rem) {
+    const V d = tail_mask ? tail - shift : V{};
+    b1[U - 1] += d; b2[U - 1] += d * d;
+  }
+  s1 = tree_sum<U>(b1);
+  s2 = tree_sum<U>(b2);
+}
+
+// Sum of the nv full vectors at p (converted into buf for 16-bit inputs) and
+// of the lanes >= W - rem of the vector ending at p + n (the ragged end, read
+// overlapping; requires n >= W), which is returned in tail.
+template <In I, int B, int U>
+LPQLD_AI typename Traits<I, B>::V plain_sum(const typename Traits<I, B>::S* __restrict__ p, int64_t n, int64_t nv,
+                                            int rem, typename Traits<I, B>::T* __restrict__ buf,
+                                            const typename Traits<I, B>::M& tail_mask,
+                                            typename Traits<I, B>::V& tail) {
+  using Tr = Traits<I, B>;
+  using V = typename Tr::V;
+  constexpr int W = Tr::W;
+  constexpr bool kConvert = !std::is_same_v<typename Tr::S, typename Tr::T>;
+  V a[U];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) a[u] = V{};
+  int64_t v = 0;
+  for (; v + U <= nv; v += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const V x0 = Tr::load(p + (v + u) * W);
+      if constexpr (kConvert) std::memcpy(buf + (v + u) * W, &x0, sizeof(V));
+      a[u] += x0;
+    }
+  }
+#pragma GCC unroll 4
+  for (int u = 0; u < U - 1; ++u) {
+    if (v < nv) {
+      const V x0 = Tr::load(p + v * W);
+      if constexpr (kConvert) std::memcpy(buf + v * W, &x0, sizeof(V));
+      a[u] += x0;
+      ++v;
+    }
+  }
+  if (rem) {
+    tail = Tr::load(p + n - W);  // kept converted by the caller for the second pass
+    a[U - 1] += tail_mask ? tail : V{};
+  }
+  return tree_sum<U>(a);
+}
+
 // (mean, M2) of n (1..kChunk) values at p: corrected two-pass around the
 // chunk mean, all in L1 (16-bit inputs are converted once into buf). inv_n
 // is 1/n. The ragged end is read as the last full vector of the chunk
@@ -186,56 +277,15 @@ LPQLD_AI void chunk_moments(const typename Traits<I, B>::S* __restrict__ p, int6
   constexpr bool kConvert = !std::is_same_v<typename Tr::S, T>;
   const int64_t nv = n / W;
   const int rem = static_cast<int>(n - nv * W);
-  // pass 1: sum (and conversion into buf)
-  V a0 = {}, a1 = {};
-  int64_t v = 0;
-  for (; v + 2 <= nv; v += 2) {
-    const V x0 = Tr::load(p + v * W), x1 = Tr::load(p + (v + 1) * W);
-    if constexpr (kConvert) {
-      std::memcpy(buf + v * W, &x0, sizeof(V));
-      std::memcpy(buf + (v + 1) * W, &x1, sizeof(V));
-    }
-    a0 += x0;
-    a1 += x1;
-  }
-  if (v < nv) {
-    const V x0 = Tr::load(p + v * W);
-    if constexpr (kConvert) std::memcpy(buf + v * W, &x0, sizeof(V));
-    a0 += x0;
-  }
+  const M tail_mask = rem ? lane_index<M, W>() >= (W - rem) : M{};
   V tail = {};
-  M tail_mask = {};
-  if (rem) {
-    tail = Tr::load(p + n - W);  // n >= W here (callers take tiny rows elsewhere)
-    tail_mask = lane_index<M, W>() >= (W - rem);
-    a1 += tail_mask ? tail : V{};
-  }
-  const T shift = hsum(a0 + a1) * static_cast<T>(inv_n);
-  // pass 2: shifted sum and sum of squares
+  const T shift = hsum(plain_sum<I, B, kAcc<B>>(p, n, nv, rem, buf, tail_mask, tail)) * static_cast<T>(inv_n);
   const T* q;
   if constexpr (kConvert) q = buf; else q = p;
-  V b1 = {}, b2 = {}, c1 = {}, c2 = {};
-  v = 0;
-  for (; v + 2 <= nv; v += 2) {
-    V x0, x1;
-    std::memcpy(&x0, q + v * W, sizeof(V));
-    std::memcpy(&x1, q + (v + 1) * W, sizeof(V));
-    const V d0 = x0 - shift, d1 = x1 - shift;
-    b1 += d0; b2 += d0 * d0;
-    c1 += d1; c2 += d1 * d1;
-  }
-  if (v < nv) {
-    V x0;
-    std::memcpy(&x0, q + v * W, sizeof(V));
-    const V d0 = x0 - shift;
-    b1 += d0; b2 += d0 * d0;
-  }
-  if (rem) {
-    const V d = tail_mask ? tail - shift : V{};
-    c1 += d; c2 += d * d;
-  }
-  const double s1 = static_cast<double>(hsum(b1 + c1));
-  const double s2 = static_cast<double>(hsum(b2 + c2));
+  V s1v, s2v;
+  shifted_sums<kAcc<B>>(q, nv, rem, tail, tail_mask, shift, s1v, s2v);
+  const double s1 = static_cast<double>(hsum(s1v));
+  const double s2 = static_cast<double>(hsum(s2v));
   mean_out = static_cast<double>(shift) + s1 * inv_n;
   m2_out = std::max(0.0, s2 - s1 * s1 * inv_n);
 }
@@ -299,10 +349,10 @@ constexpr int64_t kShortRow = 256;  // rows up to this long are reduced W at a t
 // (mean, M2) of W consecutive short rows (W <= length <= kShortRow): the same
 // corrected two-pass per row, but the horizontal sums of W rows are done
 // together by reduce_rows. buf holds the W converted rows (16-bit inputs).
-template <In I, int B>
-LPQLD_AI void short_rows_block(const typename Traits<I, B>::S* __restrict__ x, int64_t length, double inv_n,
-                               typename Traits<I, B>::T* __restrict__ buf, double* __restrict__ rm,
-                               double* __restrict__ rm2) {
+template <In I, int B, int U>
+LPQLD_AI void short_rows_block_u(const typename Traits<I, B>::S* __restrict__ x, int64_t length, double inv_n,
+                                 typename Traits<I, B>::T* __restrict__ buf, double* __restrict__ rm,
+                                 double* __restrict__ rm2) {
   using Tr = Traits<I, B>;
   using T = typename Tr::T;
   using V = typename Tr::V;
@@ -312,62 +362,18 @@ LPQLD_AI void short_rows_block(const typename Traits<I, B>::S* __restrict__ x, i
   const int64_t nv = length / W;  // >= 1
   const int rem = static_cast<int>(length - nv * W);
   const M tail_mask = lane_index<M, W>() >= (W - rem);
-  V acc[W];
+  V acc[W], tails[W];
   for (int r = 0; r < W; ++r) {
-    const auto* p = x + r * length;
-    V a0 = {}, a1 = {};
-    int64_t v = 0;
-    for (; v + 2 <= nv; v += 2) {
-      const V x0 = Tr::load(p + v * W), x1 = Tr::load(p + (v + 1) * W);
-      if constexpr (kConvert) {
-        std::memcpy(buf + r * length + v * W, &x0, sizeof(V));
-        std::memcpy(buf + r * length + (v + 1) * W, &x1, sizeof(V));
-      }
-      a0 += x0;
-      a1 += x1;
-    }
-    if (v < nv) {
-      const V x0 = Tr::load(p + v * W);
-      if constexpr (kConvert) std::memcpy(buf + r * length + v * W, &x0, sizeof(V));
-      a0 += x0;
-    }
-    if (rem) {
-      const V t = Tr::load(p + length - W);
-      if constexpr (kConvert) std::memcpy(buf + r * length + length - W, &t, sizeof(V));
-      a1 += tail_mask ? t : V{};
-    }
-    acc[r] = a0 + a1;
+    T* rbuf = nullptr;
+    if constexpr (kConvert) rbuf = buf + r * length;
+    acc[r] = plain_sum<I, B, U>(x + r * length, length, nv, rem, rbuf, tail_mask, tails[r]);
   }
   const V shifts = reduce_rows_w<W>(acc) * static_cast<T>(inv_n);
   V sum1[W], sum2[W];
   for (int r = 0; r < W; ++r) {
     const T* q;
     if constexpr (kConvert) q = buf + r * length; else q = x + r * length;
-    const T shift = shifts[r];
-    V b1 = {}, b2 = {}, c1 = {}, c2 = {};
-    int64_t v = 0;
-    for (; v + 2 <= nv; v += 2) {
-      V x0, x1;
-      std::memcpy(&x0, q + v * W, sizeof(V));
-      std::memcpy(&x1, q + (v + 1) * W, sizeof(V));
-      const V d0 = x0 - shift, d1 = x1 - shift;
-      b1 += d0; b2 += d0 * d0;
-      c1 += d1; c2 += d1 * d1;
-    }
-    if (v < nv) {
-      V x0;
-      std::memcpy(&x0, q + v * W, sizeof(V));
-      const V d0 = x0 - shift;
-      b1 += d0; b2 += d0 * d0;
-    }
-    if (rem) {
-      V t;
-      std::memcpy(&t, q + length - W, sizeof(V));
-      const V d = tail_mask ? t - shift : V{};
-      c1 += d; c2 += d * d;
-    }
-    sum1[r] = b1 + c1;
-    sum2[r] = b2 + c2;
+    shifted_sums<U>(q, nv, rem, tails[r], tail_mask, static_cast<T>(shifts[r]), sum1[r], sum2[r]);
   }
   const V s1 = reduce_rows_w<W>(sum1), s2 = reduce_rows_w<W>(sum2);
   for (int r = 0; r < W; ++r) {
@@ -375,6 +381,16 @@ LPQLD_AI void short_rows_block(const typename Traits<I, B>::S* __restrict__ x, i
     rm[r] = static_cast<double>(shifts[r]) + d1 * inv_n;
     rm2[r] = std::max(0.0, d2 - d1 * d1 * inv_n);
   }
+}
+template <In I, int B>
+LPQLD_AI void short_rows_block(const typename Traits<I, B>::S* __restrict__ x, int64_t length, double inv_n,
+                               typename Traits<I, B>::T* __restrict__ buf, double* __restrict__ rm,
+                               double* __restrict__ rm2) {
+  constexpr int U = kAcc<B>;
+  if constexpr (U > 2) {
+    if (length < 2 * U * Traits<I, B>::W) return short_rows_block_u<I, B, 2>(x, length, inv_n, buf, rm, rm2);
+  }
+  short_rows_block_u<I, B, U>(x, length, inv_n, buf, rm, rm2);
 }
 
 // (mean, M2) of a row shorter than one vector: plain two-pass in double.
