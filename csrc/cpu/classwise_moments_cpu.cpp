@@ -9,8 +9,10 @@
 // double. Rows of at most kShortRow values are done W (vector width) rows at
 // a time so that their horizontal sums share one transposing reduction.
 // x is read once from DRAM. The hot loops use GCC vector extensions
-// and are compiled for AVX-512, AVX2 and baseline x86-64 (function
-// multiversioning picks one at load time); elsewhere they stay portable.
+// and are compiled for AVX-512, AVX2 and baseline x86-64, each with the
+// vector width of its registers (64, 32, 16 bytes: a wider generic vector is
+// kept in memory, not registers) and one version picked at first use;
+// elsewhere they stay portable.
 // Phase 2: a serial O(N) walk gives every sample the count of its class
 // before it, as Chan weights, and updates count; then threads own blocks of
 // channels and each walks the samples in order, Chan-merging row stats into
