@@ -9,8 +9,10 @@
 // double. Rows of at most kShortRow values are done W (vector width) rows at
 // a time so that their horizontal sums share one transposing reduction.
 // x is read once from DRAM. The hot loops use GCC vector extensions
-// and are compiled for AVX-512, AVX2 and baseline x86-64 (function
-// multiversioning picks one at load time); elsewhere they stay portable.
+// and are compiled for AVX-512, AVX2 and baseline x86-64, each with the
+// vector width of its registers (64, 32, 16 bytes: a wider generic vector is
+// kept in memory, not registers) and one version picked at first use;
+// elsewhere they stay portable.
 // Phase 2: a serial O(N) walk gives every sample the count of its class
 // before it, as Chan weights, and updates count; then threads own blocks of
 // channels and each walks the samples in order, Chan-merging row stats into
@@ -42,21 +44,38 @@ void check_classwise_moments_args(const at::Tensor& x, const at::Tensor& labels,
 namespace {
 
 #define LPQLD_AI [[gnu::always_inline]] inline
+// Explicit multiversioning: each ISA level gets its own vector width, because
+// a generic vector wider than the hardware's registers is not kept in
+// registers by GCC (the 64-byte accumulators of the AVX2 clone lived on the
+// stack, a load-add-store chain per vector: 4-12x one read pass).
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(LPQLD_NO_MULTIVERSION)
-#define LPQLD_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define LPQLD_MULTIVERSION 1
+#define LPQLD_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+#define LPQLD_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
 #else
-#define LPQLD_MULTIVERSION
+#define LPQLD_MULTIVERSION 0
 #endif
 
 namespace rowk {
 constexpr int64_t kChunk = 1024;  // elements per L1-resident chunk
 
-typedef float vf __attribute__((vector_size(64)));
-typedef double vd __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef int64_t vl __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
+// Generic vectors of B bytes (64: AVX-512, 32: AVX2, 16: SSE2 / NEON).
+template <int B> struct Vec;
+#define LPQLD_VEC(B)                                            \
+  template <> struct Vec<B> {                                   \
+    typedef float f __attribute__((vector_size(B)));            \
+    typedef double d __attribute__((vector_size(B)));           \
+    typedef int32_t i __attribute__((vector_size(B)));          \
+    typedef uint32_t u __attribute__((vector_size(B)));         \
+    typedef int64_t l __attribute__((vector_size(B)));          \
+    typedef uint16_t h __attribute__((vector_size(B / 2)));     \
+  };
+LPQLD_VEC(64)
+LPQLD_VEC(32)
+LPQLD_VEC(16)
+#undef LPQLD_VEC
+typedef Vec<64>::f vf;
+typedef Vec<64>::d vd;
 
 enum class In { F32, F64, F16, BF16 };
 
@@ -73,28 +92,37 @@ LPQLD_AI float half_to_float(uint16_t h) {
   return std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | sign);
 }
 
-template <In I> struct Traits;
-template <> struct Traits<In::F32> {
-  using S = float; using T = float; using V = vf; using M = vi; static constexpr int W = 16;
+template <In I, int B> struct Traits;
+template <int B> struct Traits<In::F32, B> {
+  using S = float; using T = float; using V = typename Vec<B>::f; using M = typename Vec<B>::i;
+  static constexpr int W = B / 4;
   LPQLD_AI static V load(const S* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
   LPQLD_AI static T scalar(const S* p) { return *p; }
 };
-template <> struct Traits<In::F64> {
-  using S = double; using T = double; using V = vd; using M = vl; static constexpr int W = 8;
+template <int B> struct Traits<In::F64, B> {
+  using S = double; using T = double; using V = typename Vec<B>::d; using M = typename Vec<B>::l;
+  static constexpr int W = B / 8;
   LPQLD_AI static V load(const S* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
   LPQLD_AI static T scalar(const S* p) { return *p; }
 };
-template <> struct Traits<In::BF16> {
-  using S = uint16_t; using T = float; using V = vf; using M = vi; static constexpr int W = 16;
+template <int B> struct Traits<In::BF16, B> {
+  using S = uint16_t; using T = float; using V = typename Vec<B>::f; using M = typename Vec<B>::i;
+  static constexpr int W = B / 4;
   LPQLD_AI static V load(const S* p) {
+    using vh = typename Vec<B>::h;
+    using vu = typename Vec<B>::u;
     vh h; std::memcpy(&h, p, sizeof(vh));
     return reinterpret_cast<V>(__builtin_convertvector(h, vu) << 16);
   }
   LPQLD_AI static T scalar(const S* p) { S h; std::memcpy(&h, p, sizeof(S)); return bf16_to_float(h); }
 };
-template <> struct Traits<In::F16> {
-  using S = uint16_t; using T = float; using V = vf; using M = vi; static constexpr int W = 16;
+template <int B> struct Traits<In::F16, B> {
+  using S = uint16_t; using T = float; using V = typename Vec<B>::f; using M = typename Vec<B>::i;
+  static constexpr int W = B / 4;
   LPQLD_AI static V load(const S* p) {
+    using vh = typename Vec<B>::h;
+    using vu = typename Vec<B>::u;
+    using vf = V;
     vh h; std::memcpy(&h, p, sizeof(vh));
     const vu u = __builtin_convertvector(h, vu);
     const vu sign = (u & 0x8000u) << 16;
@@ -126,6 +154,16 @@ LPQLD_AI double hsum(const vd& v) {
   const vd2 b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
   return b[0] + b[1];
 }
+LPQLD_AI float hsum(const vf8& v) {
+  const vf4 b = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+LPQLD_AI float hsum(const vf4& v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+LPQLD_AI double hsum(const vd4& v) {
+  const vd2 b = __builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3);
+  return b[0] + b[1];
+}
+LPQLD_AI double hsum(const vd2& v) { return v[0] + v[1]; }
 
 template <typename M, int W>
 LPQLD_AI M lane_index() {
@@ -135,14 +173,105 @@ LPQLD_AI M lane_index() {
   return iota;
 }
 
+// Independent accumulators per sum in a chunk: enough to hide the add / FMA
+// latency (2 x 64-byte vectors on AVX-512, 4 x 32 or 16 bytes elsewhere).
+// Short rows use it too when they hold at least 2 groups of vectors, else 2
+// (4 would leave most of a 49-value row to the leftover code).
+template <int B> constexpr int kAcc = B == 64 ? 2 : 4;
+
+template <int U, typename V>
+LPQLD_AI V tree_sum(const V* a) {
+  if constexpr (U == 2) return a[0] + a[1];
+  else return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
+// Sums x - shift and (x - shift)^2 over the nv full vectors at q, the masked
+// tail vector (tail, tail_mask) if rem, into U accumulator pairs: one
+// accumulator per vector of a group of U, a leftover vector u into pair u,
+// the tail into pair U - 1.
+template <int U, typename V, typename M, typename T>
+LPQLD_AI void shifted_sums(const T* __restrict__ q, int64_t nv, int rem, const V& tail, const M& tail_mask,
+                           T shift, V& s1, V& s2) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  V b1[U], b2[U];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) b1[u] = b2[u] = V{};
+  int64_t v = 0;
+  for (; v + U <= nv; v += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      V x0;
+      std::memcpy(&x0, q + (v + u) * W, sizeof(V));
+      const V d0 = x0 - shift;
+      b1[u] += d0; b2[u] += d0 * d0;
+    }
+  }
+#pragma GCC unroll 4
+  for (int u = 0; u < U - 1; ++u) {
+    if (v < nv) {
+      V x0;
+      std::memcpy(&x0, q + v * W, sizeof(V));
+      const V d0 = x0 - shift;
+      b1[u] += d0; b2[u] += d0 * d0;
+      ++v;
+    }
+  }
+  if (rem) {
+    const V d = tail_mask ? tail - shift : V{};
+    b1[U - 1] += d; b2[U - 1] += d * d;
+  }
+  s1 = tree_sum<U>(b1);
+  s2 = tree_sum<U>(b2);
+}
+
+// Sum of the nv full vectors at p (converted into buf for 16-bit inputs) and
+// of the lanes >= W - rem of the vector ending at p + n (the ragged end, read
+// overlapping; requires n >= W), which is returned in tail.
+template <In I, int B, int U>
+LPQLD_AI typename Traits<I, B>::V plain_sum(const typename Traits<I, B>::S* __restrict__ p, int64_t n, int64_t nv,
+                                            int rem, typename Traits<I, B>::T* __restrict__ buf,
+                                            const typename Traits<I, B>::M& tail_mask,
+                                            typename Traits<I, B>::V& tail) {
+  using Tr = Traits<I, B>;
+  using V = typename Tr::V;
+  constexpr int W = Tr::W;
+  constexpr bool kConvert = !std::is_same_v<typename Tr::S, typename Tr::T>;
+  V a[U];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) a[u] = V{};
+  int64_t v = 0;
+  for (; v + U <= nv; v += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const V x0 = Tr::load(p + (v + u) * W);
+      if constexpr (kConvert) std::memcpy(buf + (v + u) * W, &x0, sizeof(V));
+      a[u] += x0;
+    }
+  }
+#pragma GCC unroll 4
+  for (int u = 0; u < U - 1; ++u) {
+    if (v < nv) {
+      const V x0 = Tr::load(p + v * W);
+      if constexpr (kConvert) std::memcpy(buf + v * W, &x0, sizeof(V));
+      a[u] += x0;
+      ++v;
+    }
+  }
+  if (rem) {
+    tail = Tr::load(p + n - W);  // kept converted by the caller for the second pass
+    a[U - 1] += tail_mask ? tail : V{};
+  }
+  return tree_sum<U>(a);
+}
+
 // (mean, M2) of n (1..kChunk) values at p: corrected two-pass around the
 // chunk mean, all in L1 (16-bit inputs are converted once into buf). inv_n
 // is 1/n. The ragged end is read as the last full vector of the chunk
 // (overlapping, lanes masked); requires n >= W.
-template <In I>
-LPQLD_AI void chunk_moments(const typename Traits<I>::S* __restrict__ p, int64_t n, double inv_n,
-                            typename Traits<I>::T* __restrict__ buf, double& mean_out, double& m2_out) {
-  using Tr = Traits<I>;
+template <In I, int B>
+LPQLD_AI void chunk_moments(const typename Traits<I, B>::S* __restrict__ p, int64_t n, double inv_n,
+                            typename Traits<I, B>::T* __restrict__ buf, double& mean_out, double& m2_out) {
+  using Tr = Traits<I, B>;
   using T = typename Tr::T;
   using V = typename Tr::V;
   using M = typename Tr::M;
@@ -150,56 +279,15 @@ LPQLD_AI void chunk_moments(const typename Traits<I>::S* __restrict__ p, int64_t
   constexpr bool kConvert = !std::is_same_v<typename Tr::S, T>;
   const int64_t nv = n / W;
   const int rem = static_cast<int>(n - nv * W);
-  // pass 1: sum (and conversion into buf)
-  V a0 = {}, a1 = {};
-  int64_t v = 0;
-  for (; v + 2 <= nv; v += 2) {
-    const V x0 = Tr::load(p + v * W), x1 = Tr::load(p + (v + 1) * W);
-    if constexpr (kConvert) {
-      std::memcpy(buf + v * W, &x0, sizeof(V));
-      std::memcpy(buf + (v + 1) * W, &x1, sizeof(V));
-    }
-    a0 += x0;
-    a1 += x1;
-  }
-  if (v < nv) {
-    const V x0 = Tr::load(p + v * W);
-    if constexpr (kConvert) std::memcpy(buf + v * W, &x0, sizeof(V));
-    a0 += x0;
-  }
+  const M tail_mask = rem ? lane_index<M, W>() >= (W - rem) : M{};
   V tail = {};
-  M tail_mask = {};
-  if (rem) {
-    tail = Tr::load(p + n - W);  // n >= W here (callers take tiny rows elsewhere)
-    tail_mask = lane_index<M, W>() >= (W - rem);
-    a1 += tail_mask ? tail : V{};
-  }
-  const T shift = hsum(a0 + a1) * static_cast<T>(inv_n);
-  // pass 2: shifted sum and sum of squares
+  const T shift = hsum(plain_sum<I, B, kAcc<B>>(p, n, nv, rem, buf, tail_mask, tail)) * static_cast<T>(inv_n);
   const T* q;
   if constexpr (kConvert) q = buf; else q = p;
-  V b1 = {}, b2 = {}, c1 = {}, c2 = {};
-  v = 0;
-  for (; v + 2 <= nv; v += 2) {
-    V x0, x1;
-    std::memcpy(&x0, q + v * W, sizeof(V));
-    std::memcpy(&x1, q + (v + 1) * W, sizeof(V));
-    const V d0 = x0 - shift, d1 = x1 - shift;
-    b1 += d0; b2 += d0 * d0;
-    c1 += d1; c2 += d1 * d1;
-  }
-  if (v < nv) {
-    V x0;
-    std::memcpy(&x0, q + v * W, sizeof(V));
-    const V d0 = x0 - shift;
-    b1 += d0; b2 += d0 * d0;
-  }
-  if (rem) {
-    const V d = tail_mask ? tail - shift : V{};
-    c1 += d; c2 += d * d;
-  }
-  const double s1 = static_cast<double>(hsum(b1 + c1));
-  const double s2 = static_cast<double>(hsum(b2 + c2));
+  V s1v, s2v;
+  shifted_sums<kAcc<B>>(q, nv, rem, tail, tail_mask, shift, s1v, s2v);
+  const double s1 = static_cast<double>(hsum(s1v));
+  const double s2 = static_cast<double>(hsum(s2v));
   mean_out = static_cast<double>(shift) + s1 * inv_n;
   m2_out = std::max(0.0, s2 - s1 * s1 * inv_n);
 }
@@ -223,8 +311,9 @@ LPQLD_AI vf reduce_rows(const vf* v) {
   return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
-LPQLD_AI vd reduce_rows(const vd* v) {
-  vd a[4], b[2];
+template <typename V>  // 8 lanes (vd, vf8)
+LPQLD_AI V reduce_rows8(const V* v) {
+  V a[4], b[2];
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i)
     a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
@@ -236,17 +325,37 @@ LPQLD_AI vd reduce_rows(const vd* v) {
   return __builtin_shufflevector(b[0], b[1], 0, 2, 4, 6, 8, 10, 12, 14) +
          __builtin_shufflevector(b[0], b[1], 1, 3, 5, 7, 9, 11, 13, 15);
 }
+template <typename V>  // 4 lanes (vd4, vf4)
+LPQLD_AI V reduce_rows4(const V* v) {
+  V a[2];
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 4, 5) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 6, 7);
+  return __builtin_shufflevector(a[0], a[1], 0, 2, 4, 6) + __builtin_shufflevector(a[0], a[1], 1, 3, 5, 7);
+}
+template <typename V>  // 2 lanes (vd2)
+LPQLD_AI V reduce_rows2(const V* v) {
+  return __builtin_shufflevector(v[0], v[1], 0, 2) + __builtin_shufflevector(v[0], v[1], 1, 3);
+}
+template <int W, typename V>
+LPQLD_AI V reduce_rows_w(const V* v) {
+  if constexpr (W == 16) return reduce_rows(v);
+  else if constexpr (W == 8) return reduce_rows8(v);
+  else if constexpr (W == 4) return reduce_rows4(v);
+  else return reduce_rows2(v);
+}
 
 constexpr int64_t kShortRow = 256;  // rows up to this long are reduced W at a time
 
 // (mean, M2) of W consecutive short rows (W <= length <= kShortRow): the same
 // corrected two-pass per row, but the horizontal sums of W rows are done
 // together by reduce_rows. buf holds the W converted rows (16-bit inputs).
-template <In I>
-LPQLD_AI void short_rows_block(const typename Traits<I>::S* __restrict__ x, int64_t length, double inv_n,
-                               typename Traits<I>::T* __restrict__ buf, double* __restrict__ rm,
-                               double* __restrict__ rm2) {
-  using Tr = Traits<I>;
+template <In I, int B, int U>
+LPQLD_AI void short_rows_block_u(const typename Traits<I, B>::S* __restrict__ x, int64_t length, double inv_n,
+                                 typename Traits<I, B>::T* __restrict__ buf, double* __restrict__ rm,
+                                 double* __restrict__ rm2) {
+  using Tr = Traits<I, B>;
   using T = typename Tr::T;
   using V = typename Tr::V;
   using M = typename Tr::M;
@@ -255,81 +364,47 @@ LPQLD_AI void short_rows_block(const typename Traits<I>::S* __restrict__ x, int6
   const int64_t nv = length / W;  // >= 1
   const int rem = static_cast<int>(length - nv * W);
   const M tail_mask = lane_index<M, W>() >= (W - rem);
-  V acc[W];
+  V acc[W], tails[W];
   for (int r = 0; r < W; ++r) {
-    const auto* p = x + r * length;
-    V a0 = {}, a1 = {};
-    int64_t v = 0;
-    for (; v + 2 <= nv; v += 2) {
-      const V x0 = Tr::load(p + v * W), x1 = Tr::load(p + (v + 1) * W);
-      if constexpr (kConvert) {
-        std::memcpy(buf + r * length + v * W, &x0, sizeof(V));
-        std::memcpy(buf + r * length + (v + 1) * W, &x1, sizeof(V));
-      }
-      a0 += x0;
-      a1 += x1;
-    }
-    if (v < nv) {
-      const V x0 = Tr::load(p + v * W);
-      if constexpr (kConvert) std::memcpy(buf + r * length + v * W, &x0, sizeof(V));
-      a0 += x0;
-    }
-    if (rem) {
-      const V t = Tr::load(p + length - W);
-      if constexpr (kConvert) std::memcpy(buf + r * length + length - W, &t, sizeof(V));
-      a1 += tail_mask ? t : V{};
-    }
-    acc[r] = a0 + a1;
+    T* rbuf = nullptr;
+    if constexpr (kConvert) rbuf = buf + r * length;
+    acc[r] = plain_sum<I, B, U>(x + r * length, length, nv, rem, rbuf, tail_mask, tails[r]);
   }
-  const V shifts = reduce_rows(acc) * static_cast<T>(inv_n);
+  const V shifts = reduce_rows_w<W>(acc) * static_cast<T>(inv_n);
   V sum1[W], sum2[W];
   for (int r = 0; r < W; ++r) {
     const T* q;
     if constexpr (kConvert) q = buf + r * length; else q = x + r * length;
-    const T shift = shifts[r];
-    V b1 = {}, b2 = {}, c1 = {}, c2 = {};
-    int64_t v = 0;
-    for (; v + 2 <= nv; v += 2) {
-      V x0, x1;
-      std::memcpy(&x0, q + v * W, sizeof(V));
-      std::memcpy(&x1, q + (v + 1) * W, sizeof(V));
-      const V d0 = x0 - shift, d1 = x1 - shift;
-      b1 += d0; b2 += d0 * d0;
-      c1 += d1; c2 += d1 * d1;
-    }
-    if (v < nv) {
-      V x0;
-      std::memcpy(&x0, q + v * W, sizeof(V));
-      const V d0 = x0 - shift;
-      b1 += d0; b2 += d0 * d0;
-    }
-    if (rem) {
-      V t;
-      std::memcpy(&t, q + length - W, sizeof(V));
-      const V d = tail_mask ? t - shift : V{};
-      c1 += d; c2 += d * d;
-    }
-    sum1[r] = b1 + c1;
-    sum2[r] = b2 + c2;
+    shifted_sums<U>(q, nv, rem, tails[r], tail_mask, static_cast<T>(shifts[r]), sum1[r], sum2[r]);
   }
-  const V s1 = reduce_rows(sum1), s2 = reduce_rows(sum2);
+  const V s1 = reduce_rows_w<W>(sum1), s2 = reduce_rows_w<W>(sum2);
   for (int r = 0; r < W; ++r) {
     const double d1 = static_cast<double>(s1[r]), d2 = static_cast<double>(s2[r]);
     rm[r] = static_cast<double>(shifts[r]) + d1 * inv_n;
     rm2[r] = std::max(0.0, d2 - d1 * d1 * inv_n);
   }
 }
+template <In I, int B>
+LPQLD_AI void short_rows_block(const typename Traits<I, B>::S* __restrict__ x, int64_t length, double inv_n,
+                               typename Traits<I, B>::T* __restrict__ buf, double* __restrict__ rm,
+                               double* __restrict__ rm2) {
+  constexpr int U = kAcc<B>;
+  if constexpr (U > 2) {
+    if (length < 2 * U * Traits<I, B>::W) return short_rows_block_u<I, B, 2>(x, length, inv_n, buf, rm, rm2);
+  }
+  short_rows_block_u<I, B, U>(x, length, inv_n, buf, rm, rm2);
+}
 
 // (mean, M2) of a row shorter than one vector: plain two-pass in double.
-template <In I>
-LPQLD_AI void tiny_row_moments(const typename Traits<I>::S* __restrict__ p, int64_t n, double inv_n, double& mean_out,
+template <In I, int B>
+LPQLD_AI void tiny_row_moments(const typename Traits<I, B>::S* __restrict__ p, int64_t n, double inv_n, double& mean_out,
                                double& m2_out) {
   double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(Traits<I>::scalar(p + i));
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(Traits<I, B>::scalar(p + i));
   const double mu = s * inv_n;
   double m2 = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(Traits<I>::scalar(p + i)) - mu;
+    const double d = static_cast<double>(Traits<I, B>::scalar(p + i)) - mu;
     m2 += d * d;
   }
   mean_out = mu;
@@ -337,29 +412,30 @@ LPQLD_AI void tiny_row_moments(const typename Traits<I>::S* __restrict__ p, int6
 }
 
 // (mean, M2) of rows [r0, r1) of length L starting at x; chunks Chan-merged in double.
-template <In I>
-LPQLD_AI void rows_moments(const typename Traits<I>::S* __restrict__ x, int64_t length, int64_t r0, int64_t r1,
+template <In I, int B>
+LPQLD_AI void rows_moments(const typename Traits<I, B>::S* __restrict__ x, int64_t length, int64_t r0, int64_t r1,
                            double* __restrict__ rm, double* __restrict__ rm2) {
-  if (length < Traits<I>::W) {
+  using Tr = Traits<I, B>;
+  if (length < Tr::W) {
     const double inv = 1.0 / static_cast<double>(length);
-    for (int64_t r = r0; r < r1; ++r) tiny_row_moments<I>(x + r * length, length, inv, rm[r], rm2[r]);
+    for (int64_t r = r0; r < r1; ++r) tiny_row_moments<I, B>(x + r * length, length, inv, rm[r], rm2[r]);
     return;
   }
   if (length <= kShortRow) {
-    alignas(64) typename Traits<I>::T sbuf[kShortRow * Traits<I>::W];
+    alignas(64) typename Tr::T sbuf[kShortRow * Tr::W];
     const double inv = 1.0 / static_cast<double>(length);
-    for (; r0 + Traits<I>::W <= r1; r0 += Traits<I>::W)
-      short_rows_block<I>(x + r0 * length, length, inv, sbuf, rm + r0, rm2 + r0);
+    for (; r0 + Tr::W <= r1; r0 += Tr::W)
+      short_rows_block<I, B>(x + r0 * length, length, inv, sbuf, rm + r0, rm2 + r0);
   }
-  alignas(64) typename Traits<I>::T buf[kChunk];
+  alignas(64) typename Tr::T buf[kChunk];
   // Chunks are kChunk long except the last, which is made at least W long by
   // shortening the one before it (every chunk then holds a full vector).
   const int64_t nchunks = (length + kChunk - 1) / kChunk;
   int64_t last = length - (nchunks - 1) * kChunk;  // 1..kChunk
   int64_t before = kChunk;                         // size of the chunk before the last
-  if (nchunks > 1 && last < Traits<I>::W) {
-    before -= Traits<I>::W;
-    last += Traits<I>::W;
+  if (nchunks > 1 && last < Tr::W) {
+    before -= Tr::W;
+    last += Tr::W;
   }
   const double inv_full = 1.0 / static_cast<double>(kChunk);
   const double inv_before = 1.0 / static_cast<double>(before);
@@ -373,7 +449,7 @@ LPQLD_AI void rows_moments(const typename Traits<I>::S* __restrict__ x, int64_t 
       const int64_t n = is_last ? last : (is_before ? before : kChunk);
       const double inv = is_last ? inv_last : (is_before ? inv_before : inv_full);
       double cm, cm2;
-      chunk_moments<I>(row + off, n, inv, buf, cm, cm2);
+      chunk_moments<I, B>(row + off, n, inv, buf, cm, cm2);
       const double nb = static_cast<double>(n);
       if (ci == 0) {
         n_acc = nb; mean_acc = cm; m2_acc = cm2;
@@ -390,19 +466,48 @@ LPQLD_AI void rows_moments(const typename Traits<I>::S* __restrict__ x, int64_t 
   }
 }
 
-// Non-inline, multiversioned entry points (AVX-512 / AVX2 / baseline clones on x86-64 Linux).
-LPQLD_MULTIVERSION void rows_f32(const float* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) {
-  rows_moments<In::F32>(x, L, r0, r1, rm, rm2);
-}
-LPQLD_MULTIVERSION void rows_f64(const double* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) {
-  rows_moments<In::F64>(x, L, r0, r1, rm, rm2);
-}
-LPQLD_MULTIVERSION void rows_f16(const uint16_t* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) {
-  rows_moments<In::F16>(x, L, r0, r1, rm, rm2);
-}
-LPQLD_MULTIVERSION void rows_bf16(const uint16_t* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) {
-  rows_moments<In::BF16>(x, L, r0, r1, rm, rm2);
-}
+// Non-inline entry points. On x86-64 Linux: one version per ISA level, each
+// with the vector width of its registers (AVX-512: 64 bytes, AVX2: 32, baseline
+// SSE2: 16), picked once at first use by the same CPU tests as the ifunc
+// resolver of target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default").
+// Elsewhere: one portable version with the width the compiler targets.
+template <typename S>
+using RowsFn = void (*)(const S*, int64_t, int64_t, int64_t, double*, double*);
+#define LPQLD_ROWS_VERSION(NAME, ATTR, I, B, S)                                                \
+  ATTR [[gnu::noinline]] void NAME(const S* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) { \
+    rows_moments<I, B>(x, L, r0, r1, rm, rm2);                                               \
+  }
+#if LPQLD_MULTIVERSION
+#define LPQLD_ROWS(NAME, I, S)                                                          \
+  LPQLD_ROWS_VERSION(NAME##_v4, LPQLD_TARGET_V4, I, 64, S)                             \
+  LPQLD_ROWS_VERSION(NAME##_v3, LPQLD_TARGET_V3, I, 32, S)                             \
+  LPQLD_ROWS_VERSION(NAME##_base, , I, 16, S)                                         \
+  RowsFn<S> NAME##_pick() {                                                           \
+    __builtin_cpu_init();                                                             \
+    if (__builtin_cpu_supports("x86-64-v4")) return NAME##_v4;                        \
+    if (__builtin_cpu_supports("x86-64-v3")) return NAME##_v3;                        \
+    return NAME##_base;                                                               \
+  }                                                                                   \
+  void NAME(const S* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2) { \
+    static const RowsFn<S> fn = NAME##_pick();                                        \
+    fn(x, L, r0, r1, rm, rm2);                                                        \
+  }
+#else
+#if defined(__AVX512F__)
+constexpr int kPortableBytes = 64;
+#elif defined(__AVX__)
+constexpr int kPortableBytes = 32;
+#else
+constexpr int kPortableBytes = 16;
+#endif
+#define LPQLD_ROWS(NAME, I, S) LPQLD_ROWS_VERSION(NAME, , I, kPortableBytes, S)
+#endif
+LPQLD_ROWS(rows_f32, In::F32, float)
+LPQLD_ROWS(rows_f64, In::F64, double)
+LPQLD_ROWS(rows_f16, In::F16, uint16_t)
+LPQLD_ROWS(rows_bf16, In::BF16, uint16_t)
+#undef LPQLD_ROWS
+#undef LPQLD_ROWS_VERSION
 }  // namespace rowk
 
 template <typename scalar_t> struct InOf;
@@ -430,7 +535,7 @@ constexpr int64_t kChannelBlock = 8;       // 8 doubles = one cache line of mean
 template <typename scalar_t>
 void accumulate_impl(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count, const at::Tensor& mean,
                      const at::Tensor& m2) {
-  using Tr = rowk::Traits<InOf<scalar_t>::value>;
+  using Tr = rowk::Traits<InOf<scalar_t>::value, 16>;  // S and scalar() only: any width
   const int64_t n = x.size(0), c = x.size(1), length = x.size(2);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t* lab = labels.const_data_ptr<int64_t>();
