@@ -48,7 +48,10 @@ namespace {
 // a generic vector wider than the hardware's registers is not kept in
 // registers by GCC (the 64-byte accumulators of the AVX2 clone lived on the
 // stack, a load-add-store chain per vector: 4-12x one read pass).
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(LPQLD_NO_MULTIVERSION)
+// __builtin_cpu_supports("x86-64-v3"/"x86-64-v4") needs GCC >= 12; older compilers and clang build the
+// one width their flags target (as with -DLPQLD_NO_MULTIVERSION).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && \
+    !defined(LPQLD_NO_MULTIVERSION)
 #define LPQLD_MULTIVERSION 1
 #define LPQLD_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
 #define LPQLD_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
