@@ -127,19 +127,9 @@ def _cpp_accumulate_(x: torch.Tensor, labels: torch.Tensor, count: torch.Tensor,
     ops.classwise_moments_accumulate_(x, labels, count, mean, m2, backend="cpp", validate=False)
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
 def compiled_impl(impl: str) -> Callable:
     """torch-index_add-compiled / cpp-compiled: one compiled object per process (recompiled per shape)."""
-    if impl not in _COMPILED:
-        if impl == "torch-index_add-compiled":
-            _COMPILED[impl] = cmp.compile_fn(torch_index_add_)
-        elif impl == "cpp-compiled":
-            _COMPILED[impl] = cmp.compile_fn(_cpp_accumulate_, fullgraph=True)
-        else:
-            raise ValueError(impl)
-    return _COMPILED[impl]
+    return cmp.compiled_once(KERNEL, impl, torch_index_add_, _cpp_accumulate_, "torch-index_add-compiled")
 
 
 def index_add_finalize(count: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

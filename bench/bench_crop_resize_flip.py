@@ -173,19 +173,9 @@ def _cpp_crop(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out: tu
     return crop_resize_flip(x, boxes, flips, out, backend="cpp", validate=False)
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
 def compiled_impl(impl: str) -> Callable:
     """torch-grid_sample-compiled / cpp-compiled, one compiled object per process (recompiled per shape)."""
-    if impl not in _COMPILED:
-        if impl == "torch-grid_sample-compiled":
-            _COMPILED[impl] = cmp.compile_fn(grid_sample_crop)
-        elif impl == "cpp-compiled":
-            _COMPILED[impl] = cmp.compile_fn(_cpp_crop, fullgraph=True)
-        else:
-            raise ValueError(impl)
-    return _COMPILED[impl]
+    return cmp.compiled_once(KERNEL, impl, grid_sample_crop, _cpp_crop, "torch-grid_sample-compiled")
 
 
 def _failure(e: Exception) -> str:

@@ -154,19 +154,9 @@ def _cpp_loss(x: torch.Tensor, seg: torch.Tensor, tm: torch.Tensor, tv: torch.Te
     return segment_bn_loss(x, seg, tm, tv, backend="cpp", validate=False)
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
 def compiled_impl(impl: str) -> Callable:
     """torch-index_add-compiled / cpp-compiled loss functions, one compiled object per process."""
-    if impl not in _COMPILED:
-        if impl == "torch-index_add-compiled":
-            _COMPILED[impl] = cmp.compile_fn(torch_index_add)
-        elif impl == "cpp-compiled":
-            _COMPILED[impl] = cmp.compile_fn(_cpp_loss, fullgraph=True)
-        else:
-            raise ValueError(impl)
-    return _COMPILED[impl]
+    return cmp.compiled_once(KERNEL, impl, torch_index_add, _cpp_loss, "torch-index_add-compiled")
 
 
 # ----------------------------------------------------------------------------- cases

@@ -159,21 +159,11 @@ def _cpp_loss(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scal
                          validate=False)
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
 def loss_fn(impl: str) -> Callable:
     """The loss function of a plain / compiled impl (compiled objects made once per process)."""
     if impl == "torch-topk":
         return topk_kl_loss
-    if impl not in _COMPILED:
-        if impl == "torch-topk-compiled":
-            _COMPILED[impl] = cmp.compile_fn(topk_kl_loss)
-        elif impl == "cpp-compiled":
-            _COMPILED[impl] = cmp.compile_fn(_cpp_loss, fullgraph=True)
-        else:
-            raise ValueError(impl)
-    return _COMPILED[impl]
+    return cmp.compiled_once(KERNEL, impl, topk_kl_loss, _cpp_loss, "torch-topk-compiled")
 
 
 def via_loss(inp: dict, impl: str) -> tuple[torch.Tensor, torch.Tensor]:

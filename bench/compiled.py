@@ -37,6 +37,23 @@ def compile_fn(fn: Callable, *, fullgraph: bool = False) -> Callable:
     return torch.compile(fn, dynamic=False, fullgraph=fullgraph)
 
 
+_ONCE: dict[tuple[str, str], Callable] = {}
+
+
+def compiled_once(kernel: str, impl: str, plain: Callable, ours: Callable, plain_impl: str) -> Callable:
+    """The compiled function of ``impl`` (``plain_impl``: ``plain`` compiled; ``cpp-compiled``: ``ours`` with
+    fullgraph), made once per process so the shapes of a run recompile one object."""
+    key = (kernel, impl)
+    if key not in _ONCE:
+        if impl == plain_impl:
+            _ONCE[key] = compile_fn(plain)
+        elif impl == "cpp-compiled":
+            _ONCE[key] = compile_fn(ours, fullgraph=True)
+        else:
+            raise ValueError(f"{kernel}: no compiled impl {impl!r}")
+    return _ONCE[key]
+
+
 def enabled(profile: str) -> bool:
     """Whether a profile has compiled rows (not ``tiny``: it is the test suite's smoke profile)."""
     return profile != "tiny"
