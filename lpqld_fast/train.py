@@ -185,13 +185,13 @@ def run_train(
                 labels_checked.add(bid)
             labels = rec.labels.to(device)
             rows, share = distributed.batch_share(x.shape[0])  # all rows, share 1.0 for 1 process
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"])):
-                logits = net(x[rows])
             if cfg["hard_labels"]:
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"])):
+                    logits = net(x[rows])
                 loss = hard_label_loss(logits.float(), image_labels.to(device), rec.aug, rows)
             else:
-                loss = soft_label_kl(logits.float(), **labels.slice_rows(rows).kl_kwargs(),
-                                     T=T, t_s=t_s, t2_scale=bool(cfg["t2_scale"]), validate=not on_gpu)
+                loss, logits = soft_label_forward(net, x[rows], labels.slice_rows(rows), T, t_s,
+                                                  bool(cfg["t2_scale"]), bool(cfg["bf16"]), validate=not on_gpu)
             if share != 1.0:
                 loss = loss * share  # DDP averages: world * n_local / B makes it the full-batch mean
             opt.zero_grad(set_to_none=True)
@@ -234,6 +234,19 @@ def run_train(
         save_tensors(out / "student.pt", evaluated.state_dict())
     distributed.barrier()
     return summary
+
+
+def soft_label_forward(net: torch.nn.Module, x: torch.Tensor, labels: SoftLabels, T: float, t_s: float,
+                       t2_scale: bool, bf16: bool, validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of the student on one replayed batch against its stored soft labels.
+
+    With ``validate=False`` (the labels checked once per stored batch instead) there is no host sync and no
+    branch on tensor values: the function compiles with ``torch.compile(fullgraph=True)`` (tests/test_train_step).
+    """
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = net(x)
+    loss = soft_label_kl(logits.float(), **labels.kl_kwargs(), T=T, t_s=t_s, t2_scale=t2_scale, validate=validate)
+    return loss, logits
 
 
 def validation_split(config: dict[str, Any], size: int) -> Any:
