@@ -128,6 +128,11 @@ def bn_targets(model: nn.Module, stats_path: str | Path | None, classwise: bool)
         raise ValueError(f"{stats_path} was collected on other BN layers ({len(payload['layers'])} layers) than "
                          f"this teacher ({len(names)} layers)")
     t = payload["tensors"]
+    for n in names:  # checked once here, so the error names the file and the layer, not the op's argument
+        for what in ("mean", "var"):
+            if not torch.isfinite(t[f"{n}.{what}"]).all():
+                raise ValueError(f"{stats_path}: the class-wise {what} of BN layer {n!r} contains NaN or inf; "
+                                 "rerun squeeze into a new --out")
     return [(t[f"{n}.mean"].float(), t[f"{n}.var"].float()) for n in names]
 
 

@@ -489,7 +489,9 @@ CLI_CASES = [
      r"^lpqld recover: error: unknown recover config keys 'iteration' \(did you mean 'iterations'\?\); known: "),
     ("recover-teacher-other-architecture", ("recover",), "teacher-other-arch", "recover",
      r"^lpqld recover: error: teacher checkpoint .*teacher\.pt does not fit model ConvNet"),
-    ("recover-stats-nan", ("recover",), "stats-nan", "recover", r"^lpqld recover: error: target_mean contains NaN or inf$"),
+    ("recover-stats-nan", ("recover",), "stats-nan", "recover",
+     r"^lpqld recover: error: .*bn_stats\.pt: the class-wise mean of BN layer '.*' contains NaN or inf; rerun "
+     r"squeeze into a new --out$"),
     ("recover-stats-corrupt", ("recover",), "stats-corrupt", "recover",
      r"^lpqld recover: error: class-wise BN statistics .*bn_stats\.pt cannot be loaded safely"),
     ("recover-no-squeeze", ("squeeze", "recover"), _prep_none, "recover",
