@@ -36,10 +36,10 @@ from torch import nn
 import lpqld_fast
 from lpqld_fast import distributed
 from lpqld_fast.augment import replay_batch, sample_aug_params
-from lpqld_fast.config import check_section
+from lpqld_fast.config import check_section, result_diff
 from lpqld_fast.engine import hashed_seed
 from lpqld_fast.io_utils import read_json
-from lpqld_fast.store.layout import component_specs, encode_slot
+from lpqld_fast.store.layout import MANIFEST, component_specs, encode_slot
 from lpqld_fast.store.quantize import encode_labels, index_dtype_for, stored_k
 from lpqld_fast.store.reader import LabelStore
 from lpqld_fast.store.writer import StoreWriter
@@ -241,6 +241,12 @@ def run_relabel(
                "ids, epoch/e image permutation randperm(N) of epoch e, batch/b augmentation of batch id b drawn "
                "as boxes, flips, cutout, cutmix",
     }
+    old_manifest = Path(out_dir) / MANIFEST
+    if old_manifest.exists():  # name the settings a user changed, before the store's own identity check
+        changed = result_diff("relabel", read_json(old_manifest, "label store manifest").get("config", {}), cfg)
+        if changed:
+            raise ValueError(f"{out_dir} already holds a label store made with other settings ({', '.join(changed)});"
+                             " use another --out, or delete it to relabel")
     writer = StoreWriter.create_or_resume(out_dir, manifest, kept, commit_every=commit_every)
     if writer is None:  # already complete
         return LabelStore.open(out_dir, expect_teacher_sha256=teacher_sha256, expect_images_sha256=images_sha256)

@@ -527,7 +527,8 @@ CLI_CASES = [
      "relabel", r"^lpqld relabel: error: relabel.epochs=1000000000000 with relabel.batch_size=5, prune_ratio=0.5 and "
      r"k=3 makes a label store of at least [\d.]+ GiB; [\d.]+ GiB are free under "),
     ("relabel-changed-setting", (), lambda r, t: ["--set", "relabel.k=4"], "relabel",
-     r"^lpqld relabel: error: .*/relabel already holds a different label store \(differs in: .*k"),
+     r"^lpqld relabel: error: .*/relabel already holds a label store made with other settings \(relabel.k 3 -> 4\); "
+     r"use another --out, or delete it to relabel$"),
     # train
     ("train-image-set-does-not-match-store", ("train",), "recover-ipc3", "train",
      r"^lpqld train: error: .*relabel/manifest\.json: images_sha256 is '[0-9a-f]+', expected '[0-9a-f]+'; the store "

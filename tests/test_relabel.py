@@ -282,7 +282,7 @@ def test_multi_writer_slot_ranges(tmp_path):
 
 def test_resume_refuses_different_run(tmp_path):
     relabel(tmp_path / "s", finalize=False, slot_range=range(0, 2))
-    with pytest.raises(ValueError, match="different label store.*config.k"):
+    with pytest.raises(ValueError, match=r"label store made with other settings \(relabel.k 3 -> 4\)"):
         relabel(tmp_path / "s", cfg={"k": 4})
     imgs, labels = make_images()
     with pytest.raises(ValueError, match="teacher_sha256"):
