@@ -31,8 +31,8 @@ of the classes present; read-pass: x + its [N, C] output.
 
 Batch: 256 (full), 32 (quick), 2 (tiny); ctx.options["batch"] overrides.
 torch-index_add (eager, or compiled) is the strongest plain-PyTorch strategy; the
-summary states cpp / cpp-compiled against the faster of the two (named) and issue
-22's CPU target (>= 1.5x it or >= 90% of read-pass). No compiled rows in tiny.
+summary states cpp / cpp-compiled against the faster of the two (named) and the
+CPU target (>= 1.5x it or >= 90% of read-pass). No compiled rows in tiny.
 Before timing, every fast impl is checked against torch-index_add on the same
 batch, and so is the reference loop (momentum 1) in the full and tiny profiles
 where x <= 256 MB (an impl that disagrees is reported as a failure, not timed).

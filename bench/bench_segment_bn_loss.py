@@ -20,7 +20,7 @@ sorted. Implementations, in one process on the same tensors:
                    var over (N, H, W), the two norms; autograd backward (fp32)
   torch-split      plain torch per segment on contiguous slices (x.split by
                    counts: no gather); separate mean and var; autograd backward
-  torch-var_mean   the issue's baseline: per segment slice, torch.var_mean
+  torch-var_mean   the project's baseline: per segment slice, torch.var_mean
                    (correction=0, one op for both moments) + the two norms;
                    autograd backward (the best case of a plain-torch loop)
   torch-index_add  vectorised plain torch, no loop: per-(sample, channel) sums of
@@ -45,7 +45,7 @@ bytes = 3 x x (read in the forward; read and write of grad in the backward).
 Before timing, the fused and compiled impls are checked against torch-split (loss
 and grad). No compiled rows in the tiny profile. The summary states cpp /
 cpp-compiled against the faster of torch-index_add and torch-index_add-compiled
-(named) and issue 22's CPU target (>= 1.5x it or >= 90% of read+write-pass).
+(named) and the CPU target (>= 1.5x it or >= 90% of read+write-pass).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Soft-label KL loss (train stage), forward + backward ("full"), at the issue's sizes.
+"""Soft-label KL loss (train stage), forward + backward ("full"), at the project's sizes.
 
 Student logits z [B, C] float32 and stored top-k soft labels (LPQLD MR-k:
 top-k teacher logits + class indices), fp16 values ("mr-fp16") or int8 values
@@ -48,10 +48,10 @@ batch 128), (1024, 10450, 200) (ImageNet-21K classes, a large batch),
 with C in {10, 1000, 10450}; tiny: (4, 10, 2). ``--batch`` replaces B.
 Before timing, every fused impl is checked against the reference strategy on
 the same inputs (an impl that disagrees is reported as a failure and not timed).
-The summary states the issue's acceptance target: cpp >= 5x the reference
+The summary states the project's acceptance target: cpp >= 5x the reference
 strategy at (128, 1000, 100) and (1024, 10450, 200); and each of cpp /
 cpp-compiled against the strongest plain strategy (torch-topk or its compiled
-form, named in each ratio): issue 22's CPU target is >= 1.5x it or >= 90% of
+form, named in each ratio): the CPU target is >= 1.5x it or >= 90% of
 the copy-pass roofline, and >= 2x torch-topk-compiled at (1024, 10450, 200).
 The compiled rows are skipped in the tiny profile (the test suite's).
 """
@@ -75,7 +75,7 @@ FUSED = ("cpp", "cuda", "triton")
 PLAIN = ("torch-topk", "torch-topk-compiled")  # the strongest plain-PyTorch strategy, eager and compiled
 OURS = ("cpp", "cpp-compiled", "cuda", "triton")
 COMPILED = ("torch-topk-compiled", "cpp-compiled")
-TARGET_SHAPES = ((128, 1000, 100), (1024, 10450, 200))  # the issue's ">= 5x" shapes
+TARGET_SHAPES = ((128, 1000, 100), (1024, 10450, 200))  # the project's ">= 5x" shapes
 TARGET_SPEEDUP = 5.0
 LABELS = ("mr-fp16", "mr-int8")
 T, T_S = 4.0, 0.8
@@ -312,7 +312,7 @@ def summary(rows: list[dict[str, str]]) -> list[str]:
                if o in t and "torch-topk-compiled" in t and s.startswith(big + ";")]
         if pts:
             worst = min(pts)
-            out.append(f"{o}: issue-22 target >= 2x torch-topk-compiled at (1024, 10450, 200): "
+            out.append(f"{o}: target >= 2x torch-topk-compiled at (1024, 10450, 200): "
                        f"{'met' if worst[0] >= 2 else 'NOT met'} ({worst[0]:.2f}x at {worst[1].replace(';', ' ')})")
     return out or ["soft_label_kl: no fused rows (kernel not built)"]
 

@@ -68,7 +68,7 @@ def versus_strongest(rows: list[dict[str, str]], kernel: str, ours: tuple[str, .
                      shape_filter: Callable[[str], bool] | None = None) -> list[str]:
     """Lines stating each of ``ours`` against the strongest of ``plain`` (eager and compiled), per size.
 
-    The issue's CPU target, per size: at least as fast as the strongest plain strategy (compiled form
+    The project's CPU target, per size: at least as fast as the strongest plain strategy (compiled form
     included), and >= ``speedup`` x it or >= ``roofline`` of the floor (``floor``'s time / ours), whichever
     comes first. The baseline is named in every ratio. Judged on p50 of one run (impls timed round-robin).
     """
