@@ -52,7 +52,7 @@ bad-input-doc: venv build
 	TRITON_INTERPRET=1 $(PY) scripts/bad_input_doc.py
 
 demo: venv data build
-	$(PY) -m lpqld_fast.cli distill --preset fashion-mnist --seed $(SEED) --out $(OUT)
+	$(PY) -m lpqld_fast.cli distill --preset fashion-mnist-demo --seed $(SEED) --out $(OUT)
 
 bench: venv build
 	$(PY) -m bench.run --out bench/results

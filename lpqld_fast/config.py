@@ -57,6 +57,8 @@ class SqueezeConfig:
     """Teacher training (or loading) and the class-wise BN statistics pass."""
 
     model: str = opt("convnet-bn", "teacher architecture", "choice", choices=_MODELS)
+    width: Any = opt(None, "ConvNet teacher channels (default: the architecture's 128; convnet models only)",
+                     "opt_int", lo=1)
     epochs: int = opt(5, "teacher training epochs", "int", lo=1)
     batch_size: int = opt(256, "teacher training batch size", "int", lo=1)
     optimizer: str = opt("sgd", "teacher optimizer", "choice", choices=_OPTIMIZERS)
@@ -337,6 +339,9 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(config)
     for section in SECTIONS:
         out[section] = check_section(section, config.get(section))
+    if out["squeeze"]["width"] is not None and not out["squeeze"]["model"].startswith("convnet"):
+        raise ValueError(f"squeeze.width sets a ConvNet teacher's channels; squeeze.model "
+                         f"{out['squeeze']['model']!r} has none (leave squeeze.width unset)")
     for key in TOP_LEVEL:
         v = out.get(key)
         if v is not None and not isinstance(v, str):

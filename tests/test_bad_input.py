@@ -474,6 +474,10 @@ CLI_CASES = [
      r"^lpqld squeeze: error: squeeze.lr must be a number >= 0, got 'abc'$"),
     ("squeeze-unknown-key", ("squeeze",), lambda r, t: ["--set", "squeeze.epoch=2"], "squeeze",
      r"^lpqld squeeze: error: unknown squeeze config keys 'epoch' \(did you mean 'epochs'\?\); known: "),
+    ("squeeze-width-on-a-resnet", ("squeeze",),
+     lambda r, t: ["--set", "squeeze.model=resnet18-small", "--set", "squeeze.width=64"], "squeeze",
+     r"^lpqld squeeze: error: squeeze.width sets a ConvNet teacher's channels; squeeze.model 'resnet18-small' "
+     r"has none \(leave squeeze.width unset\)$"),
     ("squeeze-no-gpu", ("squeeze",), lambda r, t: ["--device", "cuda"], "squeeze",
      r"^lpqld squeeze: error: --device 'cuda' but no CUDA device is available here"),
     ("squeeze-bad-device", ("squeeze",), lambda r, t: ["--device", "gpu0"], "squeeze",

@@ -15,7 +15,10 @@ __all__ = ["build_teacher", "load_teacher"]
 
 def build_teacher(cfg: dict[str, Any], meta: Any) -> nn.Module:
     """The (untrained) teacher of squeeze section ``cfg`` for a dataset with metadata ``meta``."""
-    return get_model(cfg["model"], num_classes=meta.num_classes, in_chans=meta.in_chans, image_size=meta.image_size)
+    # squeeze.width is checked against the model by config.check_config
+    kwargs = {"width": cfg["width"]} if cfg.get("width") is not None else {}
+    return get_model(cfg["model"], num_classes=meta.num_classes, in_chans=meta.in_chans, image_size=meta.image_size,
+                     **kwargs)
 
 
 def load_teacher(path: str | Path, model: nn.Module) -> nn.Module:
