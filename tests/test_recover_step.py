@@ -2,7 +2,6 @@
 augmentation draws give the images of the per-iteration draws they replaced, bit for bit."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
