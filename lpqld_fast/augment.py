@@ -249,6 +249,16 @@ def apply_cutmix(x: torch.Tensor, box: torch.Tensor | Sequence[int], perm: torch
     return out
 
 
+def _paste_box(x: torch.Tensor, box: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_cutmix` without reading the box back to the host: a mask from the box tensor (same values)."""
+    h, w = x.shape[2], x.shape[3]
+    b = box.to(x.device, torch.int64)
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    mask = (((rows >= b[0]) & (rows < b[2]))[:, None] & ((cols >= b[1]) & (cols < b[3]))[None, :])
+    return torch.where(mask, x.index_select(0, perm.to(x.device, torch.int64)), x)
+
+
 def sample_cutout(
     n: int,
     height: int,
@@ -333,20 +343,22 @@ def crop_resize_flip(
     out_size: int | Sequence[int],
     *,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Batched crop -> bilinear resize -> horizontal flip (lpqld_fast.ops.crop_resize_flip).
 
     ``backend``: None/"auto" and the op backends ("reference", "cpp", "cuda",
     "triton") go to the op dispatcher; "dali" runs the DALI pipeline of
     :mod:`lpqld_fast.augment_dali` (replay only; not an op backend, so
-    ``force_backend``/LPQLD_BACKEND never pick it).
+    ``force_backend``/LPQLD_BACKEND never pick it). ``validate=False`` skips the op's value checks of boxes
+    known to be good (drawn by :func:`sample_rrc_boxes`).
     """
     if backend == "dali":
         # DALI is optional and slow to import (~1 s): loaded only when asked for
         from lpqld_fast.augment_dali import crop_resize_flip_dali
 
         return crop_resize_flip_dali(x, boxes, flips, _out_size(out_size))
-    return ops.crop_resize_flip(x, boxes, flips, _out_size(out_size), backend=backend)
+    return ops.crop_resize_flip(x, boxes, flips, _out_size(out_size), backend=backend, validate=validate)
 
 
 def _channel_vector(name: str, v: Sequence[float] | torch.Tensor, channels: int, device: torch.device) -> torch.Tensor:
@@ -366,6 +378,7 @@ def replay_batch(
     out_size: int | Sequence[int] | None = None,
     *,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """The augmented, normalised (and mixed) float32 batch of a stored record.
 
@@ -375,7 +388,9 @@ def replay_batch(
     defaults to the record's. Relabel and the student's replay both call this
     function, so they see identical pixels. ``backend`` picks the
     crop/resize/flip implementation (see :func:`crop_resize_flip`; "dali"
-    agrees with the others within one grey level, not bit for bit).
+    agrees with the others within one grey level, not bit for bit). ``validate=False`` (parameters from
+    :func:`sample_aug_params`, image indices and std checked by the caller once) reads no value back to the
+    host: no device sync, and it compiles with ``torch.compile(fullgraph=True)``; same pixels.
     """
     aug = getattr(record, "aug", record)
     if not isinstance(aug, AugParams):
@@ -391,18 +406,19 @@ def replay_batch(
     n_img, c = images_uint8.shape[:2]
     dev = images_uint8.device
     idx = aug.image_indices.to(dev, torch.int64)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_img):
+    if validate and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_img):
         raise IndexError(f"record image indices fall outside [0, {n_img})")
     m = _channel_vector("mean", mean, c, dev)
     s = _channel_vector("std", std, c, dev)
-    if bool((s <= 0).any()):
+    if validate and bool((s <= 0).any()):
         raise ValueError("std must be positive")
     x = crop_resize_flip(images_uint8.index_select(0, idx), aug.boxes.to(dev), aug.flips.to(dev), size,
-                         backend=backend)
+                         backend=backend, validate=validate)
     x = x.to(torch.float32)
     if aug.cutout is not None:
         x = apply_cutout(x, aug.cutout.boxes, aug.cutout.fill)
     x = x.div_(255.0).sub_(m).div_(s)
     if aug.cutmix is not None:
-        x = apply_cutmix(x, aug.cutmix.box, aug.cutmix.perm)
+        x = apply_cutmix(x, aug.cutmix.box, aug.cutmix.perm) if validate else _paste_box(x, aug.cutmix.box,
+                                                                                          aug.cutmix.perm)
     return x

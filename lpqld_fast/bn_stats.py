@@ -21,6 +21,7 @@ from torch import nn
 from lpqld_fast import distributed
 from lpqld_fast.io_utils import load_tensors, save_tensors
 from lpqld_fast.ops import ClasswiseMomentsAccumulator, classwise_ema_update_, classwise_moments
+from lpqld_fast.ops import _validate as V
 
 STATS_SCHEMA = 1
 
@@ -30,8 +31,15 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNo
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def _module_device(module: nn.Module) -> torch.device:
+    return next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+
+
 class ClasswiseBNStats:
-    """Collects per-class mean / biased variance of each BN layer's input."""
+    """Collects per-class mean / biased variance of each BN layer's input.
+
+    The state lives on each BN layer's device, created here: make the collector after moving the model.
+    """
 
     def __init__(
         self,
@@ -51,30 +59,36 @@ class ClasswiseBNStats:
         self.momentum = momentum
         self.backend = backend
         self._labels: torch.Tensor | None = None
+        self._validate = True
+        self._reduced = False
+        # Created up front (not at a layer's first input): the per-batch update then only updates tensors in
+        # place, which torch.compile traces as one graph.
         self._acc: dict[str, ClasswiseMomentsAccumulator] = {}
         self._ema: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.samples = torch.zeros(num_classes, dtype=torch.int64)
+        self._seen: dict[str, torch.Tensor] = {}  # batches each layer saw, counted on its device (no sync)
+        for name, module in self.layers:
+            dev, c = _module_device(module), module.num_features
+            if mode == "exact":
+                self._acc[name] = ClasswiseMomentsAccumulator(num_classes, c, device=dev)
+            else:
+                self._ema[name] = (torch.zeros(num_classes, c, dtype=torch.float32, device=dev),
+                                   torch.ones(num_classes, c, dtype=torch.float32, device=dev))
+            self._seen[name] = torch.zeros((), dtype=torch.int64, device=dev)
+        self.samples = torch.zeros(num_classes, dtype=torch.int64, device=_module_device(self.layers[0][1]))
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             if self._labels is None:
                 return
             x = inputs[0].detach()
-            c = x.shape[1]
+            self._seen[name].add_(1)
             if self.mode == "exact":
-                acc = self._acc.get(name)
-                if acc is None:
-                    acc = self._acc[name] = ClasswiseMomentsAccumulator(self.num_classes, c, device=x.device)
-                acc.update(x, self._labels, backend=self.backend)
+                self._acc[name].update(x, self._labels, backend=self.backend, validate=self._validate)
             else:
-                if name not in self._ema:
-                    self._ema[name] = (
-                        torch.zeros(self.num_classes, c, dtype=torch.float32, device=x.device),
-                        torch.ones(self.num_classes, c, dtype=torch.float32, device=x.device),
-                    )
                 rm, rv = self._ema[name]
                 classwise_ema_update_(rm, rv, classwise_moments(x, self._labels, self.num_classes,
-                                                                backend=self.backend), self.momentum)
+                                                                backend=self.backend, validate=self._validate),
+                                      self.momentum)
 
         return hook
 
@@ -88,28 +102,38 @@ class ClasswiseBNStats:
             for h in handles:
                 h.remove()
 
-    def observe(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Forward ``x`` through ``model`` (hooks attached) recording class-wise stats."""
-        self._labels = labels.to(device=x.device, dtype=torch.int64)
+    def check_labels(self, labels: torch.Tensor) -> None:
+        """Refuse class ids outside [0, num_classes): once for a pass's labels, which then go to
+        ``observe(..., validate=False)`` batch by batch."""
+        V.check_index_range("labels", torch.as_tensor(labels), self.num_classes)
+
+    def observe(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """Forward ``x`` through ``model`` (hooks attached) recording class-wise stats.
+
+        ``validate=False``, for labels checked already (:meth:`check_labels`), reads no value back: no host
+        sync, and the update compiles with ``torch.compile(fullgraph=True)`` (tests/test_bn_stats_step.py).
+        """
+        labels = labels.to(device=x.device, dtype=torch.int64)
+        self._labels, self._validate = labels, validate
         try:
             out = model(x)
         finally:
-            self._labels = None
-        self.samples += torch.bincount(labels.cpu().long(), minlength=self.num_classes)
+            self._labels, self._validate = None, True
+        # index_add_, not bincount of a host copy: counted on the device, a static shape
+        lab = labels.to(self.samples.device)
+        self.samples.index_add_(0, lab, torch.ones_like(lab))
         return out
 
     def result(self) -> dict[str, torch.Tensor]:
         """Flat tensor dict: '<layer>.mean', '<layer>.var' [K, C] float32, 'samples' [K]."""
-        out: dict[str, torch.Tensor] = {"samples": self.samples.clone()}
+        out: dict[str, torch.Tensor] = {"samples": self.samples.cpu().clone()}
         for name, _ in self.layers:
+            if not self._reduced and int(self._seen[name]) == 0:  # read once per pass
+                raise RuntimeError(f"BN layer {name!r} saw no input: was observe() called?")
             if self.mode == "exact":
-                if name not in self._acc:
-                    raise RuntimeError(f"BN layer {name!r} saw no input: was observe() called?")
                 m = self._acc[name].result(torch.float32)
                 out[f"{name}.mean"], out[f"{name}.var"] = m.mean.cpu(), m.var.cpu()
             else:
-                if name not in self._ema:
-                    raise RuntimeError(f"BN layer {name!r} saw no input: was observe() called?")
                 out[f"{name}.mean"], out[f"{name}.var"] = (t.cpu().clone() for t in self._ema[name])
         return out
 
@@ -117,20 +141,17 @@ class ClasswiseBNStats:
         """Combine the exact-mode state of every torch.distributed rank, in place (no-op for 1 process).
 
         Under torchrun: see lpqld_fast.distributed.all_reduce_moments_ for the numerics. A
-        rank that saw no batch contributes zero state (created here from the BN sizes).
+        rank that saw no batch contributes its zero state.
         """
         if distributed.world_size() == 1:
             return
         if self.mode != "exact":
             raise ValueError("only exact-mode statistics can be combined across ranks (EMA depends on batch order)")
-        for name, module in self.layers:
-            acc = self._acc.get(name)
-            if acc is None:
-                device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
-                acc = self._acc[name] = ClasswiseMomentsAccumulator(self.num_classes, module.num_features,
-                                                                    device=device)
+        for name, _ in self.layers:
+            acc = self._acc[name]
             distributed.all_reduce_moments_(acc.count, acc.mean, acc.m2, acc.samples)
         distributed.all_reduce_(self.samples)
+        self._reduced = True  # a rank that saw no batch holds the others' statistics now
 
     def accumulator_state(self) -> dict[str, torch.Tensor]:
         """The exact-mode float64 state, for merging across ranks or resuming."""

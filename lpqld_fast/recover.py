@@ -33,6 +33,7 @@ import json
 import math
 import time
 from pathlib import Path
+from collections.abc import Container, Sequence
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save
 from lpqld_fast.models.teacher import build_teacher, load_teacher
 from lpqld_fast.ops import batched_roll, crop_resize_flip
 from lpqld_fast.runtime import mem_available_bytes
-from lpqld_fast.supervised_bn import supervised_bn
+from lpqld_fast.supervised_bn import SupervisedBN, supervised_bn
 from lpqld_fast.thin_conv import thin_input_grad_convs
 
 PASS_CKPT_SCHEMA = 1
@@ -136,18 +137,63 @@ def bn_targets(model: nn.Module, stats_path: str | Path | None, classwise: bool)
     return [(t[f"{n}.mean"].float(), t[f"{n}.var"].float()) for n in names]
 
 
-def _draw_augmentation(gens: list[torch.Generator], sizes: list[int], h: int, w: int, jitter: int,
-                       scale: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One crop box, flip and jitter shift per unit, expanded to its images."""
-    boxes, flips, shifts = [], [], []
-    for g, n in zip(gens, sizes):
-        shift = torch.randint(0, jitter + 1, (2,), generator=g) if jitter > 0 else torch.zeros(2, dtype=torch.int64)
-        box = sample_rrc_boxes(1, h, w, scale=scale, generator=g)
-        flip = sample_flips(1, generator=g)
-        shifts.append(shift.expand(n, 2))
-        boxes.append(box.expand(n, 4))
-        flips.append(flip.expand(n))
-    return torch.cat(boxes), torch.cat(flips), torch.cat(shifts)
+def draw_pass_augmentation(gens: list[torch.Generator], start: int, iters: int, h: int, w: int, jitter: int,
+                           scale: tuple[float, float], keep_states_at: Container[int] = ()
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, list[torch.Tensor]]]:
+    """The crop box, flip and jitter shift of every unit for iterations ``start``..``iters``, drawn at once.
+
+    Per generator the draws come in the order of one iteration after the other (shift, box, flip), so a pass
+    drawn here, or resumed at ``start`` from generator states saved at ``start``, sees the same values as
+    draws made iteration by iteration. Returns boxes float32 [T, U, 4], flips bool [T, U], shifts int64
+    [T, U, 2] (T = iters - start, U units; CPU tensors, uploaded once per pass) and, for every ``k`` in
+    ``keep_states_at``, the generator states after the draws of iteration k - 1 (what a checkpoint taken
+    there stores).
+    """
+    steps = max(iters - start, 0)
+    boxes = torch.empty(steps, len(gens), 4, dtype=torch.float32)
+    flips = torch.empty(steps, len(gens), dtype=torch.bool)
+    shifts = torch.zeros(steps, len(gens), 2, dtype=torch.int64)
+    states: dict[int, list[torch.Tensor]] = {}
+    for u, g in enumerate(gens):
+        for t in range(steps):
+            if jitter > 0:
+                shifts[t, u] = torch.randint(0, jitter + 1, (2,), generator=g)
+            boxes[t, u] = sample_rrc_boxes(1, h, w, scale=scale, generator=g)[0]
+            flips[t, u] = sample_flips(1, generator=g)[0]
+            if start + t + 1 in keep_states_at:
+                states.setdefault(start + t + 1, []).append(g.get_state())
+    return boxes, flips, shifts, states
+
+
+def recover_loss(teacher: nn.Module, supervised: Sequence[SupervisedBN], x: torch.Tensor, boxes: torch.Tensor,
+                 flips: torch.Tensor, shifts: torch.Tensor, labels: torch.Tensor, seg: torch.Tensor,
+                 unit_sizes: torch.Tensor, first_bn_mult: float, r_bn: float, bf16: bool,
+                 channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-unit CE, per-unit BN loss) of one recover iteration on the images ``x`` [N, C, H, W].
+
+    ``boxes`` [U, 4], ``flips`` [U], ``shifts`` [U, 2] are the iteration's augmentation per unit (expanded to
+    the unit's images through ``seg`` [N], the unit of each image), ``unit_sizes`` float32 [U] the images per
+    unit; ``supervised`` are the teacher's SupervisedBN layers (``supervised_bn``), whose forward computes the
+    BN loss. No host sync and no branch on tensor values: the function compiles with
+    ``torch.compile(fullgraph=True)`` (tests/test_recover_step.py).
+    """
+    h, w = x.shape[-2:]
+    xa = batched_roll(x, shifts.index_select(0, seg))
+    # The boxes are drawn by draw_pass_augmentation (valid by construction): no value checks, which sync a GPU.
+    xa = crop_resize_flip(xa, boxes.index_select(0, seg), flips.index_select(0, seg), (h, w), validate=False)
+    if channels_last:
+        xa = xa.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = teacher(xa)
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    # Mean CE within a unit, summed over units = the per-unit losses added up.
+    ce_units = torch.zeros(unit_sizes.shape[0], device=x.device).index_add_(0, seg, ce) / unit_sizes
+    loss_bn = 0.0
+    for li, layer in enumerate(supervised):  # losses of bf16 BN inputs are summed in fp32/fp64
+        wl = first_bn_mult if li == 0 else 1.0
+        loss_bn = loss_bn + wl * layer.pop_loss()
+    loss = (ce_units + r_bn * loss_bn).sum()
+    return loss, ce_units, loss_bn
 
 
 def synthesize_units(
@@ -211,43 +257,40 @@ def synthesize_units(
     # The BN layers (+ the ReLU after each) compute the class-wise BN loss in their forward: one fused op per
     # layer (lpqld_fast.supervised_bn) instead of hooks + BN + ReLU + segment_bn_loss; the thin first conv's
     # image gradient is a GEMM + col2im (lpqld_fast.thin_conv).
+    # The pass's augmentation, drawn and uploaded once (a copy per iteration would sync a GPU every step); the
+    # generator states at the checkpoint iterations are kept for the checkpoints.
+    ckpt_at = (set(range(every, iters, every)) if checkpoint_path is not None and every > 0 else set())
+    boxes_all, flips_all, shifts_all, gen_states = draw_pass_augmentation(gens, start, iters, h, w, jitter, scale,
+                                                                          ckpt_at)
+    boxes_all, flips_all, shifts_all = boxes_all.to(device), flips_all.to(device), shifts_all.to(device)
+    unit_sizes = torch.tensor(sizes, dtype=torch.float32, device=device)
+    # The BN layers (+ the ReLU after each) compute the class-wise BN loss in their forward: one fused op per
+    # layer (lpqld_fast.supervised_bn) instead of hooks + BN + ReLU + segment_bn_loss; the thin first conv's
+    # image gradient is a GEMM + col2im (lpqld_fast.thin_conv).
     with supervised_bn(teacher, seg, layer_targets) as supervised, thin_input_grad_convs(teacher):
         bar = tqdm(range(start, iters), desc=f"recover {len(units)} unit(s)", leave=False, disable=not progress,
                    initial=start, total=iters)
         for it in bar:
             for group in opt.param_groups:
                 group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * it / iters))
-            boxes, flips, shifts = _draw_augmentation(gens, sizes, h, w, jitter, scale)
-            xa = batched_roll(x, shifts.to(device))
-            # The boxes are drawn here (valid by construction): no value checks, which sync a GPU per step.
-            xa = crop_resize_flip(xa, boxes.to(device), flips.to(device), (h, w), validate=False)
-            if channels_last:
-                xa = xa.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                logits = teacher(xa)
-            ce = F.cross_entropy(logits.float(), labels, reduction="none")
-            # Mean CE within a unit, summed over units = the per-unit losses added up.
-            ce_units = torch.zeros(len(units), device=device).index_add_(0, seg, ce) / torch.tensor(
-                sizes, device=device, dtype=ce.dtype)
-            loss_bn = 0.0
-            for li, layer in enumerate(supervised):  # losses of bf16 BN inputs are summed in fp32/fp64
-                wl = first_mult if li == 0 else 1.0
-                loss_bn = loss_bn + wl * layer.pop_loss()
-            loss = (ce_units + r_bn * loss_bn).sum()
+            t = it - start
+            loss, ce_units, loss_bn = recover_loss(
+                teacher, supervised, x, boxes_all[t], flips_all[t], shifts_all[t], labels, seg, unit_sizes,
+                first_mult, r_bn, bf16, channels_last)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-            if checkpoint_path is not None and every > 0 and (it + 1) % every == 0 and it + 1 < iters:
-                _save_pass_checkpoint(Path(checkpoint_path), ckpt_key, it + 1, x, opt, gens)
+            if it + 1 in gen_states:
+                _save_pass_checkpoint(Path(checkpoint_path), ckpt_key, it + 1, x, opt, gen_states[it + 1])
             if progress and (it % 50 == 0 or it == iters - 1):
                 bar.set_postfix(ce=f"{float(ce_units.detach().mean()):.3f}", bn=f"{float(loss_bn.detach().mean()):.3f}")
     return x.detach()
 
 
 def _save_pass_checkpoint(path: Path, key: str, next_it: int, x: torch.Tensor, opt: torch.optim.Optimizer,
-                          gens: list[torch.Generator]) -> None:
+                          generator_states: list[torch.Tensor]) -> None:
     """Atomic write of the state after ``next_it`` iterations (plain tensors/containers: weights_only loads it)."""
     state = opt.state_dict()
     save_tensors(path, {
@@ -256,7 +299,7 @@ def _save_pass_checkpoint(path: Path, key: str, next_it: int, x: torch.Tensor, o
         "next_iteration": next_it,
         "x": x.detach().cpu().clone(),
         "adam_state": {i: {k: v.detach().cpu().clone() for k, v in st.items()} for i, st in state["state"].items()},
-        "generator_states": [g.get_state() for g in gens],
+        "generator_states": list(generator_states),
     })
 
 

@@ -35,17 +35,18 @@ from torch import nn
 
 import lpqld_fast
 from lpqld_fast import distributed
-from lpqld_fast.augment import replay_batch, sample_aug_params
+from lpqld_fast.augment import AugParams, replay_batch, sample_aug_params
 from lpqld_fast.config import check_section, result_diff
 from lpqld_fast.engine import hashed_seed
 from lpqld_fast.io_utils import read_json
 from lpqld_fast.store.layout import MANIFEST, component_specs, encode_slot
-from lpqld_fast.store.quantize import encode_labels, index_dtype_for, stored_k
+from lpqld_fast.store.quantize import (EncodedLabels, check_encoding, encode_labels_unchecked, index_dtype_for,
+                                       stored_k)
 from lpqld_fast.store.reader import LabelStore
 from lpqld_fast.store.writer import StoreWriter
 
 __all__ = ["normalize_config", "derive_seed", "seeded_generator", "kept_count", "EpochPermutations",
-           "select_kept_batch_ids", "batch_image_indices", "run_relabel", "run_relabel_sharded"]
+           "select_kept_batch_ids", "batch_image_indices", "relabel_batch", "run_relabel", "run_relabel_sharded"]
 
 
 def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -133,6 +134,32 @@ def config_stored_k(cfg: dict[str, Any], num_classes: int) -> int:
         raise ValueError(f"relabel.k {cfg['k']} exceeds the teacher's {num_classes} classes (label "
                          f"{cfg['label']!r} stores k of them per sample)")
     return stored_k(cfg["label"], cfg["k"], num_classes)
+
+
+def relabel_batch(teacher: nn.Module, images_uint8: torch.Tensor, aug: AugParams, mean: torch.Tensor,
+                  std: torch.Tensor, device: torch.device, num_classes: int, label: str, k: int, value_dtype: str,
+                  temperature: float) -> tuple[EncodedLabels, torch.Tensor]:
+    """One stored batch: replay ``aug`` on the image set, run the teacher, encode its logits as stored.
+
+    Returns the encoded rows (on the teacher's device) and the checks that
+    :func:`lpqld_fast.store.quantize.check_encoding` tests once the rows are on the host. The image indices
+    and std are checked once per store by the caller; nothing here reads a value back (no host sync, no
+    branch on tensor values): it compiles with ``torch.compile(fullgraph=True)`` (tests/test_relabel_step.py).
+    """
+    x = replay_batch(images_uint8, aug, mean, std, validate=False)
+    with torch.no_grad():
+        z = teacher(x.to(device))
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
+        raise ValueError(f"teacher must return logits [batch, C], got {getattr(z, 'shape', type(z).__name__)}")
+    if z.shape[1] != num_classes:
+        raise ValueError(f"teacher returned {z.shape[1]} classes, expected num_classes={num_classes}")
+    return encode_labels_unchecked(z.to(torch.float32), mode=label, k=k, value_dtype=value_dtype,
+                                   temperature=temperature)
+
+
+def _to_cpu(enc: EncodedLabels) -> EncodedLabels:
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return EncodedLabels(cpu(enc.values), cpu(enc.indices), cpu(enc.fill), cpu(enc.scale), cpu(enc.offset))
 
 
 def run_relabel(
@@ -252,6 +279,10 @@ def run_relabel(
         return LabelStore.open(out_dir, expect_teacher_sha256=teacher_sha256, expect_images_sha256=images_sha256)
     specs = component_specs(writer.manifest)
     perms = EpochPermutations(n, seed)
+    # Once per store, on the images' device: the batches' checks of the image indices (a permutation of the
+    # images) and of std (checked above) are not repeated per batch.
+    mean_t = torch.tensor(mean_l, dtype=torch.float32, device=images_uint8.device)
+    std_t = torch.tensor(std_l, dtype=torch.float32, device=images_uint8.device)
     try:
         todo = writer.pending_slots(slot_range)
         from tqdm.auto import tqdm
@@ -264,11 +295,10 @@ def run_relabel(
                 scale=cfg["rrc_scale"], ratio=cfg["rrc_ratio"], flip=cfg["flip"], cutmix=cfg["cutmix"],
                 cutout=cfg["cutout"], cutout_factor=cfg["cutout_factor"],
             )
-            logits = forward(replay_batch(images_uint8, aug, mean_l, std_l))
-            if logits.shape[1] != num_classes:
-                raise ValueError(f"teacher returned {logits.shape[1]} classes, expected num_classes={num_classes}")
-            enc = encode_labels(logits, mode=cfg["label"], k=cfg["k"], value_dtype=cfg["value_dtype"],
-                                temperature=cfg["temperature"])
+            enc, checks = relabel_batch(teacher, images_uint8, aug.to(images_uint8.device), mean_t, std_t, device,
+                                        num_classes, cfg["label"], cfg["k"], cfg["value_dtype"], cfg["temperature"])
+            enc = _to_cpu(enc)  # the store's rows, on the host: the batch's one transfer back
+            check_encoding(checks, cfg["label"], cfg["value_dtype"])
             writer.write_slot(slot, encode_slot(writer.manifest, specs, aug, enc))
         writer.commit()
         if not finalize:

@@ -211,17 +211,18 @@ def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], see
     if mode != "exact" and rank != 0:
         return {}, layers
     mine = range(rank, len(batches), world) if mode == "exact" else range(len(batches))
+    collector.check_labels(labels)  # once for the pass: the per-batch updates read nothing back
     with collector.attached():
         if streamed:
             # the folder's train transform (RandomResizedCrop + flip + normalise) under a per-image seed
             stream = seeded_batches(train, [batches[b].tolist() for b in mine], seed + 1, cfg["stats_workers"])
             for x, y in tqdm(stream, total=len(mine), desc="class-wise BN stats", leave=False, disable=rank != 0):
-                collector.observe(model, x.to(device), y)
+                collector.observe(model, x.to(device), y, validate=False)
         else:
             for b in tqdm(mine, desc="class-wise BN stats", leave=False, disable=rank != 0):
                 idx = batches[b]
                 x = _augment(train.images[idx], cfg, _stats_generator(seed, b), train.mean, train.std).to(device)
-                collector.observe(model, x, train.labels[idx])
+                collector.observe(model, x, train.labels[idx], validate=False)
     if mode == "exact":
         collector.all_reduce_()
     return collector.result(), layers

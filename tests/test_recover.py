@@ -92,7 +92,7 @@ def _kill_at_iteration(monkeypatch: pytest.MonkeyPatch, j: int) -> None:
     """Simulate a kill: the j-th iteration (0-based) of the next pass raises before its teacher forward."""
     import lpqld_fast.recover as rec
 
-    real = rec._draw_augmentation
+    real = rec.recover_loss
     calls = {"n": 0}
 
     def draw(*args, **kwargs):
@@ -101,7 +101,7 @@ def _kill_at_iteration(monkeypatch: pytest.MonkeyPatch, j: int) -> None:
             raise _Killed(f"killed at iteration {j}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rec, "_draw_augmentation", draw)
+    monkeypatch.setattr(rec, "recover_loss", draw)
 
 
 def test_pass_checkpoint_resume_is_bit_exact(tmp_path, monkeypatch) -> None:

@@ -45,6 +45,8 @@ __all__ = [
     "quantize_int8",
     "dequantize_int8",
     "encode_labels",
+    "encode_labels_unchecked",
+    "check_encoding",
     "decode_labels",
 ]
 
@@ -150,21 +152,22 @@ class SoftLabels:
 # --------------------------------------------------------------------------- int8
 
 
-def quantize_int8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int8(v: torch.Tensor, *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row affine int8: v [B, k] float -> (q int8 [B, k], scale float32 [B], offset float32 [B]).
 
     scale = (max - min) / 255 and offset = min + 128 * scale (computed in
     float64, rounded to float32); q = round((v - offset) / scale) clamped to
-    [-128, 127]. |q * scale + offset - v| <= scale / 2 (+ float32 rounding).
+    [-128, 127]. |q * scale + offset - v| <= scale / 2 (+ float32 rounding). On ``v``'s device;
+    ``validate=False`` skips the NaN/inf check (a host sync), for values checked by the caller.
     """
     if v.dim() != 2:
         raise ValueError(f"values must be [B, k], got shape {tuple(v.shape)}")
-    if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
+    if validate and v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
         raise ValueError("values to quantise contain NaN or inf")
     vd = v.to(torch.float64)
     if v.shape[1] == 0:
-        z = torch.zeros(v.shape[0], dtype=torch.float32)
-        return torch.zeros(v.shape, dtype=torch.int8), z, z.clone()
+        z = torch.zeros(v.shape[0], dtype=torch.float32, device=v.device)
+        return torch.zeros(v.shape, dtype=torch.int8, device=v.device), z, z.clone()
     lo = vd.min(dim=1).values
     hi = vd.max(dim=1).values
     scale = ((hi - lo) / 255.0).to(torch.float32)
@@ -184,12 +187,56 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) 
 # --------------------------------------------------------------------------- encode / decode
 
 
-def _to_storage_float(name: str, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if dtype != torch.float32:
+def _check_storage_range(name: str, v: torch.Tensor | None, dtype: torch.dtype) -> None:
+    if v is not None and dtype != torch.float32:
         limit = torch.finfo(dtype).max
         if v.numel() and float(v.abs().max()) > limit:
             raise ValueError(f"{name} exceed the {dtype} range (|v| > {limit}); store them as fp32 or int8")
-    return v.to(dtype)
+
+
+def _check_label_args(logits: torch.Tensor, mode: str, value_dtype: str) -> None:
+    """The checks on the arguments (no tensor values read)."""
+    check_mode(mode)
+    check_value_dtype(value_dtype)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a tensor [B, C], got {getattr(logits, 'shape', type(logits).__name__)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (float(temperature) > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _encode(z: torch.Tensor, mode: str, k: int, value_dtype: str, temperature: float, validate: bool
+            ) -> tuple[EncodedLabels, torch.Tensor, torch.Tensor | None]:
+    """The encoding of float32 logits ``z`` on their device: (rows, values and fill before the storage cast)."""
+    c = z.shape[1]
+    kk = stored_k(mode, k, c)
+    if mode == "dense":
+        vals, idx = z, None
+    elif mode in PROB_MODES:
+        p = torch.softmax(z / float(temperature), dim=1)
+        vals, idx = torch.topk(p, kk, dim=1, largest=True, sorted=True)
+    else:
+        vals, idx = torch.topk(z, kk, dim=1, largest=True, sorted=True)
+    enc = EncodedLabels(values=vals)
+    if idx is not None:
+        enc.indices = idx.to(index_dtype_for(c))
+    fill = None
+    if mode == "mrs":
+        fill = z.min(dim=1).values
+        if validate:
+            _check_storage_range("fill (row min logits)", fill, fill_torch_dtype(value_dtype))
+        enc.fill = fill.to(fill_torch_dtype(value_dtype))
+    if value_dtype == "int8":
+        enc.values, enc.scale, enc.offset = quantize_int8(vals, validate=validate)
+    else:
+        if validate:
+            _check_storage_range("label values", vals, _FLOAT_DTYPES[value_dtype])
+        enc.values = vals.to(_FLOAT_DTYPES[value_dtype])
+    return enc, vals, fill
 
 
 def encode_labels(
@@ -206,36 +253,52 @@ def encode_labels(
     "ms" and "topk_norenorm" (ignored by the logit modes). Top-k entries are in
     descending order (torch.topk, deterministic on CPU).
     """
-    check_mode(mode)
-    check_value_dtype(value_dtype)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"logits must be a tensor [B, C], got {getattr(logits, 'shape', type(logits).__name__)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    _check_label_args(logits, mode, value_dtype)
     if logits.numel() and not bool(torch.isfinite(logits).all()):
         raise ValueError("logits contain NaN or inf")
-    if not (float(temperature) > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = logits.detach().to("cpu", torch.float32)
-    b, c = z.shape
-    kk = stored_k(mode, k, c)
-    if mode == "dense":
-        vals, idx = z, None
-    elif mode in PROB_MODES:
-        p = torch.softmax(z / float(temperature), dim=1)
-        vals, idx = torch.topk(p, kk, dim=1, largest=True, sorted=True)
-    else:
-        vals, idx = torch.topk(z, kk, dim=1, largest=True, sorted=True)
-    enc = EncodedLabels(values=vals)
-    if idx is not None:
-        enc.indices = idx.to(index_dtype_for(c))
+    _check_temperature(temperature)
+    return _encode(logits.detach().to("cpu", torch.float32), mode, k, value_dtype, temperature, validate=True)[0]
+
+
+def encode_labels_unchecked(
+    logits: torch.Tensor,
+    *,
+    mode: str,
+    k: int,
+    value_dtype: str = "fp16",
+    temperature: float = 1.0,
+) -> tuple[EncodedLabels, torch.Tensor]:
+    """:func:`encode_labels` on the logits' device without reading a value back: (rows, checks).
+
+    ``checks`` float32 [4] holds what :func:`check_encoding` tests on the host once the rows are there (all
+    logits finite, all values finite, max |value| and max |fill| before the storage cast), so a batch costs
+    no host sync of its own and the function compiles with ``torch.compile(fullgraph=True)``. Same rows as
+    :func:`encode_labels` for the same (CPU) logits.
+    """
+    _check_label_args(logits, mode, value_dtype)
+    _check_temperature(temperature)
+    z = logits.detach().to(torch.float32)
+    enc, vals, fill = _encode(z, mode, k, value_dtype, temperature, validate=False)
+    zero = z.new_zeros(())
+    amax = lambda t: t.abs().amax() if t is not None and t.numel() else zero  # noqa: E731
+    checks = torch.stack([torch.isfinite(z).all().to(torch.float32), torch.isfinite(vals).all().to(torch.float32),
+                          amax(vals).to(torch.float32), amax(fill).to(torch.float32)])
+    return enc, checks
+
+
+def check_encoding(checks: torch.Tensor, mode: str, value_dtype: str) -> None:
+    """Raise what :func:`encode_labels` raises for the logits whose ``checks`` :func:`encode_labels_unchecked`
+    returned (read on the host: call it once the rows are there)."""
+    all_finite, vals_finite, vals_max, fill_max = (float(v) for v in checks.cpu())
+    if not all_finite:
+        raise ValueError("logits contain NaN or inf")
     if mode == "mrs":
-        enc.fill = _to_storage_float("fill (row min logits)", z.min(dim=1).values, fill_torch_dtype(value_dtype))
+        _check_storage_range("fill (row min logits)", torch.tensor([fill_max]), fill_torch_dtype(value_dtype))
     if value_dtype == "int8":
-        enc.values, enc.scale, enc.offset = quantize_int8(vals)
+        if not vals_finite:
+            raise ValueError("values to quantise contain NaN or inf")
     else:
-        enc.values = _to_storage_float("label values", vals, _FLOAT_DTYPES[value_dtype])
-    return enc
+        _check_storage_range("label values", torch.tensor([vals_max]), _FLOAT_DTYPES[value_dtype])
 
 
 def decode_labels(enc: EncodedLabels, mode: str, *, dequantize: bool = False) -> SoftLabels:
