@@ -33,7 +33,7 @@ import json
 import math
 import time
 from pathlib import Path
-from collections.abc import Container, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -137,32 +137,40 @@ def bn_targets(model: nn.Module, stats_path: str | Path | None, classwise: bool)
     return [(t[f"{n}.mean"].float(), t[f"{n}.var"].float()) for n in names]
 
 
-def draw_pass_augmentation(gens: list[torch.Generator], start: int, iters: int, h: int, w: int, jitter: int,
-                           scale: tuple[float, float], keep_states_at: Container[int] = ()
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, list[torch.Tensor]]]:
-    """The crop box, flip and jitter shift of every unit for iterations ``start``..``iters``, drawn at once.
+# Iterations of augmentation drawn and uploaded at once: one upload per chunk instead of per iteration (a copy
+# per iteration syncs a GPU), host memory bounded for large passes (33 bytes per unit and iteration).
+DRAW_CHUNK = 100
 
-    Per generator the draws come in the order of one iteration after the other (shift, box, flip), so a pass
-    drawn here, or resumed at ``start`` from generator states saved at ``start``, sees the same values as
-    draws made iteration by iteration. Returns boxes float32 [T, U, 4], flips bool [T, U], shifts int64
-    [T, U, 2] (T = iters - start, U units; CPU tensors, uploaded once per pass) and, for every ``k`` in
-    ``keep_states_at``, the generator states after the draws of iteration k - 1 (what a checkpoint taken
-    there stores).
+
+def draw_augmentation(gens: list[torch.Generator], steps: int, h: int, w: int, jitter: int,
+                      scale: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The crop box, flip and jitter shift of every unit for the next ``steps`` iterations.
+
+    Per generator the draws come in the order of one iteration after the other (shift, box, flip), so draws
+    made in chunks (or resumed from generator states saved between chunks) see the same values as draws made
+    iteration by iteration. Returns CPU tensors boxes float32 [T, U, 4], flips bool [T, U], shifts int64
+    [T, U, 2] (T = steps, U units).
     """
-    steps = max(iters - start, 0)
+    steps = max(steps, 0)
     boxes = torch.empty(steps, len(gens), 4, dtype=torch.float32)
     flips = torch.empty(steps, len(gens), dtype=torch.bool)
     shifts = torch.zeros(steps, len(gens), 2, dtype=torch.int64)
-    states: dict[int, list[torch.Tensor]] = {}
     for u, g in enumerate(gens):
         for t in range(steps):
             if jitter > 0:
                 shifts[t, u] = torch.randint(0, jitter + 1, (2,), generator=g)
             boxes[t, u] = sample_rrc_boxes(1, h, w, scale=scale, generator=g)[0]
             flips[t, u] = sample_flips(1, generator=g)[0]
-            if start + t + 1 in keep_states_at:
-                states.setdefault(start + t + 1, []).append(g.get_state())
-    return boxes, flips, shifts, states
+    return boxes, flips, shifts
+
+
+def _draw_end(it: int, iters: int, checkpoint_every: int) -> int:
+    """The end of the chunk of draws that starts at iteration ``it``: a chunk never crosses a checkpoint, so
+    the generators' states at a checkpoint are the ones its iteration left."""
+    end = (it // DRAW_CHUNK + 1) * DRAW_CHUNK
+    if checkpoint_every > 0:
+        end = min(end, (it // checkpoint_every + 1) * checkpoint_every)
+    return min(end, iters)
 
 
 def recover_loss(teacher: nn.Module, supervised: Sequence[SupervisedBN], x: torch.Tensor, boxes: torch.Tensor,
@@ -179,7 +187,7 @@ def recover_loss(teacher: nn.Module, supervised: Sequence[SupervisedBN], x: torc
     """
     h, w = x.shape[-2:]
     xa = batched_roll(x, shifts.index_select(0, seg))
-    # The boxes are drawn by draw_pass_augmentation (valid by construction): no value checks, which sync a GPU.
+    # The boxes are drawn by draw_augmentation (valid by construction): no value checks, which sync a GPU.
     xa = crop_resize_flip(xa, boxes.index_select(0, seg), flips.index_select(0, seg), (h, w), validate=False)
     if channels_last:
         xa = xa.contiguous(memory_format=torch.channels_last)
@@ -254,15 +262,8 @@ def synthesize_units(
         start = _load_pass_checkpoint(Path(checkpoint_path), ckpt_key, x, opt, gens)
     lo = ((0.0 - mean) / std).view(1, -1, 1, 1).to(device)
     hi = ((1.0 - mean) / std).view(1, -1, 1, 1).to(device)
-    # The BN layers (+ the ReLU after each) compute the class-wise BN loss in their forward: one fused op per
-    # layer (lpqld_fast.supervised_bn) instead of hooks + BN + ReLU + segment_bn_loss; the thin first conv's
-    # image gradient is a GEMM + col2im (lpqld_fast.thin_conv).
-    # The pass's augmentation, drawn and uploaded once (a copy per iteration would sync a GPU every step); the
-    # generator states at the checkpoint iterations are kept for the checkpoints.
-    ckpt_at = (set(range(every, iters, every)) if checkpoint_path is not None and every > 0 else set())
-    boxes_all, flips_all, shifts_all, gen_states = draw_pass_augmentation(gens, start, iters, h, w, jitter, scale,
-                                                                          ckpt_at)
-    boxes_all, flips_all, shifts_all = boxes_all.to(device), flips_all.to(device), shifts_all.to(device)
+    ckpt_every = every if checkpoint_path is not None else 0
+    drawn_to = start  # augmentation drawn (and uploaded) for iterations [chunk_start, drawn_to)
     unit_sizes = torch.tensor(sizes, dtype=torch.float32, device=device)
     # The BN layers (+ the ReLU after each) compute the class-wise BN loss in their forward: one fused op per
     # layer (lpqld_fast.supervised_bn) instead of hooks + BN + ReLU + segment_bn_loss; the thin first conv's
@@ -273,17 +274,22 @@ def synthesize_units(
         for it in bar:
             for group in opt.param_groups:
                 group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * it / iters))
-            t = it - start
+            if it == drawn_to:
+                chunk_start, drawn_to = it, _draw_end(it, iters, ckpt_every)
+                boxes_c, flips_c, shifts_c = (a.to(device) for a in draw_augmentation(
+                    gens, drawn_to - it, h, w, jitter, scale))
+            t = it - chunk_start
             loss, ce_units, loss_bn = recover_loss(
-                teacher, supervised, x, boxes_all[t], flips_all[t], shifts_all[t], labels, seg, unit_sizes,
+                teacher, supervised, x, boxes_c[t], flips_c[t], shifts_c[t], labels, seg, unit_sizes,
                 first_mult, r_bn, bf16, channels_last)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-            if it + 1 in gen_states:
-                _save_pass_checkpoint(Path(checkpoint_path), ckpt_key, it + 1, x, opt, gen_states[it + 1])
+            if ckpt_every > 0 and (it + 1) % ckpt_every == 0 and it + 1 < iters:
+                # it + 1 ends a chunk of draws: the generators stand where iteration it + 1 starts
+                _save_pass_checkpoint(Path(checkpoint_path), ckpt_key, it + 1, x, opt, [g.get_state() for g in gens])
             if progress and (it % 50 == 0 or it == iters - 1):
                 bar.set_postfix(ce=f"{float(ce_units.detach().mean()):.3f}", bn=f"{float(loss_bn.detach().mean()):.3f}")
     return x.detach()

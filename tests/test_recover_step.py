@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lpqld_fast.augment import sample_flips, sample_rrc_boxes
 from lpqld_fast.ops import batched_roll, crop_resize_flip
-from lpqld_fast.recover import (_unit_generator, draw_pass_augmentation, make_units, recover_loss,
+from lpqld_fast.recover import (_unit_generator, _draw_end, draw_augmentation, make_units, recover_loss,
                                 synthesize_units)
 from lpqld_fast.supervised_bn import supervised_bn
 from lpqld_fast.thin_conv import thin_input_grad_convs
@@ -37,12 +37,14 @@ def _old_draw(gens: list[torch.Generator], sizes: list[int], h: int, w: int, jit
 
 
 @pytest.mark.parametrize("jitter", [0, 2])
-def test_pass_draws_equal_per_iteration_draws_and_resume(jitter: int) -> None:
+def test_chunked_draws_equal_per_iteration_draws_and_resume(jitter: int) -> None:
     sizes = [2, 3, 1]
     seg = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
     old = [_unit_generator(5, uid) for uid in range(3)]
     new = [_unit_generator(5, uid) for uid in range(3)]
-    boxes, flips, shifts, states = draw_pass_augmentation(new, 0, 9, 20, 24, jitter, SCALE, keep_states_at={4, 8})
+    # Drawn in chunks of 4, 4, 1 iterations (recover's chunks end at checkpoints).
+    chunks = [draw_augmentation(new, n, 20, 24, jitter, SCALE) for n in (4, 4, 1)]
+    boxes, flips, shifts = (torch.cat(parts) for parts in zip(*chunks))
     assert boxes.shape == (9, 3, 4) and flips.shape == (9, 3) and shifts.shape == (9, 3, 2)
     saved = {}
     for it in range(9):
@@ -50,16 +52,20 @@ def test_pass_draws_equal_per_iteration_draws_and_resume(jitter: int) -> None:
         assert torch.equal(boxes[it].index_select(0, seg), b)
         assert torch.equal(flips[it].index_select(0, seg), f)
         assert torch.equal(shifts[it].index_select(0, seg), s)
-        if it + 1 in (4, 8):
+        if it + 1 == 4:
             saved[it + 1] = [g.get_state() for g in old]
-    for k in (4, 8):  # the states a checkpoint at iteration k stores
-        assert all(torch.equal(a, b) for a, b in zip(states[k], saved[k]))
-    # Resumed at 4 from the saved states: the rest of the pass.
+    # Resumed at 4 from the states a checkpoint there stores: the rest of the pass.
     resumed = [torch.Generator() for _ in range(3)]
-    for g, st in zip(resumed, states[4]):
+    for g, st in zip(resumed, saved[4]):
         g.set_state(st)
-    rb, rf, rs, _ = draw_pass_augmentation(resumed, 4, 9, 20, 24, jitter, SCALE)
+    rb, rf, rs = draw_augmentation(resumed, 5, 20, 24, jitter, SCALE)
     assert torch.equal(rb, boxes[4:]) and torch.equal(rf, flips[4:]) and torch.equal(rs, shifts[4:])
+
+
+@pytest.mark.parametrize(("it", "every", "end"), [(0, 0, 100), (0, 30, 30), (30, 30, 60), (90, 0, 100),
+                                                  (100, 250, 200), (200, 250, 250), (950, 0, 1000), (990, 7, 994)])
+def test_draw_chunks_end_at_checkpoints(it: int, every: int, end: int) -> None:
+    assert _draw_end(it, 1000, every) == end
 
 
 def _old_synthesize(teacher, units, targets, cfg, image_shape, mean, std, seed):
@@ -118,8 +124,7 @@ def _eager_and_compiled(backend: str, bf16_channels_last: bool) -> tuple[tuple[t
     sizes = [len(u.labels) for u in units]
     seg = torch.repeat_interleave(torch.arange(len(units)), torch.tensor(sizes))
     labels = torch.cat([u.labels for u in units])
-    boxes, flips, shifts, _ = draw_pass_augmentation([_unit_generator(0, u.uid) for u in units], 0, 1, 16, 16, 2,
-                                                     SCALE)
+    boxes, flips, shifts = draw_augmentation([_unit_generator(0, u.uid) for u in units], 1, 16, 16, 2, SCALE)
     unit_sizes = torch.tensor(sizes, dtype=torch.float32)
     x0 = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(0))
     with supervised_bn(teacher, seg, targets) as supervised, thin_input_grad_convs(teacher):
