@@ -27,7 +27,7 @@ from tqdm import tqdm
 from lpqld_fast import config as schema
 from lpqld_fast import distributed
 from lpqld_fast.augment import replay_batch
-from lpqld_fast.data import get_dataset, stratified_subset
+from lpqld_fast.data import SplitFactory, get_dataset, stratified_subset
 from lpqld_fast.ddp import ddp_model
 from lpqld_fast.ema import WeightEMA
 from lpqld_fast.engine import build_optimizer, seed_everything, warmup_cosine
@@ -89,8 +89,6 @@ def _check_resume(out: Path, config: dict[str, Any], cfg: dict[str, Any], seed: 
     return record
 
 
-# A split by name ("train", "test"): the config's dataset unless run_train is given another (scripts/scale_21k.py).
-SplitFactory = Callable[[str], Any]
 ModelFactory = Callable[..., nn.Module]
 
 
