@@ -8,6 +8,10 @@ knowledge reuse) and student temperature t_s, which calibrated alignment
 re-fits at the end of every epoch. Evaluated on the real test set every
 ``eval_every`` epochs and at the end; best and last are both reported.
 Resumes from ``out/last.pt`` after a kill.
+
+:func:`run_train` in order: :func:`open_label_store`, :func:`evaluation_splits`, :func:`build_student`,
+:func:`load_resume_state`, then per epoch :func:`train_one_epoch`, :func:`evaluate_epoch` and
+:func:`save_checkpoint`; student.pt and the summary at the end.
 """
 from __future__ import annotations
 

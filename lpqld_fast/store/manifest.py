@@ -11,7 +11,7 @@ from typing import Any
 from lpqld_fast import __version__
 from lpqld_fast.store.quantize import index_dtype_for
 
-__all__ = ["KEPT_IDS_RULE", "RNG_RULE", "label_store_manifest"]
+__all__ = ["AUGMENT_ORDER", "KEPT_IDS_RULE", "RNG_RULE", "label_store_manifest"]
 
 # How relabel draws its random streams, recorded so that a store can be regenerated without this code.
 KEPT_IDS_RULE = ("all ids if K == total, else sorted(torch.randperm(total, "
@@ -24,8 +24,9 @@ AUGMENT_ORDER = "gather, crop_resize_flip (0..255), cutout, (x/255-mean)/std, cu
 
 
 def label_store_manifest(cfg: dict[str, Any], *, seed: int, teacher_sha256: str, images_sha256: str,
-                         num_images: int, image_shape: Sequence[int], out_size: Sequence[int], mean: list[float], std: list[float],
-                         num_classes: int, batches_per_epoch: int, num_kept: int, stored_k: int) -> dict[str, Any]:
+                         num_images: int, image_shape: Sequence[int], out_size: Sequence[int], mean: list[float],
+                         std: list[float], num_classes: int, batches_per_epoch: int, num_kept: int,
+                         stored_k: int) -> dict[str, Any]:
     """The manifest of a store of ``num_kept`` of ``cfg["epochs"] * batches_per_epoch`` batches.
 
     ``cfg``: the normalised relabel section (relabel.normalize_config); ``num_images`` images of
