@@ -1,6 +1,7 @@
 """Command line: ``lpqld <stage> ...`` (also ``python -m lpqld_fast.cli``).
 
-Stages: squeeze, recover, relabel, train, distill (all of them), report.
+Stages: squeeze, recover, relabel, train, distill (all of them), report; baseline: paper 001's
+baseline (random real images, an expert's top-k labels) through the same stages.
 User errors print one line and exit with status 2 (an internal error: one line, status 1;
 LPQLD_DEBUG=1 shows its traceback).
 Multi-process: ``torchrun --standalone --nproc_per_node=N -m lpqld_fast.cli <stage> ...``
@@ -22,7 +23,7 @@ from lpqld_fast import config as schema
 from lpqld_fast import distributed
 from lpqld_fast.data import DATASET_NAMES, dataset_info
 from lpqld_fast.io_utils import atomic_write_json, read_json
-from lpqld_fast.pipeline import check_store_size, run_distill, run_relabel_stage
+from lpqld_fast.pipeline import BASELINE_SETTINGS, check_store_size, run_baseline, run_distill, run_relabel_stage
 from lpqld_fast.presets import DATASET_PRESET, PRESETS, get_preset, preset_overrides
 from lpqld_fast.records import stage_dirs
 from lpqld_fast.recover import check_memory, run_recover
@@ -38,7 +39,7 @@ STAGES = ("squeeze", "recover", "relabel", "train")
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "squeeze": ("squeeze", "runtime"), "recover": ("recover", "runtime"), "relabel": ("relabel", "runtime"),
     "train": ("train", "runtime"), "distill": ("squeeze", "recover", "relabel", "train", "runtime"),
-    "report": ("runtime",)}
+    "baseline": ("squeeze", "relabel", "train", "runtime"), "report": ("runtime",)}
 
 
 def command(name: str):
@@ -126,7 +127,7 @@ def _check_sizes(command_name: str, config: dict[str, Any], info: Any, run: Path
     shape = (info.in_chans, info.image_size, info.image_size)
     if command_name in ("recover", "distill"):
         check_memory(config["recover"], info.num_classes, shape)
-    if command_name in ("relabel", "distill"):
+    if command_name in ("relabel", "distill", "baseline"):
         check_store_size(config, info, run)
 
 
@@ -165,6 +166,26 @@ def _train(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 def _distill(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     return run_distill(config, args.out, seed=args.seed, device=args.device, checkpoint=args.checkpoint,
                        units_at_once=args.units_at_once)
+
+
+@command("baseline")
+def _baseline(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    # refused before the teacher trains: squeeze keeps one checkpoint per epoch, none for --checkpoint
+    epochs = config["squeeze"]["epochs"]
+    if args.expert_epoch is not None and args.checkpoint is not None:
+        raise ValueError("--expert-epoch needs the teacher's epoch checkpoints, which --checkpoint does not have; "
+                         "drop one of them")
+    if args.expert_epoch is not None and not 1 <= args.expert_epoch <= epochs:
+        raise ValueError(f"--expert-epoch {args.expert_epoch} is not an epoch of the teacher's training "
+                         f"(squeeze.epochs={epochs}: 1 to {epochs})")
+    return run_baseline(config, args.out, seed=args.seed, device=args.device, expert_epoch=args.expert_epoch,
+                        checkpoint=args.checkpoint)
+
+
+def _baseline_overrides(args: argparse.Namespace) -> list[str]:
+    """The baseline's --set list: its defaults, then the user's --set, then --ipc and --k (which win)."""
+    explicit = [f"recover.ipc={args.ipc}"] * (args.ipc is not None) + [f"relabel.k={args.k}"] * (args.k is not None)
+    return [*BASELINE_SETTINGS, *(args.set or []), *explicit]
 
 
 @command("report")
@@ -210,12 +231,25 @@ def _check_device(device: str) -> None:
         raise ValueError(f"--device {device!r}: only cpu and cuda are supported")
 
 
+BASELINE_HELP = f"""\
+Paper 001 ("A Label is Worth a Thousand Images"): IPC randomly chosen REAL training images per class,
+soft labels from an expert (the squeezed teacher after an early epoch, or the final one) keeping the
+top k probabilities without renormalising, a student trained on them. Runs squeeze (the teacher and its
+per-epoch checkpoints), recover (the real images, lpqld_fast.real_images), relabel (the expert,
+lpqld_fast.experts; <out>/expert.json names it), train and report into --out, like distill; a rerun
+resumes. Defaults that differ from distill's (--set overrides them; --ipc and --k win over --set):
+  {chr(10).join("  " + item for item in BASELINE_SETTINGS)}
+e.g. lpqld baseline --dataset fashion-mnist --ipc 10 --expert-epoch 2 --k 5 --out runs/baseline
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="lpqld", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def stage(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+    def stage(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description or help,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="settings (--set KEY=VALUE; defaults of the schema, then the fashion-mnist "
                                   "preset's where it differs):\n"
                                   + schema.options_help(COMMAND_SECTIONS[name], get_preset("fashion-mnist")))
@@ -245,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="teacher weights to use instead of training one")
     p.add_argument("--units-at-once", type=int, default=None,  # fixes recover's grouping across runs
                    help="recover: classes optimised in one forward pass (default: chosen from free memory)")
+    p = stage("baseline", "paper 001's baseline: random real images + an expert's top-k labels -> train -> report",
+              BASELINE_HELP)
+    p.add_argument("--ipc", type=int, default=None,
+                   help="real training images per class, drawn at random per class (recover.ipc; default: the "
+                        "preset's)")
+    p.add_argument("--expert-epoch", type=int, default=None, metavar="E",
+                   help="label with the teacher's weights after squeeze epoch E (squeeze/checkpoints/"
+                        "epoch_00E.pt, 1 <= E <= squeeze.epochs; default: the final teacher)")
+    p.add_argument("--k", type=int, default=None, help="labels kept per sample (relabel.k; default: the preset's)")
+    p.add_argument("--checkpoint", default=None,
+                   help="final teacher weights to use instead of training one (then only the final teacher "
+                        "labels: there are no epoch checkpoints)")
     p = stage("report", "write the run report (or print the storage table)")
     p.add_argument("what", nargs="?", default="run", choices=["run", "storage"])
     p.add_argument("--no-diversity", action="store_true", help="skip the diversity metrics")
@@ -277,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _check_device(args.device)
+        if args.command == "baseline":
+            args.set = _baseline_overrides(args)
         config = _config(args)
         # the dataset's metadata (an ImageFolder tree: measured) checks the location before anything is written
         info = dataset_info(config["dataset"], root=config["data_root"])

@@ -29,14 +29,15 @@ __all__ = ["evaluate_dataset", "eval_counts", "evaluate", "evaluate_sharded", "e
 
 def evaluate_dataset(model: nn.Module, ds: Any, mean: Sequence[float] | torch.Tensor,
                      std: Sequence[float] | torch.Tensor, *, bf16: bool = False, channels_last: bool = False,
-                     num_workers: int = 4) -> dict[str, float]:
+                     num_workers: int = 4, batch_size: int = 256) -> dict[str, float]:
     """``{"acc": top-1 %, "nll": mean NLL}`` of ``model`` on a split held in memory (normalised with
     ``mean``/``std``), ``{"acc"}`` on a streamed ImageFolder split (its own transform normalises; decoded in
-    ``num_workers`` workers). The same numbers on every rank."""
+    ``num_workers`` workers), in batches of ``batch_size``. The same numbers on every rank."""
     if hasattr(ds, "images"):
         return evaluate_sharded_metrics(model, ds.images, ds.labels, mean, std, bf16=bf16,
-                                        channels_last=channels_last)
-    return {"acc": evaluate_folder(model, ds, num_workers=num_workers, channels_last=channels_last, bf16=bf16)}
+                                        channels_last=channels_last, batch_size=batch_size)
+    return {"acc": evaluate_folder(model, ds, batch_size=batch_size, num_workers=num_workers,
+                                   channels_last=channels_last, bf16=bf16)}
 
 
 # --------------------------------------------------------------------------- in memory

@@ -164,7 +164,7 @@ def load_expert(config: dict[str, Any], squeeze_dir: str | Path, epoch: int | No
         raise ValueError("give either an expert epoch or an ensemble of epochs, not both")
     if combine not in COMBINE_MODES:
         raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
-    info = dataset_info(config["dataset"])
+    info = dataset_info(config["dataset"], root=config.get("data_root"))
 
     def one(e: int | None) -> nn.Module:
         return load_teacher(expert_checkpoint_path(squeeze_dir, e), build_teacher(config["squeeze"], info))
@@ -212,7 +212,7 @@ def relabel_with_expert(config: dict[str, Any], run: str | Path, seed: int = 0, 
     if manifest["teacher_sha256"] != expert_hash and manifest.get("source") != "real":
         raise ValueError(f"{d['recover']} holds images synthesised with teacher {manifest['teacher_sha256']}, "
                          f"not with this expert ({expert_hash}); relabel real-image sets, or recover with it")
-    info = dataset_info(config["dataset"])
+    info = dataset_info(config["dataset"], root=config.get("data_root"))
     relabel_cfg = dict(config["relabel"])
     if relabel_cfg.get("num_classes") is None:  # a preset's config holds the key, set to None
         relabel_cfg["num_classes"] = info.num_classes

@@ -1,5 +1,8 @@
 """Stage glue: each stage reads the previous stage's folder inside one run directory.
 
+:func:`run_distill` runs the method (synthesised images, the final teacher's labels); :func:`run_baseline`
+paper 001's baseline into the same layout (random real images, an expert's top-k labels).
+
     <run>/squeeze   teacher + class-wise BN statistics
     <run>/recover   distilled images (images.pt, PNGs, grid.png, manifest.json)
     <run>/relabel   label store (manifest.json + packed arrays)
@@ -11,14 +14,17 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lpqld_fast import distributed
 from lpqld_fast.data import dataset_info
+from lpqld_fast.experts import relabel_with_expert
 from lpqld_fast.image_set import load_recovered
 from lpqld_fast.io_utils import atomic_write_json, read_json, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
+from lpqld_fast.real_images import select_real_images
 from lpqld_fast.records import stage_dirs
 from lpqld_fast.recover import run_recover
 from lpqld_fast.relabel import config_stored_k, kept_count, normalize_config, run_relabel_sharded
@@ -27,7 +33,7 @@ from lpqld_fast.squeeze import run_squeeze
 from lpqld_fast.store.quantize import index_dtype_for
 from lpqld_fast.train import run_train
 
-__all__ = ["check_store_size", "run_relabel_stage", "run_distill"]
+__all__ = ["BASELINE_SETTINGS", "check_store_size", "run_relabel_stage", "run_distill", "run_baseline"]
 
 
 _VALUE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1}
@@ -78,24 +84,28 @@ def run_relabel_stage(config: dict[str, Any], run: str | Path, seed: int = 0, de
                                progress=progress)
 
 
+class StageTimer:
+    """Calls a stage and adds its wall time to ``<run>/timings.json`` (summed over the runs that resume it)."""
+
+    def __init__(self, run: str | Path) -> None:
+        self.path = Path(run) / "timings.json"
+        self.timings: dict[str, float] = read_json(self.path, "timings") if self.path.exists() else {}
+
+    def __call__(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+        if distributed.is_main():  # rank 0 writes shared files
+            atomic_write_json(self.path, self.timings)
+        return out
+
+
 def run_distill(config: dict[str, Any], run: str | Path, seed: int = 0, device: str = "cpu",
                 checkpoint: str | None = None, progress: bool = True,
                 units_at_once: int | None = None) -> dict[str, Any]:
     """squeeze -> recover -> relabel -> train -> report, timing each stage."""
     d = stage_dirs(run)
-    timings: dict[str, float] = {}
-    prev = Path(run) / "timings.json"
-    if prev.exists():
-        timings = read_json(prev, "timings")
-
-    def timed(name: str, fn, *args, **kwargs):
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-        if distributed.is_main():  # rank 0 writes shared files
-            atomic_write_json(prev, timings)
-        return out
-
+    timed = StageTimer(run)
     timed("squeeze", run_squeeze, config, d["squeeze"], seed=seed, device=device, checkpoint=checkpoint)
     timed("recover", run_recover, config, d["squeeze"], d["recover"], seed=seed, device=device, progress=progress,
           units_at_once=units_at_once)
@@ -103,4 +113,36 @@ def run_distill(config: dict[str, Any], run: str | Path, seed: int = 0, device: 
     summary = timed("train", run_train, config, d["recover"], d["relabel"], d["train"], seed=seed, device=device,
                     progress=progress)
     report = distributed.on_main(write_report, run)  # rank 0 only (None elsewhere)
-    return {"train": summary, "timings": timings, "report": str(report)}
+    return {"train": summary, "timings": timed.timings, "report": str(report)}
+
+
+# Paper 001's knowledge distillation, the baseline's defaults (``--set`` overrides them): the top-k
+# probabilities, not renormalised, of every augmented batch (no pruning, no CutMix), learned with
+# KL(p_T || softmax(z / T)) at one constant T = 1 for teacher and student (no schedule, no calibration).
+BASELINE_SETTINGS = ("relabel.label=topk_norenorm", "relabel.prune_ratio=0", "relabel.cutmix=false",
+                     "train.temperature=constant", "train.t0=1", "train.calibrate=false",
+                     "train.student_t=teacher")
+
+
+def run_baseline(config: dict[str, Any], run: str | Path, seed: int = 0, device: str = "cpu",
+                 expert_epoch: int | None = None, checkpoint: str | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Paper 001's baseline ("A Label is Worth a Thousand Images") into the run layout, timing each stage.
+
+    squeeze (the teacher, with its weights after every epoch) -> recover.ipc random real training images per
+    class (real_images.select_real_images) -> relabel with the expert at squeeze epoch ``expert_epoch`` (None:
+    the final teacher; experts.relabel_with_expert, which writes ``<run>/expert.json``) -> train -> report.
+    The label mode and k are relabel.label / relabel.k (BASELINE_SETTINGS: topk_norenorm).
+    """
+    d = stage_dirs(run)
+    timed = StageTimer(run)
+    timed("squeeze", run_squeeze, config, d["squeeze"], seed=seed, device=device, checkpoint=checkpoint)
+    # rank 0 writes the image set; the others read it after the barrier
+    timed("recover", distributed.on_main, select_real_images, config, d["squeeze"], d["recover"], seed=seed,
+          strategy="random", device=device)
+    timed("relabel", relabel_with_expert, config, run, seed=seed, expert_epoch=expert_epoch, device=device,
+          progress=progress)
+    summary = timed("train", run_train, config, d["recover"], d["relabel"], d["train"], seed=seed, device=device,
+                    progress=progress)
+    report = distributed.on_main(write_report, run)
+    return {"train": summary, "timings": timed.timings, "report": str(report)}

@@ -32,8 +32,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -231,27 +232,14 @@ def synthesize_units(
     x = x0.to(device).requires_grad_(True)
     labels = torch.cat([u.labels for u in units]).to(device)
     seg = torch.repeat_interleave(torch.arange(len(units)), torch.tensor(sizes)).to(device)
-    classwise = units[0].target >= 0
-    if classwise:
-        tidx = torch.tensor([u.target for u in units])
-        layer_targets = [(m[tidx].to(device), v[tidx].to(device)) for m, v in targets]
-    else:  # SRe2L: every unit matched to the global statistics
-        layer_targets = [(m.expand(len(units), -1).to(device), v.expand(len(units), -1).to(device))
-                         for m, v in targets]
+    layer_targets = _unit_targets(units, targets, device)
     cfg, _ = recover_config(cfg, device)
     iters = cfg["iterations"]
     lr = cfg["lr"]
-    r_bn = cfg["r_bn"]
-    first_mult = cfg["first_bn_mult"]
-    jitter = cfg["jitter"]
-    scale = tuple(cfg["crop_scale"])
+    jitter, scale = cfg["jitter"], tuple(cfg["crop_scale"])
     opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9), eps=1e-8)
     every = cfg["checkpoint_every"]
-    # bf16 autocast + NHWC teacher: ~4x faster ConvNet passes on this CPU (bench_recover); the images,
-    # Adam state and the BN / CE losses stay fp32 (segment_bn_loss reads bf16 BN inputs, sums in fp64).
-    bf16 = cfg["bf16"]
-    channels_last = cfg["channels_last"]
-    if channels_last:
+    if cfg["channels_last"]:
         teacher.to(memory_format=torch.channels_last)
     # Everything the trajectory depends on besides the teacher / targets (the caller's run identity covers those).
     ckpt_key = json.dumps({"uids": [u.uid for u in units], "sizes": sizes, "seed": seed, "shape": list(image_shape),
@@ -281,7 +269,7 @@ def synthesize_units(
             t = it - chunk_start
             loss, ce_units, loss_bn = recover_loss(
                 teacher, supervised, x, boxes_c[t], flips_c[t], shifts_c[t], labels, seg, unit_sizes,
-                first_mult, r_bn, bf16, channels_last)
+                cfg["first_bn_mult"], cfg["r_bn"], cfg["bf16"], cfg["channels_last"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -293,6 +281,15 @@ def synthesize_units(
             if progress and (it % 50 == 0 or it == iters - 1):
                 bar.set_postfix(ce=f"{float(ce_units.detach().mean()):.3f}", bn=f"{float(loss_bn.detach().mean()):.3f}")
     return x.detach()
+
+
+def _unit_targets(units: list[Unit], targets: list[tuple[torch.Tensor, torch.Tensor]],
+                  device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per BN layer, the (mean, var) rows each unit is matched to: its class's, or (SRe2L) the global ones."""
+    if units[0].target >= 0:
+        tidx = torch.tensor([u.target for u in units])
+        return [(m[tidx].to(device), v[tidx].to(device)) for m, v in targets]
+    return [(m.expand(len(units), -1).to(device), v.expand(len(units), -1).to(device)) for m, v in targets]
 
 
 def _save_pass_checkpoint(path: Path, key: str, next_it: int, x: torch.Tensor, opt: torch.optim.Optimizer,
@@ -387,17 +384,9 @@ def run_recover(
     for p in teacher.parameters():
         p.requires_grad_(False)
     teacher_hash = sha256_tensors(teacher.state_dict())
-    classwise_batching = cfg["classwise_batching"]
     classwise_sup = cfg["classwise_supervision"]
     targets = bn_targets(teacher, squeeze_dir / "bn_stats.pt" if classwise_sup else None, classwise_sup)
-    units = make_units(info.num_classes, ipc, classwise_batching)
-    if not classwise_sup:
-        for u in units:
-            u.target = -1
-    elif not classwise_batching:
-        # SRe2L batching with class-wise targets: every image is its own segment.
-        units = [Unit(u.uid * info.num_classes + c, torch.tensor([c]), c) for u in units
-                 for c in range(info.num_classes)]
+    units = recover_units(info.num_classes, ipc, cfg["classwise_batching"], classwise_sup)
     mean = torch.tensor(info.mean)
     std = torch.tensor(info.std)
     if not cfg["normalize_input"]:
@@ -418,29 +407,17 @@ def run_recover(
             return done
     per_pass = units_at_once or units_per_pass(teacher, shape, len(units[0].labels), device)
     per_pass = distributed.all_reduce_min_int(per_pass)  # every rank forms the same groups
-    # fixed groups of the full unit list, round-robin over ranks; each rank skips its finished units.
-    groups = [units[i:i + per_pass] for i in range(0, len(units), per_pass)]
-    groups = groups[distributed.rank()::distributed.world_size()]
-    done = lambda u: (unit_dir / f"unit_{u.uid:06d}.pt").exists()  # noqa: E731
     t0 = time.perf_counter()
-    bar = tqdm(total=len(units), initial=sum(done(u) for u in units), desc="recover units", disable=not progress)
-    for full_group in groups:
-        group = [u for u in full_group if not done(u)]
-        if not group:
-            continue
+    bar = tqdm(total=len(units), initial=sum(_unit_path(unit_dir, u).exists() for u in units),
+               desc="recover units", disable=not progress)
+    for group in _my_groups(units, per_pass, unit_dir):
         # Named after the fixed group: a pass whose units were partly saved finds (and replaces) its old file.
-        ckpt = pass_checkpoint_path(unit_dir, full_group)
-        x = synthesize_units(teacher, group, targets, cfg, shape, mean, std, seed, device, progress,
+        ckpt = pass_checkpoint_path(unit_dir, group.full)
+        x = synthesize_units(teacher, group.todo, targets, cfg, shape, mean, std, seed, device, progress,
                              checkpoint_path=ckpt)
-        imgs = to_uint8(x, mean, std)
-        offset = 0
-        for u in group:
-            n = len(u.labels)
-            save_tensors(unit_dir / f"unit_{u.uid:06d}.pt", {"images": imgs[offset:offset + n].clone(),
-                                                             "labels": u.labels.clone()})
-            offset += n
+        _save_units(unit_dir, group.todo, to_uint8(x, mean, std))
         ckpt.unlink(missing_ok=True)  # the unit files hold the result now
-        bar.update(len(group))
+        bar.update(len(group.todo))
     bar.close()
     seconds = time.perf_counter() - t0
     # rank 0 packs every rank's units once all are written; the others read its manifest.
@@ -448,6 +425,47 @@ def run_recover(
     manifest = finalize_recover(out, units, info.num_classes, run_cfg, seconds) if distributed.is_main() else None
     distributed.barrier()
     return manifest if manifest is not None else read_json(out / "manifest.json", "recover manifest")
+
+
+def recover_units(num_classes: int, ipc: int, classwise_batching: bool, classwise_supervision: bool) -> list[Unit]:
+    """The units recover optimises (each one segment of a pass) under the batching and supervision settings."""
+    units = make_units(num_classes, ipc, classwise_batching)
+    if not classwise_supervision:
+        for u in units:
+            u.target = -1
+    elif not classwise_batching:
+        # SRe2L batching with class-wise targets: every image is its own segment.
+        units = [Unit(u.uid * num_classes + c, torch.tensor([c]), c) for u in units for c in range(num_classes)]
+    return units
+
+
+@dataclass
+class _Group:
+    full: list[Unit]  # a fixed group of the full unit list (names its pass checkpoint)
+    todo: list[Unit]  # its units without a unit file yet
+
+
+def _unit_path(unit_dir: Path, u: Unit) -> Path:
+    return unit_dir / f"unit_{u.uid:06d}.pt"
+
+
+def _my_groups(units: list[Unit], per_pass: int, unit_dir: Path) -> Iterator[_Group]:
+    """This rank's groups with unfinished units: fixed groups of ``per_pass`` units of the full list,
+    round-robin over ranks, so every rank forms the same groups and a resumed run the same passes."""
+    groups = [units[i:i + per_pass] for i in range(0, len(units), per_pass)]
+    for full in groups[distributed.rank()::distributed.world_size()]:
+        todo = [u for u in full if not _unit_path(unit_dir, u).exists()]
+        if todo:
+            yield _Group(full, todo)
+
+
+def _save_units(unit_dir: Path, group: list[Unit], imgs: torch.Tensor) -> None:
+    """One file per unit of ``group``: its rows of ``imgs`` (uint8, the group's units in order) and labels."""
+    offset = 0
+    for u in group:
+        n = len(u.labels)
+        save_tensors(_unit_path(unit_dir, u), {"images": imgs[offset:offset + n].clone(), "labels": u.labels.clone()})
+        offset += n
 
 
 def _run_diffs(prev: dict[str, Any], run_cfg: dict[str, Any]) -> list[str]:

@@ -33,15 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-import lpqld_fast
 from lpqld_fast import distributed
 from lpqld_fast.augment import AugParams, replay_batch, sample_aug_params
 from lpqld_fast.config import check_section, result_diff
 from lpqld_fast.engine import hashed_seed
 from lpqld_fast.io_utils import read_json
 from lpqld_fast.store.layout import MANIFEST, component_specs, encode_slot
-from lpqld_fast.store.quantize import (EncodedLabels, check_encoding, encode_labels_unchecked, index_dtype_for,
-                                       stored_k)
+from lpqld_fast.store.manifest import label_store_manifest
+from lpqld_fast.store.quantize import EncodedLabels, check_encoding, encode_labels_unchecked, stored_k
 from lpqld_fast.store.reader import LabelStore
 from lpqld_fast.store.writer import StoreWriter
 
@@ -236,38 +235,10 @@ def run_relabel(
     kk = config_stored_k(cfg, num_classes)
     kept = select_kept_batch_ids(total, k_slots, seed)
 
-    manifest: dict[str, Any] = {
-        "code_version": lpqld_fast.__version__,
-        "config": cfg,
-        "seed": seed,
-        "teacher_sha256": teacher_sha256,
-        "images_sha256": images_sha256,
-        "num_images": n,
-        "image_shape": [c_img, h, w],
-        "out_size": list(out_size),
-        "mean": mean_l,
-        "std": std_l,
-        "num_classes": num_classes,
-        "batch_size": b_size,
-        "epochs": epochs,
-        "batches_per_epoch": nb,
-        "total_batches": total,
-        "prune_ratio": cfg["prune_ratio"],
-        "num_kept": k_slots,
-        "kept_batch_ids": {"count": k_slots, "component": "batch_ids",
-                           "rule": "all ids if K == total, else sorted(torch.randperm(total, "
-                                   "generator=seeded_generator(seed, 'keep', 0))[:K])"},
-        "label": {"mode": cfg["label"], "k": cfg["k"], "stored_k": kk, "value_dtype": cfg["value_dtype"],
-                  "index_dtype": None if cfg["label"] == "dense" else str(index_dtype_for(num_classes)),
-                  "temperature": cfg["temperature"]},
-        "augment": {"rrc_scale": cfg["rrc_scale"], "rrc_ratio": cfg["rrc_ratio"], "flip": cfg["flip"],
-                    "cutmix": cfg["cutmix"], "cutout": cfg["cutout"], "cutout_factor": cfg["cutout_factor"],
-                    "order": "gather, crop_resize_flip (0..255), cutout, (x/255-mean)/std, cutmix"},
-        "rng": "torch.Generator().manual_seed(derive_seed(seed, tag, index)), derive_seed = low 63 bits of the "
-               "first 8 bytes (little endian) of sha256('lpqld-relabel/{tag}/{seed}/{index}'); tags: keep/0 kept "
-               "ids, epoch/e image permutation randperm(N) of epoch e, batch/b augmentation of batch id b drawn "
-               "as boxes, flips, cutout, cutmix",
-    }
+    manifest = label_store_manifest(cfg, seed=seed, teacher_sha256=teacher_sha256, images_sha256=images_sha256,
+                                    num_images=n, image_shape=(c_img, h, w), out_size=out_size, mean=mean_l,
+                                    std=std_l, num_classes=num_classes, batches_per_epoch=nb, num_kept=k_slots,
+                                    stored_k=kk)
     old_manifest = Path(out_dir) / MANIFEST
     if old_manifest.exists():  # name the settings a user changed, before the store's own identity check
         changed = result_diff("relabel", read_json(old_manifest, "label store manifest").get("config", {}), cfg)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from lpqld_fast import config as schema
 from lpqld_fast import distributed
 from lpqld_fast.bn_stats import ClasswiseBNStats, bn_layers, save_bn_stats
-from lpqld_fast.data import get_dataset
+from lpqld_fast.data import SplitFactory, get_dataset
 from lpqld_fast.data.streaming import seeded_batches
 from lpqld_fast.data.transforms import normalize, random_crop_flip
 from lpqld_fast.ddp import ddp_model
@@ -129,52 +129,22 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
         opt, warmup_cosine(epochs * steps_per_epoch, cfg["warmup_epochs"] * steps_per_epoch))
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    metrics: list[dict] = []
-    start = 0
     last = ckpt_dir / "last.pt"
-    if last.exists():
-        state = load_tensors(last, what="squeeze resume checkpoint")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start = int(state["epoch"])
-        metrics = read_json(out / "metrics.json", "squeeze metrics")["teacher"] if (out / "metrics.json").exists() else []
-        metrics = metrics[:start]
-        print(f"squeeze: resuming teacher training after epoch {start}")
-    elif record is not None and distributed.is_main():
+    start, metrics = _load_teacher_resume(last, out / "metrics.json", model, opt, sched, gen)
+    if not last.exists() and record is not None and distributed.is_main():
         atomic_write_json(out / "config.json", record)
-    bf16 = cfg["bf16"]
-    channels_last = cfg["channels_last"]
     for epoch in range(start, epochs):
-        net.train()
         t0 = time.perf_counter()
-        total, n = 0.0, 0
         steps = (_folder_steps(train, gen, bs, _epoch_seed(seed, epoch), workers) if streamed
                  else _memory_steps(train, cfg, gen, bs))
         bar = tqdm(steps, total=steps_per_epoch, desc=f"teacher epoch {epoch + 1}/{epochs}", leave=False,
                    disable=not distributed.is_main())
-        for x, y, share in bar:
-            x, y = x.to(device), y.to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(net(x), y, label_smoothing=cfg["label_smoothing"])
-            opt.zero_grad(set_to_none=True)
-            (loss * share if share != 1.0 else loss).backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(y)
-            n += len(y)
-            bar.set_postfix(loss=f"{total / n:.3f}")
-        total, n = distributed.all_reduce_scalar(total), int(distributed.all_reduce_scalar(n))
-        acc = evaluate_dataset(model, test, train.mean, train.std, bf16=bf16, channels_last=channels_last,
-                               num_workers=workers)["acc"]
-        metrics.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "test_acc": acc,
-                        "seconds": time.perf_counter() - t0})
+        loss = _teacher_epoch(net, opt, sched, bar, cfg, device)
+        acc = evaluate_dataset(model, test, train.mean, train.std, bf16=cfg["bf16"],
+                               channels_last=cfg["channels_last"], num_workers=workers)["acc"]
+        metrics.append({"epoch": epoch + 1, "train_loss": loss, "test_acc": acc, "seconds": time.perf_counter() - t0})
         if distributed.is_main():  # rank 0 writes checkpoints and metrics
-            print(f"teacher epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}, test top-1 {acc:.2f}%, "
+            print(f"teacher epoch {epoch + 1}/{epochs}: loss {loss:.4f}, test top-1 {acc:.2f}%, "
                   f"{metrics[-1]['seconds']:.1f}s")
             save_tensors(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", model.state_dict())
             atomic_write_json(out / "metrics.json", {"teacher": metrics})
@@ -184,10 +154,54 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
     return model, metrics
 
 
+def _load_teacher_resume(last: Path, metrics_path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                         sched: torch.optim.lr_scheduler.LambdaLR, gen: torch.Generator) -> tuple[int, list[dict]]:
+    """(epochs done, their metrics): restored from ``last`` into the arguments, or (0, []) for a fresh run."""
+    if not last.exists():
+        return 0, []
+    state = load_tensors(last, what="squeeze resume checkpoint")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    start = int(state["epoch"])
+    metrics = read_json(metrics_path, "squeeze metrics")["teacher"] if metrics_path.exists() else []
+    print(f"squeeze: resuming teacher training after epoch {start}")
+    return start, metrics[:start]
+
+
+def _teacher_epoch(net: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
+                   bar: tqdm, cfg: dict[str, Any], device: str) -> float:
+    """One epoch of label-smoothed cross-entropy over ``bar`` ((x, y, share) batches under a progress bar);
+    the mean loss over every rank's images."""
+    net.train()
+    total, n = 0.0, 0
+    for x, y, share in bar:
+        x, y = x.to(device), y.to(device)
+        if cfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
+            loss = F.cross_entropy(net(x), y, label_smoothing=cfg["label_smoothing"])
+        opt.zero_grad(set_to_none=True)
+        (loss * share if share != 1.0 else loss).backward()
+        opt.step()
+        sched.step()
+        total += float(loss.detach()) * len(y)
+        n += len(y)
+        bar.set_postfix(loss=f"{total / n:.3f}")
+    total, n = distributed.all_reduce_scalar(total), int(distributed.all_reduce_scalar(n))
+    return total / max(n, 1)
+
+
 @torch.no_grad()
 def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], seed: int, device: str = "cpu",
-                        data_root: str | None = None, backend: str | None = None) -> tuple[dict, list[str]]:
+                        data_root: str | None = None, backend: str | None = None,
+                        splits: SplitFactory | None = None) -> tuple[dict, list[str]]:
     """One eval-mode pass over the train set (train augmentation, as the reference) recording class-wise BN stats.
+
+    The train set is ``get_dataset(dataset, "train", data_root)``, or ``splits("train")`` when given (a
+    dataset get_dataset does not name; ``dataset`` then only names it).
 
     Batch b of the seeded order is augmented with its own generator (seed, b), so
     each image gets the same pixels however the pass is split. Under
@@ -196,7 +210,7 @@ def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], see
     batch order, so rank 0 runs it alone (the other ranks return ({}, layers)).
     """
     cfg, _ = squeeze_config(cfg, device)
-    train = get_dataset(dataset, "train", root=data_root)
+    train = splits("train") if splits is not None else get_dataset(dataset, "train", root=data_root)
     streamed = not hasattr(train, "images")  # an ImageFolder tree: decoded in workers, seeded per image
     model = model.to(device).eval()
     gen = torch.Generator().manual_seed(seed + 1)

@@ -8,22 +8,30 @@ knowledge reuse) and student temperature t_s, which calibrated alignment
 re-fits at the end of every epoch. Evaluated on the real test set every
 ``eval_every`` epochs and at the end; best and last are both reported.
 Resumes from ``out/last.pt`` after a kill.
+
+:func:`run_train` in order: :func:`open_label_store`, :func:`evaluation_splits`, :func:`build_student`,
+:func:`load_resume_state`, then per epoch :func:`train_one_epoch`, :func:`evaluate_epoch` and
+:func:`save_checkpoint`; student.pt and the summary at the end.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from lpqld_fast import config as schema
 from lpqld_fast import distributed
 from lpqld_fast.augment import replay_batch
-from lpqld_fast.data import get_dataset, stratified_subset
+from lpqld_fast.data import SplitFactory, get_dataset, stratified_subset
 from lpqld_fast.ddp import ddp_model
 from lpqld_fast.ema import WeightEMA
 from lpqld_fast.engine import build_optimizer, seed_everything, warmup_cosine
@@ -85,6 +93,183 @@ def _check_resume(out: Path, config: dict[str, Any], cfg: dict[str, Any], seed: 
     return record
 
 
+ModelFactory = Callable[..., nn.Module]
+
+
+@dataclass
+class StudentState:
+    """The student and everything ``last.pt`` restores with it."""
+
+    model: nn.Module  # the bare student; its weights go to last.pt
+    net: nn.Module  # what trains: the student, wrapped in DDP under torchrun
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: WeightEMA | None
+    gen: torch.Generator
+    t_s: float = 1.0
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What evaluations and student.pt hold: the weight average when train.ema is on."""
+        return self.model if self.ema is None else self.ema.module
+
+
+@dataclass
+class ReplaySource:
+    """What a training step replays: the distilled images and the stored batches of the label store."""
+
+    store: LabelStore
+    images: torch.Tensor  # uint8 [N, C, H, W], on the training device
+    image_labels: torch.Tensor  # int64 [N], for train.hard_labels
+    num_classes: int
+    labels_checked: set[int] = field(default_factory=set)  # stored batches whose labels were validated
+
+
+def open_label_store(relabel_dir: str | Path, recover_manifest: dict[str, Any], cfg: dict[str, Any]) -> LabelStore:
+    """The label store, every file's sha256 checked against its manifest before the first step (a flipped
+    byte would otherwise train silently; cost: the store-open-sha256 rows of bench/bench_store_read.py) and
+    its images and teacher against the recovered set's."""
+    store = LabelStore.open(relabel_dir, expect_images_sha256=recover_manifest["images_sha256"],
+                            expect_teacher_sha256=recover_manifest["teacher_sha256"], verify="sha256")
+    if cfg.get("batch_size") not in (None, store.batch_size):
+        raise ValueError(f"train.batch_size {cfg['batch_size']} differs from the label store's batch size "
+                         f"{store.batch_size}: the student replays whole stored batches")
+    return store
+
+
+def evaluation_splits(splits: SplitFactory, cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """(test split, validation split or None) as train.test_subset and train.val_size ask."""
+    test = splits("test")
+    if cfg["test_subset"]:
+        test = stratified_subset(test, cfg["test_subset"], seed=0)
+    return test, validation_split(splits, int(cfg["val_size"]))
+
+
+def build_student(cfg: dict[str, Any], num_classes: int, images: torch.Tensor, steps_per_epoch: int, device: str,
+                  build_model: ModelFactory, gen: torch.Generator) -> StudentState:
+    """A fresh student (initialised from the global RNG, so after seeding) with its optimizer, warmup-cosine
+    schedule over train.epochs * steps_per_epoch steps and optional weight average."""
+    student = build_model(cfg["model"], num_classes=num_classes, in_chans=images.shape[1],
+                          image_size=images.shape[2]).to(device)
+    if cfg["channels_last"]:
+        student = student.to(memory_format=torch.channels_last)
+    net = ddp_model(student, device)  # under torchrun, DDP + synchronised BN; each rank trains on its rows
+    opt = build_optimizer(student, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
+    ema = WeightEMA(student, float(cfg["ema"])) if cfg["ema"] > 0 else None
+    total, warmup = int(cfg["epochs"]) * steps_per_epoch, int(cfg["warmup_epochs"]) * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup))
+    return StudentState(student, net, opt, sched, ema, gen)
+
+
+def load_resume_state(out: Path, state: StudentState, cfg: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(first epoch to train, metrics so far): from ``out/last.pt`` into ``state`` when a killed or shorter run
+    left one, else (1, empty metrics)."""
+    last_path = out / "last.pt"
+    if not last_path.exists():
+        return 1, {"epochs": [], "evals": []}
+    saved = load_tensors(last_path, what="train resume checkpoint")
+    try:
+        state.model.load_state_dict(saved["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        # line 0 is "Error(s) in loading state_dict for X:"; line 1 names the missing/unexpected keys
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        detail = detail if len(detail) <= 120 else detail[:117] + "..."
+        raise ValueError(f"train resume checkpoint {last_path} does not fit train.model={cfg['model']!r}; "
+                         f"use a new --out or the model it was started with ({detail})") from None
+    state.opt.load_state_dict(saved["optimizer"])
+    state.sched.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    state.gen.set_state(saved["generator"])
+    state.t_s = float(saved["t_s"])
+    if state.ema is not None:
+        state.ema.load_state_dict(saved["ema"])
+    start, epochs = int(saved["epoch"]) + 1, int(cfg["epochs"])
+    if start - 1 > epochs:
+        raise ValueError(f"{last_path} holds epoch {start - 1}, more than train.epochs={epochs}; rerun with "
+                         f"train.epochs >= {start - 1}, or start fresh with another --out (or delete {out})")
+    metrics = read_json(out / "train_metrics.json", "train metrics")
+    # a kill between writing the metrics and last.pt leaves metrics of epochs the checkpoint lacks
+    for key in ("epochs", "evals"):
+        metrics[key] = [m for m in metrics.get(key, []) if m["epoch"] < start]
+    print(f"train: resuming after epoch {start - 1}")
+    return start, metrics
+
+
+def save_checkpoint(path: Path, state: StudentState, epoch: int) -> None:
+    """``last.pt``: everything :func:`load_resume_state` needs to go on bit for bit after ``epoch``."""
+    save_tensors(path, {"model": state.model.state_dict(), "optimizer": state.opt.state_dict(),
+                        "scheduler": state.sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                        "generator": state.gen.get_state(), "t_s": state.t_s, "epoch": epoch,
+                        **({} if state.ema is None else {"ema": state.ema.state_dict()})})
+
+
+def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any], epoch: int, seed: int,
+                    device: str) -> tuple[dict[str, Any], list[tuple[torch.Tensor, Any]]]:
+    """One epoch of floor(N/B) replayed stored batches. Returns the epoch's metrics and the student's logits
+    with their labels on the last train.calibrate_batches batches (calibration, logit diagnostics)."""
+    epochs, nb = int(cfg["epochs"]), src.store.batches_per_epoch
+    state.net.train()
+    T = temperature_at(epoch, epochs, cfg["temperature"], cfg["t0"], cfg["t_decay"], cfg["t_step"], cfg["t_floor"])
+    if not cfg["calibrate"]:
+        state.t_s = T if cfg["student_t"] == "teacher" else float(cfg["student_t"])
+    ids = epoch_batch_ids(src.store.kept_batch_ids, cfg["pool"], epoch, nb, seed)
+    if len(ids) != nb:  # the schedule was sized for epochs * nb steps
+        raise AssertionError(f"pool {cfg['pool']!r} gave {len(ids)} batches for epoch {epoch}, expected {nb}")
+    on_gpu = torch.device(device).type != "cpu"
+    total = 0.0
+    calib: list[tuple[torch.Tensor, Any]] = []
+    for i, bid in enumerate(ids.tolist()):
+        rec = src.store.batch(bid)
+        x = replay_batch(src.images, rec, src.store.mean, src.store.std)
+        if cfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if on_gpu and not cfg["hard_labels"] and bid not in src.labels_checked:
+            # on the host copy, once per stored batch (replayed every epoch): no device sync per step
+            check_label_data(**rec.labels.kl_kwargs(), num_classes=src.num_classes)
+            src.labels_checked.add(bid)
+        labels = rec.labels.to(device)
+        rows, share = distributed.batch_share(x.shape[0])  # all rows, share 1.0 for 1 process
+        if cfg["hard_labels"]:
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"])):
+                logits = state.net(x[rows])
+            loss = hard_label_loss(logits.float(), src.image_labels.to(device), rec.aug, rows)
+        else:
+            loss, logits = soft_label_forward(state.net, x[rows], labels.slice_rows(rows), T, state.t_s,
+                                              bool(cfg["t2_scale"]), bool(cfg["bf16"]), validate=not on_gpu)
+        if share != 1.0:
+            loss = loss * share  # DDP averages: world * n_local / B makes it the full-batch mean
+        state.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        state.opt.step()
+        state.sched.step()
+        if state.ema is not None:
+            state.ema.update(state.model)
+        total = total + loss.detach().double()  # summed on the device: float() would sync a GPU per step
+        if i >= len(ids) - int(cfg["calibrate_batches"]):
+            calib.append((distributed.gather_rows(logits.detach().float(), x.shape[0]), labels))
+    total = distributed.all_reduce_scalar(float(total)) / distributed.world_size()  # mean over ranks
+    if cfg["calibrate"] and not cfg["hard_labels"]:
+        state.t_s = calibrate_on(calib, T)
+    entry = {"epoch": epoch, "loss": total / max(len(ids), 1), "T": T, "t_s": state.t_s, "steps": len(ids),
+             "lr": state.opt.param_groups[0]["lr"]}
+    return entry, calib
+
+
+def evaluate_epoch(model: nn.Module, entry: dict[str, Any], calib: list[tuple[torch.Tensor, Any]], test: Any,
+                   val: Any, store: LabelStore, cfg: dict[str, Any], batch_size: int = 256) -> dict[str, Any]:
+    """The evaluation after the epoch ``entry`` describes: test (and validation) accuracy and NLL, and, with
+    soft labels, the logit ranges of the last calibration batch."""
+    kw = {"bf16": bool(cfg["bf16"]), "channels_last": bool(cfg["channels_last"]), "batch_size": batch_size}
+    ev = {"epoch": entry["epoch"], "train_loss": entry["loss"], "T": entry["T"], "t_s": entry["t_s"],
+          **evaluate_split(model, test, store.mean, store.std, "test", **kw)}
+    if val is not None:
+        ev.update(evaluate_split(model, val, store.mean, store.std, "val", **kw))
+    if not cfg["hard_labels"]:
+        ev.update(logit_ranges(calib[-1][0], calib[-1][1]))
+    return ev
+
+
 def run_train(
     config: dict[str, Any],
     recover_dir: str | Path,
@@ -93,145 +278,55 @@ def run_train(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    *,
+    splits: SplitFactory | None = None,
+    build_model: ModelFactory = get_model,
+    eval_batch_size: int = 256,
 ) -> dict[str, Any]:
+    """Train a student on ``recover_dir``'s images and ``relabel_dir``'s label store into ``out``
+    (train_metrics.json, last.pt after every train.checkpoint_every epochs, student.pt at the end); a run
+    killed or stopped at fewer epochs goes on from last.pt. Returns the summary of train_metrics.json.
+
+    ``splits`` (split name -> dataset) replaces the config's dataset for the test and validation splits,
+    ``build_model`` (``get_model``'s signature) builds the student, ``eval_batch_size`` is the evaluation's
+    batch size: what a scale run without a registered dataset or with another width configures.
+    """
     out = Path(out)
     cfg = train_config(config, device, out)
+    if splits is None:
+        splits = partial(get_dataset, config["dataset"], root=config.get("data_root"))
     images, image_labels, manifest = load_recovered(recover_dir)
-    # every file's sha256 once, before the first step and before anything is written: a flipped byte in the
-    # labels would otherwise train silently (cost: the store-open-sha256 rows of bench/bench_store_read.py)
-    store = LabelStore.open(relabel_dir, expect_images_sha256=manifest["images_sha256"],
-                            expect_teacher_sha256=manifest["teacher_sha256"], verify="sha256")
-    if cfg.get("batch_size") not in (None, store.batch_size):
-        raise ValueError(f"train.batch_size {cfg['batch_size']} differs from the label store's batch size "
-                         f"{store.batch_size}: the student replays whole stored batches")
-    test = get_dataset(config["dataset"], "test", root=config.get("data_root"))
-    if cfg["test_subset"]:
-        test = stratified_subset(test, cfg["test_subset"], seed=0)
-    val = validation_split(config, int(cfg["val_size"]))
+    store = open_label_store(relabel_dir, manifest, cfg)
+    test, val = evaluation_splits(splits, cfg)
     gen = seed_everything(seed)
-    student = get_model(cfg["model"], num_classes=test.num_classes, in_chans=images.shape[1],
-                        image_size=images.shape[2]).to(device)
-    channels_last = bool(cfg["channels_last"])
-    if channels_last:
-        student = student.to(memory_format=torch.channels_last)
-    images = images.to(device)
-    # under torchrun, DDP + synchronised BN; each rank trains on its rows of every stored batch.
-    net = ddp_model(student, device)
-    epochs = int(cfg["epochs"])
-    nb = store.batches_per_epoch
-    opt = build_optimizer(student, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
-    ema = WeightEMA(student, float(cfg["ema"])) if cfg["ema"] > 0 else None
-    evaluated = student if ema is None else ema.module  # what evaluations and student.pt hold
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * nb, int(cfg["warmup_epochs"]) * nb))
-    t_s = 1.0
-    metrics: dict[str, Any] = {"epochs": [], "evals": []}
-    start = 1
-    last_path = out / "last.pt"
+    state = build_student(cfg, test.num_classes, images, store.batches_per_epoch, device, build_model, gen)
+    src = ReplaySource(store, images.to(device), image_labels, test.num_classes)
     out.mkdir(parents=True, exist_ok=True)
     record = _check_resume(out, config, cfg, seed, store, manifest["images_sha256"])
-    if last_path.exists():
-        state = load_tensors(last_path, what="train resume checkpoint")
-        try:
-            student.load_state_dict(state["model"])
-        except (RuntimeError, KeyError, TypeError) as e:
-            # line 0 is "Error(s) in loading state_dict for X:"; line 1 names the missing/unexpected keys
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-            detail = lines[1] if len(lines) > 1 else lines[0]
-            detail = detail if len(detail) <= 120 else detail[:117] + "..."
-            raise ValueError(f"train resume checkpoint {last_path} does not fit train.model={cfg['model']!r}; "
-                             f"use a new --out or the model it was started with ({detail})") from None
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        gen.set_state(state["generator"])
-        t_s = float(state["t_s"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start = int(state["epoch"]) + 1
-        if start - 1 > epochs:
-            raise ValueError(f"{last_path} holds epoch {start - 1}, more than train.epochs={epochs}; rerun with "
-                             f"train.epochs >= {start - 1}, or start fresh with another --out (or delete {out})")
-        metrics = read_json(out / "train_metrics.json", "train metrics")
-        # a kill between writing the metrics and last.pt leaves metrics of epochs the checkpoint lacks
-        for key in ("epochs", "evals"):
-            metrics[key] = [m for m in metrics.get(key, []) if m["epoch"] < start]
-        print(f"train: resuming after epoch {start - 1}")
+    start, metrics = load_resume_state(out, state, cfg)
     if distributed.is_main():  # once the resume state loaded: a refused resume leaves the old record
         atomic_write_json(out / "config.json", record)
-    mean, std = store.mean, store.std
     t_begin = time.perf_counter()
-    on_gpu = torch.device(device).type != "cpu"
-    labels_checked: set[int] = set()
+    epochs = int(cfg["epochs"])
     bar = tqdm(range(start, epochs + 1), desc="train student", disable=not (progress and distributed.is_main()))
     for epoch in bar:
-        net.train()
-        T = temperature_at(epoch, epochs, cfg["temperature"], cfg["t0"], cfg["t_decay"], cfg["t_step"],
-                           cfg["t_floor"])
-        if not cfg["calibrate"]:
-            t_s = T if cfg["student_t"] == "teacher" else float(cfg["student_t"])
-        ids = epoch_batch_ids(store.kept_batch_ids, cfg["pool"], epoch, nb, seed)
-        if len(ids) != nb:  # the schedule was sized for epochs * nb steps
-            raise AssertionError(f"pool {cfg['pool']!r} gave {len(ids)} batches for epoch {epoch}, expected {nb}")
-        total = 0.0
-        calib: list[tuple[torch.Tensor, Any]] = []
-        for i, bid in enumerate(ids.tolist()):
-            rec = store.batch(bid)
-            x = replay_batch(images, rec, mean, std)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if on_gpu and not cfg["hard_labels"] and bid not in labels_checked:
-                # on the host copy, once per stored batch (replayed every epoch): no device sync per step
-                check_label_data(**rec.labels.kl_kwargs(), num_classes=test.num_classes)
-                labels_checked.add(bid)
-            labels = rec.labels.to(device)
-            rows, share = distributed.batch_share(x.shape[0])  # all rows, share 1.0 for 1 process
-            if cfg["hard_labels"]:
-                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"])):
-                    logits = net(x[rows])
-                loss = hard_label_loss(logits.float(), image_labels.to(device), rec.aug, rows)
-            else:
-                loss, logits = soft_label_forward(net, x[rows], labels.slice_rows(rows), T, t_s,
-                                                  bool(cfg["t2_scale"]), bool(cfg["bf16"]), validate=not on_gpu)
-            if share != 1.0:
-                loss = loss * share  # DDP averages: world * n_local / B makes it the full-batch mean
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update(student)
-            total = total + loss.detach().double()  # summed on the device: float() would sync a GPU per step
-            if i >= len(ids) - int(cfg["calibrate_batches"]):
-                calib.append((distributed.gather_rows(logits.detach().float(), x.shape[0]), labels))
-        total = distributed.all_reduce_scalar(float(total)) / distributed.world_size()  # mean over ranks
-        if cfg["calibrate"] and not cfg["hard_labels"]:
-            t_s = calibrate_on(calib, T)
-        entry = {"epoch": epoch, "loss": total / max(len(ids), 1), "T": T, "t_s": t_s, "steps": len(ids),
-                 "lr": opt.param_groups[0]["lr"]}
+        entry, calib = train_one_epoch(state, src, cfg, epoch, seed, device)
         metrics["epochs"].append(entry)
         if epoch % int(cfg["eval_every"]) == 0 or epoch == epochs:
-            ev = {"epoch": epoch, "train_loss": entry["loss"], "T": T, "t_s": t_s,
-                  **evaluate_split(evaluated, test, mean, std, "test", bool(cfg["bf16"]), channels_last)}
-            if val is not None:
-                ev.update(evaluate_split(evaluated, val, mean, std, "val", bool(cfg["bf16"]), channels_last))
-            if not cfg["hard_labels"]:
-                ev.update(logit_ranges(calib[-1][0], calib[-1][1]))
+            ev = evaluate_epoch(state.evaluated, entry, calib, test, val, store, cfg, eval_batch_size)
             metrics["evals"].append(ev)
-            bar.set_postfix(acc=f"{ev['test_acc']:.2f}", T=f"{T:.1f}", t_s=f"{t_s:.2f}")
+            bar.set_postfix(acc=f"{ev['test_acc']:.2f}", T=f"{ev['T']:.1f}", t_s=f"{ev['t_s']:.2f}")
         if (epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs) and distributed.is_main():
             atomic_write_json(out / "train_metrics.json", metrics)
-            save_tensors(last_path, {"model": student.state_dict(), "optimizer": opt.state_dict(),
-                                     "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                                     "generator": gen.get_state(), "t_s": t_s, "epoch": epoch,
-                                     **({} if ema is None else {"ema": ema.state_dict()})})
-    summary = {**select_evaluation(metrics["evals"]), "num_epochs": epochs, "t_s_final": t_s,
+            save_checkpoint(out / "last.pt", state, epoch)
+    summary = {**select_evaluation(metrics["evals"]), "num_epochs": epochs, "t_s_final": state.t_s,
                "test_images": len(test), "val_images": 0 if val is None else len(val),
                "seconds": time.perf_counter() - t_begin + metrics.get("seconds", 0.0),
                "record": run_record(config, seed, device)}
     metrics.update(summary)
     if distributed.is_main():  # rank 0 writes, the others wait for it
         atomic_write_json(out / "train_metrics.json", metrics)
-        save_tensors(out / "student.pt", evaluated.state_dict())
+        save_tensors(out / "student.pt", state.evaluated.state_dict())
     distributed.barrier()
     return summary
 
@@ -249,22 +344,23 @@ def soft_label_forward(net: torch.nn.Module, x: torch.Tensor, labels: SoftLabels
     return loss, logits
 
 
-def validation_split(config: dict[str, Any], size: int) -> Any:
-    """The fixed class-balanced validation split of real training images, or None (size 0 or a streamed
-    ImageFolder tree, which is not held in memory)."""
+def validation_split(splits: SplitFactory, size: int) -> Any:
+    """The fixed class-balanced validation split of real training images (``splits("train")``), or None (size 0
+    or a streamed ImageFolder tree, which is not held in memory)."""
     if size == 0:
         return None
-    train_split = get_dataset(config["dataset"], "train", root=config.get("data_root"))
+    train_split = splits("train")
     if not hasattr(train_split, "images"):
         return None
     return stratified_subset(train_split, size, seed=0)
 
 
 def evaluate_split(model: torch.nn.Module, ds: Any, mean: Any, std: Any, name: str, bf16: bool,
-                   channels_last: bool) -> dict[str, float]:
+                   channels_last: bool, batch_size: int = 256) -> dict[str, float]:
     """``{name}_acc`` (top-1 %) and, for in-memory splits, ``{name}_nll`` of ``model`` on ``ds``."""
     return {f"{name}_{k}": v for k, v in evaluate_dataset(model, ds, mean, std, bf16=bf16,
-                                                           channels_last=channels_last).items()}
+                                                           channels_last=channels_last,
+                                                           batch_size=batch_size).items()}
 
 
 def logit_ranges(logits: torch.Tensor, labels: Any) -> dict[str, float]:

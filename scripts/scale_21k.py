@@ -137,12 +137,11 @@ def phase_stats(out: Path) -> dict:
     distributed.init_from_env("cpu")
     world = distributed.world_size()
     train = _dataset("train", STATS_PER_CLASS)
-    squeeze.get_dataset = lambda name, split="train", root=None: train  # the 21K-shaped set for this pass
     teacher = _teacher()
     rss0 = _rss_mb()
     t0 = time.perf_counter()
     cfg = {"stats_mode": "exact", "stats_batch_size": 500, "augment": "crop-flip", "crop_pad": 2}
-    stats, layers = squeeze.collect_class_stats(teacher, "synthetic-21k", cfg, SEED)
+    stats, layers = squeeze.collect_class_stats(teacher, "synthetic-21k", cfg, SEED, splits=lambda split: train)
     seconds = time.perf_counter() - t0
     channels = sum(stats[f"{n}.mean"].shape[1] for n in layers)
     if distributed.is_main():
@@ -203,23 +202,22 @@ def phase_relabel(out: Path, epochs: int) -> dict:
 
 
 def phase_train(out: Path, epochs: int) -> dict:
-    import lpqld_fast.train as train_mod
-    from lpqld_fast import evaluation
-    from lpqld_fast.models import get_model
+    from functools import partial
 
+    from lpqld_fast.models import get_model
+    from lpqld_fast.train import run_train
+
+    # The 10,450-class test split serves as the test set and as the pool of the validation split (train.val_size).
     test = _dataset("test", 1)
-    train_mod.get_dataset = lambda name, split="test", root=None: test  # 10,450-class test split
-    train_mod.get_model = lambda name, **kw: get_model(name, **kw, width=WIDTH)
-    # Evaluate 10,450-way logits in batches of 200 (not 1000): smaller transient peaks, less RSS noise.
-    sharded = evaluation.evaluate_sharded_metrics
-    evaluation.evaluate_sharded_metrics = lambda *a, **kw: sharded(*a, **kw, batch_size=200)
     config = {"dataset": "synthetic-21k", "train": {"model": "convnet-bn", "epochs": 1, "eval_every": 1,
                                                      "checkpoint_every": 1, "optimizer": "adamw", "lr": 1e-3}}
     rss0 = _rss_mb()
     t0 = time.perf_counter()
     with _RssSampler() as rss:
-        summary = train_mod.run_train(config, out / "recover", out / f"store_e{epochs}", out / f"train_e{epochs}",
-                                      seed=SEED, progress=False)
+        # Evaluate 10,450-way logits in batches of 200: smaller transient peaks, less RSS noise.
+        summary = run_train(config, out / "recover", out / f"store_e{epochs}", out / f"train_e{epochs}", seed=SEED,
+                            progress=False, splits=lambda split: test, build_model=partial(get_model, width=WIDTH),
+                            eval_batch_size=200)
     metrics = json.loads((out / f"train_e{epochs}" / "train_metrics.json").read_text())
     return _result(phase="train", epochs=epochs, steps=NUM_CLASSES // BATCH, loss=metrics["epochs"][0]["loss"],
                    test_acc=summary["last_acc"], seconds=round(time.perf_counter() - t0, 2),

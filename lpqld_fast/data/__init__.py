@@ -14,6 +14,7 @@ submodules build on; this module only gathers them and the registry.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,7 +36,12 @@ __all__ = [
     "DATASET_NAMES",
     "dataset_info",
     "get_dataset",
+    "SplitFactory",
 ]
+
+# A split by name ("train", "test") of the dataset a stage works on: what a caller passes to use a dataset
+# get_dataset does not name (scripts/scale_21k.py's 10,450-class set).
+SplitFactory = Callable[[str], Any]
 
 from .fashion_mnist import (
     FASHION_MNIST_CLASSES,

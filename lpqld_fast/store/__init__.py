@@ -2,6 +2,7 @@
 
 - :mod:`~lpqld_fast.store.layout`: on-disk schema (components, dtypes, slot encoding)
 - :mod:`~lpqld_fast.store.quantize`: soft-label encoders / decoders (dense, MR-k, MRS-k, MS-k, top-k; fp16/int8)
+- :mod:`~lpqld_fast.store.manifest`: the manifest relabel records (settings, sources, random-stream rules)
 - :mod:`~lpqld_fast.store.writer`: preallocated, resumable, multi-writer-safe writes
 - :mod:`~lpqld_fast.store.reader`: verified open, per-batch records from memory maps
 - :mod:`~lpqld_fast.store.accounting`: bytes per component and the ratio to full labels
@@ -14,6 +15,7 @@ from lpqld_fast.store.accounting import (  # noqa: F401
     storage_report,
 )
 from lpqld_fast.store.layout import FORMAT, MANIFEST, SCHEMA_VERSION, component_specs  # noqa: F401
+from lpqld_fast.store.manifest import label_store_manifest  # noqa: F401
 from lpqld_fast.store.quantize import (  # noqa: F401
     MODES,
     VALUE_DTYPES,
