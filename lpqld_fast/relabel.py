@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lpqld_fast import distributed
 from lpqld_fast.augment import AugParams, replay_batch, sample_aug_params
@@ -161,6 +162,60 @@ def _to_cpu(enc: EncodedLabels) -> EncodedLabels:
     return EncodedLabels(cpu(enc.values), cpu(enc.indices), cpu(enc.fill), cpu(enc.scale), cpu(enc.offset))
 
 
+def _check_inputs(images_uint8: Any, image_labels: Any, teacher: Any, seed: Any) -> None:
+    """run_relabel's argument checks (before anything is written)."""
+    if not isinstance(images_uint8, torch.Tensor) or images_uint8.dim() != 4 or images_uint8.dtype != torch.uint8:
+        raise ValueError("images_uint8 must be a uint8 tensor [N, C, H, W]")
+    n = images_uint8.shape[0]
+    if not isinstance(image_labels, torch.Tensor) or image_labels.shape != (n,) or image_labels.is_floating_point():
+        raise ValueError(f"image_labels must be an integer tensor of shape [{n}], got "
+                         f"{getattr(image_labels, 'shape', type(image_labels).__name__)}")
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+    if any(mod.training for mod in teacher.modules()):
+        raise ValueError("teacher must be in eval mode (call teacher.eval()): training-mode BatchNorm/dropout "
+                         "would make the labels depend on batch composition and change the teacher")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+
+def _probe_num_classes(teacher: nn.Module, device: torch.device, shape: tuple[int, int, int]) -> int:
+    """The teacher's class count from one forward of a blank image (checking that it returns logits)."""
+    with torch.no_grad():
+        z = teacher(torch.zeros((1, *shape), dtype=torch.float32, device=device))
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != 1:
+        raise ValueError(f"teacher must return logits [batch, C], got {getattr(z, 'shape', type(z).__name__)}")
+    return int(z.shape[1])
+
+
+def _write_slots(writer: StoreWriter, slots: Sequence[int], kept: np.ndarray,
+                 images_uint8: torch.Tensor, teacher: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device, num_classes: int, cfg: dict[str, Any], seed: int, out_size: tuple[int, int],
+                 progress: bool) -> None:
+    """Each store slot in ``slots``: its batch's augmentation drawn from the batch's own seed, replayed,
+    labelled by the teacher and encoded; the rows come back to the host once, where the encoding checks run."""
+    n, c_img, h, w = images_uint8.shape
+    specs = component_specs(writer.manifest)
+    perms = EpochPermutations(n, seed)
+    # Once per store, on the images' device: the batches' checks of the image indices (a permutation of the
+    # images) and of std (checked by the caller) are not repeated per batch.
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images_uint8.device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images_uint8.device)
+    for slot in tqdm(slots, desc="relabel", unit="batch", disable=not progress):
+        bid = int(kept[slot])
+        idx = batch_image_indices(bid, n, cfg["batch_size"], seed, perms)
+        aug = sample_aug_params(
+            idx, h, w, c_img, out_size, seeded_generator(seed, "batch", bid),
+            scale=cfg["rrc_scale"], ratio=cfg["rrc_ratio"], flip=cfg["flip"], cutmix=cfg["cutmix"],
+            cutout=cfg["cutout"], cutout_factor=cfg["cutout_factor"],
+        )
+        enc, checks = relabel_batch(teacher, images_uint8, aug.to(images_uint8.device), mean_t, std_t, device,
+                                    num_classes, cfg["label"], cfg["k"], cfg["value_dtype"], cfg["temperature"])
+        enc = _to_cpu(enc)  # the store's rows, on the host: the batch's one transfer back
+        check_encoding(checks, cfg["label"], cfg["value_dtype"])
+        writer.write_slot(slot, encode_slot(writer.manifest, specs, aug, enc))
+
+
 def run_relabel(
     images_uint8: torch.Tensor,
     image_labels: torch.Tensor,
@@ -187,19 +242,8 @@ def run_relabel(
     incomplete for another process to finalise and None is returned.
     Returns the opened :class:`LabelStore`.
     """
-    if not isinstance(images_uint8, torch.Tensor) or images_uint8.dim() != 4 or images_uint8.dtype != torch.uint8:
-        raise ValueError("images_uint8 must be a uint8 tensor [N, C, H, W]")
+    _check_inputs(images_uint8, image_labels, teacher, seed)
     n, c_img, h, w = images_uint8.shape
-    if not isinstance(image_labels, torch.Tensor) or image_labels.shape != (n,) or image_labels.is_floating_point():
-        raise ValueError(f"image_labels must be an integer tensor of shape [{n}], got "
-                         f"{getattr(image_labels, 'shape', type(image_labels).__name__)}")
-    if not isinstance(teacher, nn.Module):
-        raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
-    if any(mod.training for mod in teacher.modules()):
-        raise ValueError("teacher must be in eval mode (call teacher.eval()): training-mode BatchNorm/dropout "
-                         "would make the labels depend on batch composition and change the teacher")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
     teacher_sha256 = _check_sha("teacher_sha256", teacher_sha256)
     images_sha256 = _check_sha("images_sha256", images_sha256)
     cfg = normalize_config(config)
@@ -219,17 +263,9 @@ def run_relabel(
         device = next(teacher.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            z = teacher(x.to(device))
-        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
-            raise ValueError(f"teacher must return logits [batch, C], got {getattr(z, 'shape', type(z).__name__)}")
-        return z.to(torch.float32)
-
     num_classes = cfg["num_classes"]
-    if num_classes is None:  # one probe forward of a single blank image
-        num_classes = int(forward(torch.zeros((1, c_img, *out_size), dtype=torch.float32)).shape[1])
+    if num_classes is None:
+        num_classes = _probe_num_classes(teacher, device, (c_img, *out_size))
     if image_labels.numel() and (int(image_labels.min()) < 0 or int(image_labels.max()) >= num_classes):
         raise ValueError(f"image_labels must lie in [0, {num_classes}) (the teacher's classes)")
     kk = config_stored_k(cfg, num_classes)
@@ -248,29 +284,9 @@ def run_relabel(
     writer = StoreWriter.create_or_resume(out_dir, manifest, kept, commit_every=commit_every)
     if writer is None:  # already complete
         return LabelStore.open(out_dir, expect_teacher_sha256=teacher_sha256, expect_images_sha256=images_sha256)
-    specs = component_specs(writer.manifest)
-    perms = EpochPermutations(n, seed)
-    # Once per store, on the images' device: the batches' checks of the image indices (a permutation of the
-    # images) and of std (checked above) are not repeated per batch.
-    mean_t = torch.tensor(mean_l, dtype=torch.float32, device=images_uint8.device)
-    std_t = torch.tensor(std_l, dtype=torch.float32, device=images_uint8.device)
     try:
-        todo = writer.pending_slots(slot_range)
-        from tqdm.auto import tqdm
-
-        for slot in tqdm(todo, desc="relabel", unit="batch", disable=not progress):
-            bid = int(kept[slot])
-            idx = batch_image_indices(bid, n, b_size, seed, perms)
-            aug = sample_aug_params(
-                idx, h, w, c_img, out_size, seeded_generator(seed, "batch", bid),
-                scale=cfg["rrc_scale"], ratio=cfg["rrc_ratio"], flip=cfg["flip"], cutmix=cfg["cutmix"],
-                cutout=cfg["cutout"], cutout_factor=cfg["cutout_factor"],
-            )
-            enc, checks = relabel_batch(teacher, images_uint8, aug.to(images_uint8.device), mean_t, std_t, device,
-                                        num_classes, cfg["label"], cfg["k"], cfg["value_dtype"], cfg["temperature"])
-            enc = _to_cpu(enc)  # the store's rows, on the host: the batch's one transfer back
-            check_encoding(checks, cfg["label"], cfg["value_dtype"])
-            writer.write_slot(slot, encode_slot(writer.manifest, specs, aug, enc))
+        _write_slots(writer, writer.pending_slots(slot_range), kept, images_uint8, teacher, mean_l, std_l, device,
+                     num_classes, cfg, seed, out_size, progress)
         writer.commit()
         if not finalize:
             return None
