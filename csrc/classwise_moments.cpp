@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "common/checks.h"
+
 namespace lpqld {
 
 void check_classwise_moments_args(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count,

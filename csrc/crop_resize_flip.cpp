@@ -18,7 +18,23 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "common/checks.h"
+
 namespace lpqld {
+
+void check_crop_resize_flip_args(const at::Tensor& t, const char* tname, const at::Tensor& boxes,
+                                 const at::Tensor& flips) {
+  TORCH_CHECK(t.dim() == 4, "crop_resize_flip: ", tname, " must be [N, C, H, W], got ", t.sizes());
+  const int64_t n = t.size(0);
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == n && boxes.size(1) == 4,
+              "crop_resize_flip: boxes must be [N, 4] with N = ", n, ", got ", boxes.sizes());
+  TORCH_CHECK(boxes.scalar_type() == at::kLong, "crop_resize_flip: boxes must be int64 pixel boxes, got ",
+              boxes.scalar_type());
+  TORCH_CHECK(flips.dim() == 1 && flips.size(0) == n, "crop_resize_flip: flips must be [N] with N = ", n,
+              ", got ", flips.sizes());
+  TORCH_CHECK(flips.scalar_type() == at::kBool, "crop_resize_flip: flips must be bool, got ", flips.scalar_type());
+}
+
 namespace {
 
 using at::Tensor;
@@ -66,6 +82,8 @@ TORCH_LIBRARY_FRAGMENT(lpqld, m) {
   m.def("crop_resize_flip(Tensor x, Tensor boxes, Tensor flips, SymInt out_h, SymInt out_w) -> Tensor");
   m.def(
       "crop_resize_flip_backward(Tensor grad_out, Tensor boxes, Tensor flips, SymInt in_h, SymInt in_w) -> Tensor");
+  // Not a tensor op: selects/queries the SIMD variant of the CPU forward row kernels (tests, benchmarks).
+  m.def("_crop_resize_flip_cpu_isa(str isa=\"\") -> str");
 }
 
 TORCH_LIBRARY_IMPL(lpqld, Autograd, m) {

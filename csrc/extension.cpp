@@ -4,9 +4,12 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Every op file adds its schema with TORCH_LIBRARY_FRAGMENT(lpqld, m); the
-// namespace itself is declared once here.
-TORCH_LIBRARY(lpqld, m) {}
+// Every op's schema is in csrc/<op>.cpp (TORCH_LIBRARY_FRAGMENT); its kernels register with
+// TORCH_LIBRARY_IMPL in csrc/cpu/ and csrc/cuda/. The namespace itself is declared once here.
+TORCH_LIBRARY(lpqld, m) {
+  // Not a tensor op: limit / statistics of the CPU output pool (csrc/cpu/output_pool.cpp).
+  m.def("_cpu_output_pool(int limit=-1) -> int[]");
+}
 
 static struct PyModuleDef lpqld_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 

@@ -8,7 +8,7 @@
 // for float64 logits) and grad = grad_scale / (B * t_s) * (q * S - p) in the
 // logits' dtype: the gradient of grad_scale * mean_b KL_b. The dense teacher p
 // is never materialised. mode: 0 dense, 1 mr, 2 mrs, 3 ms, 4 topk_norenorm
-// (see lpqld_fast/ops/reference/soft_label_kl.py for the decoders).
+// (common/label_modes.h; see lpqld_fast/ops/reference/soft_label_kl.py for the decoders).
 //
 // The checks here are the structural ones, so that a direct call with bad
 // shapes or dtypes raises instead of reading out of bounds. The data checks
@@ -23,14 +23,17 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include "common/checks.h"
+#include "common/label_modes.h"
+
 namespace lpqld {
 
 void soft_label_kl_check_args(
     const at::Tensor& logits, const at::Tensor& values, const std::optional<at::Tensor>& indices,
     const std::optional<at::Tensor>& fill, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& offset, int64_t mode, double T, double t_s) {
-  TORCH_CHECK(mode >= 0 && mode <= 4, "soft_label_kl_fwd: mode must be 0..4 (dense, mr, mrs, ms, topk_norenorm), got ",
-              mode);
+  TORCH_CHECK(mode >= 0 && mode < kNumLabelModes, "soft_label_kl_fwd: mode must be 0..", kNumLabelModes - 1, " (",
+              kLabelModeNames, "), got ", mode);
   TORCH_CHECK(logits.dim() == 2, "soft_label_kl_fwd: logits must be [B, C], got ", logits.sizes());
   const auto ld = logits.scalar_type();
   TORCH_CHECK(ld == at::kFloat || ld == at::kHalf || ld == at::kBFloat16 || ld == at::kDouble,
@@ -44,7 +47,7 @@ void soft_label_kl_check_args(
               "soft_label_kl_fwd: values must be float16/bfloat16/float32/float64/int8, got ", vd);
   TORCH_CHECK(values.device() == logits.device(), "soft_label_kl_fwd: values must be on ", logits.device());
   const int64_t k = values.size(1);
-  if (mode == 0) {
+  if (mode == kDense) {
     TORCH_CHECK(k == C, "soft_label_kl_fwd: dense values must be [B, C] = [", B, ", ", C, "], got ", values.sizes());
   } else {
     TORCH_CHECK(k >= 1 && k <= C, "soft_label_kl_fwd: values must have 1 <= k <= C = ", C, " columns, got ", k);
@@ -68,7 +71,7 @@ void soft_label_kl_check_args(
   check_row_vec(fill, "fill");
   check_row_vec(scale, "scale");
   check_row_vec(offset, "offset");
-  TORCH_CHECK(mode != 2 || fill.has_value(), "soft_label_kl_fwd: mode mrs needs fill");
+  TORCH_CHECK(mode != kMRS || fill.has_value(), "soft_label_kl_fwd: mode mrs needs fill");
   TORCH_CHECK(vd != at::kChar || (scale.has_value() && offset.has_value()),
               "soft_label_kl_fwd: int8 values need scale and offset");
   TORCH_CHECK(T > 0.0 && t_s > 0.0, "soft_label_kl_fwd: T and t_s must be > 0, got ", T, " and ", t_s);
@@ -202,6 +205,8 @@ TORCH_LIBRARY_FRAGMENT(lpqld, m) {
   m.def(
       "soft_label_kl(Tensor logits, Tensor values, Tensor? indices, Tensor? fill, Tensor? scale, "
       "Tensor? offset, int mode, float T, float t_s, float grad_scale) -> Tensor");
+  // Not a tensor op: selects/queries the SIMD variant of the CPU kernel (tests, benchmarks).
+  m.def("_soft_label_kl_cpu_isa(str isa=\"\") -> str");
 }
 
 TORCH_LIBRARY_IMPL(lpqld, Autograd, m) {

@@ -23,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-MODE_CODES = {"dense": 0, "mr": 1, "mrs": 2, "ms": 3, "topk_norenorm": 4}
+from lpqld_fast.ops.label_modes import MODE_CODES
+
+# The mode codes as compile-time constants of the kernel (a @triton.jit function reads only constexpr globals).
+_DENSE = tl.constexpr(MODE_CODES["dense"])
+_MR = tl.constexpr(MODE_CODES["mr"])
+_MRS = tl.constexpr(MODE_CODES["mrs"])
+_MS = tl.constexpr(MODE_CODES["ms"])
 
 
 @triton.jit
@@ -91,7 +97,7 @@ def _soft_label_kl_fwd_kernel(
     zm, zs = _row_max_sumexp(z_row, C, inv_s, 1.0, 0.0, False, BLOCK_C)
     log_zs = tl.log(zs)
 
-    if MODE == 0:  # dense teacher logits [B, C]
+    if MODE == _DENSE:  # dense teacher logits [B, C]
         um, us = _row_max_sumexp(v_row, C, inv_t, qs, qo, QUANT, BLOCK_C)
         log_zt = tl.log(us)
         acc = tl.zeros([BLOCK_C], tl.float32)
@@ -113,7 +119,7 @@ def _soft_label_kl_fwd_kernel(
         i_row = i_ptr + row * i_stride
         koffs = tl.arange(0, BLOCK_K)
         # 1. teacher decode statistics over the k stored entries
-        if MODE < 3:  # mr / mrs: logits, softmax at T
+        if MODE == _MR or MODE == _MRS:  # logits, softmax at T
             tm = tl.max(tl.full([BLOCK_K], float("-inf"), tl.float32), axis=0)
             for ks in range(0, K, BLOCK_K):
                 kk = ks + koffs
@@ -121,7 +127,7 @@ def _soft_label_kl_fwd_kernel(
                 v = _load_values(v_row, kk, kmask, qs, qo, QUANT)
                 tm = tl.maximum(tm, tl.max(tl.where(kmask, v * inv_t, float("-inf")), axis=0))
             uf = 0.0
-            if MODE == 2:
+            if MODE == _MRS:
                 uf = tl.load(fill_ptr + row).to(tl.float32) * inv_t
                 tm = tl.where(rest_f > 0, tl.maximum(tm, uf), tm)
             zacc = tl.zeros([BLOCK_K], tl.float32)
@@ -131,12 +137,12 @@ def _soft_label_kl_fwd_kernel(
                 v = _load_values(v_row, kk, kmask, qs, qo, QUANT)
                 zacc += tl.where(kmask, tl.exp(v * inv_t - tm), 0.0)
             zt = tl.sum(zacc, axis=0)
-            if MODE == 2:
+            if MODE == _MRS:
                 zt += rest_f * tl.exp(uf - tm)
             log_zt = tl.log(zt)
             logp_bg = uf - tm - log_zt
             p_bg = 0.0
-            if MODE == 2:
+            if MODE == _MRS:
                 p_bg = tl.where(rest_f > 0, tl.exp(logp_bg), 0.0)
             S = 1.0
         else:  # ms / topk_norenorm: probabilities
@@ -148,7 +154,7 @@ def _soft_label_kl_fwd_kernel(
                 pacc += tl.where(kmask, tl.maximum(v, 0.0), 0.0)
             stored = tl.sum(pacc, axis=0)
             p_bg = 0.0
-            if MODE == 3:
+            if MODE == _MS:
                 p_bg = tl.where(rest_f > 0, tl.maximum(1.0 - stored, 0.0) / tl.maximum(rest_f, 1.0), 0.0)
             logp_bg = tl.log(tl.where(p_bg > 0, p_bg, 1.0))
             S = stored + rest_f * p_bg
@@ -178,7 +184,7 @@ def _soft_label_kl_fwd_kernel(
             idx = tl.load(i_row + kk, mask=kmask, other=0).to(tl.int64)
             kmask = kmask & (idx >= 0) & (idx < C)
             v = _load_values(v_row, kk, kmask, qs, qo, QUANT)
-            if MODE < 3:
+            if MODE == _MR or MODE == _MRS:
                 lp = v * inv_t - tm - log_zt
                 p = tl.exp(lp)
             else:
@@ -191,7 +197,7 @@ def _soft_label_kl_fwd_kernel(
             lacc += tl.where(kmask & (p > 0), p * (lp - lq), 0.0)
             lqacc += tl.where(kmask, lq, 0.0)
         loss = tl.sum(lacc, axis=0)
-        if MODE == 2 or MODE == 3:
+        if MODE == _MRS or MODE == _MS:
             all_lq = inv_s * dsum - c_f * log_zs
             bg_terms = rest_f * p_bg * logp_bg - p_bg * (all_lq - tl.sum(lqacc, axis=0))
             loss += tl.where(p_bg > 0, bg_terms, 0.0)

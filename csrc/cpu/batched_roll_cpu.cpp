@@ -1,14 +1,10 @@
-// lpqld::batched_roll: out[n] = torch.roll(x[n], shifts=(dy_n, dx_n), dims=(1, 2)) for x [N, C, H, W].
+// CPU kernel of lpqld::batched_roll (schema and autograd in csrc/batched_roll.cpp).
 //
-// recover's jitter, once per iteration forward and once backward (the adjoint of a roll is the roll back).
 // A roll moves whole rows: output row y of plane (n, c) is source row (y - dy) mod H, rotated by dx, so
 // each output row is two memcpy's of bytes (dtype-blind). Replaces one torch.gather with an expanded
 // int64 index (an index load per element, scalar). Rows run in parallel; the output is contiguous.
-// Differentiable to any order: the C++ autograd kernel below rolls the gradient back through this same op.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -60,47 +56,6 @@ at::Tensor batched_roll_cpu(const at::Tensor& x_in, const at::Tensor& shifts_in)
   return out;
 }
 
-at::Tensor call_batched_roll(const at::Tensor& x, const at::Tensor& shifts) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lpqld::batched_roll", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  return op.call(x, shifts);
-}
-
-class BatchedRollFunction : public torch::autograd::Function<BatchedRollFunction> {
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& shifts) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({shifts});
-    ctx->saved_data["sizes"] = x.sym_sizes();
-    return call_batched_roll(x, shifts);
-  }
-
-  // The adjoint of a roll is the roll by the opposite shift (a permutation: exact, no atomics). Called
-  // through the dispatcher, so create_graph records it again (double backward works).
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_outputs) {
-    const at::Tensor shifts = ctx->get_saved_variables()[0];
-    const auto sizes = ctx->saved_data["sizes"].toSymIntVector();
-    const at::Tensor& g = grad_outputs[0];
-    if (g.sym_numel() == 0) return {g.contiguous().clone(), at::Tensor()};
-    // Reduced before the negation, so that an int64-min shift cannot overflow.
-    const at::Tensor back = at::stack({shifts.select(1, 0).remainder(c10::Scalar(sizes[2])).neg(),
-                                       shifts.select(1, 1).remainder(c10::Scalar(sizes[3])).neg()},
-                                      1);
-    return {call_batched_roll(g, back), at::Tensor()};
-  }
-};
-
-at::Tensor batched_roll_autograd(const at::Tensor& x, const at::Tensor& shifts) {
-  return BatchedRollFunction::apply(x, shifts);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(lpqld, m) {
-  m.set_python_module("lpqld_fast.ops._fake");  // fake (meta) implementations for torch.compile / opcheck
-  m.def("batched_roll(Tensor x, Tensor shifts) -> Tensor");
-}
 TORCH_LIBRARY_IMPL(lpqld, CPU, m) { m.impl("batched_roll", &batched_roll_cpu); }
-TORCH_LIBRARY_IMPL(lpqld, Autograd, m) { m.impl("batched_roll", &batched_roll_autograd); }

@@ -121,6 +121,5 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
 
 }  // namespace lpqld
 
-TORCH_LIBRARY_FRAGMENT(lpqld, m) {
-  m.def("_cpu_output_pool(int limit=-1) -> int[]", &lpqld::output_pool_control);
-}
+// No tensor arguments: a CompositeImplicitAutograd kernel is what the dispatcher calls for it.
+TORCH_LIBRARY_IMPL(lpqld, CompositeImplicitAutograd, m) { m.impl("_cpu_output_pool", &lpqld::output_pool_control); }

@@ -27,11 +27,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/checks.h"
+#include "common/op_math.h"
+
 namespace lpqld {
-
-void check_classwise_moments_args(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count,
-                                  const at::Tensor& mean, const at::Tensor& m2);
-
 namespace {
 
 constexpr int kThreads = 256;
@@ -53,7 +52,7 @@ struct Moments {
 };
 
 template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+using acc_t = opmath_t<scalar_t>;
 
 // Rows are taken kRowsPerBlock at a time by the whole block so that every
 // lane of a warp reaches the shuffles (rows past the end just carry n = 0).

@@ -20,25 +20,13 @@
 
 #include <cstdint>
 
+#include "common/checks.h"
+#include "common/op_math.h"
+
 namespace {
 
-template <typename T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
-
-template <typename T>
-struct OutType {
-  using type = T;
-};
-template <>
-struct OutType<uint8_t> {
-  using type = float;
-};
+using lpqld::OpMath;
+using lpqld::OutType;
 
 __device__ __forceinline__ float fma_op(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 __device__ __forceinline__ double fma_op(double a, double b, double c) { return __fma_rn(a, b, c); }
@@ -144,15 +132,7 @@ inline int grid_for(int64_t total) {
 }
 
 void check_args(const at::Tensor& t, const char* tname, const at::Tensor& boxes, const at::Tensor& flips) {
-  TORCH_CHECK(t.dim() == 4, "crop_resize_flip: ", tname, " must be [N, C, H, W], got ", t.sizes());
-  const int64_t n = t.size(0);
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == n && boxes.size(1) == 4,
-              "crop_resize_flip: boxes must be [N, 4] with N = ", n, ", got ", boxes.sizes());
-  TORCH_CHECK(boxes.scalar_type() == at::kLong, "crop_resize_flip: boxes must be int64 pixel boxes, got ",
-              boxes.scalar_type());
-  TORCH_CHECK(flips.dim() == 1 && flips.size(0) == n, "crop_resize_flip: flips must be [N] with N = ", n,
-              ", got ", flips.sizes());
-  TORCH_CHECK(flips.scalar_type() == at::kBool, "crop_resize_flip: flips must be bool, got ", flips.scalar_type());
+  lpqld::check_crop_resize_flip_args(t, tname, boxes, flips);
   TORCH_CHECK(t.is_cuda() && boxes.device() == t.device() && flips.device() == t.device(),
               "crop_resize_flip: all tensors must be on the same CUDA device");
 }

@@ -23,6 +23,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/checks.h"
+#include "common/op_math.h"
+
 namespace {
 
 using at::Tensor;
@@ -33,13 +36,7 @@ constexpr int kTile = 1024;       // grad_kernel: elements per block
 constexpr int kGradThreads = 256;
 
 template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
+using AccType = lpqld::OpMath<scalar_t>;
 
 template <typename scalar_t, typename acc_t>
 __global__ void row_moments_kernel(const scalar_t* __restrict__ x, double* __restrict__ rmean,
@@ -237,30 +234,15 @@ __global__ void grad_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict
   }
 }
 
-struct Layout {
-  int64_t N, C, L, S;
-};
+using Layout = lpqld::SegmentBNLayout;
 
+// x a contiguous CUDA [N, C, L] tensor, then the checks shared with the CPU kernel (csrc/segment_bn_loss.cpp).
 Layout check_common(const Tensor& x, const Tensor& seg, const Tensor& tm, const Tensor& tv) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 3 && x.is_contiguous(),
               "segment_bn_loss: x must be a contiguous CUDA [N, C, L] tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
-                  x.scalar_type() == at::kBFloat16,
-              "segment_bn_loss: x must be float32/float64/float16/bfloat16, got ", x.scalar_type());
-  const int64_t N = x.size(0), C = x.size(1), L = x.size(2);
-  TORCH_CHECK(C >= 1 && L >= 1, "segment_bn_loss: x must have C >= 1 and L >= 1, got ", x.sizes());
-  TORCH_CHECK(seg.dim() == 1 && seg.size(0) == N && seg.scalar_type() == at::kLong && seg.is_contiguous(),
-              "segment_bn_loss: segment_ids must be a contiguous int64 [N] tensor");
-  TORCH_CHECK(tm.dim() == 2 && tm.size(1) == C && tm.size(0) >= 1 && tm.scalar_type() == at::kDouble &&
-                  tm.is_contiguous(),
-              "segment_bn_loss: target_mean must be a contiguous float64 [S, C] tensor, got ", tm.sizes());
-  TORCH_CHECK(tv.sizes() == tm.sizes() && tv.scalar_type() == at::kDouble && tv.is_contiguous(),
-              "segment_bn_loss: target_var must be a contiguous float64 tensor shaped like target_mean");
-  for (const Tensor* t : {&seg, &tm, &tv}) {
-    TORCH_CHECK(t->device() == x.device(), "segment_bn_loss: all inputs must be on ", x.device());
-  }
+  const Layout d = lpqld::check_segment_bn_loss_args(x, seg, tm, tv);
   TORCH_CHECK(tm.size(0) < (int64_t{1} << 31), "segment_bn_loss: too many segments for one launch");
-  return {N, C, L, tm.size(0)};
+  return d;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> segment_bn_loss_fwd_cuda(const Tensor& x, const Tensor& segment_ids,

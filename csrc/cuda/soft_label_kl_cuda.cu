@@ -23,16 +23,12 @@
 #include <limits>
 #include <type_traits>
 
-namespace lpqld {
-void soft_label_kl_check_args(const at::Tensor& logits, const at::Tensor& values,
-                              const std::optional<at::Tensor>& indices, const std::optional<at::Tensor>& fill,
-                              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& offset,
-                              int64_t mode, double T, double t_s);
-}
+#include "common/checks.h"
+#include "common/label_modes.h"
+#include "common/op_math.h"
 
 namespace lpqld::slkl_cuda {
 
-enum Mode : int { kDense = 0, kMR = 1, kMRS = 2, kMS = 3, kTopK = 4 };
 enum ValueCode : int { kVFloat = 0, kVHalf = 1, kVBFloat16 = 2, kVDouble = 3, kVInt8 = 4 };
 enum IndexCode : int { kILong = 0, kIInt = 1, kIShort = 2, kIByte = 3 };
 
@@ -381,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor> soft_label_kl_fwd_cuda(const at::Tensor& logi
   while (threads < 1024 && static_cast<int64_t>(threads) * 8 < C) threads *= 2;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "soft_label_kl_fwd_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = lpqld::opmath_t<scalar_t>;
     soft_label_kl_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B), threads, 0, stream.stream()>>>(
         logits.const_data_ptr<scalar_t>(), grad.mutable_data_ptr<scalar_t>(), loss_rows.mutable_data_ptr<acc_t>(), P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -29,12 +29,11 @@ from torch.autograd.function import once_differentiable
 
 from lpqld_fast.ops import _validate as V
 from lpqld_fast.ops._dispatch import resolve_backend
+from lpqld_fast.ops.label_modes import MODE_CODES, MODES
 from lpqld_fast.ops.reference import soft_label_kl as ref
 
 OP = "soft_label_kl"
 NATIVE_OP = "soft_label_kl_fwd"
-MODES = ref.MODES
-MODE_CODES = {name: code for code, name in enumerate(MODES)}
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8)
 LABEL_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 

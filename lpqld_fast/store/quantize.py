@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lpqld_fast.ops.label_modes import MODES, PROB_MODES
+
 __all__ = [
     "MODES",
     "VALUE_DTYPES",
@@ -50,9 +52,7 @@ __all__ = [
     "decode_labels",
 ]
 
-MODES = ("dense", "mr", "mrs", "ms", "topk_norenorm")
 VALUE_DTYPES = ("fp16", "bf16", "fp32", "int8")
-PROB_MODES = ("ms", "topk_norenorm")
 
 _FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("dense", "mr", "mrs", "ms", "topk_norenorm")
+from lpqld_fast.ops.label_modes import MODES
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

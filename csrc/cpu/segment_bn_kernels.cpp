@@ -1,0 +1,162 @@
+// The hot loops of the segment_bn_loss and bn_eval CPU kernels (declared in segment_bn_kernels.h).
+#include "cpu/segment_bn_kernels.h"
+
+#include <cmath>
+#include <cstdint>
+
+namespace lpqld::sbl_cpu {
+
+// Every loop here is vectorised with `omp simd` and compiled per ISA level
+// (function multiversioning: AVX-512 / AVX2+FMA / baseline, picked at load
+// time), since the extension itself is built with portable flags. Other files
+// call them through the plain declarations of segment_bn_kernels.h (the ifunc).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define LPQLD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LPQLD_CLONES
+#endif
+
+// s1 += sum (p[i] - shift), s2 += sum (p[i] - shift)^2 over n <= kChunk values
+// (partial sums in kSumLanes lanes of T, folded into double once per chunk).
+// The lanes are explicit, so the summation order, and with it the rounding, is
+// the same whether the compiler vectorises (-O3 clones) or not (-O1, the
+// sanitizer build): an implicit `omp simd` reduction summed 256 values in one
+// scalar accumulator at -O1, 16x the rounding error, which showed with
+// |mean| >> std (test_large_means).
+constexpr int64_t kSumLanes = 16;
+#define LPQLD_SHIFTED_SUMS(T, NAME)                                      \
+  LPQLD_CLONES void NAME(const T* p, int64_t n, T shift, double& s1, double& s2) { \
+    T a1[kSumLanes] = {}, a2[kSumLanes] = {};                            \
+    int64_t i = 0;                                                       \
+    for (; i + kSumLanes <= n; i += kSumLanes) {                         \
+      _Pragma("omp simd") for (int64_t l = 0; l < kSumLanes; ++l) {      \
+        const T d = p[i + l] - shift;                                    \
+        a1[l] += d;                                                      \
+        a2[l] += d * d;                                                  \
+      }                                                                  \
+    }                                                                    \
+    for (int64_t l = 0; i < n; ++i, ++l) {                               \
+      const T d = p[i] - shift;                                          \
+      a1[l] += d;                                                        \
+      a2[l] += d * d;                                                    \
+    }                                                                    \
+    double b1 = 0.0, b2 = 0.0;                                           \
+    for (int64_t l = 0; l < kSumLanes; ++l) {                            \
+      b1 += static_cast<double>(a1[l]);                                  \
+      b2 += static_cast<double>(a2[l]);                                  \
+    }                                                                    \
+    s1 += b1;                                                            \
+    s2 += b2;                                                            \
+  }
+LPQLD_SHIFTED_SUMS(float, shifted_sums_f32)
+LPQLD_SHIFTED_SUMS(double, shifted_sums_f64)
+
+// affine_one (segment_bn_kernels.h) over n elements.
+#define LPQLD_AFFINE(T, NAME)                                                      \
+  LPQLD_CLONES void NAME(const T* x, T* g, int64_t n, T sc, T al, T hi, T lo) {      \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) g[i] = affine_one(x[i], sc, al, hi, lo); \
+  }
+LPQLD_AFFINE(float, affine_f32)
+LPQLD_AFFINE(double, affine_f64)
+
+// Channels-last loops (channels in SIMD lanes), compiled per ISA like the two above, for float and bfloat16
+// (what recover's NHWC teacher produces); other types take the generic templates of the kernels.
+// a1[c] += sum_l (p[l * ldc + c] - shift[c]), a2[c] += its squares, l < nl, c < nc.
+#define LPQLD_NLC_SUMS(T, NAME)                                                                               \
+  LPQLD_CLONES void NAME(const T* p, int64_t ldc, int64_t nl, int64_t nc, const float* shift, float* a1,      \
+                         float* a2) {                                                                         \
+    for (int64_t l = 0; l < nl; ++l) {                                                                        \
+      const T* row = p + l * ldc;                                                                             \
+      _Pragma("omp simd") for (int64_t c = 0; c < nc; ++c) {                                                  \
+        const float d = load_as_float(row[c]) - shift[c];                                                     \
+        a1[c] += d;                                                                                           \
+        a2[c] += d * d;                                                                                       \
+      }                                                                                                       \
+    }                                                                                                         \
+  }
+// g[c] = sc[c] * ((x[c] - hi[c]) - lo[c]) + al[c] over one row of n channels.
+#define LPQLD_NLC_AFFINE(T, NAME)                                                                             \
+  LPQLD_CLONES void NAME(const T* x, T* g, int64_t n, const float* sc, const float* al, const float* hi,       \
+                         const float* lo) {                                                                   \
+    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) {                                                     \
+      store_from_float(g + c, affine_one(load_as_float(x[c]), sc[c], al[c], hi[c], lo[c]));                   \
+    }                                                                                                         \
+  }
+// The same for a full block of 64 channels: the partial sums live in registers across the rows (the
+// variable-width loop above loads and stores them per row, ~3x slower on recover's 128-channel maps).
+#define LPQLD_NLC_SUMS64(T, NAME)                                                                             \
+  LPQLD_CLONES void NAME(const T* p, int64_t ldc, int64_t nl, const float* shift, float* a1, float* a2) {     \
+    float b1[64] = {}, b2[64] = {}, sh[64];                                                                   \
+    for (int c = 0; c < 64; ++c) sh[c] = shift[c];                                                            \
+    for (int64_t l = 0; l < nl; ++l) {                                                                        \
+      const T* row = p + l * ldc;                                                                             \
+      _Pragma("omp simd") for (int c = 0; c < 64; ++c) {                                                      \
+        const float d = load_as_float(row[c]) - sh[c];                                                        \
+        b1[c] += d;                                                                                           \
+        b2[c] += d * d;                                                                                       \
+      }                                                                                                       \
+    }                                                                                                         \
+    for (int c = 0; c < 64; ++c) {                                                                            \
+      a1[c] += b1[c];                                                                                         \
+      a2[c] += b2[c];                                                                                         \
+    }                                                                                                         \
+  }
+LPQLD_NLC_SUMS(float, nlc_sums_f32)
+LPQLD_NLC_SUMS(uint16_t, nlc_sums_bf16)
+LPQLD_NLC_SUMS64(float, nlc_sums64_f32)
+LPQLD_NLC_SUMS64(uint16_t, nlc_sums64_bf16)
+LPQLD_NLC_AFFINE(float, nlc_affine_f32)
+LPQLD_NLC_AFFINE(uint16_t, nlc_affine_bf16)
+
+// Eval-mode BN (+ ReLU) fused with the loss (lpqld::bn_eval_act / segment_bn_loss_bwd_bn_eval, recover's
+// supervised BN layers): y = act(fma(x, s, b)) per channel, and the backward adds the BN path's gradient
+// gy * s (masked where fma(x, s, b) <= 0 under ReLU, relu's own rule) to the loss gradient in the same pass,
+// so the BN backward, the ReLU backward and autograd's sum of the two gradients are one read of x and gy.
+#define LPQLD_NLC_BN_ACT(T, NAME, RELU)                                                                      \
+  LPQLD_CLONES void NAME(const T* x, T* y, int64_t n, const float* s, const float* b) {                      \
+    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) {                                                     \
+      const float v = std::fma(load_as_float(x[c]), s[c], b[c]);                                              \
+      store_from_float(y + c, (RELU) ? (v > 0.0f ? v : (v == v ? 0.0f : v)) : v);                             \
+    }                                                                                                         \
+  }
+#define LPQLD_NLC_AFFINE_BN(T, NAME, RELU)                                                                   \
+  LPQLD_CLONES void NAME(const T* x, const T* gy, T* g, int64_t n, const float* sc, const float* al,         \
+                         const float* hi, const float* lo, const float* s, const float* b, const float* gs) { \
+    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) {                                                     \
+      const float xv = load_as_float(x[c]);                                                                   \
+      const float up = load_as_float(gy[c]) * gs[c];                                                          \
+      const float bn = (RELU) ? (std::fma(xv, s[c], b[c]) > 0.0f ? up : 0.0f) : up;                           \
+      store_from_float(g + c, affine_one(xv, sc[c], al[c], hi[c], lo[c]) + bn);                               \
+    }                                                                                                         \
+  }
+// y = (act(x00) + act(x01) + act(x10) + act(x11)) / 4 over the 2x2 window of one pooled position (C lanes),
+// summed in that order in float like torch's avg_pool2d.
+#define LPQLD_NLC_BN_ACT_POOL2(T, NAME, RELU)                                                                \
+  LPQLD_CLONES void NAME(const T* x00, const T* x01, const T* x10, const T* x11, T* y, int64_t n,            \
+                         const float* s, const float* b) {                                                    \
+    _Pragma("omp simd") for (int64_t c = 0; c < n; ++c) {                                                     \
+      float v0 = std::fma(load_as_float(x00[c]), s[c], b[c]), v1 = std::fma(load_as_float(x01[c]), s[c], b[c]); \
+      float v2 = std::fma(load_as_float(x10[c]), s[c], b[c]), v3 = std::fma(load_as_float(x11[c]), s[c], b[c]); \
+      if (RELU) {                                                                                             \
+        v0 = v0 > 0.0f ? v0 : (v0 == v0 ? 0.0f : v0);                                                         \
+        v1 = v1 > 0.0f ? v1 : (v1 == v1 ? 0.0f : v1);                                                         \
+        v2 = v2 > 0.0f ? v2 : (v2 == v2 ? 0.0f : v2);                                                         \
+        v3 = v3 > 0.0f ? v3 : (v3 == v3 ? 0.0f : v3);                                                         \
+      }                                                                                                       \
+      store_from_float(y + c, (((v0 + v1) + v2) + v3) * 0.25f);                                               \
+    }                                                                                                         \
+  }
+LPQLD_NLC_BN_ACT(float, nlc_bn_id_f32, false)
+LPQLD_NLC_BN_ACT(float, nlc_bn_relu_f32, true)
+LPQLD_NLC_BN_ACT(uint16_t, nlc_bn_id_bf16, false)
+LPQLD_NLC_BN_ACT(uint16_t, nlc_bn_relu_bf16, true)
+LPQLD_NLC_AFFINE_BN(float, nlc_affine_bn_id_f32, false)
+LPQLD_NLC_AFFINE_BN(float, nlc_affine_bn_relu_f32, true)
+LPQLD_NLC_AFFINE_BN(uint16_t, nlc_affine_bn_id_bf16, false)
+LPQLD_NLC_AFFINE_BN(uint16_t, nlc_affine_bn_relu_bf16, true)
+LPQLD_NLC_BN_ACT_POOL2(float, nlc_bn_pool2_id_f32, false)
+LPQLD_NLC_BN_ACT_POOL2(float, nlc_bn_pool2_relu_f32, true)
+LPQLD_NLC_BN_ACT_POOL2(uint16_t, nlc_bn_pool2_id_bf16, false)
+LPQLD_NLC_BN_ACT_POOL2(uint16_t, nlc_bn_pool2_relu_bf16, true)
+
+}  // namespace lpqld::sbl_cpu
