@@ -610,6 +610,7 @@ CLI_DOC: dict[str, tuple[str, str]] = {
     "squeeze-batch-larger-than-dataset": ("batch larger than the dataset", ""),
     "squeeze-lr-not-a-number": ("`squeeze.lr=abc`", ""),
     "squeeze-unknown-key": ("a misspelt key `--set squeeze.epoch=2`", ""),
+    "squeeze-width-on-a-resnet": ("`squeeze.width=64` with `squeeze.model=resnet18-small`", ""),
     "squeeze-no-gpu": ("`--device cuda` without a GPU", "not run on a host with a GPU"),
     "squeeze-bad-device": ("`--device gpu0`", ""),
     "squeeze-usage": ("a usage error (`--seed x`)", ""),
