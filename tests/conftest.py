@@ -35,3 +35,14 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def synthetic_preset(monkeypatch):
+    """Point the fashion-mnist preset at the small synthetic dataset (no 60k-image teacher training in tests)."""
+    import lpqld_fast.presets as presets
+
+    p = presets.get_preset("fashion-mnist")
+    p["dataset"] = "synthetic"
+    monkeypatch.setitem(presets.PRESETS, "fashion-mnist", p)
+    return p

@@ -16,17 +16,6 @@ TINY = [
 ]
 
 
-@pytest.fixture()
-def synthetic_preset(monkeypatch):
-    """Point the fashion-mnist preset at the small synthetic dataset (no 60k-image teacher training in tests)."""
-    import lpqld_fast.presets as presets
-
-    p = presets.get_preset("fashion-mnist")
-    p["dataset"] = "synthetic"
-    monkeypatch.setitem(presets.PRESETS, "fashion-mnist", p)
-    return p
-
-
 def test_baseline_runs_end_to_end_with_the_expert_and_resumes(tmp_path, synthetic_preset, capsys) -> None:
     run = tmp_path / "run"
     argv = ["baseline", "--out", str(run), *TINY, "--ipc", "2", "--expert-epoch", "1", "--k", "3"]

@@ -19,17 +19,6 @@ TINY = [
 ]
 
 
-@pytest.fixture()
-def synthetic_preset(monkeypatch):
-    """Point the fashion-mnist preset at the small synthetic dataset (no 60k-image teacher training in tests)."""
-    import lpqld_fast.presets as presets
-
-    p = presets.get_preset("fashion-mnist")
-    p["dataset"] = "synthetic"
-    monkeypatch.setitem(presets.PRESETS, "fashion-mnist", p)
-    return p
-
-
 def test_distill_end_to_end_and_resume(tmp_path, synthetic_preset, capsys) -> None:
     run = tmp_path / "run"
     assert main(["distill", "--out", str(run), *TINY]) == 0
