@@ -49,3 +49,23 @@ def test_blocks_are_rewritten_between_markers_only(tmp_path) -> None:
 @pytest.mark.parametrize("values,expect", [([81.0], "81.00"), ([80.0, 82.0], "81.00 +- 1.41")])
 def test_mean_sd_format(values, expect) -> None:
     assert rt._mean_sd(values) == expect
+
+
+def _demo_record(tmp: Path, name: str, seed: int, teacher_seed: int, selected: float) -> None:
+    rec = {"preset": "fashion-mnist-demo", "teacher": "convnet-bn width 64, 7 epochs", "teacher_seed": teacher_seed,
+           "seed": seed, "teacher_test_acc": 91.5, "student_selected_acc": selected, "student_last_acc": selected,
+           "stage_seconds": None, "wall_seconds": None, "commit": "abcdef0",
+           "machine": {"cpu": "CPU A", "cpu_capability": "AVX2", "threads": 2, "load": "idle"}}
+    (tmp / name).mkdir()
+    (tmp / name / "record.json").write_text(json.dumps(rec))
+
+
+def test_demo_summary_compares_students_of_one_teacher(tmp_path) -> None:
+    """A student downstream of another teacher seed is summarised apart, not averaged in."""
+    for seed, sel in enumerate([78.0, 79.0, 80.0]):
+        _demo_record(tmp_path, f"t0-s{seed}", seed, 0, sel)
+    _demo_record(tmp_path, "t1-s1", 1, 1, 70.0)
+    text = rt.demo_block(tmp_path)
+    assert "teacher seed 0: student selected 79.00 +- 1.00" in text
+    assert "teacher seed 1: student selected 70.00" in text
+    assert text.count("| fashion-mnist-demo |") == 4
