@@ -185,9 +185,10 @@ COMPILE_BACKEND_ENV = "LPQLD_COMPILE_BACKEND"
 def auto_compile(device: str = "cpu") -> tuple[str, str]:
     """(compile mode, why) for ``compile=auto``: eager everywhere until a measurement says otherwise.
 
-    CPU (2-thread Zen 3, bench/stage_compile.py and docs/PERFORMANCE.md): the steps are convolution-bound
-    (oneDNN kernels either way), so inductor wins at most a few percent and costs 15-60 s of compilation
-    per stage. CUDA: not yet measured on a GPU (scripts/gpu_check.sh runs the same bench there).
+    CPU (2-core Zen 3 beside another job, bench/stage_compile.py at the fashion-mnist shapes, README "Compiled
+    steps"): the steps are convolution-bound (oneDNN kernels either way) and no stage's step won consistently
+    over two runs (compiled vs eager within -15%..+22%), while each compiled step first costs 18-36 s of
+    compilation. CUDA: not measured on a GPU yet; scripts/gpu_check.sh runs the same bench there.
     """
     import torch
 
