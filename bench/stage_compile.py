@@ -23,7 +23,6 @@ writes them to ``--out`` as CSV.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import statistics
 import time

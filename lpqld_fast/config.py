@@ -11,7 +11,7 @@ Fields that accept ``auto`` (bf16, channels_last, loader workers, threads, compi
 at the start of each stage (:func:`resolve_auto`, lpqld_fast.runtime) and recorded resolved.
 
 ``result=False`` marks settings that do not change a stage's output (layout, workers, checkpoint
-frequency): they may differ when a stage is rerun on an existing folder; any other difference is refused
+frequency, compile mode): they may differ when a stage is rerun on an existing folder; any other difference is refused
 (:func:`result_diff`), except where a stage defines what the change means (train.epochs raised).
 """
 from __future__ import annotations
