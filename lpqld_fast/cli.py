@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "baseline":
             args.set = _baseline_overrides(args)
         config = _config(args)
+        for section in schema.SECTIONS:  # every stage's device settings, before the first stage starts
+            schema.check_device(section, config[section], args.device)
         # the dataset's metadata (an ImageFolder tree: measured) checks the location before anything is written
         info = dataset_info(config["dataset"], root=config["data_root"])
         _check_sizes(args.command, config, info, Path(args.out))

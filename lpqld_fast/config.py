@@ -7,11 +7,11 @@ Presets (lpqld_fast.presets) are overrides of these defaults; ``--set section.ke
 field's kind (``recover.ipc=2.7`` is refused, not truncated); :func:`check_section` validates a section
 given as a dict (a preset, a library caller's dict) and fills in the defaults.
 
-Fields that accept ``auto`` (bf16, channels_last, loader workers, threads) are chosen by the hardware at
-the start of each stage (:func:`resolve_auto`, lpqld_fast.runtime) and recorded resolved.
+Fields that accept ``auto`` (bf16, channels_last, loader workers, threads, compile) are chosen by the hardware
+at the start of each stage (:func:`resolve_auto`, lpqld_fast.runtime) and recorded resolved.
 
 ``result=False`` marks settings that do not change a stage's output (layout, workers, checkpoint
-frequency): they may differ when a stage is rerun on an existing folder; any other difference is refused
+frequency, compile mode): they may differ when a stage is rerun on an existing folder; any other difference is refused
 (:func:`result_diff`), except where a stage defines what the change means (train.epochs raised).
 """
 from __future__ import annotations
@@ -38,6 +38,18 @@ SECTIONS = ("squeeze", "recover", "relabel", "train", "runtime")
 TOP_LEVEL = ("dataset", "data_root")
 
 _OPTIMIZERS = ("sgd", "adamw", "adam")  # engine.build_optimizer
+_COMPILE = (AUTO, *runtime.COMPILE_MODES)
+
+
+def _compile_opt(step: str) -> Any:
+    """The ``compile`` setting of a stage whose per-step function is ``step``.
+
+    result=False: torch.compile computes the same function; its generated kernels differ from eager only in
+    float rounding (like channels_last), so a finished or killed stage may be continued in another mode.
+    """
+    return opt(AUTO, f"capture {step}: eager, compile (torch.compile), cudagraphs (torch.compile "
+               "reduce-overhead, CUDA only) or auto (eager: no measured win yet, see README)", "choice",
+               choices=_COMPILE, result=False)
 
 
 def opt(default: Any, help: str, kind: str, *, lo: float | None = None, hi: float | None = None,
@@ -83,6 +95,7 @@ class SqueezeConfig:
                              "auto_int", lo=0, result=False)
     train_workers: Any = opt(AUTO, "loader workers of teacher training on a folder tree (auto: by cores)",
                              "auto_int", lo=0, result=False)
+    compile: str = _compile_opt("the teacher's training step (forward + loss) and the statistics update")
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ class RecoverConfig:
     channels_last: Any = opt(AUTO, "NHWC teacher (rounding-level differences only)", "auto_bool", result=False)
     # 100 iterations: ~80 s of the Fashion-MNIST pass on 2 loaded cores
     checkpoint_every: int = opt(100, "iterations between pass checkpoints (0 = off)", "int", lo=0, result=False)
+    compile: str = _compile_opt("the iteration's augmentation, teacher forward and loss")
 
 
 @dataclass(frozen=True)
@@ -168,6 +182,9 @@ class TrainConfig:
     channels_last: Any = opt(AUTO, "NHWC student and inputs (auto: on)", "auto_bool", result=False)
     batch_size: Any = opt(None, "must equal the label store's batch size (default: the store's)", "opt_int",
                           result=False)
+    # Only the student's forward is captured: the loss takes the temperatures T(e) and the calibrated t_s as
+    # floats, which torch.compile would specialise on (a recompile per epoch, then a failure at dynamo's limit).
+    compile: str = _compile_opt("the student's forward")
 
 
 @dataclass(frozen=True)
@@ -439,7 +456,8 @@ def resolve_auto(section: str, cfg: Mapping[str, Any], device: str = "cpu",
     for key, f in fields_of(section).items():
         if out.get(key) != AUTO:
             continue
-        if recorded is not None and recorded.get(key, AUTO) != AUTO:
+        # compile is chosen afresh: it changes no result, and a recorded cudagraphs cannot go on on a CPU
+        if recorded is not None and recorded.get(key, AUTO) != AUTO and key != "compile":
             out[key] = recorded[key]
             notes.append(f"{key}={out[key]} (as recorded)")
             continue
@@ -451,10 +469,19 @@ def resolve_auto(section: str, cfg: Mapping[str, Any], device: str = "cpu",
             out[key], why = runtime.auto_threads()
         elif key.endswith("_workers"):
             out[key], why = runtime.auto_workers()
+        elif key == "compile":
+            out[key], why = runtime.auto_compile(device)
         else:
             raise AssertionError(key)
         notes.append(f"{key}={out[key]} (auto: {why})")
+    check_device(section, out, device)
     return out, notes
+
+
+def check_device(section: str, cfg: Mapping[str, Any], device: str) -> None:
+    """Refuse settings the device cannot run (``compile=cudagraphs`` without CUDA), naming the key."""
+    if "compile" in cfg:
+        runtime.check_compile_mode(f"{section}.compile", cfg["compile"], device)
 
 
 def result_diff(section: str, recorded: Mapping[str, Any], new: Mapping[str, Any],

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from lpqld_fast.image_set import Unit, finalize_recover
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
 from lpqld_fast.ops import batched_roll, crop_resize_flip
-from lpqld_fast.runtime import mem_available_bytes
+from lpqld_fast.runtime import compile_step, mem_available_bytes
 from lpqld_fast.supervised_bn import SupervisedBN, supervised_bn
 from lpqld_fast.thin_conv import thin_input_grad_convs
 
@@ -217,12 +217,15 @@ def synthesize_units(
     device: str = "cpu",
     progress: bool = True,
     checkpoint_path: str | Path | None = None,
+    step: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Optimise the images of ``units`` together; return the last iterate in normalised space.
 
     With ``checkpoint_path``, the pass state is saved there (atomically) every
     ``cfg["checkpoint_every"]`` iterations and a matching checkpoint found
     there is resumed from; the caller deletes it once the result is stored.
+    ``step`` is :func:`recover_loss` as recover.compile runs it (made once per stage run by the caller;
+    by default made here for this pass).
     """
     c, h, w = image_shape
     sizes = [len(u.labels) for u in units]
@@ -234,6 +237,8 @@ def synthesize_units(
     seg = torch.repeat_interleave(torch.arange(len(units)), torch.tensor(sizes)).to(device)
     layer_targets = _unit_targets(units, targets, device)
     cfg, _ = recover_config(cfg, device)
+    if step is None:
+        step = compile_step(recover_loss, cfg["compile"])
     iters = cfg["iterations"]
     lr = cfg["lr"]
     jitter, scale = cfg["jitter"], tuple(cfg["crop_scale"])
@@ -267,7 +272,7 @@ def synthesize_units(
                 boxes_c, flips_c, shifts_c = (a.to(device) for a in draw_augmentation(
                     gens, drawn_to - it, h, w, jitter, scale))
             t = it - chunk_start
-            loss, ce_units, loss_bn = recover_loss(
+            loss, ce_units, loss_bn = step(
                 teacher, supervised, x, boxes_c[t], flips_c[t], shifts_c[t], labels, seg, unit_sizes,
                 cfg["first_bn_mult"], cfg["r_bn"], cfg["bf16"], cfg["channels_last"])
             opt.zero_grad(set_to_none=True)
@@ -410,11 +415,12 @@ def run_recover(
     t0 = time.perf_counter()
     bar = tqdm(total=len(units), initial=sum(_unit_path(unit_dir, u).exists() for u in units),
                desc="recover units", disable=not progress)
+    step = compile_step(recover_loss, cfg["compile"])  # one compiled function for every pass of the run
     for group in _my_groups(units, per_pass, unit_dir):
         # Named after the fixed group: a pass whose units were partly saved finds (and replaces) its old file.
         ckpt = pass_checkpoint_path(unit_dir, group.full)
         x = synthesize_units(teacher, group.todo, targets, cfg, shape, mean, std, seed, device, progress,
-                             checkpoint_path=ckpt)
+                             checkpoint_path=ckpt, step=step)
         _save_units(unit_dir, group.todo, to_uint8(x, mean, std))
         ckpt.unlink(missing_ok=True)  # the unit files hold the result now
         bar.update(len(group.todo))

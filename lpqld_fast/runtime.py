@@ -1,6 +1,7 @@
 """Process-wide settings: the CPU allocator's, applied by the entry points (CLI, bench, scripts), never on
 import; ``full_fp32()``, a block with TF32 off (GPU equivalence checks); and the hardware's answers to the
-config's ``auto`` settings (bf16, threads, loader workers; lpqld_fast.config.resolve_auto).
+config's ``auto`` settings (bf16, threads, loader workers, compile; lpqld_fast.config.resolve_auto); and the
+captured (torch.compile) form of a stage's per-step function (``compile_step``).
 
 bf16 autocast is chosen only where the device computes bf16 natively: on a CPU, the ``avx512_bf16`` or
 ``amx_bf16`` flag in /proc/cpuinfo (oneDNN's bf16 convolutions and matmuls use those instructions; without
@@ -26,8 +27,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -166,3 +169,64 @@ def mem_available_bytes() -> int:
     except OSError:
         pass
     return 4 << 30
+
+
+# ----------------------------------------------------------------------------- captured stage steps
+
+# The values of squeeze.compile, recover.compile and train.compile besides "auto".
+COMPILE_MODES = ("eager", "compile", "cudagraphs")
+# The torch.compile backend of compile=compile (default inductor). Tests set aot_eager: dynamo's whole-graph
+# capture and AOT autograd run by eager kernels, bit for bit equal to eager and seconds instead of the
+# minutes inductor's C++ code generation takes on a small CPU. Not a config key: it changes no result a
+# user asks for, only how a test checks the capture.
+COMPILE_BACKEND_ENV = "LPQLD_COMPILE_BACKEND"
+
+
+def auto_compile(device: str = "cpu") -> tuple[str, str]:
+    """(compile mode, why) for ``compile=auto``: eager everywhere until a measurement says otherwise.
+
+    CPU (2-core Zen 3 beside another job, bench/stage_compile.py at the fashion-mnist shapes, README "Compiled
+    steps"): the steps are convolution-bound (oneDNN kernels either way) and no stage's step won consistently
+    over two runs (compiled vs eager within -15%..+22%), while each compiled step first costs 18-36 s of
+    compilation. CUDA: not measured on a GPU yet; scripts/gpu_check.sh runs the same bench there.
+    """
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return "eager", "torch.compile not yet measured to win on a GPU (scripts/gpu_check.sh measures it)"
+    return "eager", "CPU conv steps gain nothing from torch.compile, measured"
+
+
+def check_compile_mode(key: str, mode: str, device: str) -> None:
+    """Refuse ``key=cudagraphs`` on a device without CUDA graphs (a ValueError naming the key)."""
+    import torch
+
+    if mode == "cudagraphs" and torch.device(device).type != "cuda":
+        raise ValueError(f"{key}=cudagraphs needs a CUDA device (CUDA graphs), got --device {device}; use "
+                         f"{key}=compile or eager")
+
+
+def compile_step(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    """``fn`` as a stage runs it under ``mode``: itself (eager), ``torch.compile(fn, fullgraph=True)``
+    (compile) or the same with ``mode="reduce-overhead"`` (cudagraphs: CUDA graphs replayed per call).
+
+    Made once per stage run and reused for every step. fullgraph=True: a graph break, a recompile beyond
+    dynamo's limit or any other capture failure raises instead of falling back to eager unnoticed.
+    """
+    import torch
+
+    if mode == "eager":
+        return fn
+    if mode == "compile":
+        return torch.compile(fn, fullgraph=True, backend=os.environ.get(COMPILE_BACKEND_ENV) or "inductor")
+    if mode != "cudagraphs":
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    compiled = torch.compile(fn, fullgraph=True, mode="reduce-overhead")
+
+    @functools.wraps(fn)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        # each call is a new training step: the previous step's graph outputs may be overwritten from here on
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    return step

@@ -12,7 +12,7 @@ Output directory layout:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from lpqld_fast.engine import (batch_indices, build_optimizer, hashed_seed, seed
 from lpqld_fast.evaluation import evaluate_dataset
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
+from lpqld_fast.runtime import compile_step
 
 # The settings of the statistics pass: a change recomputes the statistics of the existing teacher.
 STATS_KEYS = ("stats_mode", "stats_momentum", "stats_batch_size")
@@ -133,13 +134,14 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
     start, metrics = _load_teacher_resume(last, out / "metrics.json", model, opt, sched, gen)
     if not last.exists() and record is not None and distributed.is_main():
         atomic_write_json(out / "config.json", record)
+    step = compile_step(teacher_loss, cfg["compile"])  # one compiled function for every epoch
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         steps = (_folder_steps(train, gen, bs, _epoch_seed(seed, epoch), workers) if streamed
                  else _memory_steps(train, cfg, gen, bs))
         bar = tqdm(steps, total=steps_per_epoch, desc=f"teacher epoch {epoch + 1}/{epochs}", leave=False,
                    disable=not distributed.is_main())
-        loss = _teacher_epoch(net, opt, sched, bar, cfg, device)
+        loss = _teacher_epoch(net, opt, sched, bar, cfg, device, step)
         acc = evaluate_dataset(model, test, train.mean, train.std, bf16=cfg["bf16"],
                                channels_last=cfg["channels_last"], num_workers=workers)["acc"]
         metrics.append({"epoch": epoch + 1, "train_loss": loss, "test_acc": acc, "seconds": time.perf_counter() - t0})
@@ -171,18 +173,27 @@ def _load_teacher_resume(last: Path, metrics_path: Path, model: nn.Module, opt: 
     return start, metrics[:start]
 
 
+def teacher_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool,
+                 label_smoothing: float) -> torch.Tensor:
+    """The teacher's label-smoothed cross-entropy on one batch (bf16 autocast when asked): the part of a
+    training step squeeze.compile captures (the optimizer step stays eager)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return F.cross_entropy(net(x), y, label_smoothing=label_smoothing)
+
+
 def _teacher_epoch(net: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
-                   bar: tqdm, cfg: dict[str, Any], device: str) -> float:
-    """One epoch of label-smoothed cross-entropy over ``bar`` ((x, y, share) batches under a progress bar);
-    the mean loss over every rank's images."""
+                   bar: tqdm, cfg: dict[str, Any], device: str,
+                   step: Callable[..., torch.Tensor] = teacher_loss) -> float:
+    """One epoch of label-smoothed cross-entropy over ``bar`` ((x, y, share) batches under a progress bar),
+    each batch's loss computed by ``step`` (:func:`teacher_loss` as squeeze.compile runs it); the mean loss
+    over every rank's images."""
     net.train()
     total, n = 0.0, 0
     for x, y, share in bar:
         x, y = x.to(device), y.to(device)
         if cfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
-            loss = F.cross_entropy(net(x), y, label_smoothing=cfg["label_smoothing"])
+        loss = step(net, x, y, bool(cfg["bf16"]), float(cfg["label_smoothing"]))
         opt.zero_grad(set_to_none=True)
         (loss * share if share != 1.0 else loss).backward()
         opt.step()
@@ -226,17 +237,18 @@ def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], see
         return {}, layers
     mine = range(rank, len(batches), world) if mode == "exact" else range(len(batches))
     collector.check_labels(labels)  # once for the pass: the per-batch updates read nothing back
+    observe = compile_step(collector.observe, cfg["compile"])
     with collector.attached():
         if streamed:
             # the folder's train transform (RandomResizedCrop + flip + normalise) under a per-image seed
             stream = seeded_batches(train, [batches[b].tolist() for b in mine], seed + 1, cfg["stats_workers"])
             for x, y in tqdm(stream, total=len(mine), desc="class-wise BN stats", leave=False, disable=rank != 0):
-                collector.observe(model, x.to(device), y, validate=False)
+                observe(model, x.to(device), y, validate=False)
         else:
             for b in tqdm(mine, desc="class-wise BN stats", leave=False, disable=rank != 0):
                 idx = batches[b]
                 x = _augment(train.images[idx], cfg, _stats_generator(seed, b), train.mean, train.std).to(device)
-                collector.observe(model, x, train.labels[idx], validate=False)
+                observe(model, x, train.labels[idx], validate=False)
     if mode == "exact":
         collector.all_reduce_()
     return collector.result(), layers

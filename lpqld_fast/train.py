@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lpqld_fast import config as schema
-from lpqld_fast import distributed
+from lpqld_fast import distributed, runtime
 from lpqld_fast.augment import replay_batch
 from lpqld_fast.data import SplitFactory, get_dataset, stratified_subset
 from lpqld_fast.ddp import ddp_model
@@ -107,6 +107,12 @@ class StudentState:
     ema: WeightEMA | None
     gen: torch.Generator
     t_s: float = 1.0
+    # the student's forward as train.compile runs it (student_logits, or its torch.compile), made once per run
+    forward: Callable[[nn.Module, torch.Tensor, bool], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.forward is None:  # student_logits is defined below this class
+            self.forward = student_logits
 
     @property
     def evaluated(self) -> nn.Module:
@@ -158,7 +164,8 @@ def build_student(cfg: dict[str, Any], num_classes: int, images: torch.Tensor, s
     ema = WeightEMA(student, float(cfg["ema"])) if cfg["ema"] > 0 else None
     total, warmup = int(cfg["epochs"]) * steps_per_epoch, int(cfg["warmup_epochs"]) * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup))
-    return StudentState(student, net, opt, sched, ema, gen)
+    return StudentState(student, net, opt, sched, ema, gen, forward=runtime.compile_step(student_logits,
+                                                                                          cfg["compile"]))
 
 
 def load_resume_state(out: Path, state: StudentState, cfg: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -231,12 +238,12 @@ def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any],
         labels = rec.labels.to(device)
         rows, share = distributed.batch_share(x.shape[0])  # all rows, share 1.0 for 1 process
         if cfg["hard_labels"]:
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"])):
-                logits = state.net(x[rows])
+            logits = state.forward(state.net, x[rows], bool(cfg["bf16"]))
             loss = hard_label_loss(logits.float(), src.image_labels.to(device), rec.aug, rows)
         else:
             loss, logits = soft_label_forward(state.net, x[rows], labels.slice_rows(rows), T, state.t_s,
-                                              bool(cfg["t2_scale"]), bool(cfg["bf16"]), validate=not on_gpu)
+                                              bool(cfg["t2_scale"]), bool(cfg["bf16"]), validate=not on_gpu,
+                                              forward=state.forward)
         if share != 1.0:
             loss = loss * share  # DDP averages: world * n_local / B makes it the full-batch mean
         state.opt.zero_grad(set_to_none=True)
@@ -247,7 +254,8 @@ def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any],
             state.ema.update(state.model)
         total = total + loss.detach().double()  # summed on the device: float() would sync a GPU per step
         if i >= len(ids) - int(cfg["calibrate_batches"]):
-            calib.append((distributed.gather_rows(logits.detach().float(), x.shape[0]), labels))
+            # a copy: under train.compile=cudagraphs the next step's replay writes into the graph's outputs
+            calib.append((distributed.gather_rows(logits.detach().float().clone(), x.shape[0]), labels))
     total = distributed.all_reduce_scalar(float(total)) / distributed.world_size()  # mean over ranks
     if cfg["calibrate"] and not cfg["hard_labels"]:
         state.t_s = calibrate_on(calib, T)
@@ -331,15 +339,26 @@ def run_train(
     return summary
 
 
+def student_logits(net: nn.Module, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The student's logits on a replayed batch (bf16 autocast when asked): the part of a step train.compile
+    captures. It has no changing scalar, so a whole run compiles it once per input shape."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return net(x)
+
+
 def soft_label_forward(net: torch.nn.Module, x: torch.Tensor, labels: SoftLabels, T: float, t_s: float,
-                       t2_scale: bool, bf16: bool, validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, logits) of the student on one replayed batch against its stored soft labels.
+                       t2_scale: bool, bf16: bool, validate: bool,
+                       forward: Callable[[nn.Module, torch.Tensor, bool], torch.Tensor] = student_logits,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of the student on one replayed batch against its stored soft labels; ``forward`` computes
+    the logits (:func:`student_logits` or its compiled form).
 
     With ``validate=False`` (the labels checked once per stored batch instead) there is no host sync and no
     branch on tensor values: the function compiles with ``torch.compile(fullgraph=True)`` (tests/test_train_step).
+    The stage compiles only ``forward``: the fused loss is one opaque op (nothing to fuse) and takes T and t_s
+    as floats, and a compiled loss recompiles for every new value (every epoch, with calibration).
     """
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = net(x)
+    logits = forward(net, x, bf16)
     loss = soft_label_kl(logits.float(), **labels.kl_kwargs(), T=T, t_s=t_s, t2_scale=t2_scale, validate=validate)
     return loss, logits
 

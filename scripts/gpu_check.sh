@@ -3,7 +3,8 @@
 #   1. build lpqld_fast._C with its CUDA kernels against that machine's torch (sm_90 by default),
 #   2. the GPU tests (CUDA + Triton backends against the references, GPU recover), scripts/gpu_probe.py
 #      (C++ exceptions under that image's toolchain, host-device syncs per step),
-#   3. the benchmarks on the GPU (bench.run --devices cuda),
+#   3. the benchmarks on the GPU (bench.run --devices cuda), the stage steps eager vs compile vs cudagraphs
+#      (bench/stage_compile.py),
 #   4. the op test files whole, then the whole suite, with the time that is left.
 # Every step has its own time limit inside BUDGET_S (default 540 s) and never stops the next one; logs
 # and a one-line-per-step summary go to $OUT (default gpu_out/), the bench folder as bench.tar.gz
@@ -79,6 +80,11 @@ step probe 120 "$OUT/probe.log" $PY scripts/gpu_probe.py "$OUT"
 cat "$OUT/probe.log" >> "$OUT/probe.txt" 2>/dev/null; rm -f "$OUT/probe.log"
 step bench-cuda 200 "$OUT/bench.log" $PY -m bench.run --devices cuda \
   --only "${BENCH_ONLY:-recover,soft_label_kl,segment_bn_loss,classwise_moments,crop_resize_flip}" --out "$OUT/bench"
+# The stages' per-step functions eager vs torch.compile vs CUDA graphs (what <stage>.compile=auto is chosen from):
+# rows in the bench folder (bench.tar.gz: stage_compile.csv, stage_compile.log).
+mkdir -p "$OUT/bench"
+step stage-compile 120 "$OUT/bench/stage_compile.log" $PY -m bench.stage_compile --device cuda \
+  --out "$OUT/bench/stage_compile.csv"
 # End to end on the GPU (a short Fashion-MNIST distill) when the data travelled along: here, once,
 #   mkdir -p gpu_data && cp -r /usr/share/datasets/fashion-mnist gpu_data/ && echo /gpu_data/ >> .git/info/exclude
 # and name gpu_data in what travels to the GPU machine (30 MB).

@@ -578,6 +578,12 @@ CLI_CASES = [
      r".*tree/val holding the train split's class folders$"),
     ("any-bf16-not-a-choice", ALL_STAGES, lambda r, t: ["--set", "train.bf16=yes"], "distill",
      r"^lpqld distill: error: train.bf16 must be true, false or auto, got 'yes'$"),
+    ("any-compile-not-a-choice", ALL_STAGES, lambda r, t: ["--set", "recover.compile=jit"], "distill",
+     r"^lpqld distill: error: recover.compile must be one of \['auto', 'eager', 'compile', 'cudagraphs'\], "
+     r"got 'jit'$"),
+    ("any-cudagraphs-on-cpu", ALL_STAGES, lambda r, t: ["--set", "train.compile=cudagraphs"], "distill",
+     r"^lpqld distill: error: train.compile=cudagraphs needs a CUDA device \(CUDA graphs\), got --device cpu; "
+     r"use train.compile=compile or eager$"),
     # distill, report
     ("distill-missing-dataset", ALL_STAGES, "fmnist-env-missing", "distill",
      r"^lpqld distill: error: .*nowhere"),
@@ -658,6 +664,9 @@ CLI_DOC: dict[str, tuple[str, str]] = {
                             "Fashion-MNIST); users do not see it"),
     "squeeze-imagefolder-no-eval-split": ("`--dataset imagefolder` on a tree without val/ or test/", ""),
     "any-bf16-not-a-choice": ("`train.bf16=yes`", "every section is validated before the first stage starts"),
+    "any-compile-not-a-choice": ("`recover.compile=jit`", ""),
+    "any-cudagraphs-on-cpu": ("`train.compile=cudagraphs` with `--device cpu`",
+                              "every stage's device settings are checked before the first stage starts"),
     "distill-missing-dataset": ("dataset missing", ""),
     "train-data-root-synthetic": ("`--data-root DIR` on a run recorded without one", ""),
     "train-data-root-missing": ("`--dataset fmnist-real --data-root DIR` on a run made on synthetic data", ""),
