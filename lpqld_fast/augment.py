@@ -53,6 +53,7 @@ __all__ = [
     "apply_cutout",
     "sample_aug_params",
     "crop_resize_flip",
+    "check_replay_params",
     "replay_batch",
 ]
 
@@ -368,6 +369,41 @@ def _channel_vector(name: str, v: Sequence[float] | torch.Tensor, channels: int,
     if t.numel() != channels:
         raise ValueError(f"{name} has {t.numel()} values but the images have {channels} channels")
     return t.view(1, channels, 1, 1)
+
+
+def check_replay_params(aug: AugParams, num_images: int) -> None:
+    """Every value check :func:`replay_batch` makes with ``validate=True``, on the parameters' host copy.
+
+    A reader that replays the same stored batch every epoch calls this once per batch and then replays with
+    ``validate=False``: no device value is read back per step (each of replay_batch's checks is a host sync
+    when the images are on a GPU). Raises the same errors as replay_batch.
+    """
+    if not isinstance(aug, AugParams):
+        raise TypeError(f"aug must be an AugParams, got {type(aug).__name__}")
+    idx, boxes, flips = (t.detach().cpu() for t in (aug.image_indices, aug.boxes, aug.flips))
+    n = idx.numel()
+    if n and (int(idx.min()) < 0 or int(idx.max()) >= num_images):
+        raise IndexError(f"record image indices fall outside [0, {num_images})")
+    if boxes.shape != (n, 4) or flips.shape != (n,):
+        raise ValueError(f"record boxes {tuple(boxes.shape)} / flips {tuple(flips.shape)} do not match its {n} "
+                         "image indices")
+    ok = (boxes >= 0) & (boxes <= 1)  # False for NaN too
+    if n and not bool(ok.all()):
+        k = int((~ok).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"boxes must hold finite normalised (i/H, j/W, h/H, w/W) values in [0, 1], "
+                         f"got row {k}: {boxes[k].tolist()}")
+    if flips.dtype != torch.bool and n and bool(((flips != 0) & (flips != 1)).any()):
+        raise ValueError("flips must hold 0/1 (or bool) values")
+    oh, ow = aug.out_size
+    if aug.cutmix is not None:
+        y0, x0, y1, x1 = (int(v) for v in aug.cutmix.box.detach().cpu().tolist())
+        if not (0 <= y0 <= y1 <= oh and 0 <= x0 <= x1 <= ow):
+            raise ValueError(f"box (y0, x0, y1, x1) = {(y0, x0, y1, x1)} does not fit images of size {oh}x{ow}")
+        perm = aug.cutmix.perm.detach().cpu()
+        if perm.shape != (n,) or (n and (int(perm.min()) < 0 or int(perm.max()) >= n)):
+            raise ValueError(f"the CutMix permutation must hold {n} indices in [0, {n})")
+    if aug.cutout is not None and aug.cutout.boxes.shape != (n, 4):
+        raise ValueError(f"cutout boxes must have shape [{n}, 4], got {tuple(aug.cutout.boxes.shape)}")
 
 
 def replay_batch(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from lpqld_fast import config as schema
 from lpqld_fast import distributed, runtime
-from lpqld_fast.augment import replay_batch
+from lpqld_fast.augment import check_replay_params, replay_batch
 from lpqld_fast.data import SplitFactory, get_dataset, stratified_subset
 from lpqld_fast.ddp import ddp_model
 from lpqld_fast.ema import WeightEMA
@@ -128,7 +129,22 @@ class ReplaySource:
     images: torch.Tensor  # uint8 [N, C, H, W], on the training device
     image_labels: torch.Tensor  # int64 [N], for train.hard_labels
     num_classes: int
-    labels_checked: set[int] = field(default_factory=set)  # stored batches whose labels were validated
+    checked: set[int] = field(default_factory=set)  # stored batches whose replay parameters and labels passed
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(s) and s > 0 for s in self.store.std):
+            raise ValueError(f"the label store's std must be finite and positive, got {self.store.std}")
+
+    def check_batch(self, bid: int, rec: Any, hard_labels: bool) -> None:
+        """replay_batch's and soft_label_kl's data checks on the host copy of stored batch ``bid``, once per
+        batch (each is replayed every epoch): the steps then run with validate=False and read no value back
+        from the device."""
+        if bid in self.checked:
+            return
+        check_replay_params(rec.aug, self.images.shape[0])
+        if not hard_labels:
+            check_label_data(**rec.labels.kl_kwargs(), num_classes=self.num_classes)
+        self.checked.add(bid)
 
 
 def open_label_store(relabel_dir: str | Path, recover_manifest: dict[str, Any], cfg: dict[str, Any]) -> LabelStore:
@@ -223,18 +239,14 @@ def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any],
     ids = epoch_batch_ids(src.store.kept_batch_ids, cfg["pool"], epoch, nb, seed)
     if len(ids) != nb:  # the schedule was sized for epochs * nb steps
         raise AssertionError(f"pool {cfg['pool']!r} gave {len(ids)} batches for epoch {epoch}, expected {nb}")
-    on_gpu = torch.device(device).type != "cpu"
     total = 0.0
     calib: list[tuple[torch.Tensor, Any]] = []
     for i, bid in enumerate(ids.tolist()):
         rec = src.store.batch(bid)
-        x = replay_batch(src.images, rec, src.store.mean, src.store.std)
+        src.check_batch(bid, rec, bool(cfg["hard_labels"]))
+        x = replay_batch(src.images, rec, src.store.mean, src.store.std, validate=False)
         if cfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        if on_gpu and not cfg["hard_labels"] and bid not in src.labels_checked:
-            # on the host copy, once per stored batch (replayed every epoch): no device sync per step
-            check_label_data(**rec.labels.kl_kwargs(), num_classes=src.num_classes)
-            src.labels_checked.add(bid)
         labels = rec.labels.to(device)
         rows, share = distributed.batch_share(x.shape[0])  # all rows, share 1.0 for 1 process
         if cfg["hard_labels"]:
@@ -242,7 +254,7 @@ def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any],
             loss = hard_label_loss(logits.float(), src.image_labels.to(device), rec.aug, rows)
         else:
             loss, logits = soft_label_forward(state.net, x[rows], labels.slice_rows(rows), T, state.t_s,
-                                              bool(cfg["t2_scale"]), bool(cfg["bf16"]), validate=not on_gpu,
+                                              bool(cfg["t2_scale"]), bool(cfg["bf16"]), validate=False,
                                               forward=state.forward)
         if share != 1.0:
             loss = loss * share  # DDP averages: world * n_local / B makes it the full-batch mean
