@@ -76,7 +76,8 @@ def recover_step(device: str, mode: str, bf16: bool) -> Callable[[], None]:
     import contextlib
 
     from lpqld_fast.bn_stats import bn_layers
-    from lpqld_fast.recover import _unit_generator, draw_augmentation, make_units, recover_loss
+    from lpqld_fast.recover import draw_augmentation, make_units, recover_loss
+    from lpqld_fast.seeding import recover_unit
     from lpqld_fast.supervised_bn import supervised_bn
     from lpqld_fast.thin_conv import thin_input_grad_convs
 
@@ -90,7 +91,7 @@ def recover_step(device: str, mode: str, bf16: bool) -> Callable[[], None]:
     g = torch.Generator().manual_seed(2)
     targets = [(torch.randn(CLASSES, m.num_features, generator=g).mul(0.1).to(device),
                 torch.rand(CLASSES, m.num_features, generator=g).add(0.5).to(device)) for _, m in bn_layers(teacher)]
-    gens = [_unit_generator(0, u.uid) for u in units]
+    gens = [recover_unit(0, u.uid) for u in units]
     boxes, flips, shifts = (a.to(device) for a in draw_augmentation(gens, 1, IMAGE, IMAGE, 2, (0.08, 1.0)))
     unit_sizes = torch.tensor(sizes, dtype=torch.float32, device=device)
     x = torch.randn(len(labels), 1, IMAGE, IMAGE, generator=g).to(device).requires_grad_(True)

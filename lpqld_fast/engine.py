@@ -1,23 +1,12 @@
-"""Training building blocks shared by squeeze (teacher) and train (student): seeding, optimizer, schedule,
-batch order. Evaluation lives in :mod:`lpqld_fast.evaluation`."""
+"""Training building blocks shared by squeeze (teacher) and train (student): optimizer, schedule, batch
+order (random streams: lpqld_fast.seeding). Evaluation lives in :mod:`lpqld_fast.evaluation`."""
 from __future__ import annotations
 
-import hashlib
 import math
-import random
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import nn
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch; return a dedicated generator for data order."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -52,13 +41,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int = 0, floor: float = 0.0):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-def hashed_seed(*parts: str | int) -> int:
-    """A 63-bit seed from sha256 of "part0/part1/...": independent named streams that do not depend on how
-    the work is split (ints are written as ints, so 3 and 3.0 give the same seed)."""
-    text = "/".join(p if isinstance(p, str) else str(int(p)) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, drop_last: bool) -> Iterator[torch.Tensor]:

@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from lpqld_fast import seeding
+
 POOL_MODES = ("epoch", "lpld", "lpqld")
 TEMPERATURE_SCHEDULES = ("step", "cosine", "constant")
 
@@ -51,7 +53,7 @@ def epoch_batch_ids(kept_ids: torch.Tensor, mode: str, epoch: int, batches_per_e
     kept_ids = kept_ids.to(torch.int64)
     if kept_ids.numel() == 0:
         raise ValueError("the label store keeps no batches")
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = seeding.label_pool_epoch(seed, epoch)
     if mode == "epoch":
         ordered = torch.sort(kept_ids).values
         first = (epoch - 1) * batches_per_epoch

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from lpqld_fast.data import get_dataset, require_in_memory
 from lpqld_fast.data.transforms import normalize
-from lpqld_fast.engine import hashed_seed
+from lpqld_fast.seeding import stream
 from lpqld_fast.experts import expert_checkpoint_path, load_expert
 from lpqld_fast.image_set import Unit, finalize_recover
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
@@ -64,7 +64,7 @@ STRATEGIES = ("random", "ce-easiest", "ce-quantile")
 
 
 def _class_generator(seed: int, c: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hashed_seed("lpqld-real-images", seed, c))
+    return stream("lpqld-real-images", seed, c)
 
 
 @torch.no_grad()

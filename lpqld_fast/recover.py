@@ -43,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lpqld_fast import config as schema
-from lpqld_fast import distributed
+from lpqld_fast import distributed, seeding
 from lpqld_fast.augment import sample_flips, sample_rrc_boxes
 from lpqld_fast.bn_stats import bn_layers, load_bn_stats
 from lpqld_fast.data import dataset_info
@@ -84,11 +84,6 @@ def check_memory(cfg: dict[str, Any], num_classes: int, image_shape: tuple[int, 
     if need > available:
         raise ValueError(f"recover.ipc={ipc} needs at least {need / 2**30:.1f} GiB of memory ({ipc * num_classes} "
                          f"images of {c}x{h}x{w}); {available / 2**30:.1f} GiB are available")
-
-
-def _unit_generator(seed: int, uid: int) -> torch.Generator:
-    # Distinct, well-mixed stream per unit, independent of batching and ranks.
-    return torch.Generator().manual_seed((seed * 1_000_003 + uid * 7919 + 12345) % (2**63 - 1))
 
 
 def make_units(num_classes: int, ipc: int, classwise_batching: bool) -> list[Unit]:
@@ -229,7 +224,7 @@ def synthesize_units(
     """
     c, h, w = image_shape
     sizes = [len(u.labels) for u in units]
-    gens = [_unit_generator(seed, u.uid) for u in units]
+    gens = [seeding.recover_unit(seed, u.uid) for u in units]
     # randn init per unit from its own generator, so batching does not change it.
     x0 = torch.cat([torch.randn(n, c, h, w, generator=g) for g, n in zip(gens, sizes)])
     x = x0.to(device).requires_grad_(True)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from lpqld_fast import distributed
 from lpqld_fast.augment import AugParams, replay_batch, sample_aug_params
 from lpqld_fast.config import check_section, result_diff
-from lpqld_fast.engine import hashed_seed
+from lpqld_fast.seeding import hashed_seed, stream
 from lpqld_fast.io_utils import read_json
 from lpqld_fast.store.layout import MANIFEST, component_specs, encode_slot
 from lpqld_fast.store.manifest import label_store_manifest
@@ -64,7 +64,7 @@ def derive_seed(seed: int, tag: str, index: int) -> int:
 
 
 def seeded_generator(seed: int, tag: str, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(seed, tag, index))
+    return stream("lpqld-relabel", tag, seed, index)
 
 
 def kept_count(total_batches: int, prune_ratio: float) -> int:

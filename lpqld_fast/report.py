@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lpqld_fast import seeding
 from lpqld_fast.data import get_dataset
 from lpqld_fast.data.folder_tree import _decode_all
 from lpqld_fast.data.transforms import normalize
@@ -86,7 +87,7 @@ def diversity_metrics(squeeze_dir: Path, recover_dir: Path, config: dict[str, An
     images, labels, _ = load_recovered(recover_dir)
     train = get_dataset(config["dataset"], "train", root=config.get("data_root"))
     teacher = load_teacher(Path(squeeze_dir) / "teacher.pt", build_teacher(config["squeeze"], train))
-    g = torch.Generator().manual_seed(seed)
+    g = seeding.subset(seed)
     targets = train.targets
     real_idx = []
     for c in range(train.num_classes):

@@ -28,12 +28,12 @@ from lpqld_fast.data import SplitFactory, get_dataset
 from lpqld_fast.data.streaming import seeded_batches
 from lpqld_fast.data.transforms import normalize, random_crop_flip
 from lpqld_fast.ddp import ddp_model
-from lpqld_fast.engine import (batch_indices, build_optimizer, hashed_seed, seed_everything, to_float_images,
-                               warmup_cosine)
+from lpqld_fast.engine import batch_indices, build_optimizer, to_float_images, warmup_cosine
 from lpqld_fast.evaluation import evaluate_dataset
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
 from lpqld_fast.runtime import compile_step
+from lpqld_fast.seeding import hashed_seed, seed_everything, squeeze_stats_order, stream
 
 # The settings of the statistics pass: a change recomputes the statistics of the existing teacher.
 STATS_KEYS = ("stats_mode", "stats_momentum", "stats_batch_size")
@@ -224,7 +224,7 @@ def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], see
     train = splits("train") if splits is not None else get_dataset(dataset, "train", root=data_root)
     streamed = not hasattr(train, "images")  # an ImageFolder tree: decoded in workers, seeded per image
     model = model.to(device).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = squeeze_stats_order(seed)
     mode = cfg["stats_mode"]
     collector = ClasswiseBNStats(model, train.num_classes, mode=mode, momentum=cfg["stats_momentum"],
                                  backend=backend)
@@ -256,7 +256,7 @@ def collect_class_stats(model: nn.Module, dataset: str, cfg: dict[str, Any], see
 
 def _stats_generator(seed: int, batch: int) -> torch.Generator:
     """The augmentation stream of batch ``batch`` of the statistics pass (independent of how batches are sharded)."""
-    return torch.Generator().manual_seed(hashed_seed("lpqld-squeeze-stats", seed, batch))
+    return stream("lpqld-squeeze-stats", seed, batch)
 
 
 def _write_config(out: Path, config: dict[str, Any], seed: int, checkpoint: str | None) -> None:

@@ -35,7 +35,7 @@ from lpqld_fast.augment import check_replay_params, replay_batch
 from lpqld_fast.data import SplitFactory, get_dataset, stratified_subset
 from lpqld_fast.ddp import ddp_model
 from lpqld_fast.ema import WeightEMA
-from lpqld_fast.engine import build_optimizer, seed_everything, warmup_cosine
+from lpqld_fast.engine import build_optimizer, warmup_cosine
 from lpqld_fast.evaluation import evaluate_dataset
 from lpqld_fast.image_set import load_recovered
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors
@@ -44,6 +44,7 @@ from lpqld_fast.models import get_model
 from lpqld_fast.ops import calibrate_student_temperature, soft_label_kl
 from lpqld_fast.ops.soft_label_kl import check_label_data
 from lpqld_fast.records import run_record
+from lpqld_fast.seeding import seed_everything
 from lpqld_fast.store import LabelStore, SoftLabels
 
 # Every train setting with its default (lpqld_fast.config.TrainConfig holds the types and meanings).

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from lpqld_fast.augment import sample_flips, sample_rrc_boxes
 from lpqld_fast.ops import batched_roll, crop_resize_flip
-from lpqld_fast.recover import (_unit_generator, _draw_end, draw_augmentation, make_units, recover_loss,
+from lpqld_fast.recover import (_draw_end, draw_augmentation, make_units, recover_loss,
                                 synthesize_units)
+from lpqld_fast.seeding import recover_unit
 from lpqld_fast.supervised_bn import supervised_bn
 from lpqld_fast.thin_conv import thin_input_grad_convs
 
@@ -40,8 +41,8 @@ def _old_draw(gens: list[torch.Generator], sizes: list[int], h: int, w: int, jit
 def test_chunked_draws_equal_per_iteration_draws_and_resume(jitter: int) -> None:
     sizes = [2, 3, 1]
     seg = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
-    old = [_unit_generator(5, uid) for uid in range(3)]
-    new = [_unit_generator(5, uid) for uid in range(3)]
+    old = [recover_unit(5, uid) for uid in range(3)]
+    new = [recover_unit(5, uid) for uid in range(3)]
     # Drawn in chunks of 4, 4, 1 iterations (recover's chunks end at checkpoints).
     chunks = [draw_augmentation(new, n, 20, 24, jitter, SCALE) for n in (4, 4, 1)]
     boxes, flips, shifts = (torch.cat(parts) for parts in zip(*chunks))
@@ -73,7 +74,7 @@ def _old_synthesize(teacher, units, targets, cfg, image_shape, mean, std, seed):
     4 uploads and the loss inline."""
     c, h, w = image_shape
     sizes = [len(u.labels) for u in units]
-    gens = [_unit_generator(seed, u.uid) for u in units]
+    gens = [recover_unit(seed, u.uid) for u in units]
     x = torch.cat([torch.randn(n, c, h, w, generator=g) for g, n in zip(gens, sizes)]).requires_grad_(True)
     labels = torch.cat([u.labels for u in units])
     seg = torch.repeat_interleave(torch.arange(len(units)), torch.tensor(sizes))
@@ -124,7 +125,7 @@ def _eager_and_compiled(backend: str, bf16_channels_last: bool) -> tuple[tuple[t
     sizes = [len(u.labels) for u in units]
     seg = torch.repeat_interleave(torch.arange(len(units)), torch.tensor(sizes))
     labels = torch.cat([u.labels for u in units])
-    boxes, flips, shifts = draw_augmentation([_unit_generator(0, u.uid) for u in units], 1, 16, 16, 2, SCALE)
+    boxes, flips, shifts = draw_augmentation([recover_unit(0, u.uid) for u in units], 1, 16, 16, 2, SCALE)
     unit_sizes = torch.tensor(sizes, dtype=torch.float32)
     x0 = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(0))
     with supervised_bn(teacher, seg, targets) as supervised, thin_input_grad_convs(teacher):

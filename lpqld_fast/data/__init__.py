@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from lpqld_fast import seeding
+
 from . import transforms as T
 
 __all__ = [
@@ -170,7 +172,7 @@ def stratified_subset(ds: Any, n: int, seed: int = 0) -> Any:
     if n >= len(ds.labels):
         return ds
     per = max(1, n // ds.num_classes)
-    g = torch.Generator().manual_seed(seed)
+    g = seeding.subset(seed)
     picked = []
     for c in range(ds.num_classes):
         idx = torch.nonzero(ds.labels == c).flatten()

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from lpqld_fast import seeding
 from lpqld_fast.distributed import shard_slice
 
 from . import transforms as T
@@ -246,7 +247,7 @@ class InMemoryLoader:
 
     def _generator(self, epoch: int) -> torch.Generator:
         # Distinct, reproducible stream per (seed, epoch), identical on every rank.
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+        return seeding.loader_epoch(self.seed, epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch

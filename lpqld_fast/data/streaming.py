@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from lpqld_fast.engine import hashed_seed
+from lpqld_fast import seeding
+from lpqld_fast.seeding import hashed_seed
 
 __all__ = ["image_seed", "seeded_batches"]
 
@@ -49,5 +50,5 @@ def seeded_batches(ds: Any, batches: Sequence[Sequence[int]], seed: int | None, 
     # its own generator: the DataLoader draws worker base seeds from it, not from the caller's torch RNG
     loader = torch.utils.data.DataLoader(_SeededImages(ds, seed), batch_sampler=[list(b) for b in batches],
                                          num_workers=num_workers, persistent_workers=False,
-                                         generator=torch.Generator().manual_seed(0))
+                                         generator=seeding.subset(0))
     return ((x, torch.as_tensor(y, dtype=torch.int64)) for x, y in loader)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lpqld_fast import seeding
+
 from .memory import DatasetInfo, InMemoryDataset
 
 __all__ = ["SyntheticDataset"]
@@ -25,7 +27,7 @@ _MAX_CLASSES = 1 << 20
 
 
 def _prototypes(num_classes: int, in_chans: int, proto_size: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 7919)
+    g = seeding.synthetic(seed, 0)
     return 0.2 + 0.6 * torch.rand(num_classes, in_chans, proto_size, proto_size, generator=g)
 
 
@@ -80,7 +82,7 @@ class SyntheticDataset(InMemoryDataset):
         if samples_per_class <= 0:
             raise ValueError(f"samples_per_class must be positive, got {samples_per_class}")
         protos = _prototypes(num_classes, in_chans, proto_size, seed)
-        g = torch.Generator().manual_seed(seed * 7919 + 1 + _SPLITS[split])
+        g = seeding.synthetic(seed, 1 + _SPLITS[split])
         n = num_classes * samples_per_class
         labels = torch.arange(num_classes).repeat_interleave(samples_per_class)
         labels = labels[torch.randperm(n, generator=g)]
