@@ -6,13 +6,20 @@ SEED    ?= 0
 OUT     ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv data build cuda-check lint-imports test test-all demo bench bench-quick clean sanitize bad-input-doc
+.PHONY: venv venv-dev data build cuda-check lint-imports test test-all demo bench bench-quick clean sanitize bad-input-doc
 
+# Two stamps: `make demo` installs the run-time set only (requirements.txt); tests and benchmarks add
+# requirements-dev.txt (pytest, hypothesis, import-linter, DALI).
 venv: .venv/.stamp
 .venv/.stamp: requirements.txt
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip >/dev/null
 	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+venv-dev: .venv/.stamp-dev
+.venv/.stamp-dev: requirements-dev.txt .venv/.stamp
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 data: $(FMNIST)
@@ -36,28 +43,28 @@ cuda-check: venv
 	scripts/cuda_compile_check.sh
 
 # The package's layers and import cycles (contracts in pyproject.toml); tests/test_layers.py runs it too.
-lint-imports: venv
+lint-imports: venv-dev
 	.venv/bin/lint-imports --no-cache
 
-test: venv data build cuda-check lint-imports
+test: venv-dev data build cuda-check lint-imports
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --timeout=600 -m "not slow" $(PYTEST_ARGS)
 
 # Everything, including the slow torchrun kill/resume and the 21K-class scale tests.
-test-all: venv data build cuda-check
+test-all: venv-dev data build cuda-check
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --timeout=1200 $(PYTEST_ARGS)
 
 # docs/BAD_INPUT.md's tables, regenerated from the cases in tests/test_bad_input.py (`make test` fails when
 # they are out of date; `$(PY) scripts/bad_input_doc.py --check` checks without writing).
-bad-input-doc: venv build
+bad-input-doc: venv-dev build
 	TRITON_INTERPRET=1 $(PY) scripts/bad_input_doc.py
 
 demo: venv data build
 	$(PY) -m lpqld_fast.cli distill --preset fashion-mnist-demo --seed $(SEED) --out $(OUT)
 
-bench: venv build
+bench: venv-dev build
 	$(PY) -m bench.run --out bench/results
 
-bench-quick: venv build
+bench-quick: venv-dev build
 	$(PY) -m bench.run --quick --out bench/results
 
 # ASan/UBSan build of the CPU kernels, kept apart from the normal extension: compiled into
@@ -65,7 +72,7 @@ bench-quick: venv build
 # copy of the package in build/sanitize/root whose _C is the sanitised one (python -P: the checkout's
 # lpqld_fast/ and its normal _C.so are not on sys.path). lpqld_fast/_C*.so is never replaced.
 SAN_DIR := build/sanitize
-sanitize: venv
+sanitize: venv-dev
 	exec 9>/tmp/lpqld-build.lock; flock 9; \
 	  LPQLD_SANITIZE=1 WITH_CUDA=0 MAX_JOBS=2 $(PY) setup.py -q build_ext \
 	    --build-lib $(SAN_DIR)/lib --build-temp $(SAN_DIR)/temp

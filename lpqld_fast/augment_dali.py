@@ -65,7 +65,7 @@ def dali_available() -> bool:
 def _require_dali() -> None:
     err = dali_import_error()
     if err is not None:
-        raise RuntimeError(f"the DALI backend needs nvidia-dali (pip install -r requirements.txt); import failed: {err}")
+        raise RuntimeError(f"the DALI backend needs nvidia-dali (pip install -r requirements-dev.txt); import failed: {err}")
 
 
 def _capacity(n: int) -> int:

@@ -157,8 +157,9 @@ def _train(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     d = stage_dirs(args.out)
     summary = run_train(config, d["recover"], d["relabel"], d["train"], seed=args.seed, device=args.device)
     if distributed.is_main():
+        best = "" if summary["best_acc"] is None else f", best of the test evaluations {summary['best_acc']:.2f}%"
         print(f"student test top-1: {summary['selected_acc']:.2f}% (selected by {summary['selection']}), "
-              f"last {summary['last_acc']:.2f}%, best of the test evaluations {summary['best_acc']:.2f}%")
+              f"last {summary['last_acc']:.2f}%{best}")
     return summary
 
 

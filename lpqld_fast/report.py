@@ -128,7 +128,9 @@ def plot_training(metrics: dict[str, Any], path: Path) -> None:
     ax2.plot(ep, [e["t_s"] * 10 for e in metrics["epochs"]], ":", color="tab:green", label="student t_s x10")
     ax2.legend(loc="upper right", fontsize=7)
     evals = metrics["evals"]
-    axes[1].plot([e["epoch"] for e in evals], [e["test_acc"] for e in evals], "o-", label="test")
+    tested = [e for e in evals if "test_acc" in e]  # train.test_eval=selected: only the selected and the last
+    axes[1].plot([e["epoch"] for e in tested], [e["test_acc"] for e in tested], "o-" if len(tested) == len(evals)
+                 else "o", label="test")
     if evals and "val_acc" in evals[0]:
         axes[1].plot([e["epoch"] for e in evals], [e["val_acc"] for e in evals], "s--", label="validation (real train)")
         axes[1].legend(fontsize=7)
@@ -219,8 +221,10 @@ def write_report(run: str | Path, diversity: bool = True, config: dict[str, Any]
         + f", IPC {ipc}, student {config['train'].get('model')}",
         f"- teacher test top-1: {sq['teacher_test_acc']:.2f}%",
         f"- **student test top-1: {s['selected_acc']:.2f}%** (selected by {s['selection']}), last "
-        f"{s['last_acc']:.2f}%; best of the test evaluations {s['best_acc']:.2f}% (chosen on the test set, "
-        "for reference only; all evaluations in train/train_metrics.json)",
+        f"{s['last_acc']:.2f}%" + ("; the test split ran for the selected and the last weights only "
+                                   "(train.test_eval=selected)" if s["best_acc"] is None else
+                                   f"; best of the test evaluations {s['best_acc']:.2f}% (chosen on the test set, "
+                                   "for reference only; all evaluations in train/train_metrics.json)"),
         f"- storage: images {_human(s['image_bytes'])} (uint8 raw) + labels {_human(s['label_bytes'])} = "
         f"**{_human(s['total_bytes'])}**; full fp16 labels would be {_human(s['full_label_bytes'])} "
         f"(label compression x{s['label_compression']:.1f}, total x{s['total_compression_vs_full']:.1f})",

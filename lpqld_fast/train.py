@@ -15,6 +15,7 @@ Resumes from ``out/last.pt`` after a kill.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -109,12 +110,21 @@ class StudentState:
     ema: WeightEMA | None
     gen: torch.Generator
     t_s: float = 1.0
+    # train.test_eval=selected: the best validation accuracy so far and a CPU copy of the weights it was reached
+    # with (the latest on a tie, as select_evaluation chooses)
+    best_val: float = -math.inf
+    best_weights: dict[str, torch.Tensor] | None = None
     # the student's forward as train.compile runs it (student_logits, or its torch.compile), made once per run
     forward: Callable[[nn.Module, torch.Tensor, bool], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.forward is None:  # student_logits is defined below this class
             self.forward = student_logits
+
+    def keep_if_best(self, val_acc: float) -> None:
+        if val_acc >= self.best_val:
+            self.best_val = val_acc
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.evaluated.state_dict().items()}
 
     @property
     def evaluated(self) -> nn.Module:
@@ -165,7 +175,11 @@ def evaluation_splits(splits: SplitFactory, cfg: dict[str, Any]) -> tuple[Any, A
     test = splits("test")
     if cfg["test_subset"]:
         test = stratified_subset(test, cfg["test_subset"], seed=0)
-    return test, validation_split(splits, int(cfg["val_size"]))
+    val = validation_split(splits, int(cfg["val_size"]))
+    if cfg["test_eval"] == "selected" and val is None:
+        raise ValueError("train.test_eval=selected needs a validation split to select with (train.val_size > 0 "
+                         "and an in-memory dataset); use train.test_eval=every")
+    return test, val
 
 
 def build_student(cfg: dict[str, Any], num_classes: int, images: torch.Tensor, steps_per_epoch: int, device: str,
@@ -208,6 +222,8 @@ def load_resume_state(out: Path, state: StudentState, cfg: dict[str, Any]) -> tu
     state.t_s = float(saved["t_s"])
     if state.ema is not None:
         state.ema.load_state_dict(saved["ema"])
+    if "best_weights" in saved:
+        state.best_val, state.best_weights = float(saved["best_val"]), saved["best_weights"]
     start, epochs = int(saved["epoch"]) + 1, int(cfg["epochs"])
     if start - 1 > epochs:
         raise ValueError(f"{last_path} holds epoch {start - 1}, more than train.epochs={epochs}; rerun with "
@@ -225,7 +241,9 @@ def save_checkpoint(path: Path, state: StudentState, epoch: int) -> None:
     save_tensors(path, {"model": state.model.state_dict(), "optimizer": state.opt.state_dict(),
                         "scheduler": state.sched.state_dict(), "torch_rng": torch.get_rng_state(),
                         "generator": state.gen.get_state(), "t_s": state.t_s, "epoch": epoch,
-                        **({} if state.ema is None else {"ema": state.ema.state_dict()})})
+                        **({} if state.ema is None else {"ema": state.ema.state_dict()}),
+                        **({} if state.best_weights is None else {"best_val": state.best_val,
+                                                                 "best_weights": state.best_weights})})
 
 
 def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any], epoch: int, seed: int,
@@ -279,11 +297,12 @@ def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any],
 
 def evaluate_epoch(model: nn.Module, entry: dict[str, Any], calib: list[tuple[torch.Tensor, Any]], test: Any,
                    val: Any, store: LabelStore, cfg: dict[str, Any], batch_size: int = 256) -> dict[str, Any]:
-    """The evaluation after the epoch ``entry`` describes: test (and validation) accuracy and NLL, and, with
-    soft labels, the logit ranges of the last calibration batch."""
+    """The evaluation after the epoch ``entry`` describes: test (unless ``test`` is None) and validation accuracy
+    and NLL, and, with soft labels, the logit ranges of the last calibration batch."""
     kw = {"bf16": bool(cfg["bf16"]), "channels_last": bool(cfg["channels_last"]), "batch_size": batch_size}
-    ev = {"epoch": entry["epoch"], "train_loss": entry["loss"], "T": entry["T"], "t_s": entry["t_s"],
-          **evaluate_split(model, test, store.mean, store.std, "test", **kw)}
+    ev = {"epoch": entry["epoch"], "train_loss": entry["loss"], "T": entry["T"], "t_s": entry["t_s"]}
+    if test is not None:  # train.test_eval=selected: the test split only at the end (test_selected_and_last)
+        ev.update(evaluate_split(model, test, store.mean, store.std, "test", **kw))
     if val is not None:
         ev.update(evaluate_split(model, val, store.mean, store.std, "val", **kw))
     if not cfg["hard_labels"]:
@@ -330,16 +349,23 @@ def run_train(
     t_begin = time.perf_counter()
     epochs = int(cfg["epochs"])
     bar = tqdm(range(start, epochs + 1), desc="train student", disable=not (progress and distributed.is_main()))
+    test_at_end = cfg["test_eval"] == "selected"
     for epoch in bar:
         entry, calib = train_one_epoch(state, src, cfg, epoch, seed, device)
         metrics["epochs"].append(entry)
         if epoch % int(cfg["eval_every"]) == 0 or epoch == epochs:
-            ev = evaluate_epoch(state.evaluated, entry, calib, test, val, store, cfg, eval_batch_size)
+            ev = evaluate_epoch(state.evaluated, entry, calib, None if test_at_end else test, val, store, cfg,
+                                eval_batch_size)
             metrics["evals"].append(ev)
-            bar.set_postfix(acc=f"{ev['test_acc']:.2f}", T=f"{ev['T']:.1f}", t_s=f"{ev['t_s']:.2f}")
+            if test_at_end:
+                state.keep_if_best(ev["val_acc"])
+            acc = ev["val_acc"] if test_at_end else ev["test_acc"]
+            bar.set_postfix(acc=f"{acc:.2f}", T=f"{ev['T']:.1f}", t_s=f"{ev['t_s']:.2f}")
         if (epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs) and distributed.is_main():
             atomic_write_json(out / "train_metrics.json", metrics)
             save_checkpoint(out / "last.pt", state, epoch)
+    if test_at_end:
+        test_selected_and_last(state, metrics["evals"], test, store, cfg, eval_batch_size)
     summary = {**select_evaluation(metrics["evals"]), "num_epochs": epochs, "t_s_final": state.t_s,
                "test_images": len(test), "val_images": 0 if val is None else len(val),
                "seconds": time.perf_counter() - t_begin + metrics.get("seconds", 0.0),
@@ -414,13 +440,30 @@ def logit_ranges(logits: torch.Tensor, labels: Any) -> dict[str, float]:
     return out
 
 
+def test_selected_and_last(state: StudentState, evals: list[dict[str, Any]], test: Any, store: LabelStore,
+                           cfg: dict[str, Any], batch_size: int) -> None:
+    """train.test_eval=selected: the test accuracy of the weights kept at the best validation evaluation and of
+    the final weights, written into those two evaluations (select_evaluation then reads them as usual)."""
+    kw = {"bf16": bool(cfg["bf16"]), "channels_last": bool(cfg["channels_last"]), "batch_size": batch_size}
+    evals[-1].update(evaluate_split(state.evaluated, test, store.mean, store.std, "test", **kw))
+    best_val = max(e["val_acc"] for e in evals)
+    chosen = [e for e in evals if e["val_acc"] == best_val][-1]
+    if chosen is evals[-1]:
+        return
+    if state.best_weights is None or state.best_val != best_val:
+        raise AssertionError("the weights of the selected evaluation were not kept")
+    model = copy.deepcopy(state.evaluated)
+    model.load_state_dict(state.best_weights)
+    chosen.update(evaluate_split(model, test, store.mean, store.std, "test", **kw))
+
+
 def select_evaluation(evals: list[dict[str, Any]]) -> dict[str, Any]:
     """The reported accuracies of a run, chosen without the test set.
 
     ``selected_acc``: test accuracy at the evaluation with the best validation accuracy (the latest such
     evaluation on a tie), or at the last evaluation when there is no validation split; ``last_acc``: the last
     evaluation; ``best_acc``: the best test accuracy of any evaluation (selection on test data: shown only as a
-    secondary column).
+    secondary column), None when not every evaluation ran the test split (train.test_eval=selected).
     """
     if not evals:
         raise ValueError("no evaluation was recorded")
@@ -431,7 +474,8 @@ def select_evaluation(evals: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         chosen, rule = evals[-1], "last evaluation"
     return {"selected_acc": chosen["test_acc"], "selected_epoch": chosen["epoch"], "selection": rule,
-            "last_acc": evals[-1]["test_acc"], "best_acc": max(e["test_acc"] for e in evals)}
+            "last_acc": evals[-1]["test_acc"],
+            "best_acc": max(e["test_acc"] for e in evals) if all("test_acc" in e for e in evals) else None}
 
 
 def hard_label_loss(logits: torch.Tensor, image_labels: torch.Tensor, aug: Any,

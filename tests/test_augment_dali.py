@@ -18,7 +18,7 @@ from lpqld_fast.ops.crop_resize_flip import crop_resize_flip as op_crop_resize_f
 
 pytestmark = pytest.mark.skipif(
     not augment_dali.dali_available(),
-    reason=f"nvidia-dali not importable ({augment_dali.dali_import_error()}); pip install -r requirements.txt",
+    reason=f"nvidia-dali not importable ({augment_dali.dali_import_error()}); pip install -r requirements-dev.txt",
 )
 
 GREY_LEVEL = 1.0  # the acceptance bound, on the 0..255 scale

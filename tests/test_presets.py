@@ -53,7 +53,7 @@ def test_bad_override_names_the_problem(bad: str) -> None:
 
 def test_demo_preset_builds_a_half_width_teacher_and_the_paper_student() -> None:
     """squeeze.width reaches the teacher that squeeze trains and the later stages load; the student keeps its
-    width (the demo preset changes only the teacher)."""
+    width (the demo preset changes the teacher, and evaluates the test split for the selected student only)."""
     from types import SimpleNamespace
 
     from lpqld_fast.models import get_model
@@ -63,6 +63,7 @@ def test_demo_preset_builds_a_half_width_teacher_and_the_paper_student() -> None
     demo, paper = get_preset("fashion-mnist-demo"), get_preset("fashion-mnist")
     assert build_teacher(demo["squeeze"], meta).body[0].out_channels == 64
     assert build_teacher(paper["squeeze"], meta).body[0].out_channels == 128
-    assert demo["train"] == paper["train"] and demo["relabel"] == paper["relabel"]
+    assert {**demo["train"], "test_eval": "every"} == {**paper["train"], "test_eval": "every"}
+    assert demo["train"]["test_eval"] == "selected" and demo["relabel"] == paper["relabel"]
     student = get_model(demo["train"]["model"], num_classes=10, in_chans=1, image_size=28)
     assert student.body[0].out_channels == 128
