@@ -301,7 +301,7 @@ def evaluate_epoch(model: nn.Module, entry: dict[str, Any], calib: list[tuple[to
     and NLL, and, with soft labels, the logit ranges of the last calibration batch."""
     kw = {"bf16": bool(cfg["bf16"]), "channels_last": bool(cfg["channels_last"]), "batch_size": batch_size}
     ev = {"epoch": entry["epoch"], "train_loss": entry["loss"], "T": entry["T"], "t_s": entry["t_s"]}
-    if test is not None:  # train.test_eval=selected: the test split only at the end (test_selected_and_last)
+    if test is not None:  # train.test_eval=selected: the test split only at the end (evaluate_selected_and_last)
         ev.update(evaluate_split(model, test, store.mean, store.std, "test", **kw))
     if val is not None:
         ev.update(evaluate_split(model, val, store.mean, store.std, "val", **kw))
@@ -365,7 +365,7 @@ def run_train(
             atomic_write_json(out / "train_metrics.json", metrics)
             save_checkpoint(out / "last.pt", state, epoch)
     if test_at_end:
-        test_selected_and_last(state, metrics["evals"], test, store, cfg, eval_batch_size)
+        evaluate_selected_and_last(state, metrics["evals"], test, store, cfg, eval_batch_size)
     summary = {**select_evaluation(metrics["evals"]), "num_epochs": epochs, "t_s_final": state.t_s,
                "test_images": len(test), "val_images": 0 if val is None else len(val),
                "seconds": time.perf_counter() - t_begin + metrics.get("seconds", 0.0),
@@ -440,7 +440,7 @@ def logit_ranges(logits: torch.Tensor, labels: Any) -> dict[str, float]:
     return out
 
 
-def test_selected_and_last(state: StudentState, evals: list[dict[str, Any]], test: Any, store: LabelStore,
+def evaluate_selected_and_last(state: StudentState, evals: list[dict[str, Any]], test: Any, store: LabelStore,
                            cfg: dict[str, Any], batch_size: int) -> None:
     """train.test_eval=selected: the test accuracy of the weights kept at the best validation evaluation and of
     the final weights, written into those two evaluations (select_evaluation then reads them as usual)."""
