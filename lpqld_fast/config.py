@@ -10,6 +10,9 @@ given as a dict (a preset, a library caller's dict) and fills in the defaults.
 Fields that accept ``auto`` (bf16, channels_last, loader workers, threads, compile) are chosen by the hardware
 at the start of each stage (:func:`resolve_auto`, lpqld_fast.runtime) and recorded resolved.
 
+The module is kept whole (about 550 lines, a third of them the fields' declarations and help texts): a
+setting's declaration, parsing, checks and help are read together when one is added.
+
 ``result=False`` marks settings that do not change a stage's output (layout, workers, checkpoint
 frequency, compile mode): they may differ when a stage is rerun on an existing folder; any other difference is refused
 (:func:`result_diff`), except where a stage defines what the change means (train.epochs raised).
