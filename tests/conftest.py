@@ -46,3 +46,24 @@ def synthetic_preset(monkeypatch):
     p["dataset"] = "synthetic"
     monkeypatch.setitem(presets.PRESETS, "fashion-mnist", p)
     return p
+
+
+@pytest.fixture(scope="module")
+def synthetic_run_module():
+    """For a module fixture that runs whole stages once: the fashion-mnist preset pointed at the synthetic
+    dataset, and one torch thread, for the module's lifetime."""
+    import torch
+
+    import lpqld_fast.presets as presets
+
+    mp = pytest.MonkeyPatch()
+    tiny = presets.get_preset("fashion-mnist")
+    tiny["dataset"] = "synthetic"
+    mp.setitem(presets.PRESETS, "fashion-mnist", tiny)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()

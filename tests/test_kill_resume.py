@@ -52,24 +52,12 @@ DRIVER = (
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
+def reference_run(tmp_path_factory, synthetic_run_module) -> Path:
     """The uninterrupted run, stage by stage, single-threaded, on the synthetic preset."""
-    import lpqld_fast.presets as presets
-
-    mp = pytest.MonkeyPatch()
-    tiny = presets.get_preset("fashion-mnist")
-    tiny["dataset"] = "synthetic"
-    mp.setitem(presets.PRESETS, "fashion-mnist", tiny)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("kill-resume") / "reference"
-    try:
-        for stage in STAGES:
-            assert main(_argv(stage, run)) == 0, stage
-        yield run
-    finally:
-        torch.set_num_threads(threads)
-        mp.undo()
+    for stage in STAGES:
+        assert main(_argv(stage, run)) == 0, stage
+    return run
 
 
 def _argv(stage: str, run: Path) -> list[str]:

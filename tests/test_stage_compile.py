@@ -128,25 +128,13 @@ def _run_stage(stage: str, run: Path, *extra: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def eager_run(tmp_path_factory) -> Path:
+def eager_run(tmp_path_factory, synthetic_run_module) -> Path:
     """A whole tiny run with every stage eager (the reference), single-threaded."""
-    import lpqld_fast.presets as presets
-
-    mp = pytest.MonkeyPatch()
-    tiny = presets.get_preset("fashion-mnist")
-    tiny["dataset"] = "synthetic"
-    mp.setitem(presets.PRESETS, "fashion-mnist", tiny)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("stage-compile") / "eager"
-    try:
-        for stage in ("squeeze", "recover", "relabel", "train"):
-            graphs = _run_stage(stage, run, *(["--set", f"{stage}.compile=eager"] if stage != "relabel" else []))
-            assert graphs == 0, stage  # eager: nothing goes through dynamo
-        yield run
-    finally:
-        torch.set_num_threads(threads)
-        mp.undo()
+    for stage in ("squeeze", "recover", "relabel", "train"):
+        graphs = _run_stage(stage, run, *(["--set", f"{stage}.compile=eager"] if stage != "relabel" else []))
+        assert graphs == 0, stage  # eager: nothing goes through dynamo
+    return run
 
 
 def _compiled_copy(eager_run: Path, tmp_path: Path, stage: str, monkeypatch,

@@ -21,24 +21,12 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory) -> Path:
+def upstream(tmp_path_factory, synthetic_run_module) -> Path:
     """squeeze, recover and relabel of a tiny synthetic run, single-threaded."""
-    import lpqld_fast.presets as presets
-
-    mp = pytest.MonkeyPatch()
-    tiny = presets.get_preset("fashion-mnist")
-    tiny["dataset"] = "synthetic"
-    mp.setitem(presets.PRESETS, "fashion-mnist", tiny)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("test-eval") / "up"
-    try:
-        for stage in ("squeeze", "recover", "relabel"):
-            assert main([stage, "--out", str(run), *TINY]) == 0
-        yield run
-    finally:
-        torch.set_num_threads(threads)
-        mp.undo()
+    for stage in ("squeeze", "recover", "relabel"):
+        assert main([stage, "--out", str(run), *TINY]) == 0
+    return run
 
 
 def _train(upstream: Path, dest: Path, *extra: str, rc: int = 0) -> dict:
