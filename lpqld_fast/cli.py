@@ -25,7 +25,7 @@ from lpqld_fast.data import DATASET_NAMES, dataset_info
 from lpqld_fast.io_utils import atomic_write_json, read_json
 from lpqld_fast.pipeline import BASELINE_SETTINGS, check_store_size, run_baseline, run_distill, run_relabel_stage
 from lpqld_fast.presets import DATASET_PRESET, PRESETS, get_preset, preset_overrides
-from lpqld_fast.records import stage_dirs
+from lpqld_fast.records import pin_commit, stage_dirs
 from lpqld_fast.recover import check_memory, run_recover
 from lpqld_fast.report import write_report
 from lpqld_fast.runtime import apply_threads, tune_cpu_allocator
@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_presets()
         return 0
     tune_cpu_allocator()
+    pin_commit()
 
     def rank() -> str:
         return f" [rank {distributed.rank()}]" if distributed.world_size() > 1 else ""

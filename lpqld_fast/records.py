@@ -23,6 +23,19 @@ def stage_dirs(run: str | Path) -> dict[str, Path]:
     return {s: run / s for s in STAGES}
 
 
+_pinned_commit: list[str | None] = []
+
+
+def pin_commit() -> str | None:
+    """Fix the commit that this process reports to the one checked out now.
+
+    Entry points call it at start: a job that runs for hours records the code it imported, not a HEAD that
+    moved while it ran."""
+    if not _pinned_commit:
+        _pinned_commit.append(git_commit())
+    return _pinned_commit[0]
+
+
 def git_commit(path: Path = _SOURCE) -> str | None:
     """The checkout's commit, with ``+dirty`` when tracked files under the package differ from it;
     None outside a git checkout (an installed wheel)."""
@@ -60,5 +73,6 @@ def machine() -> dict[str, Any]:
 
 def run_record(config: dict[str, Any], seed: int, device: str) -> dict[str, Any]:
     """The provenance block written with a run's metrics."""
-    return {"config": config, "seed": seed, "device": device, "commit": git_commit(), "machine": machine(),
+    return {"config": config, "seed": seed, "device": device,
+            "commit": _pinned_commit[0] if _pinned_commit else git_commit(), "machine": machine(),
             "finished_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}

@@ -139,9 +139,11 @@ def link(src: Path, dst: Path) -> None:
 
 
 def main() -> int:
+    from lpqld_fast.records import pin_commit
     from lpqld_fast.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
+    pin_commit()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="runs/results")
     ap.add_argument("--ipc", type=int, nargs="+", default=[10])
