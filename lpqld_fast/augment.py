@@ -49,6 +49,7 @@ __all__ = [
     "sample_flips",
     "sample_cutmix",
     "apply_cutmix",
+    "mix_batch",
     "sample_cutout",
     "apply_cutout",
     "sample_aug_params",
@@ -248,6 +249,25 @@ def apply_cutmix(x: torch.Tensor, box: torch.Tensor | Sequence[int], perm: torch
     if y1 > y0 and x1 > x0 and n:
         out[:, :, y0:y1, x0:x1] = x[perm.to(x.device, torch.int64), :, y0:y1, x0:x1]
     return out
+
+
+def mix_batch(x: torch.Tensor, mode: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mix a batch with a permutation of itself: ``(mixed, perm, lam)``, where row i holds ``lam`` of image i.
+
+    ``mode``: "cutmix" (x[perm] pasted into one box, :func:`sample_cutmix`: lam ~ U(0, 1), then the exact kept
+    fraction) or "mixup" (lam * x + (1 - lam) * x[perm], lam ~ U(0, 1)). Everything is drawn on the host from
+    ``generator``: the step reads nothing back from the device.
+    """
+    n, _, h, w = x.shape
+    if mode == "cutmix":
+        lam, box, perm = sample_cutmix(n, h, w, generator)
+        perm = perm.to(x.device)
+        return apply_cutmix(x, box, perm), perm, lam
+    if mode == "mixup":
+        lam = float(torch.rand(1, generator=generator, dtype=torch.float64))
+        perm = torch.randperm(n, generator=generator).to(x.device)
+        return x * lam + x.index_select(0, perm) * (1.0 - lam), perm, lam
+    raise ValueError(f"mix mode must be 'cutmix' or 'mixup', got {mode!r}")
 
 
 def _paste_box(x: torch.Tensor, box: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

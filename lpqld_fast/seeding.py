@@ -12,6 +12,7 @@ stores and students of every recorded run (docs/results/records) for the same se
 | ``hashed_seed("lpqld-teacher-epoch", seed, epoch)`` | squeeze on an image folder: base of epoch's per-image seeds | sha256 |
 | ``stream("lpqld-squeeze-stats", seed, batch)`` | squeeze: statistics pass augmentation | sha256 |
 | ``stream("lpqld-relabel", tag, seed, index)`` | relabel: kept ids, epoch permutations, batch augmentation | sha256 (the store's manifest states it) |
+| ``stream("lpqld-train-mix", seed, epoch, step)`` | train: student-side mixing of a replayed batch (``train.mix``) | sha256 |
 | ``stream("lpqld-real-images", seed, c)`` | paper-001 baseline: real images of class c | sha256 |
 | ``hashed_seed("lpqld-folder-pass", seed, i)`` | streamed image folders: image i's transform | sha256 |
 | ``squeeze_stats_order(seed)`` | squeeze: statistics pass batch order | frozen: seed + 1 |

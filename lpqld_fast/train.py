@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from lpqld_fast import config as schema
 from lpqld_fast import distributed, runtime
-from lpqld_fast.augment import check_replay_params, replay_batch
+from lpqld_fast.augment import check_replay_params, mix_batch, replay_batch
 from lpqld_fast.data import SplitFactory, get_dataset, stratified_subset
 from lpqld_fast.ddp import ddp_model
 from lpqld_fast.ema import WeightEMA
@@ -45,7 +45,7 @@ from lpqld_fast.models import get_model
 from lpqld_fast.ops import calibrate_student_temperature, soft_label_kl
 from lpqld_fast.ops.soft_label_kl import check_label_data
 from lpqld_fast.records import run_record
-from lpqld_fast.seeding import seed_everything
+from lpqld_fast.seeding import seed_everything, stream
 from lpqld_fast.store import LabelStore, SoftLabels
 
 # Every train setting with its default (lpqld_fast.config.TrainConfig holds the types and meanings).
@@ -264,6 +264,9 @@ def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any],
         rec = src.store.batch(bid)
         src.check_batch(bid, rec, bool(cfg["hard_labels"]))
         x = replay_batch(src.images, rec, src.store.mean, src.store.std, validate=False)
+        perm, lam = None, 1.0
+        if cfg["mix"] != "none":  # the whole batch, before a rank takes its rows: every rank mixes alike
+            x, perm, lam = mix_batch(x, cfg["mix"], stream("lpqld-train-mix", seed, epoch, i))
         if cfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         labels = rec.labels.to(device)
@@ -275,6 +278,11 @@ def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any],
             loss, logits = soft_label_forward(state.net, x[rows], labels.slice_rows(rows), T, state.t_s,
                                               bool(cfg["t2_scale"]), bool(cfg["bf16"]), validate=False,
                                               forward=state.forward)
+            if perm is not None:  # the KL is linear in the target: this is the loss against the mixed label
+                other = labels.take_rows(perm).slice_rows(rows)
+                loss = lam * loss + (1.0 - lam) * soft_label_kl(
+                    logits.float(), **other.kl_kwargs(), T=T, t_s=state.t_s, t2_scale=bool(cfg["t2_scale"]),
+                    validate=False)
         if share != 1.0:
             loss = loss * share  # DDP averages: world * n_local / B makes it the full-batch mean
         state.opt.zero_grad(set_to_none=True)

@@ -81,6 +81,14 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
         base = next(r for r in rows if r["name"] == "LPQLD x40 MR-5")
         rows = [base, {**base, "name": "LPQLD x40 MR-5 + EMA 0.99", "group": "late drop",
                        "train": {**lpqld_train, "ema": 0.99}}]
+    if kind in ("beyond", "all"):  # switches beyond the papers, one at a time onto LPLD x40
+        base = next(r for r in rows if r["name"] == "LPLD x40")
+        group = "beyond the papers"
+        extra = [{**base, "name": "LPLD x40 + student CutMix", "group": group, "train": {**lpld_train, "mix": "cutmix"}},
+                 {**base, "name": "LPLD x40 + student MixUp", "group": group, "train": {**lpld_train, "mix": "mixup"}},
+                 {**base, "name": "LPLD x40 + stored CutMix", "group": group,
+                  "relabel": {**base["relabel"], "cutmix": True}}]
+        rows = [base, *extra] if kind == "beyond" else rows + extra
     if kind == "core":
         keep = {"SRe2L x1", "SRe2L x40", "SRe2L x100", "LPLD x1", "LPLD x40", "LPLD x100",
                 "LPQLD x40 MR-2", "LPQLD x40 MR-3", "LPQLD x100 MR-2", "LPQLD x100 MR-3"}
@@ -149,9 +157,10 @@ def main() -> int:
     ap.add_argument("--ipc", type=int, nargs="+", default=[10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--rows", default="core",
-                    choices=["core", "main", "all", "ablation", "lpqld-vs-lpld", "late-drop"],
+                    choices=["core", "main", "all", "ablation", "lpqld-vs-lpld", "late-drop", "beyond"],
                     help="core: a few rows; main: every factor and k without the ablations; lpqld-vs-lpld: the "
-                         "x40 recipe cells; late-drop: LPQLD x40 MR-5 with and without train.ema; all: everything")
+                         "x40 recipe cells; late-drop: LPQLD x40 MR-5 with and without train.ema; beyond: switches beyond the papers "
+                         "(student-side and stored CutMix) onto LPLD x40; all: everything")
     ap.add_argument("--records", default="docs/results/records", help="where the run records go")
     ap.add_argument("--only", default=None, help="substring filter on row names")
     ap.add_argument("--name", action="append", default=[], help="exact row name (repeatable): only these rows")

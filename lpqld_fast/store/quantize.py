@@ -148,6 +148,12 @@ class SoftLabels:
         return SoftLabels(self.mode, cut(self.values), cut(self.indices), cut(self.fill), cut(self.scale),
                           cut(self.offset))
 
+    def take_rows(self, index: torch.Tensor) -> SoftLabels:
+        """These labels in the row order ``index`` (int64 [B'] on the labels' device)."""
+        take = (lambda t: None if t is None else t.index_select(0, index))  # noqa: E731
+        return SoftLabels(self.mode, take(self.values), take(self.indices), take(self.fill), take(self.scale),
+                          take(self.offset))
+
 
 # --------------------------------------------------------------------------- int8
 
