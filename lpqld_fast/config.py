@@ -116,6 +116,8 @@ class RecoverConfig:
     classwise_batching: bool = opt(True, "a unit is one class's IPC images (false: SRe2L batching)", "bool")
     classwise_supervision: bool = opt(True, "class-wise BN targets (false: the teacher's global statistics)",
                                       "bool")
+    init: str = opt("noise", "initial images: noise (randn) or real (random training images of each image's "
+                    "class, picked as the paper-001 baseline picks them)", "choice", choices=("noise", "real"))
     # Opt-in (not auto): 3x faster passes, but 1.2 points of student accuracy lost in one measured pair
     # (docs/RESULTS.md).
     bf16: Any = opt(False, "bf16 autocast of the teacher passes (auto: where native)", "auto_bool")

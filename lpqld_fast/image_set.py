@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from lpqld_fast.io_utils import atomic_path, atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
+from lpqld_fast.seeding import stream
 
-__all__ = ["RECOVER_SCHEMA", "Unit", "finalize_recover", "load_recovered", "bind_real_images", "save_png",
+__all__ = ["RECOVER_SCHEMA", "Unit", "random_class_pick", "finalize_recover", "load_recovered", "bind_real_images", "save_png",
            "save_grid"]
 
 RECOVER_SCHEMA = 1
@@ -33,6 +34,13 @@ class Unit:
     uid: int
     labels: torch.Tensor  # [n] class of each image
     target: int  # index into the BN target table (class id, or 0 for global stats)
+
+
+def random_class_pick(class_indices: torch.Tensor, ipc: int, seed: int, c: int) -> torch.Tensor:
+    """``ipc`` of class ``c``'s train-set indices, drawn without replacement from the stream of (seed, class):
+    independent of the other classes, and a larger IPC extends a smaller one. The paper-001 baseline's
+    "random" real images and recover.init=real both pick with it."""
+    return class_indices[torch.randperm(len(class_indices), generator=stream("lpqld-real-images", seed, c))[:ipc]]
 
 
 def finalize_recover(out: Path, units: list[Unit], num_classes: int, run_cfg: dict, seconds: float) -> dict:

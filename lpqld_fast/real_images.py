@@ -54,7 +54,7 @@ from lpqld_fast.data import get_dataset, require_in_memory
 from lpqld_fast.data.transforms import normalize
 from lpqld_fast.seeding import stream
 from lpqld_fast.experts import expert_checkpoint_path, load_expert
-from lpqld_fast.image_set import Unit, finalize_recover
+from lpqld_fast.image_set import Unit, finalize_recover, random_class_pick
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
 
@@ -116,7 +116,7 @@ def select_indices(labels: torch.Tensor, num_classes: int, ipc: int, strategy: s
         if ipc > n:
             raise ValueError(f"ipc={ipc} exceeds the {n} training images of {_class_name(class_names, c)}")
         if strategy == "random":
-            out.append(idx[torch.randperm(n, generator=_class_generator(seed, c))[:ipc]])
+            out.append(random_class_pick(idx, ipc, seed, c))
             continue
         # Rank by CE ascending, ties by train-set index (idx is ascending, so a stable sort keeps it).
         order = idx[torch.sort(scores[idx].double(), stable=True).indices]

@@ -46,8 +46,8 @@ from lpqld_fast import config as schema
 from lpqld_fast import distributed, seeding
 from lpqld_fast.augment import sample_flips, sample_rrc_boxes
 from lpqld_fast.bn_stats import bn_layers, load_bn_stats
-from lpqld_fast.data import dataset_info
-from lpqld_fast.image_set import Unit, finalize_recover
+from lpqld_fast.data import dataset_info, get_dataset, require_in_memory
+from lpqld_fast.image_set import Unit, finalize_recover, random_class_pick
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
 from lpqld_fast.ops import batched_roll, crop_resize_flip
@@ -213,6 +213,7 @@ def synthesize_units(
     progress: bool = True,
     checkpoint_path: str | Path | None = None,
     step: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    x_init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Optimise the images of ``units`` together; return the last iterate in normalised space.
 
@@ -220,13 +221,20 @@ def synthesize_units(
     ``cfg["checkpoint_every"]`` iterations and a matching checkpoint found
     there is resumed from; the caller deletes it once the result is stored.
     ``step`` is :func:`recover_loss` as recover.compile runs it (made once per stage run by the caller;
-    by default made here for this pass).
+    by default made here for this pass). ``x_init`` (normalised, one row per image of ``units`` in order)
+    replaces the randn start (recover.init=real); the augmentation draws are the same either way.
     """
     c, h, w = image_shape
     sizes = [len(u.labels) for u in units]
     gens = [seeding.recover_unit(seed, u.uid) for u in units]
-    # randn init per unit from its own generator, so batching does not change it.
+    # randn init per unit from its own generator, so batching does not change it (drawn with a real start
+    # too: the augmentation that follows in each stream is then the same).
     x0 = torch.cat([torch.randn(n, c, h, w, generator=g) for g, n in zip(gens, sizes)])
+    if x_init is not None:
+        if x_init.shape != x0.shape:
+            raise ValueError(f"x_init must hold one image per unit row, shape {tuple(x0.shape)}, "
+                             f"got {tuple(x_init.shape)}")
+        x0 = x_init.to(torch.float32)
     x = x0.to(device).requires_grad_(True)
     labels = torch.cat([u.labels for u in units]).to(device)
     seg = torch.repeat_interleave(torch.arange(len(units)), torch.tensor(sizes)).to(device)
@@ -411,11 +419,16 @@ def run_recover(
     bar = tqdm(total=len(units), initial=sum(_unit_path(unit_dir, u).exists() for u in units),
                desc="recover units", disable=not progress)
     step = compile_step(recover_loss, cfg["compile"])  # one compiled function for every pass of the run
+    real = real_starts(config, cfg, info.num_classes, mean, std, seed) if cfg["init"] == "real" else None
     for group in _my_groups(units, per_pass, unit_dir):
         # Named after the fixed group: a pass whose units were partly saved finds (and replaces) its old file.
         ckpt = pass_checkpoint_path(unit_dir, group.full)
+        x_init = None
+        if real is not None:
+            x_init = torch.cat([real[u.labels, unit_positions(u, cfg["classwise_batching"], info.num_classes)]
+                                for u in group.todo])
         x = synthesize_units(teacher, group.todo, targets, cfg, shape, mean, std, seed, device, progress,
-                             checkpoint_path=ckpt, step=step)
+                             checkpoint_path=ckpt, step=step, x_init=x_init)
         _save_units(unit_dir, group.todo, to_uint8(x, mean, std))
         ckpt.unlink(missing_ok=True)  # the unit files hold the result now
         bar.update(len(group.todo))
@@ -426,6 +439,33 @@ def run_recover(
     manifest = finalize_recover(out, units, info.num_classes, run_cfg, seconds) if distributed.is_main() else None
     distributed.barrier()
     return manifest if manifest is not None else read_json(out / "manifest.json", "recover manifest")
+
+
+def real_starts(config: dict[str, Any], cfg: dict[str, Any], num_classes: int, mean: torch.Tensor,
+                std: torch.Tensor, seed: int) -> torch.Tensor:
+    """recover.init=real: normalised float [num_classes, ipc, C, H, W], image i of class c a random real
+    training image of c (:func:`lpqld_fast.image_set.random_class_pick`, the paper-001 baseline's pick)."""
+    train = require_in_memory(get_dataset(config["dataset"], "train", root=config.get("data_root")),
+                              "recover.init=real")
+    ipc = cfg["ipc"]
+    picks = []
+    for c in range(num_classes):
+        idx = torch.nonzero(train.labels == c).flatten()
+        if len(idx) < ipc:
+            raise ValueError(f"recover.init=real needs recover.ipc={ipc} training images of class {c}; it has "
+                             f"{len(idx)}")
+        picks.append(random_class_pick(idx, ipc, seed, c))
+    images = train.images[torch.stack(picks)].to(torch.float32) / 255.0  # [classes, ipc, C, H, W]
+    return (images - mean.view(1, 1, -1, 1, 1)) / std.view(1, 1, -1, 1, 1)
+
+
+def unit_positions(u: Unit, classwise_batching: bool, num_classes: int) -> torch.Tensor:
+    """The position within its class of each image of unit ``u`` (the units of :func:`recover_units`)."""
+    if classwise_batching:
+        return torch.arange(len(u.labels))  # a class's IPC images, in order
+    if u.target == -1:
+        return torch.full((len(u.labels),), u.uid, dtype=torch.int64)  # unit i: image i of every class
+    return torch.tensor([u.uid // num_classes])  # SRe2L batching, class-wise targets: one image per unit
 
 
 def recover_units(num_classes: int, ipc: int, classwise_batching: bool, classwise_supervision: bool) -> list[Unit]:

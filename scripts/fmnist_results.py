@@ -32,11 +32,12 @@ from lpqld_fast.report import run_summary  # noqa: E402
 from lpqld_fast.squeeze import run_squeeze  # noqa: E402
 from lpqld_fast.train import run_train  # noqa: E402
 
-RECOVERY = {  # name -> (class-wise batching, class-wise supervision)
-    "sre2l": (False, False),
-    "classwise": (True, True),
-    "cb-only": (True, False),
-    "cs-only": (False, True),
+RECOVERY = {  # name -> recover settings (the image set every row naming it shares)
+    "sre2l": {"classwise_batching": False, "classwise_supervision": False},
+    "classwise": {"classwise_batching": True, "classwise_supervision": True},
+    "cb-only": {"classwise_batching": True, "classwise_supervision": False},
+    "cs-only": {"classwise_batching": False, "classwise_supervision": True},
+    "classwise-real": {"classwise_batching": True, "classwise_supervision": True, "init": "real"},
 }
 FACTORS = (1, 10, 20, 40, 100)
 
@@ -87,7 +88,8 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
         extra = [{**base, "name": "LPLD x40 + student CutMix", "group": group, "train": {**lpld_train, "mix": "cutmix"}},
                  {**base, "name": "LPLD x40 + student MixUp", "group": group, "train": {**lpld_train, "mix": "mixup"}},
                  {**base, "name": "LPLD x40 + stored CutMix", "group": group,
-                  "relabel": {**base["relabel"], "cutmix": True}}]
+                  "relabel": {**base["relabel"], "cutmix": True}},
+                 {**base, "name": "LPLD x40 + real-image init", "group": group, "recovery": "classwise-real"}]
         rows = [base, *extra] if kind == "beyond" else rows + extra
     if kind == "core":
         keep = {"SRe2L x1", "SRe2L x40", "SRe2L x100", "LPLD x1", "LPLD x40", "LPLD x100",
@@ -160,7 +162,7 @@ def main() -> int:
                     choices=["core", "main", "all", "ablation", "lpqld-vs-lpld", "late-drop", "beyond"],
                     help="core: a few rows; main: every factor and k without the ablations; lpqld-vs-lpld: the "
                          "x40 recipe cells; late-drop: LPQLD x40 MR-5 with and without train.ema; beyond: switches beyond the papers "
-                         "(student-side and stored CutMix) onto LPLD x40; all: everything")
+                         "(student-side and stored CutMix, real-image initialisation) onto LPLD x40; all: everything")
     ap.add_argument("--records", default="docs/results/records", help="where the run records go")
     ap.add_argument("--only", default=None, help="substring filter on row names")
     ap.add_argument("--name", action="append", default=[], help="exact row name (repeatable): only these rows")
@@ -197,8 +199,7 @@ def main() -> int:
                 if path.exists():
                     continue
                 cfg = copy.deepcopy(base)
-                cb, cs = RECOVERY[spec["recovery"]]
-                cfg["recover"].update({"ipc": ipc, "classwise_batching": cb, "classwise_supervision": cs})
+                cfg["recover"].update({"ipc": ipc, **RECOVERY[spec["recovery"]]})
                 cfg["relabel"].update(spec["relabel"])
                 cfg["train"].update(spec["train"])
                 rec_dir = root / "recover" / f"{spec['recovery']}-ipc{ipc}-s{seed}"

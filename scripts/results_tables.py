@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from lpqld_fast.io_utils import atomic_write_bytes  # noqa: E402
 
 GROUP_ORDER = ("SRe2L-style recovery", "LPLD", "LPQLD MR-2", "LPQLD MR-3", "LPQLD MR-5", "LPQLD vs LPLD at x40",
-               "late drop", "ablation")
+               "late drop", "ablation", "beyond the papers")
 # The rows that show the late drop of top-k labels and what changes it (stored mass on dropped classes, EMA).
 LATE_DROP = ("LPQLD x40 MR-5", "LPQLD x40 MR-5 + EMA 0.99", "x40-batches MR-5, LPQLD recipe T0=4",
              "x40 MRS-5, LPQLD recipe T0=4", "x40 dense, LPQLD recipe T0=4")
@@ -89,8 +89,11 @@ def blocks(records: list[dict]) -> dict[str, str]:
     out = {"all": note + "\n\n" + table(rows)}
     for key, groups in (("pruning", ("SRe2L-style recovery", "LPLD", "LPQLD MR-2", "LPQLD MR-3", "LPQLD MR-5")),
                         ("lpqld-vs-lpld", ("LPQLD vs LPLD at x40", "LPLD", "LPQLD MR-5")),
-                        ("ablation", ("ablation",))):
-        sel = [r for r in rows if r["group"] in groups and (key != "lpqld-vs-lpld" or r["factor"] == 40)]
+                        ("ablation", ("ablation",)),
+                        ("beyond", ("beyond the papers", "LPLD"))):
+        sel = [r for r in rows if r["group"] in groups and (key not in ("lpqld-vs-lpld", "beyond") or r["factor"] == 40)]
+        if key == "beyond" and not any(r["group"] == "beyond the papers" for r in sel):
+            continue
         if sel:
             out[key] = note + "\n\n" + table(sel)
     late = [r for r in rows if r["name"] in LATE_DROP]
