@@ -11,7 +11,6 @@ outside it (e.g. /usr/bin/time); omit it for runs made stage by stage.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

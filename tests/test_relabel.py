@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from lpqld_fast import augment
 from lpqld_fast.augment import (
     apply_cutmix,
     apply_cutout,
