@@ -141,10 +141,17 @@ def plot_training(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_accuracy_vs_storage(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """rows: {'label': str, 'total_bytes': int, 'acc': float, 'std': float (optional), 'group': str}."""
+def plot_accuracy_vs_storage(rows: list[dict[str, Any]], path: Path, title: str = "",
+                             references: list[dict[str, Any]] | None = None) -> None:
+    """rows: {'label': str, 'total_bytes': int, 'acc': float, 'std': float (optional), 'group': str};
+    references: published points {'label', 'total_bytes', 'acc'}, drawn as grey stars without lines."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
+    for i, r in enumerate(references or []):
+        ax.plot([r["total_bytes"] / 1024], [r["acc"]], marker="*", color="grey", linestyle="none",
+                label="published (images only)" if i == 0 else None)
+        ax.annotate(r["label"], (r["total_bytes"] / 1024, r["acc"]), fontsize=6, color="grey", xytext=(3, -8),
+                    textcoords="offset points")
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r.get("group", ""), []).append(r)
@@ -159,7 +166,7 @@ def plot_accuracy_vs_storage(rows: list[dict[str, Any]], path: Path, title: str 
     ax.set_xlabel("total storage, images + labels (KiB)")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(title)
-    if any(groups):
+    if any(groups) or references:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

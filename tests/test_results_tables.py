@@ -13,8 +13,9 @@ rt = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(rt)
 
 
-def _record(tmp: Path, name: str, seed: int, selected: float, best: float, cpu: str = "CPU A") -> None:
-    rec = {"name": name, "group": "LPLD", "ipc": 10, "seed": seed, "factor": 40, "selected_acc": selected,
+def _record(tmp: Path, name: str, seed: int, selected: float, best: float, cpu: str = "CPU A",
+            group: str = "LPLD", factor: int = 40) -> None:
+    rec = {"name": name, "group": group, "ipc": 10, "seed": seed, "factor": factor, "selected_acc": selected,
            "last_acc": selected - 1, "best_acc": best, "total_bytes": 2048, "label_compression": 49.4,
            "row_seconds": 120.0, "record": {"commit": "abcdef0123", "machine": {"cpu": cpu}}}
     path = tmp / "ipc10" / name.replace(" ", "_") / f"seed{seed}.json"
@@ -44,6 +45,29 @@ def test_blocks_are_rewritten_between_markers_only(tmp_path) -> None:
     assert new.startswith("keep me\n<!-- results:pruning -->\n") and "old table" not in new
     assert "LPLD x40" in new and new.endswith("and me\n<!-- results:nope -->x<!-- /results:nope -->")
     assert rt.rewrite(new, generated) == new  # idempotent
+
+
+def test_beyond_block_compares_each_switch_with_its_base_row(tmp_path) -> None:
+    _record(tmp_path, "LPLD x40", 0, 79.0, 79.5)
+    _record(tmp_path, "LPLD x10", 0, 82.0, 82.5, factor=10)
+    assert "beyond" not in rt.blocks(rt.load_records(tmp_path))  # no switch measured: no block
+    _record(tmp_path, "LPLD x40 + student CutMix", 0, 81.0, 81.5, group="beyond the papers")
+    block = rt.blocks(rt.load_records(tmp_path))["beyond"]
+    assert "LPLD x40 + student CutMix" in block and "| LPLD x40 |" in block and "LPLD x10" not in block
+
+
+def test_plot_draws_the_published_points(tmp_path, monkeypatch) -> None:
+    seen = {}
+    import lpqld_fast.report as report
+
+    monkeypatch.setattr(report, "plot_accuracy_vs_storage",
+                        lambda pts, path, title, references: seen.update(pts=pts, refs=references))
+    _record(tmp_path, "LPLD x40", 0, 79.0, 79.5)
+    _record(tmp_path, "LPLD x40 + student CutMix", 0, 81.0, 81.5, group="beyond the papers")
+    rt.plot(rt.aggregate(rt.load_records(tmp_path)), tmp_path / "p.png", 10)
+    assert {p["label"] for p in seen["pts"]} == {"x40", "student CutMix"}
+    kip = next(r for r in seen["refs"] if r["label"] == "KIP")
+    assert kip["acc"] == 88.8 and kip["total_bytes"] == 10 * 10 * 784
 
 
 @pytest.mark.parametrize("values,expect", [([81.0], "81.00"), ([80.0, 82.0], "81.00 +- 1.41")])
