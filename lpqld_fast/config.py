@@ -90,6 +90,10 @@ class SqueezeConfig:
     channels_last: Any = opt(AUTO, "NHWC model and inputs (auto: on; the fast conv layout on CPU and GPU)",
                              "auto_bool", result=False)
     checkpoint_required: bool = opt(False, "refuse to train: the preset needs --checkpoint", "bool", result=False)
+    # Beyond the papers (EDC: several teachers for relabelling): the stored labels are the mean logits of all
+    # teachers, so the store's size does not change. Recovery and its BN statistics use the first teacher only.
+    teachers: int = opt(1, "teachers trained; relabel stores the mean of their logits (the first, seed --seed, "
+                        "gives recover its BN statistics; the others are members/<i>/teacher.pt)", "int", lo=1)
     stats_mode: str = opt("exact", "class-wise statistics: exact (float64 sums) or ema", "choice",
                           choices=("exact", "ema"))
     stats_momentum: float = opt(0.1, "EMA momentum of the statistics (stats_mode=ema)", "float", lo=0, hi=1)

@@ -21,8 +21,8 @@ import torch
 from lpqld_fast.io_utils import atomic_path, atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.seeding import stream
 
-__all__ = ["RECOVER_SCHEMA", "Unit", "random_class_pick", "finalize_recover", "load_recovered", "bind_real_images", "save_png",
-           "save_grid"]
+__all__ = ["RECOVER_SCHEMA", "Unit", "random_class_pick", "finalize_recover", "load_recovered", "bind_real_images",
+           "save_png", "save_grid"]
 
 RECOVER_SCHEMA = 1
 

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lpqld_fast import config as schema
 from lpqld_fast import distributed
 from lpqld_fast.data import dataset_info
-from lpqld_fast.experts import relabel_with_expert
+from lpqld_fast.experts import ExpertEnsemble, relabel_with_expert
 from lpqld_fast.image_set import load_recovered
 from lpqld_fast.io_utils import atomic_write_json, read_json, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
@@ -29,7 +30,7 @@ from lpqld_fast.records import stage_dirs
 from lpqld_fast.recover import run_recover
 from lpqld_fast.relabel import config_stored_k, kept_count, normalize_config, run_relabel_sharded
 from lpqld_fast.report import write_report
-from lpqld_fast.squeeze import run_squeeze
+from lpqld_fast.squeeze import load_members, run_squeeze
 from lpqld_fast.store.quantize import index_dtype_for
 from lpqld_fast.train import run_train
 
@@ -78,10 +79,16 @@ def run_relabel_stage(config: dict[str, Any], run: str | Path, seed: int = 0, de
     relabel_cfg = {k: v for k, v in config["relabel"].items()}
     if relabel_cfg.get("num_classes") is None:
         relabel_cfg["num_classes"] = info.num_classes
+    labeller, labeller_hash = teacher, None
+    squeeze_cfg = schema.check_section("squeeze", config["squeeze"])
+    if squeeze_cfg["teachers"] > 1:  # the stored labels are the teachers' mean logits
+        members = [m.to(device) for m in load_members(squeeze_cfg, d["squeeze"], info)]
+        labeller = ExpertEnsemble([teacher, *members], combine="logits").eval()
+        labeller_hash = sha256_tensors(labeller.state_dict())
     # run_relabel itself for 1 process; under torchrun the slots are split over ranks (one store).
-    return run_relabel_sharded(images, labels, teacher, info.mean, info.std, relabel_cfg, out_dir=d["relabel"],
+    return run_relabel_sharded(images, labels, labeller, info.mean, info.std, relabel_cfg, out_dir=d["relabel"],
                                seed=seed, teacher_sha256=teacher_hash, images_sha256=manifest["images_sha256"],
-                               progress=progress)
+                               labeller_sha256=labeller_hash, progress=progress)
 
 
 class StageTimer:

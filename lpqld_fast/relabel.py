@@ -228,6 +228,7 @@ def run_relabel(
     *,
     teacher_sha256: str,
     images_sha256: str,
+    labeller_sha256: str | None = None,
     progress: bool = True,
     slot_range: range | None = None,
     finalize: bool = True,
@@ -237,14 +238,18 @@ def run_relabel(
 
     ``images_uint8`` [N, C, H, W] uint8 (the distilled or real image set),
     ``image_labels`` [N] their classes (validated against the teacher's C),
-    ``teacher`` in eval mode. ``slot_range`` restricts the work to the slots a
-    rank owns (multi-writer); with ``finalize=False`` the store is left
-    incomplete for another process to finalise and None is returned.
+    ``teacher`` in eval mode: the model that labels, ``teacher_sha256`` the hash of the teacher that made
+    the images (what a reader checks the store against); when another model labels them (an ensemble of
+    teachers), ``labeller_sha256`` is its hash, recorded in the manifest. ``slot_range`` restricts the work
+    to the slots a rank owns (multi-writer); with ``finalize=False`` the store is left incomplete for another
+    process to finalise and None is returned.
     Returns the opened :class:`LabelStore`.
     """
     _check_inputs(images_uint8, image_labels, teacher, seed)
     n, c_img, h, w = images_uint8.shape
     teacher_sha256 = _check_sha("teacher_sha256", teacher_sha256)
+    if labeller_sha256 is not None:
+        labeller_sha256 = _check_sha("labeller_sha256", labeller_sha256)
     images_sha256 = _check_sha("images_sha256", images_sha256)
     cfg = normalize_config(config)
     b_size, epochs = cfg["batch_size"], cfg["epochs"]
@@ -274,7 +279,7 @@ def run_relabel(
     manifest = label_store_manifest(cfg, seed=seed, teacher_sha256=teacher_sha256, images_sha256=images_sha256,
                                     num_images=n, image_shape=(c_img, h, w), out_size=out_size, mean=mean_l,
                                     std=std_l, num_classes=num_classes, batches_per_epoch=nb, num_kept=k_slots,
-                                    stored_k=kk)
+                                    stored_k=kk, labeller_sha256=labeller_sha256)
     old_manifest = Path(out_dir) / MANIFEST
     if old_manifest.exists():  # name the settings a user changed, before the store's own identity check
         changed = result_diff("relabel", read_json(old_manifest, "label store manifest").get("config", {}), cfg)

@@ -14,6 +14,7 @@ stores and students of every recorded run (docs/results/records) for the same se
 | ``stream("lpqld-relabel", tag, seed, index)`` | relabel: kept ids, epoch permutations, batch augmentation | sha256 (the store's manifest states it) |
 | ``stream("lpqld-train-mix", seed, epoch, step)`` | train: student-side mixing of a replayed batch (``train.mix``) | sha256 |
 | ``stream("lpqld-real-images", seed, c)`` | paper-001 baseline: real images of class c | sha256 |
+| ``teacher_member(seed, i)`` | squeeze: seed of ensemble member i (``squeeze.teachers``), i >= 1 | sha256 |
 | ``hashed_seed("lpqld-folder-pass", seed, i)`` | streamed image folders: image i's transform | sha256 |
 | ``squeeze_stats_order(seed)`` | squeeze: statistics pass batch order | frozen: seed + 1 |
 | ``recover_unit(seed, uid)`` | recover: a unit's initial images and augmentation | frozen: linear mix |
@@ -30,8 +31,8 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["hashed_seed", "stream", "seed_everything", "squeeze_stats_order", "recover_unit", "loader_epoch",
-           "label_pool_epoch", "subset", "synthetic"]
+__all__ = ["hashed_seed", "stream", "seed_everything", "teacher_member", "squeeze_stats_order", "recover_unit",
+           "loader_epoch", "label_pool_epoch", "subset", "synthetic"]
 
 _MAX63 = 2**63 - 1
 
@@ -55,6 +56,11 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def teacher_member(seed: int, i: int) -> int:
+    """The training seed of squeeze's ensemble member ``i`` (>= 1; member 0 is the teacher of seed ``seed``)."""
+    return hashed_seed("lpqld-teacher-member", seed, i)
 
 
 def squeeze_stats_order(seed: int) -> torch.Generator:

@@ -8,6 +8,8 @@ Output directory layout:
     bn_stats.pt                 class-wise BN input statistics, '<layer>.mean'/'.var' [K, C]
     metrics.json                per-epoch loss / accuracy / wall time
     teacher_curve.png           training curve
+    members/<i>/                squeeze.teachers > 1: ensemble member i (>= 1), the same layout without the
+                                statistics (teacher.pt, checkpoints/, metrics.json, config.json)
 """
 from __future__ import annotations
 
@@ -33,10 +35,11 @@ from lpqld_fast.evaluation import evaluate_dataset
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
 from lpqld_fast.runtime import compile_step
-from lpqld_fast.seeding import hashed_seed, seed_everything, squeeze_stats_order, stream
+from lpqld_fast.seeding import hashed_seed, seed_everything, squeeze_stats_order, stream, teacher_member
 
 # The settings of the statistics pass: a change recomputes the statistics of the existing teacher.
 STATS_KEYS = ("stats_mode", "stats_momentum", "stats_batch_size")
+MEMBERS = "members"
 
 
 def squeeze_config(cfg: dict[str, Any] | None, device: str = "cpu",
@@ -154,6 +157,45 @@ def train_teacher(cfg: dict[str, Any], dataset: str, out: Path, seed: int, devic
                                 "scheduler": sched.state_dict(), "generator": gen.get_state(),
                                 "torch_rng": torch.get_rng_state(), "epoch": epoch + 1})
     return model, metrics
+
+
+def member_dir(squeeze_dir: str | Path, i: int) -> Path:
+    """The folder of ensemble member ``i`` (>= 1) of the squeeze run in ``squeeze_dir``."""
+    return Path(squeeze_dir) / MEMBERS / str(i)
+
+
+def train_members(cfg: dict[str, Any], config: dict[str, Any], out: Path, seed: int, device: str = "cpu",
+                  data_root: str | None = None) -> list[float]:
+    """Train (or resume, or find trained) ensemble members 1 .. squeeze.teachers - 1: the teacher's settings,
+    seeds from :func:`lpqld_fast.seeding.teacher_member`. Returns each member's final test accuracy."""
+    accs = []
+    for i in range(1, cfg["teachers"]):
+        d = member_dir(out, i)
+        if not (d / "teacher.pt").exists():
+            print(f"squeeze: ensemble member {i} of {cfg['teachers'] - 1}")
+            member_seed = teacher_member(seed, i)
+            model, _ = train_teacher(cfg, config["dataset"], d, member_seed, device, data_root,
+                                     record=_record(config, member_seed, None))
+            if distributed.is_main():
+                save_tensors(d / "teacher.pt", model.to(memory_format=torch.contiguous_format).state_dict())
+        accs.append(read_json(d / "metrics.json", "member metrics")["teacher"][-1]["test_acc"])
+    distributed.barrier()
+    return accs
+
+
+def load_members(squeeze_cfg: dict[str, Any], squeeze_dir: str | Path, info: Any) -> list[nn.Module]:
+    """Ensemble members 1 .. squeeze.teachers - 1 (eval mode, frozen), each refused by name when missing."""
+    members = []
+    for i in range(1, squeeze_cfg["teachers"]):
+        path = member_dir(squeeze_dir, i) / "teacher.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"squeeze.teachers={squeeze_cfg['teachers']} needs ensemble member {i} "
+                                    f"({path}); run squeeze with --set squeeze.teachers={squeeze_cfg['teachers']}")
+        m = load_teacher(path, build_teacher(squeeze_cfg, info)).eval()
+        for prm in m.parameters():
+            prm.requires_grad_(False)
+        members.append(m)
+    return members
 
 
 def _load_teacher_resume(last: Path, metrics_path: Path, model: nn.Module, opt: torch.optim.Optimizer,
@@ -283,7 +325,8 @@ def _check_rerun(out: Path, config: dict[str, Any], cfg: dict[str, Any], seed: i
     if rec.get("checkpoint"):
         return  # the teacher came from a checkpoint: the training settings did not make it
     old = rec.get("config", {})
-    diffs = schema.result_diff("squeeze", old.get("squeeze", {}), cfg, ignore=STATS_KEYS)
+    # more (or fewer) ensemble members leave the first teacher as it is
+    diffs = schema.result_diff("squeeze", old.get("squeeze", {}), cfg, ignore=(*STATS_KEYS, "teachers"))
     if rec.get("seed") != seed:
         diffs.append(f"--seed {rec.get('seed')!r} -> {seed!r}")
     if old.get("dataset") != config.get("dataset"):
@@ -326,6 +369,11 @@ def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: 
         if distributed.is_main():
             save_tensors(out / "teacher.pt", model.state_dict())
             _plot_curve(metrics, out / "teacher_curve.png")
+    if cfg["teachers"] > 1:
+        if checkpoint:
+            raise ValueError("squeeze.teachers > 1 trains the ensemble members; a teacher given by --checkpoint "
+                             "has no training settings to train them with")
+        train_members(cfg, config, out, seed, device, data_root)
     teacher_time = time.perf_counter() - t0
     t1 = time.perf_counter()
     teacher_hash = sha256_tensors(model.state_dict())

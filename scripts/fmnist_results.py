@@ -85,8 +85,10 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
     if kind in ("beyond", "all"):  # switches beyond the papers, one at a time onto LPLD x40
         base = next(r for r in rows if r["name"] == "LPLD x40")
         group = "beyond the papers"
-        extra = [{**base, "name": "LPLD x40 + student CutMix", "group": group, "train": {**lpld_train, "mix": "cutmix"}},
-                 {**base, "name": "LPLD x40 + student MixUp", "group": group, "train": {**lpld_train, "mix": "mixup"}},
+        extra = [{**base, "name": "LPLD x40 + student CutMix", "group": group,
+                  "train": {**lpld_train, "mix": "cutmix"}},
+                 {**base, "name": "LPLD x40 + student MixUp", "group": group,
+                  "train": {**lpld_train, "mix": "mixup"}},
                  {**base, "name": "LPLD x40 + stored CutMix", "group": group,
                   "relabel": {**base["relabel"], "cutmix": True}},
                  {**base, "name": "LPLD x40 + real-image init", "group": group, "recovery": "classwise-real"}]

@@ -91,7 +91,8 @@ def blocks(records: list[dict]) -> dict[str, str]:
                         ("lpqld-vs-lpld", ("LPQLD vs LPLD at x40", "LPLD", "LPQLD MR-5")),
                         ("ablation", ("ablation",)),
                         ("beyond", ("beyond the papers", "LPLD"))):
-        sel = [r for r in rows if r["group"] in groups and (key not in ("lpqld-vs-lpld", "beyond") or r["factor"] == 40)]
+        at_x40 = key in ("lpqld-vs-lpld", "beyond")
+        sel = [r for r in rows if r["group"] in groups and (not at_x40 or r["factor"] == 40)]
         if key == "beyond" and not any(r["group"] == "beyond the papers" for r in sel):
             continue
         if sel:

@@ -26,18 +26,22 @@ AUGMENT_ORDER = "gather, crop_resize_flip (0..255), cutout, (x/255-mean)/std, cu
 def label_store_manifest(cfg: dict[str, Any], *, seed: int, teacher_sha256: str, images_sha256: str,
                          num_images: int, image_shape: Sequence[int], out_size: Sequence[int], mean: list[float],
                          std: list[float], num_classes: int, batches_per_epoch: int, num_kept: int,
-                         stored_k: int) -> dict[str, Any]:
+                         stored_k: int, labeller_sha256: str | None = None) -> dict[str, Any]:
     """The manifest of a store of ``num_kept`` of ``cfg["epochs"] * batches_per_epoch`` batches.
 
     ``cfg``: the normalised relabel section (relabel.normalize_config); ``num_images`` images of
     ``image_shape`` [C, H, W]; ``stored_k``: values stored per sample. The key order is part of the manifest's bytes.
+    ``labeller_sha256``: the hash of the model that labelled, when it is not the teacher (an ensemble); the key
+    is absent otherwise, so stores labelled by the teacher keep their manifest.
     """
     epochs = cfg["epochs"]
+    labeller = {} if labeller_sha256 is None else {"labeller_sha256": labeller_sha256}
     return {
         "code_version": __version__,
         "config": cfg,
         "seed": seed,
         "teacher_sha256": teacher_sha256,
+        **labeller,
         "images_sha256": images_sha256,
         "num_images": num_images,
         "image_shape": list(image_shape),
