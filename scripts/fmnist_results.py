@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -91,7 +92,8 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
                   "train": {**lpld_train, "mix": "mixup"}},
                  {**base, "name": "LPLD x40 + stored CutMix", "group": group,
                   "relabel": {**base["relabel"], "cutmix": True}},
-                 {**base, "name": "LPLD x40 + real-image init", "group": group, "recovery": "classwise-real"}]
+                 {**base, "name": "LPLD x40 + real-image init", "group": group, "recovery": "classwise-real"},
+                 {**base, "name": "LPLD x40 + 3 teachers", "group": group, "teachers": 3}]
         rows = [base, *extra] if kind == "beyond" else rows + extra
     if kind == "core":
         keep = {"SRe2L x1", "SRe2L x40", "SRe2L x100", "LPLD x1", "LPLD x40", "LPLD x100",
@@ -138,6 +140,17 @@ def lpqld_vs_lpld_rows(num_classes: int, n_images: int, lpld_train: dict, lpqld_
          "relabel": {"label": "mrs", "k": k, "prune_ratio": 1 - keep_mrs}, "train": {**lpqld_train, "t0": 4.0},
          "factor": f},
     ]
+
+
+def ensemble_squeeze(cfg: dict, squeeze_dir: Path, out: Path) -> Path:
+    """A squeeze folder holding the shared teacher (copied: the same weights and statistics, so the shared
+    recoveries stay valid) and the ensemble members squeeze.teachers asks for, trained there once."""
+    if not (out / "teacher.pt").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "metrics.json", "bn_stats.pt", "teacher.pt"):  # teacher.pt last: the marker
+            shutil.copy2(squeeze_dir / name, out / name)
+    run_squeeze(cfg, out, seed=0)
+    return out
 
 
 def row_slug(name: str) -> str:
@@ -208,7 +221,11 @@ def main() -> int:
                 t_row = time.perf_counter()
                 run_recover(cfg, squeeze_dir, rec_dir, seed=seed)
                 run = root / "rows" / f"ipc{ipc}-s{seed}" / row_slug(spec["name"])
-                link(squeeze_dir, stage_dirs(run)["squeeze"])
+                row_squeeze = squeeze_dir
+                if spec.get("teachers", 1) > 1:  # the shared teacher plus members, in a squeeze folder of its own
+                    cfg["squeeze"]["teachers"] = spec["teachers"]
+                    row_squeeze = ensemble_squeeze(cfg, squeeze_dir, root / f"squeeze-teachers{spec['teachers']}")
+                link(row_squeeze, stage_dirs(run)["squeeze"])
                 link(rec_dir, stage_dirs(run)["recover"])
                 run_relabel_stage(cfg, run, seed=seed)
                 run_train(cfg, stage_dirs(run)["recover"], stage_dirs(run)["relabel"], stage_dirs(run)["train"],
