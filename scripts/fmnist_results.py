@@ -216,6 +216,8 @@ def main() -> int:
                 cfg = copy.deepcopy(base)
                 cfg["recover"].update({"ipc": ipc, **RECOVERY[spec["recovery"]]})
                 cfg["relabel"].update(spec["relabel"])
+                # a stored batch cannot hold more images than the set: IPC1 (10 images) stores batches of 10
+                cfg["relabel"]["batch_size"] = min(cfg["relabel"]["batch_size"], 10 * ipc)
                 cfg["train"].update(spec["train"])
                 rec_dir = root / "recover" / f"{spec['recovery']}-ipc{ipc}-s{seed}"
                 t_row = time.perf_counter()
