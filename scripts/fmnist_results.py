@@ -93,7 +93,9 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
                  {**base, "name": "LPLD x40 + stored CutMix", "group": group,
                   "relabel": {**base["relabel"], "cutmix": True}},
                  {**base, "name": "LPLD x40 + real-image init", "group": group, "recovery": "classwise-real"},
-                 {**base, "name": "LPLD x40 + 3 teachers", "group": group, "teachers": 3}]
+                 {**base, "name": "LPLD x40 + 3 teachers", "group": group, "teachers": 3},
+                 {**base, "name": "LPLD x40 + 1000 student epochs", "group": group,
+                  "train": {**lpld_train, "epochs": 1000}}]
         rows = [base, *extra] if kind == "beyond" else rows + extra
     if kind == "core":
         keep = {"SRe2L x1", "SRe2L x40", "SRe2L x100", "LPLD x1", "LPLD x40", "LPLD x100",
