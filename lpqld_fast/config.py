@@ -143,6 +143,11 @@ class RelabelConfig:
     value_dtype: str = opt("fp16", "storage dtype of the label values", "choice", choices=_VALUE_DTYPES)
     temperature: float = opt(1.0, "temperature of the stored probabilities (ms, topk_norenorm)", "float", lo=0,
                              lo_open=True, hi=math.inf, hi_open=True)
+    # Beyond the papers (RDED and CDA choose crops by the teacher's confidence). The scoring pass runs the
+    # teacher on every candidate batch, which pruning otherwise avoids: cheap on small sets, not on ImageNet.
+    keep: str = opt("random", "which batches pruning keeps: random (the papers), or the K with the highest "
+                    "(confident) or lowest (uncertain) mean teacher max-probability, scored over every batch",
+                    "choice", choices=("random", "confident", "uncertain"))
     cutmix: bool = opt(False, "CutMix on the stored batches", "bool")
     cutout: bool = opt(False, "Cutout on the stored batches", "bool")
     cutout_factor: float = opt(0.5, "Cutout side as a fraction of the image side", "float", lo=0, lo_open=True,

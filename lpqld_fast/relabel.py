@@ -3,8 +3,8 @@
 Batch ids b in [0, E * floor(N/B)) (the partial last batch of an epoch is
 dropped). Batch b belongs to epoch e = b // nb and holds positions
 [p*B, (p+1)*B), p = b % nb, of epoch e's permutation of the N images.
-Of the E*nb batches, K = int(E*nb*(1 - r)) are kept (chosen at random, sorted)
-and only those are generated: for each, the augmentation parameters are drawn
+Of the E*nb batches, K = int(E*nb*(1 - r)) are kept (chosen at random, sorted;
+``relabel.keep`` scores every batch by the teacher's confidence instead) and only those are generated: for each, the augmentation parameters are drawn
 from a generator seeded by (seed, b), the batch is built with
 :func:`lpqld_fast.augment.replay_batch`, the teacher runs in float32 under
 ``torch.no_grad``, and the encoded logits are written to the store slot.
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from lpqld_fast import distributed
 from lpqld_fast.augment import AugParams, replay_batch, sample_aug_params
-from lpqld_fast.config import check_section, result_diff
+from lpqld_fast.config import check_section, defaults, result_diff
 from lpqld_fast.seeding import hashed_seed, stream
 from lpqld_fast.io_utils import read_json
 from lpqld_fast.store.layout import MANIFEST, component_specs, encode_slot
@@ -46,7 +46,7 @@ from lpqld_fast.store.reader import LabelStore
 from lpqld_fast.store.writer import StoreWriter
 
 __all__ = ["normalize_config", "derive_seed", "seeded_generator", "kept_count", "EpochPermutations",
-           "select_kept_batch_ids", "batch_image_indices", "relabel_batch", "run_relabel", "run_relabel_sharded"]
+           "select_kept_batch_ids", "select_scored_batch_ids", "batch_confidence", "batch_image_indices", "relabel_batch", "run_relabel", "run_relabel_sharded"]
 
 
 def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +188,44 @@ def _probe_num_classes(teacher: nn.Module, device: torch.device, shape: tuple[in
     return int(z.shape[1])
 
 
+def _batch_aug(bid: int, shape: Sequence[int], cfg: dict[str, Any], seed: int, out_size: tuple[int, int],
+               perms: EpochPermutations) -> AugParams:
+    """The stored augmentation of batch ``bid``: its images and parameters, from the batch's own stream."""
+    n, c_img, h, w = shape
+    idx = batch_image_indices(bid, n, cfg["batch_size"], seed, perms)
+    return sample_aug_params(idx, h, w, c_img, out_size, seeded_generator(seed, "batch", bid),
+                             scale=cfg["rrc_scale"], ratio=cfg["rrc_ratio"], flip=cfg["flip"], cutmix=cfg["cutmix"],
+                             cutout=cfg["cutout"], cutout_factor=cfg["cutout_factor"])
+
+
+@torch.no_grad()
+def batch_confidence(teacher: nn.Module, images_uint8: torch.Tensor, cfg: dict[str, Any], seed: int,
+                     out_size: tuple[int, int], mean: Sequence[float], std: Sequence[float], device: torch.device,
+                     total: int, progress: bool = True) -> torch.Tensor:
+    """float64 [total]: per batch id, the mean over its rows of the teacher's max softmax probability on the
+    batch as it would be stored (relabel.keep scores)."""
+    perms = EpochPermutations(images_uint8.shape[0], seed)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images_uint8.device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images_uint8.device)
+    scores = torch.empty(total, dtype=torch.float64)
+    for bid in tqdm(range(total), desc="relabel: scoring every batch", unit="batch", disable=not progress):
+        aug = _batch_aug(bid, images_uint8.shape, cfg, seed, out_size, perms)
+        x = replay_batch(images_uint8, aug.to(images_uint8.device), mean_t, std_t, validate=False)
+        z = teacher(x.to(device)).float()
+        scores[bid] = float(torch.softmax(z, dim=1).amax(dim=1).double().mean())
+    return scores
+
+
+def select_scored_batch_ids(scores: torch.Tensor, num_kept: int, keep: str) -> np.ndarray:
+    """The ``num_kept`` ids of highest (``keep="confident"``) or lowest ("uncertain") score, ties by the lower
+    id, sorted."""
+    if keep not in ("confident", "uncertain"):
+        raise ValueError(f"keep must be 'confident' or 'uncertain', got {keep!r}")
+    key = -scores if keep == "confident" else scores
+    order = torch.sort(key, stable=True).indices  # stable: equal scores keep the lower id first
+    return torch.sort(order[:num_kept]).values.numpy().astype(np.int64)
+
+
 def _write_slots(writer: StoreWriter, slots: Sequence[int], kept: np.ndarray,
                  images_uint8: torch.Tensor, teacher: nn.Module, mean: Sequence[float], std: Sequence[float],
                  device: torch.device, num_classes: int, cfg: dict[str, Any], seed: int, out_size: tuple[int, int],
@@ -203,12 +241,7 @@ def _write_slots(writer: StoreWriter, slots: Sequence[int], kept: np.ndarray,
     std_t = torch.tensor(std, dtype=torch.float32, device=images_uint8.device)
     for slot in tqdm(slots, desc="relabel", unit="batch", disable=not progress):
         bid = int(kept[slot])
-        idx = batch_image_indices(bid, n, cfg["batch_size"], seed, perms)
-        aug = sample_aug_params(
-            idx, h, w, c_img, out_size, seeded_generator(seed, "batch", bid),
-            scale=cfg["rrc_scale"], ratio=cfg["rrc_ratio"], flip=cfg["flip"], cutmix=cfg["cutmix"],
-            cutout=cfg["cutout"], cutout_factor=cfg["cutout_factor"],
-        )
+        aug = _batch_aug(bid, images_uint8.shape, cfg, seed, out_size, perms)
         enc, checks = relabel_batch(teacher, images_uint8, aug.to(images_uint8.device), mean_t, std_t, device,
                                     num_classes, cfg["label"], cfg["k"], cfg["value_dtype"], cfg["temperature"])
         enc = _to_cpu(enc)  # the store's rows, on the host: the batch's one transfer back
@@ -274,7 +307,11 @@ def run_relabel(
     if image_labels.numel() and (int(image_labels.min()) < 0 or int(image_labels.max()) >= num_classes):
         raise ValueError(f"image_labels must lie in [0, {num_classes}) (the teacher's classes)")
     kk = config_stored_k(cfg, num_classes)
-    kept = select_kept_batch_ids(total, k_slots, seed)
+    if cfg["keep"] == "random" or k_slots == total:
+        kept = select_kept_batch_ids(total, k_slots, seed)
+    else:
+        kept = select_scored_batch_ids(batch_confidence(teacher, images_uint8, cfg, seed, out_size, mean_l, std_l,
+                                                        device, total, progress), k_slots, cfg["keep"])
 
     manifest = label_store_manifest(cfg, seed=seed, teacher_sha256=teacher_sha256, images_sha256=images_sha256,
                                     num_images=n, image_shape=(c_img, h, w), out_size=out_size, mean=mean_l,
@@ -282,10 +319,14 @@ def run_relabel(
                                     stored_k=kk, labeller_sha256=labeller_sha256)
     old_manifest = Path(out_dir) / MANIFEST
     if old_manifest.exists():  # name the settings a user changed, before the store's own identity check
-        changed = result_diff("relabel", read_json(old_manifest, "label store manifest").get("config", {}), cfg)
+        old_cfg = read_json(old_manifest, "label store manifest").get("config", {})
+        changed = result_diff("relabel", old_cfg, cfg)
         if changed:
             raise ValueError(f"{out_dir} already holds a label store made with other settings ({', '.join(changed)});"
                              " use another --out, or delete it to relabel")
+        # A store written before a setting existed holds that setting at its default: the same store.
+        fresh = defaults("relabel")
+        manifest["config"] = {k: v for k, v in manifest["config"].items() if k in old_cfg or v != fresh.get(k)}
     writer = StoreWriter.create_or_resume(out_dir, manifest, kept, commit_every=commit_every)
     if writer is None:  # already complete
         return LabelStore.open(out_dir, expect_teacher_sha256=teacher_sha256, expect_images_sha256=images_sha256)

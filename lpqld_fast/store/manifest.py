@@ -11,11 +11,14 @@ from typing import Any
 from lpqld_fast import __version__
 from lpqld_fast.store.quantize import index_dtype_for
 
-__all__ = ["AUGMENT_ORDER", "KEPT_IDS_RULE", "RNG_RULE", "label_store_manifest"]
+__all__ = ["AUGMENT_ORDER", "KEPT_IDS_RULE", "SCORED_IDS_RULE", "RNG_RULE", "label_store_manifest"]
 
 # How relabel draws its random streams, recorded so that a store can be regenerated without this code.
 KEPT_IDS_RULE = ("all ids if K == total, else sorted(torch.randperm(total, "
                  "generator=seeded_generator(seed, 'keep', 0))[:K])")
+SCORED_IDS_RULE = ("relabel.keep=confident|uncertain: every batch id drawn and labelled as stored, scored by the "
+                   "mean over its rows of the teacher's max softmax probability; the K ids of highest (confident) "
+                   "or lowest (uncertain) score, ties by lower id, sorted")
 RNG_RULE = ("torch.Generator().manual_seed(derive_seed(seed, tag, index)), derive_seed = low 63 bits of the "
             "first 8 bytes (little endian) of sha256('lpqld-relabel/{tag}/{seed}/{index}'); tags: keep/0 kept "
             "ids, epoch/e image permutation randperm(N) of epoch e, batch/b augmentation of batch id b drawn "
@@ -55,7 +58,8 @@ def label_store_manifest(cfg: dict[str, Any], *, seed: int, teacher_sha256: str,
         "total_batches": epochs * batches_per_epoch,
         "prune_ratio": cfg["prune_ratio"],
         "num_kept": num_kept,
-        "kept_batch_ids": {"count": num_kept, "component": "batch_ids", "rule": KEPT_IDS_RULE},
+        "kept_batch_ids": {"count": num_kept, "component": "batch_ids",
+                           "rule": KEPT_IDS_RULE if cfg.get("keep", "random") == "random" else SCORED_IDS_RULE},
         "label": {"mode": cfg["label"], "k": cfg["k"], "stored_k": stored_k, "value_dtype": cfg["value_dtype"],
                   "index_dtype": None if cfg["label"] == "dense" else str(index_dtype_for(num_classes)),
                   "temperature": cfg["temperature"]},
