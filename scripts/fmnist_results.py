@@ -95,7 +95,11 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
                  {**base, "name": "LPLD x40 + real-image init", "group": group, "recovery": "classwise-real"},
                  {**base, "name": "LPLD x40 + 3 teachers", "group": group, "teachers": 3},
                  {**base, "name": "LPLD x40 + 1000 student epochs", "group": group,
-                  "train": {**lpld_train, "epochs": 1000}}]
+                  "train": {**lpld_train, "epochs": 1000}},
+                 {**base, "name": "LPLD x40 + confident batches", "group": group,
+                  "relabel": {**base["relabel"], "keep": "confident"}},
+                 {**base, "name": "LPLD x40 + uncertain batches", "group": group,
+                  "relabel": {**base["relabel"], "keep": "uncertain"}}]
         rows = [base, *extra] if kind == "beyond" else rows + extra
     if kind == "core":
         keep = {"SRe2L x1", "SRe2L x40", "SRe2L x100", "LPLD x1", "LPLD x40", "LPLD x100",
@@ -179,7 +183,7 @@ def main() -> int:
                     choices=["core", "main", "all", "ablation", "lpqld-vs-lpld", "late-drop", "beyond"],
                     help="core: a few rows; main: every factor and k without the ablations; lpqld-vs-lpld: the "
                          "x40 recipe cells; late-drop: LPQLD x40 MR-5 with and without train.ema; beyond: switches beyond the papers "
-                         "(student-side and stored CutMix, real-image initialisation) onto LPLD x40; all: everything")
+                         "(mixing, real-image start, teacher ensemble, scored pruning, longer student) onto LPLD x40; all: everything")
     ap.add_argument("--records", default="docs/results/records", help="where the run records go")
     ap.add_argument("--only", default=None, help="substring filter on row names")
     ap.add_argument("--name", action="append", default=[], help="exact row name (repeatable): only these rows")
