@@ -86,20 +86,21 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
     if kind in ("beyond", "all"):  # switches beyond the papers, one at a time onto LPLD x40
         base = next(r for r in rows if r["name"] == "LPLD x40")
         group = "beyond the papers"
+        # cheapest first: train-only switches, then those that relabel, recover or train teachers again
         extra = [{**base, "name": "LPLD x40 + student CutMix", "group": group,
                   "train": {**lpld_train, "mix": "cutmix"}},
                  {**base, "name": "LPLD x40 + student MixUp", "group": group,
                   "train": {**lpld_train, "mix": "mixup"}},
                  {**base, "name": "LPLD x40 + stored CutMix", "group": group,
                   "relabel": {**base["relabel"], "cutmix": True}},
-                 {**base, "name": "LPLD x40 + real-image init", "group": group, "recovery": "classwise-real"},
-                 {**base, "name": "LPLD x40 + 3 teachers", "group": group, "teachers": 3},
-                 {**base, "name": "LPLD x40 + 1000 student epochs", "group": group,
-                  "train": {**lpld_train, "epochs": 1000}},
                  {**base, "name": "LPLD x40 + confident batches", "group": group,
                   "relabel": {**base["relabel"], "keep": "confident"}},
                  {**base, "name": "LPLD x40 + uncertain batches", "group": group,
-                  "relabel": {**base["relabel"], "keep": "uncertain"}}]
+                  "relabel": {**base["relabel"], "keep": "uncertain"}},
+                 {**base, "name": "LPLD x40 + real-image init", "group": group, "recovery": "classwise-real"},
+                 {**base, "name": "LPLD x40 + 1000 student epochs", "group": group,
+                  "train": {**lpld_train, "epochs": 1000}},
+                 {**base, "name": "LPLD x40 + 3 teachers", "group": group, "teachers": 3}]
         rows = [base, *extra] if kind == "beyond" else rows + extra
     if kind == "core":
         keep = {"SRe2L x1", "SRe2L x40", "SRe2L x100", "LPLD x1", "LPLD x40", "LPLD x100",
