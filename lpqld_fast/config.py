@@ -185,11 +185,11 @@ class TrainConfig:
                      "student.pt then use the averaged weights", "float", lo=0, hi=1, hi_open=True)
     hard_labels: bool = opt(False, "baseline: one-hot labels of the replayed images, stored labels ignored", "bool")
     # Under heavy pruning the student replays a few hundred stored crops; mixing pairs of them every step makes
-    # each step's input new at no storage cost. The target is the same mix of the two stored labels (the loss is
-    # linear in the target), which approximates the teacher's label of the mixed image (relabel.cutmix stores
-    # the exact one, at the cost of storing it).
+    # each step's input new at no storage cost. The target (and calibration's) is the same mix of the two stored
+    # labels (the loss is linear in the target), which approximates the teacher's label of the mixed image
+    # (relabel.cutmix stores the exact one, at the cost of storing it).
     mix: str = opt("none", "student-side mixing of each replayed batch with a permutation of itself, the loss "
-                   "the same mix of the two stored labels (needs calibrate=false)", "choice",
+                   "the same mix of the two stored labels", "choice",
                    choices=("none", "cutmix", "mixup"))
     eval_every: int = opt(25, "epochs between evaluations (and the last)", "int", lo=1, result=False)
     # A test pass costs more than the training between two evaluations at small IPC (10,000 test images
@@ -377,11 +377,8 @@ def check_section(section: str, cfg: Mapping[str, Any] | None) -> dict[str, Any]
     out = {}
     for key, f in known.items():
         out[key] = check_value(section, key, cfg[key]) if key in cfg else _default(f)
-    if section == "train" and out["mix"] != "none":
-        # Calibration fits t_s to one label per row; a mixed row has two (and hard labels none stored).
-        for key in ("calibrate", "hard_labels"):
-            if out[key]:
-                raise ValueError(f"train.mix={out['mix']} needs train.{key}=false")
+    if section == "train" and out["mix"] != "none" and out["hard_labels"]:
+        raise ValueError(f"train.mix={out['mix']} mixes stored soft labels; train.hard_labels=true ignores them")
     return out
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -246,8 +246,12 @@ def save_checkpoint(path: Path, state: StudentState, epoch: int) -> None:
                                                                  "best_weights": state.best_weights})})
 
 
+# (student logits, their stored labels, row weights or None): what calibration and the logit diagnostics read
+CalibBatch = tuple[torch.Tensor, SoftLabels, Optional[torch.Tensor]]
+
+
 def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any], epoch: int, seed: int,
-                    device: str) -> tuple[dict[str, Any], list[tuple[torch.Tensor, Any]]]:
+                    device: str) -> tuple[dict[str, Any], list[CalibBatch]]:
     """One epoch of floor(N/B) replayed stored batches. Returns the epoch's metrics and the student's logits
     with their labels on the last train.calibrate_batches batches (calibration, logit diagnostics)."""
     epochs, nb = int(cfg["epochs"]), src.store.batches_per_epoch
@@ -259,7 +263,7 @@ def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any],
     if len(ids) != nb:  # the schedule was sized for epochs * nb steps
         raise AssertionError(f"pool {cfg['pool']!r} gave {len(ids)} batches for epoch {epoch}, expected {nb}")
     total = 0.0
-    calib: list[tuple[torch.Tensor, Any]] = []
+    calib: list[CalibBatch] = []
     for i, bid in enumerate(ids.tolist()):
         rec = src.store.batch(bid)
         src.check_batch(bid, rec, bool(cfg["hard_labels"]))
@@ -294,7 +298,12 @@ def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any],
         total = total + loss.detach().double()  # summed on the device: float() would sync a GPU per step
         if i >= len(ids) - int(cfg["calibrate_batches"]):
             # a copy: under train.compile=cudagraphs the next step's replay writes into the graph's outputs
-            calib.append((distributed.gather_rows(logits.detach().float().clone(), x.shape[0]), labels))
+            z = distributed.gather_rows(logits.detach().float().clone(), x.shape[0])
+            if perm is None:
+                calib.append((z, labels, None))
+            else:  # a mixed row's target is lam of its label and 1 - lam of its partner's
+                w = torch.cat([torch.full((z.shape[0],), lam), torch.full((z.shape[0],), 1.0 - lam)])
+                calib.append((torch.cat([z, z]), SoftLabels.concat([labels, labels.take_rows(perm)]), w))
     total = distributed.all_reduce_scalar(float(total)) / distributed.world_size()  # mean over ranks
     if cfg["calibrate"] and not cfg["hard_labels"]:
         state.t_s = calibrate_on(calib, T)
@@ -303,8 +312,8 @@ def train_one_epoch(state: StudentState, src: ReplaySource, cfg: dict[str, Any],
     return entry, calib
 
 
-def evaluate_epoch(model: nn.Module, entry: dict[str, Any], calib: list[tuple[torch.Tensor, Any]], test: Any,
-                   val: Any, store: LabelStore, cfg: dict[str, Any], batch_size: int = 256) -> dict[str, Any]:
+def evaluate_epoch(model: nn.Module, entry: dict[str, Any], calib: list[CalibBatch], test: Any, val: Any,
+                   store: LabelStore, cfg: dict[str, Any], batch_size: int = 256) -> dict[str, Any]:
     """The evaluation after the epoch ``entry`` describes: test (unless ``test`` is None) and validation accuracy
     and NLL, and, with soft labels, the logit ranges of the last calibration batch."""
     kw = {"bf16": bool(cfg["bf16"]), "channels_last": bool(cfg["channels_last"]), "batch_size": batch_size}
@@ -501,14 +510,12 @@ def hard_label_loss(logits: torch.Tensor, image_labels: torch.Tensor, aug: Any,
     return lam * ce(logits, y[rows]) + (1 - lam) * ce(logits, y2[rows])
 
 
-def calibrate_on(batches: list[tuple[torch.Tensor, Any]], T: float) -> float:
-    """Calibrated alignment: the student temperature that best matches the teacher on ``batches``."""
+def calibrate_on(batches: list[CalibBatch], T: float) -> float:
+    """Calibrated alignment: the student temperature that best matches the teacher on ``batches`` of
+    (logits, labels, row weights or None)."""
     logits = torch.cat([b[0] for b in batches])
-    labels = batches[0][1]
-    if len(batches) > 1:
-        def cat(name: str):
-            parts = [getattr(b[1], name) for b in batches]
-            return None if parts[0] is None else torch.cat(parts)
-
-        labels = SoftLabels(labels.mode, cat("values"), cat("indices"), cat("fill"), cat("scale"), cat("offset"))
-    return float(calibrate_student_temperature(logits, **labels.kl_kwargs(), T=T))
+    labels = batches[0][1] if len(batches) == 1 else SoftLabels.concat([b[1] for b in batches])
+    weights = None
+    if any(b[2] is not None for b in batches):
+        weights = torch.cat([torch.ones(b[0].shape[0]) if b[2] is None else b[2] for b in batches])
+    return float(calibrate_student_temperature(logits, **labels.kl_kwargs(), T=T, row_weights=weights))

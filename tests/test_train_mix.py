@@ -16,9 +16,9 @@ import torch
 from lpqld_fast import config as schema
 from lpqld_fast.augment import mix_batch
 from lpqld_fast.cli import main
-from lpqld_fast.ops import soft_label_kl
+from lpqld_fast.ops import calibrate_student_temperature, soft_label_kl
 from lpqld_fast.ops.reference.soft_label_kl import decode_teacher
-from lpqld_fast.store.quantize import decode_labels, encode_labels
+from lpqld_fast.store.quantize import SoftLabels, decode_labels, encode_labels
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -87,12 +87,39 @@ def test_take_rows_reorders_every_field() -> None:
         assert torch.equal(getattr(out, name), getattr(labels, name)[idx]), name
 
 
-@pytest.mark.parametrize("key", ["calibrate", "hard_labels"])
-def test_mix_refuses_what_it_cannot_mix(key) -> None:
-    cfg = {"mix": "cutmix", "calibrate": False, "hard_labels": False, key: True}
-    with pytest.raises(ValueError, match=f"train.mix=cutmix needs train.{key}=false"):
-        schema.check_section("train", cfg)
-    assert schema.check_section("train", {"mix": "none", key: True})[key] is True
+def test_mix_refuses_hard_labels() -> None:
+    with pytest.raises(ValueError, match="train.mix=cutmix mixes stored soft labels; train.hard_labels=true"):
+        schema.check_section("train", {"mix": "cutmix", "hard_labels": True})
+    assert schema.check_section("train", {"mix": "mixup", "calibrate": True})["calibrate"] is True
+
+
+@pytest.mark.parametrize("mode,k", [("dense", 10), ("mr", 3)])
+def test_weighted_calibration_is_the_calibration_against_the_mixed_target(mode, k) -> None:
+    torch.manual_seed(1)
+    b, c, T, lam = 16, 10, 4.0, 0.35
+    labels = decode_labels(encode_labels(torch.randn(b, c) * 3, mode=mode, k=k), mode)
+    perm = torch.randperm(b)
+    z = torch.randn(b, c) * 2
+    got = calibrate_student_temperature(torch.cat([z, z]), **SoftLabels.concat([labels, labels.take_rows(perm)])
+                                        .kl_kwargs(), T=T,
+                                        row_weights=torch.cat([torch.full((b,), lam), torch.full((b,), 1 - lam)]))
+
+    def dense(lab):
+        return decode_teacher(**lab.kl_kwargs(), num_classes=c, T=T, dtype=torch.float64)
+
+    p = lam * dense(labels) + (1 - lam) * dense(labels.take_rows(perm))
+    grid = torch.linspace(0.01, 1.0, 100, dtype=torch.float64)
+    ce = torch.stack([-(p * torch.log_softmax(z.double() / t, dim=1)).sum() for t in grid])
+    assert got == pytest.approx(float(grid[int(torch.argmin(ce))]))
+    ones = calibrate_student_temperature(z, **labels.kl_kwargs(), T=T, row_weights=torch.ones(b))
+    assert ones == calibrate_student_temperature(z, **labels.kl_kwargs(), T=T)
+
+
+@pytest.mark.parametrize("bad", [torch.ones(3), torch.tensor([1.0, -1.0, 1.0, 1.0]), torch.full((4,), float("nan"))])
+def test_row_weights_are_checked(bad) -> None:
+    labels = decode_labels(encode_labels(torch.randn(4, 10), mode="mr", k=3), "mr")
+    with pytest.raises(ValueError, match="row_weights must"):
+        calibrate_student_temperature(torch.randn(4, 10), **labels.kl_kwargs(), T=2.0, row_weights=bad)
 
 
 TINY = [
@@ -131,3 +158,24 @@ def test_a_mixed_student_trains_deterministically(upstream, tmp_path, mode) -> N
     assert losses == [e["train_loss"] for e in again["evals"]]  # the mix stream is a function of the seed
     assert losses != [e["train_loss"] for e in plain["evals"]]
     assert mixed["record"]["config"]["train"]["mix"] == mode
+
+
+def test_a_mixed_student_calibrates_against_both_labels(upstream, tmp_path, monkeypatch) -> None:
+    import lpqld_fast.train as train_mod
+
+    seen = []
+
+    def spy(batches, T):
+        seen.append(batches)
+        return 0.5
+
+    monkeypatch.setattr(train_mod, "calibrate_on", spy)
+    out = _train(upstream, tmp_path / "cal", "--set", "train.mix=cutmix", "--set", "train.calibrate=true")
+    assert [e["t_s"] for e in out["evals"]] == [0.5] * len(out["evals"])
+    assert len(seen) == 6  # once per epoch
+    for batches in seen:
+        (z, labels, w), = batches  # train.calibrate_batches = 1
+        b = z.shape[0] // 2
+        assert torch.equal(z[:b], z[b:]) and labels.values.shape[0] == 2 * b
+        lam = float(w[0])
+        assert torch.allclose(w, torch.cat([torch.full((b,), lam), torch.full((b,), 1 - lam)]))

@@ -305,13 +305,16 @@ def calibrate_student_temperature(
     scale: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     grid: torch.Tensor | list[float] | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> float:
     """LPQLD calibrated alignment: argmin_t KL(p_teacher(T) || softmax(student_logits / t)).
 
     t ranges over ``grid`` (default torch.linspace(0.01, 1, 100)); the smallest
     t wins ties. Vectorised over the grid in float64 chunks. Since the teacher
     entropy does not depend on t, the minimised quantity is the cross-entropy
-    sum_b [S_b * logsumexp(z_b / t) - (p_b . z_b) / t].
+    sum_b w_b [S_b * logsumexp(z_b / t) - (p_b . z_b) / t], with ``row_weights`` w [B] (default 1; a mixed
+    batch passes its logits twice, against each label, weighted lam and 1 - lam: the cross-entropy is linear in
+    the target).
     """
     _check_inputs(student_logits, values, indices, mode, T, 1.0, fill, scale, offset)
     _check_data(student_logits, values, indices, mode, fill, scale, offset)
@@ -326,12 +329,23 @@ def calibrate_student_temperature(
     b, c = student_logits.shape
     if b == 0:
         raise ValueError("calibrate_student_temperature needs at least one sample (student_logits has B = 0)")
+    if row_weights is not None:
+        if not isinstance(row_weights, torch.Tensor) or row_weights.shape != (b,):
+            raise ValueError(f"row_weights must be a tensor of shape [{b}], got "
+                             f"{getattr(row_weights, 'shape', type(row_weights).__name__)}")
+        if not bool(torch.isfinite(row_weights).all()) or bool((row_weights < 0).any()):
+            raise ValueError("row_weights must be finite and >= 0")
     with torch.no_grad():
         p = decode_teacher(values, indices, mode=mode, num_classes=c, T=float(T), fill=fill, scale=scale,
                            offset=offset, dtype=torch.float64)
         z = student_logits.detach().to(torch.float64)
-        mass = p.sum(dim=1)  # [B]
-        dot = (p * z).sum()  # sum_b p_b . z_b
+        if row_weights is None:  # the unweighted arithmetic as recorded runs computed it
+            mass = p.sum(dim=1)  # [B]
+            dot = (p * z).sum()  # sum_b p_b . z_b
+        else:
+            w = row_weights.to(z.device, torch.float64)
+            mass = p.sum(dim=1) * w
+            dot = ((p * z).sum(dim=1) * w).sum()  # sum_b w_b p_b . z_b
         grid_dev = grid_t.to(z.device)
         chunk = max(1, (1 << 22) // max(b * c, 1))
         ce = []

@@ -30,6 +30,8 @@ int16 for C <= 32767, else int32.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +149,15 @@ class SoftLabels:
         cut = (lambda t: None if t is None else t[rows])  # noqa: E731
         return SoftLabels(self.mode, cut(self.values), cut(self.indices), cut(self.fill), cut(self.scale),
                           cut(self.offset))
+
+    @staticmethod
+    def concat(parts: Sequence[SoftLabels]) -> SoftLabels:
+        """The rows of ``parts`` (one mode) one after the other."""
+        def cat(name: str) -> torch.Tensor | None:
+            got = [getattr(p, name) for p in parts]
+            return None if got[0] is None else torch.cat(got)
+
+        return SoftLabels(parts[0].mode, cat("values"), cat("indices"), cat("fill"), cat("scale"), cat("offset"))
 
     def take_rows(self, index: torch.Tensor) -> SoftLabels:
         """These labels in the row order ``index`` (int64 [B'] on the labels' device)."""
