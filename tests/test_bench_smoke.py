@@ -65,6 +65,29 @@ def test_tiny_soft_label_kl_and_train_epoch(tmp_path):
     assert "vs reference-loop" in md
 
 
+def test_tiny_student_step(tmp_path):
+    """Whole student steps, ours and plain, checked against the dense reference loss before timing."""
+    rc = bench_run.main(["--tiny", "--threads", "1", "--out", str(tmp_path), "--only", "student_step"])
+    assert rc == 0  # a loss or gradient that disagreed would be a failure (rc 1)
+    _, rows = _read_csv(tmp_path / "results.csv")
+    got = {r["impl"] for r in rows if r["kernel"] == "student_step"}
+    assert {"torch-dense-step", "torch-topk-step", "cpp-step", "model-step"} <= got
+    md = (tmp_path / "results.md").read_text()
+    assert "the model's own step is" in md
+
+
+def test_student_step_check_refuses_a_wrong_loss(monkeypatch):
+    from bench import bench_student_step as bss
+
+    def wrong(z, values, indices):
+        return 2 * bss.topk_loss(z, values, indices)
+
+    monkeypatch.setitem(bss.LOSSES, "torch-topk-step", (wrong, False))
+    cases, problems = bss.build_cases(4, 10, 2, compiled=False)
+    assert "torch-topk-step" in problems and "loss off by" in problems["torch-topk-step"]
+    assert "torch-topk-step" not in {c.impl for c in cases}
+
+
 def test_markdown_ratios_and_schema_guard(tmp_path):
     case = common.Case("k", "reference-loop", {"N": 4}, lambda: None, bytes=10**9)
     rows = [
