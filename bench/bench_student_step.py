@@ -12,8 +12,9 @@ with its own copy of the same initial student):
                          (bench_soft_label_kl.topk_kl_loss), eager
   torch-topk-step-compiled  torch.compile(forward + that loss, dynamic=False); AOTAutograd compiles the
                          backward
-  cpp-step               forward + lpqld_fast.ops.soft_label_kl (cpp), eager
-  cpp-step-compiled      torch.compile(forward + our op, fullgraph=True, dynamic=False): the custom op traced
+  ours-step              forward + lpqld_fast.ops.soft_label_kl (the device's native backend: cpp on a CPU,
+                         cuda on a GPU), eager
+  ours-step-compiled     torch.compile(forward + our op, fullgraph=True, dynamic=False): the custom op traced
                          into the step's graph
   model-step             the same step with loss = logits.sum(): the model's own share, the floor of any loss
 Before timing, each impl's loss and parameter gradients at the shared initial weights are checked against
@@ -35,10 +36,10 @@ from bench.bench_soft_label_kl import T, T_S, make_inputs, topk_kl_loss
 from bench.common import BenchContext, Case
 
 KERNEL = "student_step"
-IMPLS = ("torch-dense-step", "torch-topk-step", "torch-topk-step-compiled", "cpp-step", "cpp-step-compiled",
+IMPLS = ("torch-dense-step", "torch-topk-step", "torch-topk-step-compiled", "ours-step", "ours-step-compiled",
          "model-step")
 PLAIN = ("torch-topk-step", "torch-topk-step-compiled", "torch-dense-step")
-OURS = ("cpp-step", "cpp-step-compiled")
+OURS = ("ours-step", "ours-step-compiled")
 FEATURES, HIDDEN = 512, 1024
 TARGET = "B=128;C=1000;k=100"
 
@@ -64,7 +65,7 @@ def dense_loss(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> 
 def ours_loss(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     from lpqld_fast.ops import soft_label_kl
 
-    return soft_label_kl(z, values, indices, mode="mr", T=T, t_s=T_S, backend="cpp", validate=False)
+    return soft_label_kl(z, values, indices, mode="mr", T=T, t_s=T_S, validate=False)
 
 
 def topk_loss(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,8 @@ def sum_loss(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> to
 
 LOSSES: dict[str, tuple[Callable, bool]] = {  # impl -> (loss, compiled)
     "torch-dense-step": (dense_loss, False), "torch-topk-step": (topk_loss, False),
-    "torch-topk-step-compiled": (topk_loss, True), "cpp-step": (ours_loss, False),
-    "cpp-step-compiled": (ours_loss, True), "model-step": (sum_loss, False),
+    "torch-topk-step-compiled": (topk_loss, True), "ours-step": (ours_loss, False),
+    "ours-step-compiled": (ours_loss, True), "model-step": (sum_loss, False),
 }
 
 
@@ -103,11 +104,12 @@ def make_step(impl: str, student: nn.Module, x: torch.Tensor, values: torch.Tens
     return (lambda: fwd(x, values, indices)), step
 
 
-def build_cases(b: int, c: int, k: int, compiled: bool = True) -> tuple[list[Case], dict[str, str]]:
-    inp = make_inputs(b, c, k, "mr-fp16")
+def build_cases(b: int, c: int, k: int, compiled: bool = True,
+                device: str = "cpu") -> tuple[list[Case], dict[str, str]]:
+    inp = make_inputs(b, c, k, "mr-fp16", device)
     values, indices = inp["values"], inp["indices"]
-    x = torch.randn(b, FEATURES, generator=torch.Generator().manual_seed(b * 31 + c))
-    base = make_student(c)
+    x = torch.randn(b, FEATURES, generator=torch.Generator().manual_seed(b * 31 + c)).to(device)
+    base = make_student(c).to(device)
     sizes = {"B": b, "C": c, "k": k}
     params = sum(p.numel() for p in base.parameters())
     nbytes = 4 * (3 * params + 2 * b * c) + values.numel() * 2 + indices.numel() * indices.element_size()
@@ -133,7 +135,7 @@ def build_cases(b: int, c: int, k: int, compiled: bool = True) -> tuple[list[Cas
                 if dl > 1e-4 * max(abs(float(want[0])), 1e-3) or dg > 1e-3:
                     problems[impl] = f"loss off by {dl:.3g}, gradients by up to {dg:.3g} (relative to their max)"
                     continue
-        cases.append(Case(KERNEL, impl, sizes, step, nbytes, mode="full"))
+        cases.append(Case(KERNEL, impl, sizes, step, nbytes, mode="full", device=device))
     return cases, problems
 
 
@@ -141,28 +143,28 @@ def run(ctx: BenchContext) -> None:
     grid = problem_grid(ctx.profile)
     ctx.log(f"student_step: (B, C, k) {grid}; MLP head {FEATURES}->{HIDDEN}->C, AdamW, MR-k fp16 labels")
     start = len(ctx.rows)
-    for b, c, k in grid:
-        cases, problems = build_cases(b, c, k, compiled=cmp.enabled(ctx.profile))
-        for impl, msg in problems.items():
-            ctx.fail(f"{KERNEL}/{impl} B={b} C={c} k={k}: {msg}")
-        ctx.time_group(cases)
+    for device in ctx.devices():
+        for b, c, k in grid:
+            cases, problems = build_cases(b, c, k, compiled=cmp.enabled(ctx.profile), device=device)
+            for impl, msg in problems.items():
+                ctx.fail(f"{KERNEL}/{impl} B={b} C={c} k={k} on {device}: {msg}")
+            ctx.time_group(cases)
     for line in summary(ctx.rows[start:]):
         ctx.log(line)
 
 
 def summary(rows: list[dict[str, str]]) -> list[str]:
-    by: dict[str, dict[str, float]] = {}
+    by: dict[tuple[str, str], dict[str, float]] = {}
     for r in rows:
         if r["kernel"] == KERNEL:
-            by.setdefault(r["sizes"], {})[r["impl"]] = float(r["p50_ms"])
+            by.setdefault((r["sizes"], r["device"]), {})[r["impl"]] = float(r["p50_ms"])
     out = cmp.versus_strongest(rows, KERNEL, OURS, PLAIN)
-    t = by.get(TARGET, {})
-    if "cpp-step-compiled" in t and "torch-topk-step-compiled" in t:
-        r = t["torch-topk-step-compiled"] / t["cpp-step-compiled"]
-        out.append(f"cpp-step-compiled vs torch-topk-step-compiled at (128, 1000, 100): {r:.2f}x "
-                   f"(target: faster, {'met' if r > 1 else 'NOT met'})")
-    for size, ts in by.items():
-        if "model-step" in ts and "cpp-step" in ts:
-            out.append(f"at {size.replace(';', ' ')} the model's own step is {ts['model-step'] / ts['cpp-step']:.0%} "
-                       "of cpp-step")
+    for (size, device), t in by.items():
+        where = f"{size.replace(';', ' ')} on {device}"
+        if size == TARGET and "ours-step-compiled" in t and "torch-topk-step-compiled" in t:
+            r = t["torch-topk-step-compiled"] / t["ours-step-compiled"]
+            out.append(f"ours-step-compiled vs torch-topk-step-compiled at {where}: {r:.2f}x "
+                       f"(target: faster, {'met' if r > 1 else 'NOT met'})")
+        if "model-step" in t and "ours-step" in t:
+            out.append(f"at {where} the model's own step is {t['model-step'] / t['ours-step']:.0%} of ours-step")
     return out

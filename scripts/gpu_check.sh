@@ -79,7 +79,7 @@ step tests-gpu 150 "$OUT/tests_gpu.log" $PY -m pytest -q -p no:cacheprovider $N8
 step probe 120 "$OUT/probe.log" $PY scripts/gpu_probe.py "$OUT"
 cat "$OUT/probe.log" >> "$OUT/probe.txt" 2>/dev/null; rm -f "$OUT/probe.log"
 step bench-cuda 200 "$OUT/bench.log" $PY -m bench.run --devices cuda \
-  --only "${BENCH_ONLY:-recover,soft_label_kl,segment_bn_loss,classwise_moments,crop_resize_flip}" --out "$OUT/bench"
+  --only "${BENCH_ONLY:-recover,soft_label_kl,segment_bn_loss,classwise_moments,crop_resize_flip,student_step}" --out "$OUT/bench"
 # The stages' per-step functions eager vs torch.compile vs CUDA graphs (what <stage>.compile=auto is chosen from):
 # rows in the bench folder (bench.tar.gz: stage_compile.csv, stage_compile.log).
 mkdir -p "$OUT/bench"

@@ -71,7 +71,7 @@ def test_tiny_student_step(tmp_path):
     assert rc == 0  # a loss or gradient that disagreed would be a failure (rc 1)
     _, rows = _read_csv(tmp_path / "results.csv")
     got = {r["impl"] for r in rows if r["kernel"] == "student_step"}
-    assert {"torch-dense-step", "torch-topk-step", "cpp-step", "model-step"} <= got
+    assert {"torch-dense-step", "torch-topk-step", "ours-step", "model-step"} <= got
     md = (tmp_path / "results.md").read_text()
     assert "the model's own step is" in md
 
