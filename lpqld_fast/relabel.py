@@ -4,7 +4,8 @@ Batch ids b in [0, E * floor(N/B)) (the partial last batch of an epoch is
 dropped). Batch b belongs to epoch e = b // nb and holds positions
 [p*B, (p+1)*B), p = b % nb, of epoch e's permutation of the N images.
 Of the E*nb batches, K = int(E*nb*(1 - r)) are kept (chosen at random, sorted;
-``relabel.keep`` scores every batch by the teacher's confidence instead) and only those are generated: for each, the augmentation parameters are drawn
+``relabel.keep`` scores every batch by the teacher's confidence instead) and
+only those are generated: for each, the augmentation parameters are drawn
 from a generator seeded by (seed, b), the batch is built with
 :func:`lpqld_fast.augment.replay_batch`, the teacher runs in float32 under
 ``torch.no_grad``, and the encoded logits are written to the store slot.
@@ -46,7 +47,8 @@ from lpqld_fast.store.reader import LabelStore
 from lpqld_fast.store.writer import StoreWriter
 
 __all__ = ["normalize_config", "derive_seed", "seeded_generator", "kept_count", "EpochPermutations",
-           "select_kept_batch_ids", "select_scored_batch_ids", "batch_confidence", "batch_image_indices", "relabel_batch", "run_relabel", "run_relabel_sharded"]
+           "select_kept_batch_ids", "select_scored_batch_ids", "batch_confidence", "batch_image_indices",
+           "relabel_batch", "run_relabel", "run_relabel_sharded"]
 
 
 def normalize_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from lpqld_fast.relabel import (
     select_kept_batch_ids,
     select_scored_batch_ids,
 )
-from lpqld_fast.store import LabelStore
 from lpqld_fast.store.manifest import KEPT_IDS_RULE, SCORED_IDS_RULE
 from tests.test_relabel import CFG, MEAN, N, SHA, STD, _one_thread, make_images, make_teacher  # noqa: F401
 
