@@ -340,6 +340,27 @@ def test_train_ddp_losses_equal_one_process(runs) -> None:
         assert abs(e2["test_acc"] - e1["test_acc"]) <= 1.0
 
 
+@pytest.mark.parametrize("mix", ["cutmix", "mixup"])
+def test_student_side_mixing_under_ddp_equals_one_process(runs, mix) -> None:
+    """train.mix mixes the whole replayed batch before a rank takes its rows: both ranks draw the same
+    permutation and lam, so 2 ranks train as 1 process does (calibration on the mixed target included)."""
+    out = {}
+    for name in ("two", "one"):
+        run = runs["tmp"] / f"{name}_{mix}"
+        shutil.copytree(runs[name], run, ignore=shutil.ignore_patterns("train", "report"))
+        args = ["train", "--out", str(run), *TINY, "--set", f"train.mix={mix}"]
+        if name == "two":
+            _run(torchrun_cmd(2, *args), _env(runs["data"]))
+        else:
+            _one_process(args, runs["data"])
+        out[name] = _json(run / "train" / "train_metrics.json")
+    plain = _json(runs["one"] / "train" / "train_metrics.json")
+    for e2, e1, e0 in zip(out["two"]["epochs"], out["one"]["epochs"], plain["epochs"]):
+        assert e2["loss"] == pytest.approx(e1["loss"], rel=1e-3, abs=1e-7)
+        assert e2["t_s"] == pytest.approx(e1["t_s"], abs=1e-9)
+        assert e1["loss"] != e0["loss"]  # the mixing happened
+
+
 # --------------------------------------------------------------------------- slow: per-stage commands, kill + resume
 
 
