@@ -309,12 +309,6 @@ def run_relabel(
     if image_labels.numel() and (int(image_labels.min()) < 0 or int(image_labels.max()) >= num_classes):
         raise ValueError(f"image_labels must lie in [0, {num_classes}) (the teacher's classes)")
     kk = config_stored_k(cfg, num_classes)
-    if cfg["keep"] == "random" or k_slots == total:
-        kept = select_kept_batch_ids(total, k_slots, seed)
-    else:
-        kept = select_scored_batch_ids(batch_confidence(teacher, images_uint8, cfg, seed, out_size, mean_l, std_l,
-                                                        device, total, progress), k_slots, cfg["keep"])
-
     manifest = label_store_manifest(cfg, seed=seed, teacher_sha256=teacher_sha256, images_sha256=images_sha256,
                                     num_images=n, image_shape=(c_img, h, w), out_size=out_size, mean=mean_l,
                                     std=std_l, num_classes=num_classes, batches_per_epoch=nb, num_kept=k_slots,
@@ -329,6 +323,13 @@ def run_relabel(
         # A store written before a setting existed holds that setting at its default: the same store.
         fresh = defaults("relabel")
         manifest["config"] = {k: v for k, v in manifest["config"].items() if k in old_cfg or v != fresh.get(k)}
+    if cfg["keep"] == "random" or k_slots == total:
+        kept = select_kept_batch_ids(total, k_slots, seed)
+    else:  # scored once: a resumed (or finished) store of this run holds its ids
+        kept = StoreWriter.stored_batch_ids(out_dir, manifest)
+        if kept is None:
+            kept = select_scored_batch_ids(batch_confidence(teacher, images_uint8, cfg, seed, out_size, mean_l,
+                                                            std_l, device, total, progress), k_slots, cfg["keep"])
     writer = StoreWriter.create_or_resume(out_dir, manifest, kept, commit_every=commit_every)
     if writer is None:  # already complete
         return LabelStore.open(out_dir, expect_teacher_sha256=teacher_sha256, expect_images_sha256=images_sha256)

@@ -81,3 +81,25 @@ def test_a_store_from_before_the_setting_is_the_same_store(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"relabel.keep 'random' -> 'confident'"):
         run_relabel(imgs, labels, make_teacher(), MEAN, STD, {**CFG, "keep": "confident"}, out, 0, progress=False,
                     **SHA)
+
+
+def test_a_scored_store_is_scored_once(tmp_path) -> None:
+    """Resuming or rerunning a scored store reads its kept ids back instead of scoring every batch again."""
+    from tests.test_relabel import Counting
+
+    cfg = {**CFG, "keep": "confident"}
+    imgs, labels = make_images()
+    total = CFG["epochs"] * (N // CFG["batch_size"])
+    k = kept_count(total, CFG["prune_ratio"])
+    first = Counting(make_teacher()).eval()
+    run_relabel(imgs, labels, first, MEAN, STD, cfg, tmp_path / "s", 0, progress=False, finalize=False,
+                slot_range=range(0, 4), **SHA)
+    assert first.calls == total + 4  # the scoring pass, then 4 slots
+    again = Counting(make_teacher()).eval()
+    store = run_relabel(imgs, labels, again, MEAN, STD, cfg, tmp_path / "s", 0, progress=False, **SHA)
+    assert again.calls == k - 4  # no second scoring pass: only the slots left
+    done = Counting(make_teacher()).eval()
+    run_relabel(imgs, labels, done, MEAN, STD, cfg, tmp_path / "s", 0, progress=False, **SHA)
+    assert done.calls == 0
+    direct = run_relabel(imgs, labels, make_teacher(), MEAN, STD, cfg, tmp_path / "d", 0, progress=False, **SHA)
+    assert store.kept_batch_ids.tolist() == direct.kept_batch_ids.tolist()

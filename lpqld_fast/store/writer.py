@@ -147,6 +147,21 @@ class StoreWriter:
             raise ValueError(f"label store {path} is already complete; it cannot be written again")
         return cls(path, m, **kwargs)
 
+    @staticmethod
+    def stored_batch_ids(path: str | os.PathLike, manifest: dict[str, Any]) -> np.ndarray | None:
+        """The kept batch ids of the store in ``path`` when it holds the run ``manifest`` describes (complete or
+        not), else None: a resumed run whose kept ids cost a pass to choose reads them back."""
+        path = Path(path)
+        if not (path / MANIFEST).exists():
+            return None
+        old = read_json(path / MANIFEST, "label store manifest")
+        new = copy.deepcopy(manifest)
+        new.update(format=FORMAT, schema_version=SCHEMA_VERSION, components=components_json(component_specs(new)))
+        if _diff_keys(_identity(old), _identity(new)):
+            return None
+        spec = component_specs(old)["batch_ids"]
+        return np.fromfile(path / spec.file, dtype=spec.dtype).astype(np.int64)
+
     @classmethod
     def create_or_resume(cls, path: str | os.PathLike, manifest: dict[str, Any], batch_ids: np.ndarray,
                          **kwargs: Any) -> StoreWriter | None:
