@@ -143,7 +143,8 @@ def plot_training(metrics: dict[str, Any], path: Path) -> None:
 
 def plot_accuracy_vs_storage(rows: list[dict[str, Any]], path: Path, title: str = "",
                              references: list[dict[str, Any]] | None = None) -> None:
-    """rows: {'label': str, 'total_bytes': int, 'acc': float, 'std': float (optional), 'group': str};
+    """rows: {'label': str, 'total_bytes': int, 'acc': float, 'std': float (optional), 'group': str,
+    'connect': bool (optional, default True: the group's points are joined by a line)};
     references: published points {'label', 'total_bytes', 'acc'}, drawn as grey stars without lines."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -157,8 +158,10 @@ def plot_accuracy_vs_storage(rows: list[dict[str, Any]], path: Path, title: str 
         groups.setdefault(r.get("group", ""), []).append(r)
     for name, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["total_bytes"])
+        # a group of alternatives at one budget (connect=False) is drawn as points, not as a curve
+        line = "-" if all(r.get("connect", True) for r in rs) else "none"
         ax.errorbar([r["total_bytes"] / 1024 for r in rs], [r["acc"] for r in rs],
-                    yerr=[r.get("std", 0.0) for r in rs], marker="o", capsize=3, label=name or None)
+                    yerr=[r.get("std", 0.0) for r in rs], marker="o", capsize=3, label=name or None, linestyle=line)
         for r in rs:
             ax.annotate(r["label"], (r["total_bytes"] / 1024, r["acc"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
