@@ -67,3 +67,25 @@ def test_demo_preset_builds_a_half_width_teacher_and_the_paper_student() -> None
     assert demo["train"]["test_eval"] == "selected" and demo["relabel"] == paper["relabel"]
     student = get_model(demo["train"]["model"], num_classes=10, in_chans=1, image_size=28)
     assert student.body[0].out_channels == 128
+
+
+def test_best_preset_is_the_measured_row() -> None:
+    """fashion-mnist-best is exactly the config of the results row that measured it (docs/RESULTS.md), so the
+    row's three seeds are the preset's numbers."""
+    import copy
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "fmnist_results", Path(__file__).resolve().parents[1] / "scripts/fmnist_results.py")
+    fr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fr)
+    row = next(r for r in fr.rows_for("beyond", 10, 100) if r["name"] == "LPLD x40 + stored CutMix")
+    made = copy.deepcopy(get_preset("fashion-mnist"))
+    made["relabel"].update(row["relabel"])
+    made["train"].update(row["train"])
+    made["recover"].update(fr.RECOVERY[row["recovery"]])
+    best = get_preset("fashion-mnist-best")
+    for section in ("squeeze", "recover", "relabel", "train"):
+        assert best[section] == made[section], section
+    assert best["relabel"]["cutmix"] and best["relabel"]["prune_ratio"] == 0.975
