@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from lpqld_fast.cli import main
+from tests.cli_args import tiny_args
 from lpqld_fast.data import get_dataset
 from lpqld_fast.real_images import select_indices
 from lpqld_fast.recover import recover_units, unit_positions
 
-TINY = ["--set", "squeeze.epochs=1", "--set", "squeeze.batch_size=20", "--set", "squeeze.stats_batch_size=40",
-        "--set", "recover.ipc=3", "--set", "recover.iterations=1", "--set", "recover.lr=1e-9"]
+TINY = tiny_args({"recover.ipc": 3, "recover.iterations": 1, "recover.lr": 1e-9})
 
 
 @pytest.mark.parametrize("cb", [True, False])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lpqld_fast.cli import main
+from tests.cli_args import tiny_args
 from lpqld_fast.data import dataset_info
 from lpqld_fast.experts import ExpertEnsemble
 from lpqld_fast.image_set import load_recovered
@@ -18,11 +19,8 @@ from lpqld_fast.presets import get_preset
 from lpqld_fast.relabel import run_relabel
 from lpqld_fast.store import LabelStore
 
-TINY = ["--set", "squeeze.epochs=1", "--set", "squeeze.batch_size=20", "--set", "squeeze.stats_batch_size=40",
-        "--set", "recover.ipc=2", "--set", "recover.iterations=2",
-        "--set", "relabel.epochs=2", "--set", "relabel.batch_size=5", "--set", "relabel.k=3",
-        "--set", "relabel.prune_ratio=0.5",
-        "--set", "train.epochs=2", "--set", "train.eval_every=2"]
+TINY = tiny_args({"recover.iterations": 2, "relabel.epochs": 2, "relabel.prune_ratio": 0.5, "train.epochs": 2,
+                  "train.eval_every": 2})
 TWO = ["--set", "squeeze.teachers=2"]
 
 

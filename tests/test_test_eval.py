@@ -11,13 +11,9 @@ import torch
 
 import lpqld_fast.train as train_mod
 from lpqld_fast.cli import main
+from tests.cli_args import tiny_args
 
-TINY = [
-    "--set", "squeeze.epochs=1", "--set", "squeeze.batch_size=20", "--set", "squeeze.stats_batch_size=40",
-    "--set", "recover.ipc=2", "--set", "recover.iterations=4",
-    "--set", "relabel.epochs=3", "--set", "relabel.batch_size=5", "--set", "relabel.k=3",
-    "--set", "train.epochs=12", "--set", "train.eval_every=2", "--set", "train.checkpoint_every=4",
-]
+TINY = tiny_args({"train.epochs": 12, "train.eval_every": 2, "train.checkpoint_every": 4})
 
 
 @pytest.fixture(scope="module")

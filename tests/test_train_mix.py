@@ -16,6 +16,7 @@ import torch
 from lpqld_fast import config as schema
 from lpqld_fast.augment import mix_batch
 from lpqld_fast.cli import main
+from tests.cli_args import tiny_args
 from lpqld_fast.ops import calibrate_student_temperature, soft_label_kl
 from lpqld_fast.ops.reference.soft_label_kl import decode_teacher
 from lpqld_fast.store.quantize import SoftLabels, decode_labels, encode_labels
@@ -122,14 +123,8 @@ def test_row_weights_are_checked(bad) -> None:
         calibrate_student_temperature(torch.randn(4, 10), **labels.kl_kwargs(), T=2.0, row_weights=bad)
 
 
-TINY = [
-    "--set", "squeeze.epochs=1", "--set", "squeeze.batch_size=20", "--set", "squeeze.stats_batch_size=40",
-    "--set", "recover.ipc=2", "--set", "recover.iterations=4",
-    "--set", "relabel.epochs=3", "--set", "relabel.batch_size=5", "--set", "relabel.k=3",
-    "--set", "relabel.prune_ratio=0.5",
-    "--set", "train.epochs=6", "--set", "train.eval_every=3", "--set", "train.checkpoint_every=2",
-    "--set", "train.calibrate=false", "--set", "train.pool=lpld",
-]
+TINY = tiny_args({"relabel.prune_ratio": 0.5, "train.epochs": 6, "train.eval_every": 3,
+                  "train.checkpoint_every": 2, "train.calibrate": False, "train.pool": "lpld"})
 
 
 @pytest.fixture(scope="module")
