@@ -55,7 +55,7 @@ from collections.abc import Callable
 import torch
 
 from bench import compiled as cmp
-from bench.common import BenchContext, Case
+from bench.common import BenchContext, Case, p50_by_size
 
 KERNEL = "segment_bn_loss"
 BASELINE = "torch-var_mean"  # plain torch autograd, per-segment var_mean + norms
@@ -280,10 +280,7 @@ def summary(rows: list[dict[str, str]]) -> list[str]:
     """Speed-ups of the fused impls over the loops, per shape (geometric mean at the end)."""
     import math
 
-    by: dict[tuple[str, str], dict[str, float]] = {}
-    for r in rows:
-        if r["kernel"] == KERNEL:
-            by.setdefault((r["sizes"], r["device"]), {})[r["impl"]] = float(r["p50_ms"])
+    by = p50_by_size(rows, KERNEL)
     out, logs = [], {}
     for (sizes, dev), t in by.items():
         for fused in OURS:

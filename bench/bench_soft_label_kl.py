@@ -63,7 +63,7 @@ from collections.abc import Callable
 import torch
 
 from bench import compiled as cmp
-from bench.common import BenchContext, Case
+from bench.common import BenchContext, Case, p50_by_size
 
 KERNEL = "soft_label_kl"
 BASELINE = "reference-strategy"
@@ -278,10 +278,7 @@ def run(ctx: BenchContext) -> None:
 
 def summary(rows: list[dict[str, str]]) -> list[str]:
     """Speed-up of each fused backend over the reference strategy per size, the 5x target, and the copy-pass floor."""
-    by_size: dict[tuple[str, str], dict[str, float]] = {}
-    for r in rows:
-        if r["kernel"] == KERNEL:
-            by_size.setdefault((r["sizes"], r["device"]), {})[r["impl"]] = float(r["p50_ms"])
+    by_size = p50_by_size(rows, KERNEL)
     out = []
     targets = {f"B={b};C={c};k={k}" for b, c, k in TARGET_SHAPES}
     for fast in FUSED:

@@ -33,7 +33,7 @@ from torch import nn
 
 from bench import compiled as cmp
 from bench.bench_soft_label_kl import T, T_S, make_inputs, topk_kl_loss
-from bench.common import BenchContext, Case
+from bench.common import BenchContext, Case, p50_by_size
 
 KERNEL = "student_step"
 IMPLS = ("torch-dense-step", "torch-topk-step", "torch-topk-step-compiled", "ours-step", "ours-step-compiled",
@@ -154,10 +154,7 @@ def run(ctx: BenchContext) -> None:
 
 
 def summary(rows: list[dict[str, str]]) -> list[str]:
-    by: dict[tuple[str, str], dict[str, float]] = {}
-    for r in rows:
-        if r["kernel"] == KERNEL:
-            by.setdefault((r["sizes"], r["device"]), {})[r["impl"]] = float(r["p50_ms"])
+    by = p50_by_size(rows, KERNEL)
     out = cmp.versus_strongest(rows, KERNEL, OURS, PLAIN)
     for (size, device), t in by.items():
         where = f"{size.replace(';', ' ')} on {device}"

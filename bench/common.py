@@ -450,6 +450,15 @@ def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, str]]) -> No
     atomic_write_text(path, buf.getvalue())
 
 
+def p50_by_size(rows: Iterable[Mapping[str, str]], kernel: str) -> dict[tuple[str, str], dict[str, float]]:
+    """{(sizes, device): {impl: p50 ms}} of ``kernel``'s rows: what every module's summary compares."""
+    by: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        if r["kernel"] == kernel:
+            by.setdefault((r["sizes"], r["device"]), {})[r["impl"]] = float(r["p50_ms"])
+    return by
+
+
 def latest_rows(rows: Iterable[Mapping[str, str]]) -> list[dict[str, str]]:
     """One row per (kernel, impl, mode, sizes, device): the last one appended."""
     out: dict[tuple[str, ...], dict[str, str]] = {}

@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from bench.common import p50_by_size
+
 CACHE_LIMIT = 256
 
 
@@ -72,10 +74,7 @@ def versus_strongest(rows: list[dict[str, str]], kernel: str, ours: tuple[str, .
     included), and >= ``speedup`` x it or >= ``roofline`` of the floor (``floor``'s time / ours), whichever
     comes first. The baseline is named in every ratio. Judged on p50 of one run (impls timed round-robin).
     """
-    by: dict[tuple[str, str], dict[str, float]] = {}
-    for r in rows:
-        if r["kernel"] == kernel:
-            by.setdefault((r["sizes"], r["device"]), {})[r["impl"]] = float(r["p50_ms"])
+    by = p50_by_size(rows, kernel)
     out = []
     for o in ours:
         verdicts = []
