@@ -21,8 +21,8 @@ import torch
 from lpqld_fast.io_utils import atomic_path, atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.seeding import stream
 
-__all__ = ["RECOVER_SCHEMA", "Unit", "random_class_pick", "finalize_recover", "load_recovered", "bind_real_images",
-           "save_png", "save_grid"]
+__all__ = ["RECOVER_SCHEMA", "Unit", "class_stream", "random_class_pick", "finalize_recover", "load_recovered",
+           "bind_real_images", "save_png", "save_grid"]
 
 RECOVER_SCHEMA = 1
 
@@ -36,11 +36,16 @@ class Unit:
     target: int  # index into the BN target table (class id, or 0 for global stats)
 
 
+def class_stream(seed: int, c: int) -> torch.Generator:
+    """The stream that picks real training images of class ``c`` (every real-image selection draws from it)."""
+    return stream("lpqld-real-images", seed, c)
+
+
 def random_class_pick(class_indices: torch.Tensor, ipc: int, seed: int, c: int) -> torch.Tensor:
-    """``ipc`` of class ``c``'s train-set indices, drawn without replacement from the stream of (seed, class):
+    """``ipc`` of class ``c``'s train-set indices, drawn without replacement from :func:`class_stream`:
     independent of the other classes, and a larger IPC extends a smaller one. The paper-001 baseline's
     "random" real images and recover.init=real both pick with it."""
-    return class_indices[torch.randperm(len(class_indices), generator=stream("lpqld-real-images", seed, c))[:ipc]]
+    return class_indices[torch.randperm(len(class_indices), generator=class_stream(seed, c))[:ipc]]
 
 
 def finalize_recover(out: Path, units: list[Unit], num_classes: int, run_cfg: dict, seconds: float) -> dict:

@@ -52,19 +52,14 @@ import torch.nn.functional as F
 
 from lpqld_fast.data import get_dataset, require_in_memory
 from lpqld_fast.data.transforms import normalize
-from lpqld_fast.seeding import stream
 from lpqld_fast.experts import expert_checkpoint_path, load_expert
-from lpqld_fast.image_set import Unit, finalize_recover, random_class_pick
+from lpqld_fast.image_set import Unit, class_stream, finalize_recover, random_class_pick
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
 
 __all__ = ["STRATEGIES", "select_real_images", "teacher_cross_entropy", "select_indices", "load_real_indices"]
 
 STRATEGIES = ("random", "ce-easiest", "ce-quantile")
-
-
-def _class_generator(seed: int, c: int) -> torch.Generator:
-    return stream("lpqld-real-images", seed, c)
 
 
 @torch.no_grad()
@@ -128,7 +123,7 @@ def select_indices(labels: torch.Tensor, num_classes: int, ipc: int, strategy: s
         if ipc > len(bucket):
             raise ValueError(f"ipc={ipc} exceeds the {len(bucket)} images in CE quantile {quantile}/{num_quantiles} "
                              f"of {_class_name(class_names, c)} ({n} images)")
-        out.append(bucket[torch.randperm(len(bucket), generator=_class_generator(seed, c))[:ipc]])
+        out.append(bucket[torch.randperm(len(bucket), generator=class_stream(seed, c))[:ipc]])
     return out
 
 

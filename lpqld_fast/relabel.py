@@ -234,9 +234,8 @@ def _write_slots(writer: StoreWriter, slots: Sequence[int], kept: np.ndarray,
                  progress: bool) -> None:
     """Each store slot in ``slots``: its batch's augmentation drawn from the batch's own seed, replayed,
     labelled by the teacher and encoded; the rows come back to the host once, where the encoding checks run."""
-    n, c_img, h, w = images_uint8.shape
     specs = component_specs(writer.manifest)
-    perms = EpochPermutations(n, seed)
+    perms = EpochPermutations(images_uint8.shape[0], seed)
     # Once per store, on the images' device: the batches' checks of the image indices (a permutation of the
     # images) and of std (checked by the caller) are not repeated per batch.
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images_uint8.device)
