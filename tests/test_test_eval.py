@@ -2,8 +2,6 @@
 selection keeps and the last ones; the reported accuracies equal those of train.test_eval=every."""
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 import lpqld_fast.train as train_mod
 from lpqld_fast.cli import main
-from tests.cli_args import tiny_args
+from tests.cli_args import run_upstream, tiny_args, train_from
 
 TINY = tiny_args({"train.epochs": 12, "train.eval_every": 2, "train.checkpoint_every": 4})
 
@@ -19,19 +17,11 @@ TINY = tiny_args({"train.epochs": 12, "train.eval_every": 2, "train.checkpoint_e
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory, synthetic_run_module) -> Path:
     """squeeze, recover and relabel of a tiny synthetic run, single-threaded."""
-    run = tmp_path_factory.mktemp("test-eval") / "up"
-    for stage in ("squeeze", "recover", "relabel"):
-        assert main([stage, "--out", str(run), *TINY]) == 0
-    return run
+    return run_upstream(tmp_path_factory.mktemp("test-eval") / "up", TINY)
 
 
 def _train(upstream: Path, dest: Path, *extra: str, rc: int = 0) -> dict:
-    if not dest.exists():
-        for s in ("squeeze", "recover", "relabel"):
-            shutil.copytree(upstream / s, dest / s)
-        shutil.copy(upstream / "run.json", dest / "run.json")
-    assert main(["train", "--out", str(dest), *TINY, *extra]) == rc
-    return json.loads((dest / "train" / "train_metrics.json").read_text())
+    return train_from(upstream, dest, TINY, *extra, rc=rc)
 
 
 def test_selected_mode_reports_the_same_accuracies_with_two_test_passes(upstream, tmp_path) -> None:

@@ -6,8 +6,6 @@ terms) must have the same gradient; its value differs only by the mixed target's
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,7 @@ import torch
 
 from lpqld_fast import config as schema
 from lpqld_fast.augment import mix_batch
-from lpqld_fast.cli import main
-from tests.cli_args import tiny_args
+from tests.cli_args import run_upstream, tiny_args, train_from
 from lpqld_fast.ops import calibrate_student_temperature, soft_label_kl
 from lpqld_fast.ops.reference.soft_label_kl import decode_teacher
 from lpqld_fast.store.quantize import SoftLabels, decode_labels, encode_labels
@@ -129,18 +126,12 @@ TINY = tiny_args({"relabel.prune_ratio": 0.5, "train.epochs": 6, "train.eval_eve
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory, synthetic_run_module) -> Path:
-    run = tmp_path_factory.mktemp("train-mix") / "up"
-    for stage in ("squeeze", "recover", "relabel"):
-        assert main([stage, "--out", str(run), *TINY]) == 0
-    return run
+    """squeeze, recover and relabel of a tiny synthetic run, single-threaded."""
+    return run_upstream(tmp_path_factory.mktemp("train-mix") / "up", TINY)
 
 
-def _train(upstream: Path, dest: Path, *extra: str) -> dict:
-    for s in ("squeeze", "recover", "relabel"):
-        shutil.copytree(upstream / s, dest / s)
-    shutil.copy(upstream / "run.json", dest / "run.json")
-    assert main(["train", "--out", str(dest), *TINY, *extra]) == 0
-    return json.loads((dest / "train" / "train_metrics.json").read_text())
+def _train(upstream: Path, dest: Path, *extra: str, rc: int = 0) -> dict:
+    return train_from(upstream, dest, TINY, *extra, rc=rc)
 
 
 @pytest.mark.parametrize("mode", ["cutmix", "mixup"])
