@@ -57,6 +57,13 @@ def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[s
     return out
 
 
+def _run_diff(old: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """The identity keys in which the stored manifest ``old`` differs from the run ``manifest`` would write."""
+    new = copy.deepcopy(manifest)
+    new.update(format=FORMAT, schema_version=SCHEMA_VERSION, components=components_json(component_specs(new)))
+    return _diff_keys(_identity(old), _identity(new))
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         n = os.pwrite(fd, data, offset)
@@ -155,9 +162,7 @@ class StoreWriter:
         if not (path / MANIFEST).exists():
             return None
         old = read_json(path / MANIFEST, "label store manifest")
-        new = copy.deepcopy(manifest)
-        new.update(format=FORMAT, schema_version=SCHEMA_VERSION, components=components_json(component_specs(new)))
-        if _diff_keys(_identity(old), _identity(new)):
+        if _run_diff(old, manifest):
             return None
         spec = component_specs(old)["batch_ids"]
         return np.fromfile(path / spec.file, dtype=spec.dtype).astype(np.int64)
@@ -175,9 +180,7 @@ class StoreWriter:
         if not mpath.exists():
             return cls.create(path, manifest, batch_ids, **kwargs)
         old = read_json(mpath, "label store manifest")
-        new = copy.deepcopy(manifest)
-        new.update(format=FORMAT, schema_version=SCHEMA_VERSION, components=components_json(component_specs(new)))
-        diff = _diff_keys(_identity(old), _identity(new))
+        diff = _run_diff(old, manifest)
         if diff:
             raise ValueError(f"{path} already holds a different label store (differs in: {', '.join(diff[:10])}); "
                              "use another output directory or delete it")
