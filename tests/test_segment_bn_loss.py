@@ -132,7 +132,10 @@ def test_non_contiguous_x(backend: str, layout: str) -> None:
 
 @pytest.mark.parametrize("backend", CPU_FAST)
 @pytest.mark.parametrize("mean,shape", [(1e4, (16, 4, 6, 6)), (-3e5, (16, 4, 6, 6)), (1e4, (6, 3, 30, 30)),
-                                        (-2e4, (3, 2, 50, 50))])
+                                        (-2e4, (3, 2, 50, 50)),
+                                        # >= 16 channels: short rows reduced a vector of rows at a time (7x7,
+                                        # 16x16, 3x3 maps), with channels left over past the last full vector
+                                        (1e4, (8, 20, 7, 7)), (-3e3, (4, 33, 16, 16)), (5e3, (6, 17, 3, 3))])
 def test_large_means(backend: str, mean: float, shape: tuple[int, ...]) -> None:
     # |mean| >> std: naive sum / sum-of-squares in float32 would lose the variance entirely
     # (short rows, rows of one chunk, rows of several chunks)
@@ -152,8 +155,9 @@ def test_outlier_first_element(backend: str, shape: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize("backend", CPU_FAST)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_dtypes(backend: str, dtype: torch.dtype) -> None:
-    x, seg, tm, tv, w = _make((10, 8, 4, 4), 3, mean=0.3, dtype=dtype)
+@pytest.mark.parametrize("shape", [(10, 8, 4, 4), (10, 24, 7, 7)])
+def test_dtypes(backend: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    x, seg, tm, tv, w = _make(shape, 3, mean=0.3, dtype=dtype)
     _compare(x, seg, tm, tv, w, backend)
 
 

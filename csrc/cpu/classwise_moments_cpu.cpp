@@ -18,7 +18,7 @@
 // channels and each walks the samples in order, Chan-merging row stats into
 // mean/m2 of the sample's class (no races: a thread owns its channels in
 // every class row). L == 1 skips phase 1: phase 2 merges the values directly.
-// The row kernels (phase 1) are in classwise_moments_rows.{h,cpp}.
+// The row kernels (phase 1) are in row_moments.{h,cpp}, shared with segment_bn_loss.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -32,31 +32,10 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "cpu/classwise_moments_rows.h"
+#include "cpu/row_moments.h"
 
 namespace lpqld {
 namespace {
-
-namespace rowk = cwm_cpu::rowk;
-
-template <typename scalar_t> struct InOf;
-template <> struct InOf<float> { static constexpr rowk::In value = rowk::In::F32; };
-template <> struct InOf<double> { static constexpr rowk::In value = rowk::In::F64; };
-template <> struct InOf<c10::Half> { static constexpr rowk::In value = rowk::In::F16; };
-template <> struct InOf<c10::BFloat16> { static constexpr rowk::In value = rowk::In::BF16; };
-
-template <typename scalar_t>
-void rows_dispatch(const scalar_t* x, int64_t length, int64_t r0, int64_t r1, double* rm, double* rm2) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    rowk::rows_f32(x, length, r0, r1, rm, rm2);
-  } else if constexpr (std::is_same_v<scalar_t, double>) {
-    rowk::rows_f64(x, length, r0, r1, rm, rm2);
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    rowk::rows_f16(reinterpret_cast<const uint16_t*>(x), length, r0, r1, rm, rm2);
-  } else {
-    rowk::rows_bf16(reinterpret_cast<const uint16_t*>(x), length, r0, r1, rm, rm2);
-  }
-}
 
 constexpr int64_t kPhase1Grain = 1 << 15;  // elements per parallel task, at least
 constexpr int64_t kChannelBlock = 8;       // 8 doubles = one cache line of mean/m2
@@ -64,7 +43,7 @@ constexpr int64_t kChannelBlock = 8;       // 8 doubles = one cache line of mean
 template <typename scalar_t>
 void accumulate_impl(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count, const at::Tensor& mean,
                      const at::Tensor& m2) {
-  using Tr = rowk::Traits<InOf<scalar_t>::value, 16>;  // S and scalar() only: any width
+  using Tr = rowk::Traits<rowk::InOf<scalar_t>::value, 16>;  // S and scalar() only: any width
   const int64_t n = x.size(0), c = x.size(1), length = x.size(2);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t* lab = labels.const_data_ptr<int64_t>();
@@ -81,7 +60,7 @@ void accumulate_impl(const at::Tensor& x, const at::Tensor& labels, const at::Te
     double* rm = row_mean.data();
     double* rm2 = row_m2.data();
     const int64_t grain = std::max<int64_t>(1, kPhase1Grain / length);
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { rows_dispatch<scalar_t>(xp, length, r0, r1, rm, rm2); });
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { rowk::rows<scalar_t>(xp, length, r0, r1, rm, rm2); });
   }
 
   // Phase 2a: class count before each sample, as Chan weights; update count.

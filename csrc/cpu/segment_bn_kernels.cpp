@@ -16,48 +16,18 @@ namespace lpqld::sbl_cpu {
 #define LPQLD_CLONES
 #endif
 
-// s1 += sum (p[i] - shift), s2 += sum (p[i] - shift)^2 over n <= kChunk values
-// (partial sums in kSumLanes lanes of T, folded into double once per chunk).
-// The lanes are explicit, so the summation order, and with it the rounding, is
-// the same whether the compiler vectorises (-O3 clones) or not (-O1, the
-// sanitizer build): an implicit `omp simd` reduction summed 256 values in one
-// scalar accumulator at -O1, 16x the rounding error, which showed with
-// |mean| >> std (test_large_means).
-constexpr int64_t kSumLanes = 16;
-#define LPQLD_SHIFTED_SUMS(T, NAME)                                      \
-  LPQLD_CLONES void NAME(const T* p, int64_t n, T shift, double& s1, double& s2) { \
-    T a1[kSumLanes] = {}, a2[kSumLanes] = {};                            \
-    int64_t i = 0;                                                       \
-    for (; i + kSumLanes <= n; i += kSumLanes) {                         \
-      _Pragma("omp simd") for (int64_t l = 0; l < kSumLanes; ++l) {      \
-        const T d = p[i + l] - shift;                                    \
-        a1[l] += d;                                                      \
-        a2[l] += d * d;                                                  \
-      }                                                                  \
-    }                                                                    \
-    for (int64_t l = 0; i < n; ++i, ++l) {                               \
-      const T d = p[i] - shift;                                          \
-      a1[l] += d;                                                        \
-      a2[l] += d * d;                                                    \
-    }                                                                    \
-    double b1 = 0.0, b2 = 0.0;                                           \
-    for (int64_t l = 0; l < kSumLanes; ++l) {                            \
-      b1 += static_cast<double>(a1[l]);                                  \
-      b2 += static_cast<double>(a2[l]);                                  \
-    }                                                                    \
-    s1 += b1;                                                            \
-    s2 += b2;                                                            \
+// affine_one (segment_bn_kernels.h) over `rows` consecutive rows of n elements, row r with the coefficients
+// sc[r], al[r], hi[r], lo[r]: one call per run of channels, so short rows (7x7 maps) pay no call per row.
+#define LPQLD_AFFINE_ROWS(T, NAME)                                                                        \
+  LPQLD_CLONES void NAME(const T* x, T* g, int64_t n, int64_t rows, const T* sc, const T* al, const T* hi, \
+                         const T* lo) {                                                                   \
+    for (int64_t r = 0; r < rows; ++r, x += n, g += n) {                                                  \
+      const T s = sc[r], a = al[r], h = hi[r], l = lo[r];                                                 \
+      _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) g[i] = affine_one(x[i], s, a, h, l);           \
+    }                                                                                                     \
   }
-LPQLD_SHIFTED_SUMS(float, shifted_sums_f32)
-LPQLD_SHIFTED_SUMS(double, shifted_sums_f64)
-
-// affine_one (segment_bn_kernels.h) over n elements.
-#define LPQLD_AFFINE(T, NAME)                                                      \
-  LPQLD_CLONES void NAME(const T* x, T* g, int64_t n, T sc, T al, T hi, T lo) {      \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) g[i] = affine_one(x[i], sc, al, hi, lo); \
-  }
-LPQLD_AFFINE(float, affine_f32)
-LPQLD_AFFINE(double, affine_f64)
+LPQLD_AFFINE_ROWS(float, affine_rows_f32)
+LPQLD_AFFINE_ROWS(double, affine_rows_f64)
 
 // Channels-last loops (channels in SIMD lanes), compiled per ISA like the two above, for float and bfloat16
 // (what recover's NHWC teacher produces); other types take the generic templates of the kernels.

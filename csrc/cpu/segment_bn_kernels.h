@@ -52,10 +52,10 @@ inline acc_t bn_grad_one(acc_t x, acc_t gy, acc_t s, acc_t b, bool relu) {
 }
 
 // Per-ISA loops (segment_bn_kernels.cpp). f32 / bf16: float / bfloat16 bits; id / relu: the activation.
-void shifted_sums_f32(const float* p, int64_t n, float shift, double& s1, double& s2);
-void shifted_sums_f64(const double* p, int64_t n, double shift, double& s1, double& s2);
-void affine_f32(const float* x, float* g, int64_t n, float sc, float al, float hi, float lo);
-void affine_f64(const double* x, double* g, int64_t n, double sc, double al, double hi, double lo);
+void affine_rows_f32(const float* x, float* g, int64_t n, int64_t rows, const float* sc, const float* al,
+                     const float* hi, const float* lo);
+void affine_rows_f64(const double* x, double* g, int64_t n, int64_t rows, const double* sc, const double* al,
+                     const double* hi, const double* lo);
 #define LPQLD_NLC_DECLS(T, S)                                                                                    \
   void nlc_sums_##S(const T* p, int64_t ldc, int64_t nl, int64_t nc, const float* shift, float* a1, float* a2);  \
   void nlc_sums64_##S(const T* p, int64_t ldc, int64_t nl, const float* shift, float* a1, float* a2);            \
@@ -75,17 +75,13 @@ LPQLD_NLC_DECLS(float, f32)
 LPQLD_NLC_DECLS(uint16_t, bf16)
 #undef LPQLD_NLC_DECLS
 
-inline void shifted_sums(const float* p, int64_t n, float shift, double& s1, double& s2) {
-  shifted_sums_f32(p, n, shift, s1, s2);
+inline void affine_rows(const float* x, float* g, int64_t n, int64_t rows, const float* sc, const float* al,
+                        const float* hi, const float* lo) {
+  affine_rows_f32(x, g, n, rows, sc, al, hi, lo);
 }
-inline void shifted_sums(const double* p, int64_t n, double shift, double& s1, double& s2) {
-  shifted_sums_f64(p, n, shift, s1, s2);
-}
-inline void affine(const float* x, float* g, int64_t n, float sc, float al, float hi, float lo) {
-  affine_f32(x, g, n, sc, al, hi, lo);
-}
-inline void affine(const double* x, double* g, int64_t n, double sc, double al, double hi, double lo) {
-  affine_f64(x, g, n, sc, al, hi, lo);
+inline void affine_rows(const double* x, double* g, int64_t n, int64_t rows, const double* sc, const double* al,
+                        const double* hi, const double* lo) {
+  affine_rows_f64(x, g, n, rows, sc, al, hi, lo);
 }
 
 }  // namespace lpqld::sbl_cpu

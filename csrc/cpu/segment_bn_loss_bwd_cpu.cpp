@@ -14,18 +14,22 @@
 
 namespace lpqld::sbl_cpu {
 
-// g[0, L) = sc * ((x - hi) - lo) + al, computed in acc_t.
+// Rows r < rows of L values: g = sc[r] * ((x - hi[r]) - lo[r]) + al[r] in acc_t; a 16-bit x is converted a
+// chunk at a time into tmp (kChunk acc_t).
 template <typename scalar_t, typename acc_t = typename AccType<scalar_t>::type>
-inline void grad_row(const scalar_t* xr, scalar_t* gr, int64_t L, acc_t sc, acc_t al, acc_t hi, acc_t lo, acc_t* tmp) {
+inline void grad_rows(const scalar_t* xr, scalar_t* gr, int64_t L, int64_t rows, const acc_t* sc, const acc_t* al,
+                      const acc_t* hi, const acc_t* lo, acc_t* tmp) {
   if constexpr (kDirect<scalar_t>) {
     (void)tmp;
-    affine(xr, gr, L, sc, al, hi, lo);
+    affine_rows(xr, gr, L, rows, sc, al, hi, lo);
   } else {
-    for (int64_t start = 0; start < L; start += kChunk) {
-      const int64_t n = std::min(kChunk, L - start);
-      const acc_t* src = chunk_as_acc<scalar_t, acc_t>(xr, start, n, tmp);
-      affine(src, tmp, n, sc, al, hi, lo);  // in place in tmp
-      for (int64_t k = 0; k < n; ++k) gr[start + k] = static_cast<scalar_t>(tmp[k]);
+    for (int64_t r = 0; r < rows; ++r, xr += L, gr += L) {
+      for (int64_t start = 0; start < L; start += kChunk) {
+        const int64_t n = std::min(kChunk, L - start);
+        const acc_t* src = chunk_as_acc<scalar_t, acc_t>(xr, start, n, tmp);
+        affine_rows(src, tmp, n, 1, sc + r, al + r, hi + r, lo + r);  // in place in tmp
+        for (int64_t k = 0; k < n; ++k) gr[start + k] = static_cast<scalar_t>(tmp[k]);
+      }
     }
   }
 }
@@ -188,32 +192,27 @@ Tensor bwd_impl(const Tensor& grad_loss, const Tensor& x, const Tensor& segment_
     const int64_t grain = std::max<int64_t>(1, 32768 / L);
     at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> tmp(kDirect<scalar_t> ? 0 : kChunk);
-      int64_t n = begin / C, c = begin % C;
-      int64_t i = seg[n] * C + c;
-      for (int64_t r = begin; r < end; ++r, ++i) {
-        if (c == C) {  // next sample
-          c = 0;
-          i = seg[++n] * C;
-        }
-        const acc_t sc = scale[i], al = alpha[i], hi = mhi[i], lo = mlo[i];
+      for (int64_t r = begin; r < end;) {
+        const int64_t n = r / C, c0 = r % C;
+        const int64_t run = std::min(end, (n + 1) * C) - r;  // rows (n, c0 ..) in this task
+        const int64_t i0 = seg[n] * C + c0;                   // their coefficients
         const scalar_t* xr = px + r * L;
         scalar_t* gr = pg + r * L;
         if (pgy != nullptr) {  // the BN path (not recover's hot layout: plain loop)
-          const scalar_t* gyr = pgy + r * L;
-          const acc_t s = bs[c], b = bb[c];
-          for (int64_t k = 0; k < L; ++k) {
-            const acc_t xv = static_cast<acc_t>(xr[k]);
-            gr[k] = static_cast<scalar_t>(affine_one(xv, sc, al, hi, lo) +
-                                          bn_grad_one(xv, static_cast<acc_t>(gyr[k]), s, b, relu));
-          }
-        } else if (L <= kShortRow) {  // inline for short rows (no call per row)
-          for (int64_t k = 0; k < L; ++k) {
-            gr[k] = static_cast<scalar_t>(affine_one(static_cast<acc_t>(xr[k]), sc, al, hi, lo));
+          for (int64_t k = 0; k < run; ++k) {
+            const int64_t i = i0 + k, c = c0 + k, o = k * L;
+            const acc_t sc = scale[i], al = alpha[i], hi = mhi[i], lo = mlo[i], s = bs[c], b = bb[c];
+            for (int64_t e = 0; e < L; ++e) {
+              const acc_t xv = static_cast<acc_t>(xr[o + e]);
+              gr[o + e] = static_cast<scalar_t>(affine_one(xv, sc, al, hi, lo) +
+                                                bn_grad_one(xv, static_cast<acc_t>(pgy[r * L + o + e]), s, b, relu));
+            }
           }
         } else {
-          grad_row<scalar_t>(xr, gr, L, sc, al, hi, lo, tmp.data());
+          grad_rows<scalar_t>(xr, gr, L, run, scale.data() + i0, alpha.data() + i0, mhi.data() + i0, mlo.data() + i0,
+                              tmp.data());
         }
-        ++c;
+        r += run;
       }
     });
   });

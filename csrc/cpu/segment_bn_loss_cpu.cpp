@@ -2,13 +2,12 @@
 //
 // Forward, one pass over x from memory, no per-row buffer:
 //   tasks (segment, 16 channels) in parallel; each walks the segment's rows
-//   (counting sort by segment id) and reduces row (n, c) to its exact mean and
-//   M2 with two sweeps while it sits in cache (sums of x - shift in SIMD lanes
-//   of float (double for float64 x), folded into double every kChunk elements;
-//   the first sweep shifts by the row's first value, a second sweep by the
-//   first sweep's mean runs only when the shift was far from the mean), then
-//   merges it into the float64 state of (s, c) with Chan's formula, so large
-//   means do not cancel. Then per segment the variance and the loss.
+//   (counting sort by segment id) and reduces rows (n, c0..c0+15) to their exact
+//   mean and M2 with the row-moment kernels classwise_moments uses
+//   (row_moments.h: per-ISA, a two-pass around each L1-resident chunk's mean,
+//   short rows a vector of rows at a time), then merges them into the float64
+//   state of (s, c) with Chan's formula, so large means do not cancel. Then per
+//   segment the variance and the loss.
 // The backward is in segment_bn_loss_bwd_cpu.cpp, the per-ISA loops in segment_bn_kernels.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,72 +18,15 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/row_moments.h"
 #include "cpu/segment_bn_loss_cpu.h"
 
 namespace lpqld::sbl_cpu {
 
-// Exact mean and M2 (sum of squared deviations) of the row p[0, L), L >= 1.
-template <typename scalar_t>
-inline void row_moments(const scalar_t* p, int64_t L, typename AccType<scalar_t>::type* tmp, double& mean,
-                        double& m2) {
-  using acc_t = typename AccType<scalar_t>::type;
-  if (L == 1) {
-    mean = static_cast<double>(p[0]);
-    m2 = 0.0;
-    return;
-  }
-  if (L <= kShortRow) {
-    // short rows (e.g. 7x7, 8x8 maps): exact two-pass in registers, inline. Values are
-    // shifted by p[0] first, so the float sums see deviations, not the (large) mean.
-    acc_t d[kShortRow];
-    const acc_t p0 = static_cast<acc_t>(p[0]);
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < L; ++i) {
-      d[i] = static_cast<acc_t>(p[i]) - p0;
-      s += d[i];
-    }
-    const acc_t m = s / static_cast<acc_t>(L);
-    acc_t e = 0, q = 0;
-#pragma omp simd reduction(+ : e, q)
-    for (int64_t i = 0; i < L; ++i) {
-      const acc_t t = d[i] - m;
-      e += t;
-      q += t * t;
-    }
-    const double de = static_cast<double>(e);
-    mean = static_cast<double>(p0) + static_cast<double>(m) + de / static_cast<double>(L);
-    m2 = std::max(static_cast<double>(q) - de * de / static_cast<double>(L), 0.0);
-    return;
-  }
-  const double inv_l = 1.0 / static_cast<double>(L);
-  double shift = static_cast<double>(static_cast<acc_t>(p[0]));
-  double s1 = 0.0, s2 = 0.0;
-  for (int sweep = 0; sweep < 2; ++sweep) {
-    s1 = 0.0;
-    s2 = 0.0;
-    const acc_t sh = static_cast<acc_t>(shift);
-    shift = static_cast<double>(sh);
-    for (int64_t start = 0; start < L; start += kChunk) {
-      const int64_t n = std::min(kChunk, L - start);
-      shifted_sums(chunk_as_acc<scalar_t, acc_t>(p, start, n, tmp), n, sh, s1, s2);
-    }
-    if (sweep == 0) {
-      const double m1 = shift + s1 * inv_l;
-      // The first sweep is exact enough when the shift lies within ~1.5 std of the mean.
-      const double m2_1 = s2 - s1 * s1 * inv_l;
-      if ((s1 * inv_l) * (s1 * inv_l) <= 2.0 * std::max(m2_1, 0.0) * inv_l) break;
-      shift = m1;
-    }
-  }
-  mean = shift + s1 * inv_l;
-  m2 = std::max(s2 - s1 * s1 * inv_l, 0.0);
-}
-
 // Channels-last forward: per-(sample, channel) exact mean / M2 of the [L, nc] tile p (row stride ldc), the
 // channels in SIMD lanes. Sums of x - shift[c] in float (double for float64 x) over at most kNlcFold rows,
-// then folded into double; like row_moments, the first sweep shifts by `guess` (else the tile's first row) and
-// a second sweep by the first sweep's mean runs when that shift was far from the mean of any channel.
+// then folded into double; the first sweep shifts by `guess` (else the tile's first row) and a second sweep
+// by the first sweep's mean runs when that shift was far from the mean of any channel.
 constexpr int64_t kNlcBlock = 64;  // channels per channels-last task (nlc_sums64_*: register-resident sums)
 constexpr int64_t kNlcFold = 16;   // rows per float partial sum
 
@@ -192,7 +134,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> segment_bn_loss_fwd_cpu(const Tensor&
   const int64_t work_per_task = std::max<int64_t>(1, (N / S) * std::min(C, kChannelBlock) * L);
   const bool nlc = is_nlc(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segment_bn_loss_fwd_cpu", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     if (nlc) {
       const int64_t n_blk = (C + kNlcBlock - 1) / kNlcBlock;
@@ -221,22 +162,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> segment_bn_loss_fwd_cpu(const Tensor&
       return;
     }
     at::parallel_for(0, S * n_cb, std::max<int64_t>(1, 32768 / work_per_task), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> tmp(kDirect<scalar_t> ? 0 : kChunk);
+      double rm[kChannelBlock], r2[kChannelBlock];
       for (int64_t t = begin; t < end; ++t) {
         const int64_t s = t / n_cb;
-        const int64_t c0 = (t % n_cb) * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
-        double* ms = pm + s * C;
-        double* vs = pv + s * C;  // M2 until finalised below
+        const int64_t c0 = (t % n_cb) * kChannelBlock, nc = std::min(C, c0 + kChannelBlock) - c0;
+        double* ms = pm + s * C + c0;
+        double* vs = pv + s * C + c0;  // M2 until finalised below
         for (int64_t j = offsets[s]; j < offsets[s + 1]; ++j) {
           const double i = static_cast<double>(j - offsets[s]);  // rows merged so far
           const double w_new = 1.0 / (i + 1.0), w_cross = dl * i * w_new;
-          const scalar_t* xr = px + (order[j] * C + c0) * L;
-          for (int64_t c = c0; c < c1; ++c, xr += L) {
-            double rm, r2;
-            row_moments<scalar_t>(xr, L, tmp.data(), rm, r2);
-            const double delta = rm - ms[c];
+          // the nc rows (order[j], c0 + c): exact per-row mean and M2, short rows a vector of rows at a time
+          rowk::rows<scalar_t>(px + (order[j] * C + c0) * L, L, 0, nc, rm, r2);
+          for (int64_t c = 0; c < nc; ++c) {
+            const double delta = rm[c] - ms[c];
             ms[c] += delta * w_new;
-            vs[c] += r2 + delta * delta * w_cross;
+            vs[c] += r2[c] + delta * delta * w_cross;
           }
         }
       }

@@ -16,7 +16,6 @@ namespace lpqld::sbl_cpu {
 using at::Tensor;
 
 constexpr int64_t kChannelBlock = 16;  // channels per forward task
-constexpr int64_t kShortRow = 64;      // rows up to this length take the inline path
 
 template <typename scalar_t>
 using AccType = OpMath<scalar_t>;

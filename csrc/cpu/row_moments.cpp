@@ -1,10 +1,10 @@
-// The entry points of the classwise_moments row kernels (classwise_moments_rows.h), one version per ISA
+// The entry points of the row-moment kernels (row_moments.h), one version per ISA
 // level where GCC supports it.
-#include "cpu/classwise_moments_rows.h"
+#include "cpu/row_moments.h"
 
 #include <cstdint>
 
-namespace lpqld::cwm_cpu::rowk {
+namespace lpqld::rowk {
 
 // Non-inline entry points. On x86-64 Linux: one version per ISA level, each
 // with the vector width of its registers (AVX-512: 64 bytes, AVX2: 32, baseline
@@ -49,4 +49,4 @@ LPQLD_ROWS(rows_bf16, In::BF16, uint16_t)
 #undef LPQLD_ROWS
 #undef LPQLD_ROWS_VERSION
 
-}  // namespace lpqld::cwm_cpu::rowk
+}  // namespace lpqld::rowk

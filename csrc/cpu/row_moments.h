@@ -1,6 +1,6 @@
-// The row-moment kernels of the classwise_moments CPU kernel (phase 1: each row of L values to its mean
-// and M2 in double), written once over a vector width; classwise_moments_rows.cpp instantiates them per ISA
-// level behind the entry points declared at the end.
+// The row-moment kernels shared by the classwise_moments and segment_bn_loss CPU forwards: each row of L
+// values to its mean and M2 in double, written once over a vector width; row_moments.cpp instantiates them
+// per ISA level behind the entry points declared at the end.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -31,9 +31,7 @@
 #define LPQLD_MULTIVERSION 0
 #endif
 
-namespace lpqld::cwm_cpu {
-
-namespace rowk {
+namespace lpqld::rowk {
 constexpr int64_t kChunk = 1024;  // elements per L1-resident chunk
 
 // Generic vectors of B bytes (64: AVX-512, 32: AVX2, 16: SSE2 / NEON).
@@ -444,11 +442,30 @@ LPQLD_AI void rows_moments(const typename Traits<I, B>::S* __restrict__ x, int64
 }
 
 // Phase 1 over rows [r0, r1) of x [rows, L]: rm[r], rm2[r] = mean and M2 of row r. One entry per input
-// type (classwise_moments_rows.cpp); float16 / bfloat16 as their bits.
+// type (row_moments.cpp); float16 / bfloat16 as their bits.
 void rows_f32(const float* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2);
 void rows_f64(const double* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2);
 void rows_f16(const uint16_t* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2);
 void rows_bf16(const uint16_t* x, int64_t L, int64_t r0, int64_t r1, double* rm, double* rm2);
-}  // namespace rowk
 
-}  // namespace lpqld::cwm_cpu
+template <typename scalar_t> struct InOf;
+template <> struct InOf<float> { static constexpr In value = In::F32; };
+template <> struct InOf<double> { static constexpr In value = In::F64; };
+template <> struct InOf<c10::Half> { static constexpr In value = In::F16; };
+template <> struct InOf<c10::BFloat16> { static constexpr In value = In::BF16; };
+
+// The entry point for an ATen scalar type.
+template <typename scalar_t>
+inline void rows(const scalar_t* x, int64_t length, int64_t r0, int64_t r1, double* rm, double* rm2) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    rows_f32(x, length, r0, r1, rm, rm2);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    rows_f64(x, length, r0, r1, rm, rm2);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    rows_f16(reinterpret_cast<const uint16_t*>(x), length, r0, r1, rm, rm2);
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::BFloat16>);
+    rows_bf16(reinterpret_cast<const uint16_t*>(x), length, r0, r1, rm, rm2);
+  }
+}
+}  // namespace lpqld::rowk
