@@ -7,13 +7,15 @@ metadata via JSON.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import io
 import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +121,89 @@ def sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+class FolderInUse(BlockingIOError):
+    """Another process is writing a stage into the same folder."""
+
+
+_HELD: dict[str, int] = {}  # lock key -> nesting depth, for the locks this process holds
+
+
+def folder_lock_path(folder: str | os.PathLike) -> Path:
+    """The lock file of ``folder_lock(folder)``: in this user's directory of the temp directory, named by a
+    hash of the folder's real path."""
+    key = hashlib.sha1(os.path.realpath(folder).encode()).hexdigest()[:20]
+    return Path(tempfile.gettempdir()) / f"lpqld-locks-{os.getuid()}" / f"{key}.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, stage: str, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` while ``stage`` writes into it.
+
+    Two processes given the same folder (two terminals, a script and a CLI call) would both write its files; the
+    second now fails at once with ``FolderInUse`` naming the holder. The lock is a ``flock`` on a file in the
+    temp directory keyed by the folder's real path, so nothing is written into the folder (a refused command
+    leaves it as it was) and a killed holder releases it with its process. It guards one machine and one user:
+    under torchrun only rank 0 takes it (``enabled``). Re-entrant within a process. Where no lock can be taken
+    (no fcntl, a read-only temp directory) the stage runs unguarded, with a warning.
+    """
+    if not enabled:
+        yield
+        return
+    path = folder_lock_path(folder)
+    key = path.stem
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    fd = None
+    try:
+        import fcntl
+
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise FolderInUse(f"{folder} is in use: {holder} is writing into it; wait for it to finish or give "
+                          "another output folder") from None
+    except (ImportError, OSError) as e:
+        if fd is not None:
+            os.close(fd)
+        fd = None
+        warnings.warn(f"folder_lock: cannot lock {path} ({e}); {folder} is not guarded against a second process",
+                      RuntimeWarning, stacklevel=3)
+    if fd is None:
+        yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"lpqld {stage} (pid {os.getpid()})".encode(), 0)
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def locks_folder(arg: str, stage: str, when: Callable[[dict[str, Any]], bool] | None = None) -> Callable:
+    """Decorator: the function runs under ``folder_lock`` of its argument ``arg``; ``when(arguments)`` (the
+    bound call's arguments by name) says whether this call takes the lock (e.g. only on rank 0)."""
+    def deco(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs).arguments
+            with folder_lock(bound[arg], stage, enabled=True if when is None else when(bound)):
+                return fn(*args, **kwargs)
+        return wrapper
+    return deco

@@ -48,7 +48,7 @@ from lpqld_fast.augment import sample_flips, sample_rrc_boxes
 from lpqld_fast.bn_stats import bn_layers, load_bn_stats
 from lpqld_fast.data import dataset_info, get_dataset, require_in_memory
 from lpqld_fast.image_set import Unit, finalize_recover, random_class_pick
-from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
+from lpqld_fast.io_utils import atomic_write_json, load_tensors, locks_folder, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
 from lpqld_fast.ops import batched_roll, crop_resize_flip
 from lpqld_fast.runtime import compile_step, mem_available_bytes
@@ -362,6 +362,7 @@ def units_per_pass(teacher: nn.Module, image_shape: tuple[int, int, int], unit_s
     return max(1, int(free * budget_fraction) // max(per_image * unit_size, 1))
 
 
+@locks_folder("out", "recover", when=lambda a: distributed.is_main())
 def run_recover(
     config: dict[str, Any],
     squeeze_dir: str | Path,

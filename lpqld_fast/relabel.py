@@ -39,7 +39,7 @@ from lpqld_fast import distributed
 from lpqld_fast.augment import AugParams, replay_batch, sample_aug_params
 from lpqld_fast.config import check_section, defaults, result_diff
 from lpqld_fast.seeding import hashed_seed, stream
-from lpqld_fast.io_utils import read_json
+from lpqld_fast.io_utils import locks_folder, read_json
 from lpqld_fast.store.layout import MANIFEST, component_specs, encode_slot
 from lpqld_fast.store.manifest import label_store_manifest
 from lpqld_fast.store.quantize import EncodedLabels, check_encoding, encode_labels_unchecked, stored_k
@@ -250,6 +250,7 @@ def _write_slots(writer: StoreWriter, slots: Sequence[int], kept: np.ndarray,
         writer.write_slot(slot, encode_slot(writer.manifest, specs, aug, enc))
 
 
+@locks_folder("out_dir", "relabel", when=lambda a: a.get("slot_range") is None and distributed.is_main())
 def run_relabel(
     images_uint8: torch.Tensor,
     image_labels: torch.Tensor,
@@ -345,6 +346,7 @@ def run_relabel(
                            verify="size")
 
 
+@locks_folder("out_dir", "relabel", when=lambda a: distributed.is_main())
 def run_relabel_sharded(*args: Any, out_dir: str | os.PathLike, progress: bool = True, **kwargs: Any):
     """:func:`run_relabel` with the store slots split over ranks, one store.
 

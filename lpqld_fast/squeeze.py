@@ -32,7 +32,7 @@ from lpqld_fast.data.transforms import normalize, random_crop_flip
 from lpqld_fast.ddp import ddp_model
 from lpqld_fast.engine import batch_indices, build_optimizer, to_float_images, warmup_cosine
 from lpqld_fast.evaluation import evaluate_dataset
-from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
+from lpqld_fast.io_utils import atomic_write_json, load_tensors, locks_folder, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
 from lpqld_fast.runtime import compile_step
 from lpqld_fast.seeding import hashed_seed, seed_everything, squeeze_stats_order, stream, teacher_member
@@ -335,6 +335,7 @@ def _check_rerun(out: Path, config: dict[str, Any], cfg: dict[str, Any], seed: i
         schema.refuse_rerun(out, diffs)
 
 
+@locks_folder("out", "squeeze", when=lambda a: distributed.is_main())
 def run_squeeze(config: dict[str, Any], out: str | Path, seed: int = 0, device: str = "cpu",
                 checkpoint: str | None = None, data_root: str | None = None) -> dict[str, Any]:
     """Teacher (trained, resumed or loaded) + class-wise BN statistics into ``out``."""

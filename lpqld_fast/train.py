@@ -39,7 +39,7 @@ from lpqld_fast.ema import WeightEMA
 from lpqld_fast.engine import build_optimizer, warmup_cosine
 from lpqld_fast.evaluation import evaluate_dataset
 from lpqld_fast.image_set import load_recovered
-from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors
+from lpqld_fast.io_utils import atomic_write_json, load_tensors, locks_folder, read_json, save_tensors
 from lpqld_fast.label_pool import epoch_batch_ids, temperature_at
 from lpqld_fast.models import get_model
 from lpqld_fast.ops import calibrate_student_temperature, soft_label_kl
@@ -327,6 +327,7 @@ def evaluate_epoch(model: nn.Module, entry: dict[str, Any], calib: list[CalibBat
     return ev
 
 
+@locks_folder("out", "train", when=lambda a: distributed.is_main())
 def run_train(
     config: dict[str, Any],
     recover_dir: str | Path,

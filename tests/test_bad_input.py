@@ -447,6 +447,24 @@ def _prep_none(run: Path, tmp: Path) -> list[str]:
     return []
 
 
+_HELD_LOCKS: list[int] = []  # descriptors holding a folder's lock for the rest of the session
+
+
+def _prep_train_in_use(run: Path, tmp: Path) -> list[str]:
+    """run/train's lock held as another `lpqld train` process holds it (a second descriptor: flock refuses it
+    even within this process)."""
+    import fcntl
+
+    path = io_utils.folder_lock_path(run / "train")
+    path.parent.mkdir(exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, b"lpqld train (pid 4242)", 0)
+    _HELD_LOCKS.append(fd)
+    return ["--set", "train.epochs=4"]  # work left to do: without the lock it would train on
+
+
 CLI_CASES = [
     # squeeze
     ("squeeze-missing-dataset", ALL_STAGES, lambda r, t: ["--dataset", "fmnist-real", "--data-root", str(t / "nowhere")],
@@ -556,6 +574,9 @@ CLI_CASES = [
      r"^lpqld train: error: train.epochs must be a positive int, got 0$"),
     ("train-lr-not-a-number", ("train",), lambda r, t: ["--set", "train.lr=abc"], "train",
      r"^lpqld train: error: train.lr must be a number >= 0, got 'abc'$"),
+    ("train-folder-in-use", (), _prep_train_in_use, "train",
+     r"^lpqld train: error: .*/train is in use: lpqld train \(pid 4242\) is writing into it; wait for it to finish "
+     r"or give another output folder$"),
     ("train-store-values-corrupt", ("train",), "store-values-flipped", "train",
      r"^lpqld train: error: label store file .*label_values\.bin is corrupt: sha256 differs from the manifest$"),
     ("train-store-indices-corrupt", ("train",), "store-indices-flipped", "train",
@@ -656,6 +677,8 @@ CLI_DOC: dict[str, tuple[str, str]] = {
                                    "nothing written: every file is hashed before the first step"),
     "train-store-indices-corrupt": ("3 bytes flipped in label_indices.bin", ""),
     "train-changed-setting": ("`train.lr=0.01` on a finished run", ""),
+    "train-folder-in-use": ("a second `lpqld train` on a folder another one is writing",
+                            "any stage, or a script calling the stage functions; one machine"),
     "train-epochs-lowered": ("`train.epochs=2` on a run finished at 3", "raising it trains on from the last epoch"),
     "squeeze-changed-setting": ("`squeeze.lr=0.2` on a trained teacher",
                                 "statistics settings may change: the statistics are recomputed"),
