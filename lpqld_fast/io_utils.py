@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -128,6 +129,9 @@ class FolderInUse(BlockingIOError):
 
 
 _HELD: dict[str, int] = {}  # lock key -> nesting depth, for the locks this process holds
+# How long a stage waits for a folder's lock before refusing: a writer holds it for minutes, a finished stage's
+# "done already" check for well under a second (two jobs starting together on a shared squeeze folder).
+LOCK_PATIENCE_S = 5.0
 
 
 def folder_lock_path(folder: str | os.PathLike) -> Path:
@@ -142,7 +146,7 @@ def folder_lock(folder: str | os.PathLike, stage: str, enabled: bool = True) -> 
     """Hold an exclusive lock on ``folder`` while ``stage`` writes into it.
 
     Two processes given the same folder (two terminals, a script and a CLI call) would both write its files; the
-    second now fails at once with ``FolderInUse`` naming the holder. The lock is a ``flock`` on a file in the
+    second now fails (after ``LOCK_PATIENCE_S``) with ``FolderInUse`` naming the holder. The lock is a ``flock`` on a file in the
     temp directory keyed by the folder's real path, so nothing is written into the folder (a refused command
     leaves it as it was) and a killed holder releases it with its process. It guards one machine and one user:
     under torchrun only rank 0 takes it (``enabled``). Re-entrant within a process. Where no lock can be taken
@@ -166,7 +170,15 @@ def folder_lock(folder: str | os.PathLike, stage: str, enabled: bool = True) -> 
 
         path.parent.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        deadline = time.monotonic() + LOCK_PATIENCE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import lpqld_fast.io_utils as io_utils
 from lpqld_fast.io_utils import FolderInUse, folder_lock, folder_lock_path, locks_folder
 from lpqld_fast.recover import run_recover
 from lpqld_fast.relabel import run_relabel
@@ -22,6 +23,11 @@ with folder_lock(sys.argv[1], "recover"):
     print("held", flush=True)
     sys.stdin.read()  # until the test closes stdin or kills us
 """
+
+
+@pytest.fixture(autouse=True)
+def no_patience(monkeypatch):
+    monkeypatch.setattr(io_utils, "LOCK_PATIENCE_S", 0.0)
 
 
 @pytest.fixture
@@ -97,3 +103,17 @@ def test_when_decides_per_call(held) -> None:
     with pytest.raises(FolderInUse):
         writer(folder)
     assert seen == [range(2)]
+
+
+def test_waits_out_a_short_hold(tmp_path: Path, monkeypatch) -> None:
+    # a finished stage's "done already" check holds the lock briefly: a second job starting then waits for it
+    monkeypatch.setattr(io_utils, "LOCK_PATIENCE_S", 10.0)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER.replace("sys.stdin.read()", "import time; time.sleep(1)"),
+                             str(tmp_path / "f")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with folder_lock(tmp_path / "f", "train"):
+            assert proc.poll() is not None or proc.wait(5) == 0
+    finally:
+        proc.kill()
+        proc.wait()
