@@ -45,6 +45,17 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} +- {sd:.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
+def _short_commit(commit: str | None) -> str:
+    """7 hex digits, keeping the mark of a run started from a checkout with uncommitted changes."""
+    if not commit:
+        return "?"
+    return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
+def _machine(m: dict) -> str:
+    return f"{m['cpu']} ({m['cpu_capability']})" if m.get("cpu_capability") else m["cpu"]
+
+
 def aggregate(records: list[dict]) -> list[dict]:
     """One row per (IPC, row name): means over its seeds, in a stable order."""
     groups: dict[tuple[int, str], list[dict]] = {}
@@ -53,14 +64,14 @@ def aggregate(records: list[dict]) -> list[dict]:
     rows = []
     for (ipc, name), rs in groups.items():
         rs.sort(key=lambda r: r["seed"])
-        commits = sorted({(r["record"].get("commit") or "?")[:7] for r in rs})
-        cpus = sorted({r["record"]["machine"]["cpu"] for r in rs})
+        commits = sorted({_short_commit(r["record"].get("commit")) for r in rs})
+        cpus = sorted({_machine(r["record"]["machine"]) for r in rs})
         rows.append({"ipc": ipc, "name": name, "group": rs[0]["group"], "factor": rs[0]["factor"], "runs": rs,
                      "seeds": [r["seed"] for r in rs], "selected": [r["selected_acc"] for r in rs],
                      "last": [r["last_acc"] for r in rs], "best": [r["best_acc"] for r in rs],
                      "total_bytes": rs[0]["total_bytes"], "label_compression": rs[0]["label_compression"],
                      "minutes": statistics.mean(r["row_seconds"] for r in rs) / 60, "commits": commits,
-                     "cpus": cpus})
+                     "cpus": cpus, "teachers": sorted({f"{r['teacher_test_acc']:.2f}" for r in rs})})
     order = {g: i for i, g in enumerate(GROUP_ORDER)}
     rows.sort(key=lambda r: (r["ipc"], order.get(r["group"], len(order)), r["factor"], r["name"]))
     return rows
@@ -68,12 +79,13 @@ def aggregate(records: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| IPC | row | labels | total storage | **selected top-1 %** (mean +- std) | last % | "
-             "best-of-test % | seeds | min/row | commit |",
-             "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+             "best-of-test % | seeds | teacher % | min/row | commit |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|"]
     for r in rows:
         lines.append(f"| {r['ipc']} | {r['name']} | x{r['label_compression']:.1f} | {r['total_bytes'] / 1024:.1f} KiB "
                      f"| **{_mean_sd(r['selected'])}** | {_mean_sd(r['last'])} | {_mean_sd(r['best'])} | "
-                     f"{','.join(map(str, r['seeds']))} | {r['minutes']:.1f} | {', '.join(r['commits'])} |")
+                     f"{','.join(map(str, r['seeds']))} | {', '.join(r['teachers'])} | {r['minutes']:.1f} | "
+                     f"{', '.join(r['commits'])} |")
     return "\n".join(lines)
 
 
