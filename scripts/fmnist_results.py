@@ -149,6 +149,25 @@ def lpqld_vs_lpld_rows(num_classes: int, n_images: int, lpld_train: dict, lpqld_
     ]
 
 
+TEACHER_DIR = ROOT / "docs" / "results" / "teacher"
+TEACHER_FILES = ("teacher.pt", "bn_stats.pt", "metrics.json", "config.json")
+
+
+def seed_squeeze(src: Path, squeeze_dir: Path) -> None:
+    """Copy a finished squeeze (teacher, statistics, their metrics and config) into an empty squeeze folder, so
+    run_squeeze finds it done: a teacher retrained on another CPU rounds differently (91.35% on an AVX2 host,
+    91.38% from the same recipe and seed on an AVX-512 one)."""
+    if (squeeze_dir / "teacher.pt").exists():
+        return
+    missing = [f for f in TEACHER_FILES if not (src / f).is_file()]
+    if missing:
+        raise SystemExit(f"--teacher-from {src}: missing {', '.join(missing)} (or pass --teacher-from none)")
+    squeeze_dir.mkdir(parents=True, exist_ok=True)
+    for name in TEACHER_FILES:
+        shutil.copy2(src / name, squeeze_dir / name)
+    print(f"squeeze: teacher and statistics from {src}")
+
+
 def ensemble_squeeze(cfg: dict, squeeze_dir: Path, out: Path) -> Path:
     """A squeeze folder holding the shared teacher (copied: the same weights and statistics, so the shared
     recoveries stay valid) and the ensemble members squeeze.teachers asks for, trained there once."""
@@ -191,6 +210,10 @@ def main() -> int:
     ap.add_argument("--name", action="append", default=[], help="exact row name (repeatable): only these rows")
     ap.add_argument("--set", action="append", default=[], help="preset override stage.key=value for every row")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
+    ap.add_argument("--teacher-from", default=str(TEACHER_DIR),
+                    help="a squeeze folder whose teacher and statistics every row uses (copied into ROOT/squeeze "
+                         "when that has none); 'none' trains one. Default: the teacher the records since the "
+                         "AVX-512 retrain were made with, so another machine reproduces them")
     args = ap.parse_args()
     from lpqld_fast.presets import apply_overrides
 
@@ -204,6 +227,8 @@ def main() -> int:
         return 0
     t0 = time.perf_counter()
     squeeze_dir = root / "squeeze"
+    if args.teacher_from != "none":
+        seed_squeeze(Path(args.teacher_from), squeeze_dir)
     run_squeeze(base, squeeze_dir, seed=0)
     records = Path(args.records)
     command = " ".join([Path(sys.executable).name, *sys.argv])
