@@ -411,3 +411,21 @@ def test_channels_last_gradient_keeps_the_layout(backend: str, dtype: torch.dtyp
         assert xc.grad.is_contiguous(memory_format=torch.channels_last)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(xc.grad.float(), xr.grad.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif("cpp" not in CPU_ALL, reason="native extension not built")
+@pytest.mark.parametrize("shape", [(40, 24, 7, 7), (6, 20, 40, 40)])
+def test_threads_split_samples_same_bits(shape: tuple[int, ...]) -> None:
+    # 4 threads: the backward's row ranges start and end inside a sample (runs of channels), the forward's
+    # tasks are (segment, channel block): both must give the 1-thread bits
+    x, seg, tm, tv, w = _make(shape, 3, mean=2.0)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = _loss_and_grad(x, seg, tm, tv, w, "cpp")
+        torch.set_num_threads(4)
+        got = _loss_and_grad(x, seg, tm, tv, w, "cpp")
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    _compare(x, seg, tm, tv, w, "cpp")
