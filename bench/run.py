@@ -175,6 +175,7 @@ def _main(args: argparse.Namespace, profile: str, argv: list[str] | None) -> int
             "loadavg_start": load_start,
             "loadavg_end": list(os.getloadavg()),
             "cpus": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the ISA level ATen's kernels use
             "threads": torch.get_num_threads(),
             "allocator": tune_cpu_allocator(),
             "git_commit": git_commit(),

@@ -1,4 +1,5 @@
-"""Generate README's Performance table from the committed benchmark result files (never typed by hand).
+"""Generate README's Performance table and docs/PERFORMANCE.md's tables against torch.compile from the committed
+benchmark result files (never typed by hand).
 
 Sources: the full run in bench/results/ (results.csv + run_meta.json) and the single-kernel runs kept under
 docs/results/ (results.md files written by ``bench.run``, which name their command, commit and bandwidth).
@@ -11,8 +12,8 @@ kernels' rows, whose stored ``frac_read_bw`` then refers to a bandwidth that is 
 those rows the table prints "n/a" and the time against the same-run floor (read / write pass of the same
 tensors), which needs no bandwidth figure.
 
-    .venv/bin/python scripts/perf_tables.py            # rewrite the block in README.md
-    .venv/bin/python scripts/perf_tables.py --check    # exit 1 if README.md's block is out of date
+    .venv/bin/python scripts/perf_tables.py            # rewrite the blocks in README.md and docs/PERFORMANCE.md
+    .venv/bin/python scripts/perf_tables.py --check    # exit 1 if a block is out of date
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from bench.common import latest_rows, read_rows, read_runs  # noqa: E402
 from lpqld_fast.io_utils import atomic_write_bytes  # noqa: E402
 
 MARK = "perf:readme"
+VERSUS_MARK = "perf:compiled"
+PERF_DOC = "docs/PERFORMANCE.md"
 CSV = "bench/results"  # results.csv + run_meta.json
 CRF_MD = "docs/results/bench_cpu_epyc_crop_resize_flip.md"
 SLKL_MD = "docs/results/bench_cpu_epyc_soft_label_kl.md"
@@ -135,6 +138,7 @@ class Run:
     cpus: int
     cpu: str
     read_bw: float | None  # best read GB/s of this run's own bandwidth row; None when that row is gone
+    isa: str = ""  # torch's CPU capability (AVX2, AVX512, ...) where the run recorded it
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,7 @@ def load_csv(results_dir: Path) -> list[Row]:
             continue
         key = (m["command"], m["finished"])
         run = Run(m["command"], m["git_commit"], int(m["threads"]), int(m["cpus"]), r["cpu"],
-                  bw.get(key))
+                  bw.get(key), m.get("cpu_capability", ""))
         rows.append(Row(r["kernel"], r["impl"], r["sizes"], float(r["p50_ms"]), float(r["gbps"]), run))
     return rows
 
@@ -303,11 +307,86 @@ def readme_table(root: Path = ROOT) -> str:
     return "\n".join(lines)
 
 
-def rewrite(text: str, table: str) -> str:
-    pattern = re.compile(rf"<!-- {MARK} -->.*?<!-- /{MARK} -->", re.S)
+@dataclass(frozen=True)
+class Versus:
+    """docs/PERFORMANCE.md "Against torch.compile": every size of a kernel, each impl's p50, and ``ours``
+    against the strongest of ``plain`` (eager or compiled)."""
+
+    kernel: str
+    impls: tuple[str, ...]  # the columns, in order (the ones a run lacks are left out)
+    plain: tuple[str, ...]
+    ours: tuple[str, ...]
+    floor: str | None = None
+
+
+VERSUS: tuple[Versus, ...] = (
+    Versus("soft_label_kl", ("reference-strategy", "torch-topk", "torch-topk-compiled", "cpp", "cpp-compiled",
+                             "copy-pass"), ("torch-topk", "torch-topk-compiled"), ("cpp", "cpp-compiled"),
+           "copy-pass"),
+    Versus("classwise_moments", ("reference-loop", "torch-index_add", "torch-index_add-compiled", "cpp",
+                                 "cpp-compiled", "read-pass"), ("torch-index_add", "torch-index_add-compiled"),
+           ("cpp", "cpp-compiled"), "read-pass"),
+    Versus("segment_bn_loss", ("torch-var_mean", "torch-index_add", "torch-index_add-compiled", "cpp",
+                               "cpp-compiled", "read+write-pass"), ("torch-index_add", "torch-index_add-compiled"),
+           ("cpp", "cpp-compiled"), "read+write-pass"),
+    Versus("crop_resize_flip", ("pil-loop", "torch-gather", "torch-grid_sample", "torch-grid_sample-compiled", "cpp",
+                                "cpp-compiled", "write-pass"),
+           ("torch-gather", "torch-grid_sample", "torch-grid_sample-compiled"), ("cpp", "cpp-compiled"),
+           "write-pass"),
+    Versus("crop_resize_flip_bwd", ("reference-loop", "torch-gather", "torch-grid_sample",
+                                    "torch-grid_sample-compiled", "cpp", "cpp-compiled"),
+           ("torch-gather", "torch-grid_sample", "torch-grid_sample-compiled"), ("cpp", "cpp-compiled")),
+    Versus("student_step", ("torch-dense-step", "torch-topk-step", "torch-topk-step-compiled", "ours-step",
+                            "ours-step-compiled", "model-step"),
+           ("torch-dense-step", "torch-topk-step", "torch-topk-step-compiled"), ("ours-step", "ours-step-compiled"),
+           "model-step"),
+)
+
+
+def _ms(v: float) -> str:
+    return f"{v:.3g} ms"
+
+
+def versus_table(v: Versus, rows: list[Row]) -> str | None:
+    mine = [r for r in rows if r.kernel == v.kernel]
+    if not mine:
+        return None
+    by_size: dict[str, dict[str, Row]] = {}
+    for r in mine:
+        by_size.setdefault(r.sizes, {})[r.impl] = r
+    cols = [i for i in v.impls if any(i in impls for impls in by_size.values())]
+    head = (["sizes", *cols, "strongest plain", *[f"{o} vs it" for o in v.ours if o in cols]]
+            + ([f"{v.floor} / {v.ours[0]}"] if v.floor in cols else []))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for sizes, impls in by_size.items():
+        plain = [impls[i] for i in v.plain if i in impls]
+        best = min(plain, key=lambda r: r.p50) if plain else None
+        cells = [f"`{sizes}`", *[_ms(impls[c].p50) if c in impls else "–" for c in cols],
+                 best.impl if best else "–"]
+        cells += [f"{best.p50 / impls[o].p50:.2f}x" if best and o in impls else "–" for o in v.ours if o in cols]
+        if v.floor in cols:
+            ours = impls.get(v.ours[0])
+            cells.append(f"{impls[v.floor].p50 / ours.p50:.0%}" if ours and v.floor in impls else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    runs = sorted({(r.run.command, r.run.commit, r.run.threads, r.run.cpu + (f" ({r.run.isa})" if r.run.isa else ""))
+                   for r in mine})
+    said = "; ".join(f"`{c}` at `{k}`, {t} thread{'s' * (t > 1)}, {cpu}" for c, k, t, cpu in runs)
+    return f"#### {v.kernel}\n\n{said}.\n\n" + "\n".join(lines)
+
+
+def versus_tables(root: Path = ROOT) -> str:
+    rows = load_csv(root / CSV)
+    parts = [t for v in VERSUS if (t := versus_table(v, rows)) is not None]
+    return ("Generated by `scripts/perf_tables.py` from `bench/results/` (p50 per call; \"vs it\" = the strongest "
+            "plain strategy, eager or compiled, over ours; the last column is the same-run floor over ours, the "
+            "fraction of the roofline reached).\n\n" + "\n\n".join(parts))
+
+
+def rewrite(text: str, table: str, mark: str = MARK, name: str = "README.md") -> str:
+    pattern = re.compile(rf"<!-- {mark} -->.*?<!-- /{mark} -->", re.S)
     if not pattern.search(text):
-        raise ValueError(f"README.md has no <!-- {MARK} --> ... <!-- /{MARK} --> block")
-    return pattern.sub(lambda _: f"<!-- {MARK} -->\n{table}\n<!-- /{MARK} -->", text)
+        raise ValueError(f"{name} has no <!-- {mark} --> ... <!-- /{mark} --> block")
+    return pattern.sub(lambda _: f"<!-- {mark} -->\n{table}\n<!-- /{mark} -->", text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,17 +395,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md's block differs from the results")
     args = ap.parse_args(argv)
     root = Path(args.root)
-    readme = root / "README.md"
-    old = readme.read_text(encoding="utf-8")
-    new = rewrite(old, readme_table(root))
+    targets = [(root / "README.md", MARK, readme_table)]
+    if (root / PERF_DOC).exists():
+        targets.append((root / PERF_DOC, VERSUS_MARK, versus_tables))
+    stale = []
+    for path, mark, make in targets:
+        old = path.read_text(encoding="utf-8")
+        new = rewrite(old, make(root), mark, path.name)
+        if new == old:
+            continue
+        stale.append(path.relative_to(root))
+        if not args.check:
+            atomic_write_bytes(path, new.encode())
     if args.check:
-        if new != old:
-            print("out of date: README.md Performance table (run scripts/perf_tables.py)")
-            return 1
-        return 0
-    if new != old:
-        atomic_write_bytes(readme, new.encode())
-    print("rewrote README.md" if new != old else "README.md is up to date")
+        for rel in stale:
+            print(f"out of date: {rel} (run scripts/perf_tables.py)")
+        return 1 if stale else 0
+    print(f"rewrote {', '.join(map(str, stale))}" if stale else "up to date")
     return 0
 
 

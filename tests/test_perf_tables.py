@@ -122,3 +122,18 @@ def test_check_reports_a_stale_block_and_rewrite_fixes_it(tmp_path, monkeypatch)
 
 def test_committed_readme_is_up_to_date() -> None:
     assert pt.main(["--check"]) == 0, "README's Performance table is stale: run scripts/perf_tables.py"
+
+
+def test_versus_table_states_ours_against_the_strongest_plain(tmp_path) -> None:
+    rows = pt.load_csv(_results_dir(tmp_path))
+    v = pt.Versus("moments", ("reference-loop", "torch-index_add", "cpp", "read-pass"), ("torch-index_add",),
+                  ("cpp",), "read-pass")
+    table = pt.versus_table(v, rows)
+    lines = table.splitlines()
+    assert lines[2].startswith("`python -m bench.run --out bench/results` at `aaaaaaa`, 2 threads, Test CPU")
+    assert lines[4] == ("| sizes | reference-loop | torch-index_add | cpp | read-pass | strongest plain | cpp vs it | "
+                        "read-pass / cpp |")
+    # K=10: index_add 0.8 ms over cpp 1.0 ms; read-pass 0.5 ms = 50% of cpp; K=20 has no floor row
+    assert lines[6] == "| `K=10` | 30 ms | 0.8 ms | 1 ms | 0.5 ms | torch-index_add | 0.80x | 50% |"
+    assert lines[7] == "| `K=20` | 10 ms | 2 ms | 1 ms | – | torch-index_add | 2.00x | – |"
+    assert pt.versus_table(pt.Versus("absent", ("cpp",), ("x",), ("cpp",)), rows) is None
