@@ -203,14 +203,16 @@ def _batch_aug(bid: int, shape: Sequence[int], cfg: dict[str, Any], seed: int, o
 @torch.no_grad()
 def batch_confidence(teacher: nn.Module, images_uint8: torch.Tensor, cfg: dict[str, Any], seed: int,
                      out_size: tuple[int, int], mean: Sequence[float], std: Sequence[float], device: torch.device,
-                     total: int, progress: bool = True) -> torch.Tensor:
+                     total: int, progress: bool = True, ids: Sequence[int] | None = None) -> torch.Tensor:
     """float64 [total]: per batch id, the mean over its rows of the teacher's max softmax probability on the
-    batch as it would be stored (relabel.keep scores)."""
+    batch as it would be stored (relabel.keep scores). ``ids``: score only these (the others are 0), as a rank
+    does for its share."""
     perms = EpochPermutations(images_uint8.shape[0], seed)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images_uint8.device)
     std_t = torch.tensor(std, dtype=torch.float32, device=images_uint8.device)
-    scores = torch.empty(total, dtype=torch.float64)
-    for bid in tqdm(range(total), desc="relabel: scoring every batch", unit="batch", disable=not progress):
+    scores = torch.zeros(total, dtype=torch.float64)
+    todo = range(total) if ids is None else ids
+    for bid in tqdm(todo, desc="relabel: scoring every batch", unit="batch", disable=not progress):
         aug = _batch_aug(bid, images_uint8.shape, cfg, seed, out_size, perms)
         x = replay_batch(images_uint8, aug.to(images_uint8.device), mean_t, std_t, validate=False)
         z = teacher(x.to(device)).float()
@@ -268,7 +270,9 @@ def run_relabel(
     slot_range: range | None = None,
     finalize: bool = True,
     commit_every: int = 16,
-) -> LabelStore | None:
+    kept_only: bool = False,
+    kept_ids: np.ndarray | None = None,
+) -> LabelStore | np.ndarray | None:
     """Generate the label store of the kept batches in ``out_dir`` (resuming a partial one).
 
     ``images_uint8`` [N, C, H, W] uint8 (the distilled or real image set),
@@ -279,6 +283,10 @@ def run_relabel(
     to the slots a rank owns (multi-writer); with ``finalize=False`` the store is left incomplete for another
     process to finalise and None is returned.
     Returns the opened :class:`LabelStore`.
+
+    For :func:`run_relabel_sharded`: ``kept_only=True`` checks everything, writes nothing and returns the kept
+    batch ids (under torchrun every rank must call it: scored pruning scores each rank's share of the batches
+    and all-reduces the scores); ``kept_ids`` hands those ids to the call that creates the store.
     """
     _check_inputs(images_uint8, image_labels, teacher, seed)
     n, c_img, h, w = images_uint8.shape
@@ -323,13 +331,21 @@ def run_relabel(
         # A store written before a setting existed holds that setting at its default: the same store.
         fresh = defaults("relabel")
         manifest["config"] = {k: v for k, v in manifest["config"].items() if k in old_cfg or v != fresh.get(k)}
-    if cfg["keep"] == "random" or k_slots == total:
+    if kept_ids is not None:
+        kept = kept_ids
+    elif cfg["keep"] == "random" or k_slots == total:
         kept = select_kept_batch_ids(total, k_slots, seed)
     else:  # scored once: a resumed (or finished) store of this run holds its ids
         kept = StoreWriter.stored_batch_ids(out_dir, manifest)
         if kept is None:
-            kept = select_scored_batch_ids(batch_confidence(teacher, images_uint8, cfg, seed, out_size, mean_l,
-                                                            std_l, device, total, progress), k_slots, cfg["keep"])
+            shared = kept_only and distributed.world_size() > 1  # every rank is here: split the scoring
+            scores = batch_confidence(teacher, images_uint8, cfg, seed, out_size, mean_l, std_l, device, total,
+                                      progress, ids=distributed.shard_range(total) if shared else None)
+            if shared:
+                scores = distributed.all_reduce_(scores)  # each id scored by one rank, 0 elsewhere
+            kept = select_scored_batch_ids(scores, k_slots, cfg["keep"])
+    if kept_only:
+        return kept
     writer = StoreWriter.create_or_resume(out_dir, manifest, kept, commit_every=commit_every)
     if writer is None:  # already complete
         return LabelStore.open(out_dir, expect_teacher_sha256=teacher_sha256, expect_images_sha256=images_sha256)
@@ -350,7 +366,8 @@ def run_relabel(
 def run_relabel_sharded(*args: Any, out_dir: str | os.PathLike, progress: bool = True, **kwargs: Any):
     """:func:`run_relabel` with the store slots split over ranks, one store.
 
-    Protocol (the writer's multi-writer contract): rank 0 creates the store (or
+    Protocol (the writer's multi-writer contract): every rank takes the kept batch ids (scored pruning: each
+    rank scores its share of the batches, the scores are all-reduced); rank 0 creates the store (or
     resumes / finds it complete) writing no slot; barrier; every rank writes its
     contiguous slot range (unfinished slots only, so a killed run resumes);
     barrier; rank 0 checksums and finalises; barrier; every rank opens the store.
@@ -361,8 +378,12 @@ def run_relabel_sharded(*args: Any, out_dir: str | os.PathLike, progress: bool =
     if distributed.world_size() == 1:
         return run_relabel(*args, out_dir=out_dir, progress=progress, **kwargs)
     done = None
+    # every rank: the kept ids (scored pruning scores its share); nothing is written yet
+    kept = run_relabel(*args, out_dir=out_dir, progress=progress and distributed.is_main(), kept_only=True,
+                       **kwargs)
     if distributed.is_main():
-        done = run_relabel(*args, out_dir=out_dir, progress=False, slot_range=range(0), finalize=False, **kwargs)
+        done = run_relabel(*args, out_dir=out_dir, progress=False, slot_range=range(0), finalize=False,
+                           kept_ids=kept, **kwargs)
     distributed.barrier()
     manifest = read_json(Path(out_dir) / "manifest.json", "label store manifest")
     if not manifest.get("complete"):

@@ -327,6 +327,22 @@ def test_relabel_store_byte_identical(runs) -> None:
         assert filecmp.cmp(a / name, b / name, shallow=False), name
 
 
+def test_scored_pruning_under_torchrun_equals_one_process(runs, tmp_path) -> None:
+    # relabel.keep=confident: each rank scores its share of the batches and the scores are all-reduced; the
+    # kept ids, and so the store, are those of one process scoring every batch
+    for name in ("one", "two"):
+        for stage in ("squeeze", "recover"):
+            shutil.copytree(runs[name] / stage, tmp_path / name / stage, symlinks=True)
+    args = [*TINY, "--set", "relabel.keep=confident"]
+    _run(torchrun_cmd(2, "relabel", "--out", str(tmp_path / "two"), *args), _env(runs["data"]))
+    _one_process(["relabel", "--out", str(tmp_path / "one"), *args], runs["data"])
+    a, b = tmp_path / "two" / "relabel", tmp_path / "one" / "relabel"
+    for name in sorted(p.name for p in b.iterdir()):
+        assert filecmp.cmp(a / name, b / name, shallow=False), name
+    random_ids = _json(runs["one"] / "relabel" / "manifest.json")
+    assert _json(b / "manifest.json")["config"]["keep"] == "confident" != random_ids["config"].get("keep", "random")
+
+
 def test_train_ddp_losses_equal_one_process(runs) -> None:
     m2 = _json(runs["two"] / "train" / "train_metrics.json")
     m1 = _json(runs["one"] / "train" / "train_metrics.json")
