@@ -13,12 +13,14 @@
 namespace lpqld {
 
 void check_classwise_moments_args(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count,
-                                  const at::Tensor& mean, const at::Tensor& m2) {
+                                  const at::Tensor& mean, const at::Tensor& m2, bool channels_last) {
   TORCH_CHECK_VALUE(x.dim() == 3, "classwise_moments_accumulate_: x must be [N, C, L], got ", x.sizes());
   const auto st = x.scalar_type();
   TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
                     "classwise_moments_accumulate_: x must be float32/float64/float16/bfloat16, got ", st);
-  TORCH_CHECK_VALUE(x.is_contiguous(), "classwise_moments_accumulate_: x must be contiguous");
+  TORCH_CHECK_VALUE(x.is_contiguous() || (channels_last && is_channels_last_ncl(x)),
+                    "classwise_moments_accumulate_: x must be contiguous",
+                    channels_last ? " or channels-last (strides (C*L, 1, C))" : "", ", got strides ", x.strides());
   TORCH_CHECK_VALUE(labels.dim() == 1 && labels.scalar_type() == at::kLong && labels.is_contiguous(),
                     "classwise_moments_accumulate_: labels must be a contiguous 1-D int64 tensor, got ",
                     labels.scalar_type(), " of shape ", labels.sizes());

@@ -135,7 +135,13 @@ at::Tensor mean_loss(const at::Tensor& loss_rows) {
     }
     return out;
   }
-  return loss_rows.mean();  // symbolic B under tracing
+  // A traced CPU loss (symbolic B): the same mean in double, so a compiled loss has the eager loss's float bits
+  // (a float32 mean rounds each partial sum, in an order that follows the vector width: 1 ulp apart on
+  // AVX-512). On a GPU eager and traced calls both take loss_rows.mean() (two more kernels would cost there).
+  if (loss_rows.is_cpu() && loss_rows.scalar_type() == at::kFloat) {
+    return loss_rows.to(at::kDouble).mean().to(at::kFloat);
+  }
+  return loss_rows.mean();
 }
 
 // grad_output == 1 on the CPU, read without a dispatched item() call.

@@ -10,9 +10,19 @@
 
 namespace lpqld {
 
-// classwise_moments_accumulate_: shapes, dtypes, contiguity and devices of x, labels and the state.
+// classwise_moments_accumulate_: shapes, dtypes, layout and devices of x, labels and the state. x must be
+// contiguous [N, C, L], or with channels_last also a channels-last activation viewed as [N, C, L] (strides
+// (C * L, 1, C), what the CPU kernel reads in place).
 void check_classwise_moments_args(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& count,
-                                  const at::Tensor& mean, const at::Tensor& m2);
+                                  const at::Tensor& mean, const at::Tensor& m2, bool channels_last = false);
+
+// x [N, C, L] stored as [N, L, C] (a channels-last activation viewed as [N, C, H * W]), not contiguous.
+inline bool is_channels_last_ncl(const at::Tensor& x) {
+  if (x.dim() != 3) return false;
+  const int64_t C = x.size(1), L = x.size(2);
+  return (C == 1 || x.stride(1) == 1) && (L == 1 || x.stride(2) == C) && (x.size(0) <= 1 || x.stride(0) == C * L) &&
+         !x.is_contiguous();
+}
 
 // soft_label_kl_fwd: the structural checks (mode, shapes, dtypes, devices); the data checks are the kernels'.
 void soft_label_kl_check_args(const at::Tensor& logits, const at::Tensor& values,

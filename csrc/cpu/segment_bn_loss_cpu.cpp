@@ -27,8 +27,7 @@ namespace lpqld::sbl_cpu {
 // channels in SIMD lanes. Sums of x - shift[c] in float (double for float64 x) over at most kNlcFold rows,
 // then folded into double; the first sweep shifts by `guess` (else the tile's first row) and a second sweep
 // by the first sweep's mean runs when that shift was far from the mean of any channel.
-constexpr int64_t kNlcBlock = 64;  // channels per channels-last task (nlc_sums64_*: register-resident sums)
-constexpr int64_t kNlcFold = 16;   // rows per float partial sum
+constexpr int64_t kNlcFold = 16;  // rows per float partial sum
 
 template <typename scalar_t>
 void nlc_tile_moments(const scalar_t* p, int64_t ldc, int64_t L, int64_t nc, const double* guess, double* mean,
@@ -82,6 +81,13 @@ void nlc_tile_moments(const scalar_t* p, int64_t ldc, int64_t L, int64_t nc, con
     for (int64_t c = 0; c < nc; ++c) shift[c] = static_cast<acc_t>(mean[c]);
   }
 }
+
+template void nlc_tile_moments<float>(const float*, int64_t, int64_t, int64_t, const double*, double*, double*);
+template void nlc_tile_moments<double>(const double*, int64_t, int64_t, int64_t, const double*, double*, double*);
+template void nlc_tile_moments<at::Half>(const at::Half*, int64_t, int64_t, int64_t, const double*, double*,
+                                         double*);
+template void nlc_tile_moments<at::BFloat16>(const at::BFloat16*, int64_t, int64_t, int64_t, const double*, double*,
+                                             double*);
 
 Layout check_common(const Tensor& x, const Tensor& seg, const Tensor& tm, const Tensor& tv) {
   TORCH_CHECK(x.dim() == 3, "segment_bn_loss: x must be [N, C, L], got ", x.sizes());

@@ -41,12 +41,15 @@ using Layout = SegmentBNLayout;
 // x [N, C, L] stored as [N, L, C] (a channels_last activation viewed as [N, C, H * W]): the CPU kernels
 // read it in place instead of taking a transposing copy (recover's NHWC teacher: two ~10 ms copies of
 // every 128 x 28 x 28 BN input per iteration, profiled).
-inline bool is_nlc(const Tensor& x) {
-  if (x.dim() != 3) return false;
-  const int64_t C = x.size(1), L = x.size(2);
-  return (C == 1 || x.stride(1) == 1) && (L == 1 || x.stride(2) == C) && (x.size(0) <= 1 || x.stride(0) == C * L) &&
-         !x.is_contiguous();
-}
+inline bool is_nlc(const Tensor& x) { return is_channels_last_ncl(x); }
+
+// Per-(sample, channel) exact mean and M2 of the channels-last [L, nc] tile p (row stride ldc, nc <=
+// kNlcBlock), the channels in SIMD lanes; `guess` (or null) is a shift near the means. Defined in
+// segment_bn_loss_cpu.cpp for float, double, Half and BFloat16; classwise_moments' channels-last path uses it.
+constexpr int64_t kNlcBlock = 64;  // channels per channels-last task (nlc_sums64_*: register-resident sums)
+template <typename scalar_t>
+void nlc_tile_moments(const scalar_t* p, int64_t ldc, int64_t L, int64_t nc, const double* guess, double* mean,
+                      double* m2);
 
 // x [N, C, L] contiguous or channels-last, then the shared checks (csrc/segment_bn_loss.cpp).
 Layout check_common(const Tensor& x, const Tensor& seg, const Tensor& tm, const Tensor& tv);

@@ -36,6 +36,13 @@ def _check_inputs(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> No
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
 
 
+def _channels_last_ncl(x3: torch.Tensor) -> bool:
+    """x3 [N, C, L] stored as [N, L, C] (a channels_last activation viewed as [N, C, H * W])."""
+    n, c, length = x3.shape
+    return ((c == 1 or x3.stride(1) == 1) and (length == 1 or x3.stride(2) == c)
+            and (n <= 1 or x3.stride(0) == c * length) and not x3.is_contiguous())
+
+
 def _run_accumulate(
     x3: torch.Tensor, labels: torch.Tensor, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, backend: str
 ) -> None:
@@ -84,7 +91,9 @@ def classwise_moments_accumulate_(
     if validate:
         V.check_index_range("labels", labels, num_classes)
     length = math.prod(x.shape[2:])  # explicit: reshape(..., -1) is ambiguous for empty x
-    x3 = x.detach().reshape(x.shape[0], channels, length).contiguous()  # statistics: no gradient
+    x3 = x.detach().reshape(x.shape[0], channels, length)  # statistics: no gradient; a view where strides allow
+    if not (name == "cpp" and _channels_last_ncl(x3)):  # the CPU kernel reads a channels-last view in place
+        x3 = x3.contiguous()
     labels = labels.to(torch.int64).contiguous()
     _run_accumulate(x3, labels, count, mean, m2, name)
 
