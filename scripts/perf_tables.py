@@ -123,10 +123,11 @@ RACE_MACHINE = "AMD EPYC, 2 cores"
 # Stated under the table: the result files record the CPU's model name only, and two different hosts report
 # "AMD EPYC".
 NOTES = (
-    "The `bench/results` rows of `classwise_moments`, `segment_bn_loss`, `soft_label_kl` and `crop_resize_flip` "
-    "(with the compiled rows) come from a `--quick --threads 1` run on an AMD EPYC *without* AVX-512 (family 25 "
-    "model 1, Zen 3: AVX2, 1 MiB L2 per core), shared with other jobs; the other rows come from the Zen 4 host "
-    "with AVX-512 (`docs/PERFORMANCE.md`). Compare ratios within a run, not across these hosts.",
+    "The `bench/results` rows of `classwise_moments`, `segment_bn_loss` and `crop_resize_flip` (`--quick`) and of "
+    "`soft_label_kl` and `student_step` (full sizes) come from 1-thread runs on the AMD EPYC Zen 4 host (AVX-512), "
+    "idle but for the benchmark; the other `bench/results` rows from the 2-thread full run on the same host. "
+    "Repeated runs on this virtual machine drifted by up to 2x in absolute time with the same ratios within a "
+    "run: compare ratios within a run.",
 )
 
 
