@@ -52,6 +52,11 @@ def _short_commit(commit: str | None) -> str:
     return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
+def _teacher(r: dict) -> str:
+    acc = r.get("teacher_test_acc")  # records made before the field existed: unknown
+    return "?" if acc is None else f"{acc:.2f}"
+
+
 def _machine(m: dict) -> str:
     return f"{m['cpu']} ({m['cpu_capability']})" if m.get("cpu_capability") else m["cpu"]
 
@@ -71,7 +76,7 @@ def aggregate(records: list[dict]) -> list[dict]:
                      "last": [r["last_acc"] for r in rs], "best": [r["best_acc"] for r in rs],
                      "total_bytes": rs[0]["total_bytes"], "label_compression": rs[0]["label_compression"],
                      "minutes": statistics.mean(r["row_seconds"] for r in rs) / 60, "commits": commits,
-                     "cpus": cpus, "teachers": sorted({f"{r['teacher_test_acc']:.2f}" for r in rs})})
+                     "cpus": cpus, "teachers": sorted({_teacher(r) for r in rs})})
     order = {g: i for i, g in enumerate(GROUP_ORDER)}
     rows.sort(key=lambda r: (r["ipc"], order.get(r["group"], len(order)), r["factor"], r["name"]))
     return rows

@@ -14,10 +14,12 @@ _SPEC.loader.exec_module(rt)
 
 
 def _record(tmp: Path, name: str, seed: int, selected: float, best: float, cpu: str = "CPU A",
-            group: str = "LPLD", factor: int = 40) -> None:
+            group: str = "LPLD", factor: int = 40, commit: str = "abcdef0123", teacher: float | None = 91.35) -> None:
     rec = {"name": name, "group": group, "ipc": 10, "seed": seed, "factor": factor, "selected_acc": selected,
            "last_acc": selected - 1, "best_acc": best, "total_bytes": 2048, "label_compression": 49.4,
-           "row_seconds": 120.0, "record": {"commit": "abcdef0123", "machine": {"cpu": cpu}}}
+           "row_seconds": 120.0, "record": {"commit": commit, "machine": {"cpu": cpu}}}
+    if teacher is not None:
+        rec["teacher_test_acc"] = teacher
     path = tmp / "ipc10" / name.replace(" ", "_") / f"seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec))
@@ -31,7 +33,18 @@ def test_rows_average_the_selected_accuracy_over_seeds(tmp_path) -> None:
     text = rt.table(rows)
     assert "**82.00 +- 2.00**" in text  # the headline is the validation-selected accuracy
     assert "82.83 +- 1.76" in text  # best-of-test beside it
-    assert "| 2.0 KiB |" in text and "abcdef0" in text
+    assert "| 2.0 KiB |" in text and "abcdef0" in text and "| 91.35 |" in text
+
+
+def test_rows_name_their_teachers_machines_and_dirty_commits(tmp_path) -> None:
+    _record(tmp_path, "LPLD x40", 0, 80.0, 81.0, commit="1234567abc+dirty", teacher=91.35)
+    _record(tmp_path, "LPLD x40", 1, 81.0, 81.0, cpu="CPU B", teacher=91.38)
+    _record(tmp_path, "LPLD x40", 2, 82.0, 82.0, teacher=None)  # a record from before the field
+    rows = rt.aggregate(rt.load_records(tmp_path))
+    text = rt.table(rows)
+    assert "| 91.35, 91.38, ? |" in text
+    assert "1234567+dirty, abcdef0" in text  # a run from uncommitted changes stays marked
+    assert rows[0]["cpus"] == ["CPU A", "CPU B"]
 
 
 def test_blocks_are_rewritten_between_markers_only(tmp_path) -> None:
