@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from collections.abc import Callable
 
 import torch
 
-from bench.bench_soft_label_kl import T, T_S, make_inputs, topk_kl_loss
+from bench.bench_soft_label_kl import T_S, T, make_inputs, topk_kl_loss
+from bench.common import percentile, time_callable
 from lpqld_fast.ops import soft_label_kl
 from lpqld_fast.runtime import tune_cpu_allocator
 
@@ -35,14 +35,7 @@ def group_of(name: str) -> str:
 
 
 def per_call_us(step: Callable[[], object], calls: int) -> float:
-    for _ in range(20):
-        step()
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[calls // 2] * 1e6
+    return percentile(time_callable(step, warmup=20, repeats=calls), 50) * 1e6
 
 
 def main() -> None:

@@ -11,25 +11,18 @@ not. A diagnosis, printed, not recorded.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 
-from bench.bench_soft_label_kl import T, T_S, make_inputs
+from bench.bench_soft_label_kl import T_S, T, make_inputs
+from bench.common import percentile, time_callable
 from lpqld_fast.ops import soft_label_kl
 from lpqld_fast.runtime import tune_cpu_allocator
 
 
 def p50_ms(fn: Callable[[], object], calls: int = 15) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[calls // 2] * 1e3
+    return percentile(time_callable(fn, warmup=3, repeats=calls), 50) * 1e3
 
 
 def main() -> None:
