@@ -210,6 +210,9 @@ def main() -> int:
     ap.add_argument("--name", action="append", default=[], help="exact row name (repeatable): only these rows")
     ap.add_argument("--set", action="append", default=[], help="preset override stage.key=value for every row")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
+    ap.add_argument("--tag", default=None,
+                    help="appended to every row name as ' [TAG]' (records, run folders, tables): rows made under "
+                         "another set-up than the records of the same name, e.g. with another teacher")
     ap.add_argument("--teacher-from", default=str(TEACHER_DIR),
                     help="a squeeze folder whose teacher and statistics every row uses (copied into ROOT/squeeze "
                          "when that has none); 'none' trains one. Default: the teacher the records since the "
@@ -241,6 +244,8 @@ def main() -> int:
             if unknown:
                 raise SystemExit(f"--name: no such row {unknown} in --rows {args.rows}")
             specs = [s for s in specs if s["name"] in args.name]
+        if args.tag:  # rows of another set-up (e.g. another teacher): named apart, so tables keep them apart
+            specs = [{**s, "name": f"{s['name']} [{args.tag}]"} for s in specs]
         for seed in args.seeds:
             for spec in specs:
                 path = records / f"ipc{ipc}" / row_slug(spec["name"]) / f"seed{seed}.json"

@@ -154,13 +154,14 @@ def plot(rows: list[dict], path: Path, ipc: int) -> None:
     from lpqld_fast.report import plot_accuracy_vs_storage
 
     def label(r: dict) -> str:
+        tag = r["name"][r["name"].index(" ["):] if " [" in r["name"] else ""  # fmnist_results.py --tag
         if r["group"] == "beyond the papers":
             return r["name"].split(" + ", 1)[-1]
-        return r["name"].split(" ")[-1] if "MR" in r["name"] else f"x{r['factor']}"
+        return (r["name"].split(" [")[0].split(" ")[-1] if "MR" in r["name"] else f"x{r['factor']}") + tag
 
     pts = [{"label": label(r), "total_bytes": r["total_bytes"], "acc": statistics.mean(r["selected"]),
             "std": statistics.stdev(r["selected"]) if len(r["selected"]) > 1 else 0.0, "group": r["group"],
-            "connect": r["group"] != "beyond the papers"}
+            "connect": r["group"] != "beyond the papers" and " [" not in r["name"]}
            for r in rows if r["ipc"] == ipc and (r["group"] in GROUP_ORDER[:5] or r["group"] == "beyond the papers")]
     col = {1: 0, 10: 1, 50: 2}.get(ipc)
     refs = [] if col is None else [{"label": name, "total_bytes": ipc * 10 * 28 * 28, "acc": accs[col]}
