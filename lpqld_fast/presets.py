@@ -92,8 +92,9 @@ PRESETS["fashion-mnist-demo"]["train"]["test_eval"] = "selected"
 # (class-wise recovery, dense fp16 labels of 2.5% of the stored batches, the LPLD label pool, constant T = 20 for
 # teacher and student) plus CutMix on the stored batches, labelled by the teacher. IPC10, three seeds (the row
 # "LPLD x40 + stored CutMix" of docs/RESULTS.md, this config): 80.48 +- 0.73 against LPLD x40's 79.22 +- 0.64,
-# +1.2 to +1.4 on every seed. Student-side mixing, confident-batch pruning, real-image starts, three teachers
-# and longer students are measured there too; only what three seeds back is on here.
+# +1.2 to +1.4 on every seed with one teacher; with a second teacher (same recipe, another CPU) +0.9, -2.0 and
+# +0.7: +0.5 on average over the six seed pairs, not a robust gain. Student-side mixing, scored pruning,
+# real-image starts and longer students are measured there too; none does better.
 PRESETS["fashion-mnist-best"] = copy.deepcopy(PRESETS["fashion-mnist"])
 PRESETS["fashion-mnist-best"]["relabel"].update({"label": "dense", "prune_ratio": 0.975, "cutmix": True})
 PRESETS["fashion-mnist-best"]["train"].update({"pool": "lpld", "temperature": "constant", "t0": 20.0,

@@ -153,15 +153,19 @@ PUBLISHED = {"DC": (70.5, 82.3, 83.6), "DSA": (70.6, 84.6, 88.7), "KIP": (76.7, 
 def plot(rows: list[dict], path: Path, ipc: int) -> None:
     from lpqld_fast.report import plot_accuracy_vs_storage
 
+    def tag(r: dict) -> str:  # fmnist_results.py --tag: " [t91.38]"
+        return r["name"][r["name"].index(" ["):] if " [" in r["name"] else ""
+
     def label(r: dict) -> str:
-        tag = r["name"][r["name"].index(" ["):] if " [" in r["name"] else ""  # fmnist_results.py --tag
         if r["group"] == "beyond the papers":
             return r["name"].split(" + ", 1)[-1]
-        return (r["name"].split(" [")[0].split(" ")[-1] if "MR" in r["name"] else f"x{r['factor']}") + tag
+        return r["name"].split(" [")[0].split(" ")[-1] if "MR" in r["name"] else f"x{r['factor']}"
 
+    # a tagged row of a paper group is a series of its own (another set-up), not a point on that group's curve
     pts = [{"label": label(r), "total_bytes": r["total_bytes"], "acc": statistics.mean(r["selected"]),
-            "std": statistics.stdev(r["selected"]) if len(r["selected"]) > 1 else 0.0, "group": r["group"],
-            "connect": r["group"] != "beyond the papers" and " [" not in r["name"]}
+            "std": statistics.stdev(r["selected"]) if len(r["selected"]) > 1 else 0.0,
+            "group": r["group"] if r["group"] == "beyond the papers" else r["group"] + tag(r),
+            "connect": r["group"] != "beyond the papers"}
            for r in rows if r["ipc"] == ipc and (r["group"] in GROUP_ORDER[:5] or r["group"] == "beyond the papers")]
     col = {1: 0, 10: 1, 50: 2}.get(ipc)
     refs = [] if col is None else [{"label": name, "total_bytes": ipc * 10 * 28 * 28, "acc": accs[col]}
