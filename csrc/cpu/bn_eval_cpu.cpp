@@ -76,7 +76,7 @@ Tensor segment_bn_loss_bwd_bn_eval_cpu(const Tensor& grad_loss, const Tensor& x,
 // channels-last). The caller allocates out so that the tensor it returns is not a view (autograd refuses
 // in-place ops, e.g. a ResNet's ReLU(inplace=True), on view outputs of a multi-output Function).
 void bn_eval_act_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, bool relu, const Tensor& out) {
-  TORCH_CHECK(x.dim() == 3 && (x.is_contiguous() || is_nlc(x)),
+  TORCH_CHECK(x.dim() == 3 && (x.is_contiguous() || is_channels_last_ncl(x)),
               "bn_eval_act: x must be contiguous [N, C, L] or channels-last (strides (C*L, 1, C)), got ", x.sizes(),
               " / ", x.strides());
   check_bn_affine("bn_eval_act", x, scale, shift);
@@ -92,7 +92,7 @@ void bn_eval_act_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, 
     scalar_t* py = y.data_ptr<scalar_t>();
     const acc_t* s = scale.const_data_ptr<acc_t>();
     const acc_t* b = shift.const_data_ptr<acc_t>();
-    if (is_nlc(x)) {
+    if (is_channels_last_ncl(x)) {
       at::parallel_for(0, N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) nlc_bn_row<scalar_t>(px + r * C, py + r * C, C, s, b, relu);
       });
@@ -115,7 +115,7 @@ void bn_eval_act_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, 
 // row / column is dropped); y [N, C, (H / 2) * (W / 2)] channels-last. x is read once, only y is written.
 void bn_eval_act_pool2_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, bool relu, int64_t width,
                            const Tensor& out) {
-  TORCH_CHECK(x.dim() == 3 && (is_nlc(x) || (x.size(1) == 1 && x.is_contiguous())),
+  TORCH_CHECK(x.dim() == 3 && (is_channels_last_ncl(x) || (x.size(1) == 1 && x.is_contiguous())),
               "bn_eval_act_pool2: x must be channels-last [N, C, H * W] (strides (C*L, 1, C)), got ", x.sizes(),
               " / ", x.strides());
   check_bn_affine("bn_eval_act_pool2", x, scale, shift);

@@ -21,7 +21,7 @@
 // The row kernels (phase 1) are in row_moments.{h,cpp}, shared with segment_bn_loss. A channels-last x
 // (a channels_last activation viewed as [N, C, L], strides (C * L, 1, C)) is read in place: phase 1 reduces
 // tiles of [L, <= 64 channels], channels in SIMD lanes (segment_bn_loss's nlc_tile_moments), instead of the
-// transposing copy a contiguous view would need (16x the op's time at 28x28, measured).
+// transposing copy a contiguous view would need.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -94,7 +94,7 @@ Tensor bwd_impl(const Tensor& grad_loss, const Tensor& x, const Tensor& segment_
                   "segment_bn_loss_bwd_bn_eval: grad_y must have x's shape and strides, got ", gy.sizes(), " / ",
                   gy.strides());
     } else {
-      TORCH_CHECK(bn->width >= 2 && L % bn->width == 0 && L / bn->width >= 2 && (is_nlc(x) || C == 1),
+      TORCH_CHECK(bn->width >= 2 && L % bn->width == 0 && L / bn->width >= 2 && (is_channels_last_ncl(x) || C == 1),
                   "segment_bn_loss_bwd_bn_eval: pool 2 needs a channels-last x [N, C, H * W] with H, W >= 2 "
                   "(W = ", bn->width, ", L = ", L, ")");
       OH = (L / bn->width) / 2;
@@ -166,7 +166,7 @@ Tensor bwd_impl(const Tensor& grad_loss, const Tensor& x, const Tensor& segment_
         for (auto& v : gscale) v *= acc_t(0.25);
       }
     }
-    if (is_nlc(x) || (pool == 2 && C == 1)) {  // rows of C channels, coefficients in lanes
+    if (is_channels_last_ncl(x) || (pool == 2 && C == 1)) {  // rows of C channels, coefficients in lanes
       const int64_t W = bn ? bn->width : 1;
       at::parallel_for(0, N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {

@@ -91,7 +91,7 @@ template void nlc_tile_moments<at::BFloat16>(const at::BFloat16*, int64_t, int64
 
 Layout check_common(const Tensor& x, const Tensor& seg, const Tensor& tm, const Tensor& tv) {
   TORCH_CHECK(x.dim() == 3, "segment_bn_loss: x must be [N, C, L], got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous() || is_nlc(x),
+  TORCH_CHECK(x.is_contiguous() || is_channels_last_ncl(x),
               "segment_bn_loss: x must be contiguous [N, C, L] or channels-last (strides (C*L, 1, C))");
   return check_segment_bn_loss_args(x, seg, tm, tv);
 }
@@ -138,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> segment_bn_loss_fwd_cpu(const Tensor&
   const int64_t n_cb = (C + kChannelBlock - 1) / kChannelBlock;
   const double dl = static_cast<double>(L);
   const int64_t work_per_task = std::max<int64_t>(1, (N / S) * std::min(C, kChannelBlock) * L);
-  const bool nlc = is_nlc(x);
+  const bool nlc = is_channels_last_ncl(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segment_bn_loss_fwd_cpu", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     if (nlc) {

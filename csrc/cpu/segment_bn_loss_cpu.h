@@ -38,10 +38,9 @@ inline const acc_t* chunk_as_acc(const scalar_t* p, int64_t start, int64_t n, ac
 
 using Layout = SegmentBNLayout;
 
-// x [N, C, L] stored as [N, L, C] (a channels_last activation viewed as [N, C, H * W]): the CPU kernels
-// read it in place instead of taking a transposing copy (recover's NHWC teacher: two ~10 ms copies of
-// every 128 x 28 x 28 BN input per iteration, profiled).
-inline bool is_nlc(const Tensor& x) { return is_channels_last_ncl(x); }
+// A channels-last x (common/checks.h is_channels_last_ncl) is read in place by these kernels instead of
+// taking a transposing copy (recover's NHWC teacher: two ~10 ms copies of every 128 x 28 x 28 BN input per
+// iteration, profiled).
 
 // Per-(sample, channel) exact mean and M2 of the channels-last [L, nc] tile p (row stride ldc, nc <=
 // kNlcBlock), the channels in SIMD lanes; `guess` (or null) is a shift near the means. Defined in

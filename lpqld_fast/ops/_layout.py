@@ -1,4 +1,5 @@
-"""Activation layouts shared by the segment_bn_loss wrappers and their fake implementations (ops._fake)."""
+"""Activation layouts shared by the segment_bn_loss and classwise_moments wrappers and the fake implementations
+(ops._fake)."""
 from __future__ import annotations
 
 import math

@@ -7,13 +7,13 @@ mergeable across batches and ranks, which gives exact whole-pass moments.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from lpqld_fast.ops import _validate as V
 from lpqld_fast.ops._dispatch import resolve_backend
+from lpqld_fast.ops._layout import kernel_x3
 from lpqld_fast.ops.reference import classwise_moments as ref
 
 OP = "classwise_moments"
@@ -34,13 +34,6 @@ def _check_inputs(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> No
         raise ValueError(f"labels has {labels.shape[0]} entries but x has {x.shape[0]} samples")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-
-
-def _channels_last_ncl(x3: torch.Tensor) -> bool:
-    """x3 [N, C, L] stored as [N, L, C] (a channels_last activation viewed as [N, C, H * W])."""
-    n, c, length = x3.shape
-    return ((c == 1 or x3.stride(1) == 1) and (length == 1 or x3.stride(2) == c)
-            and (n <= 1 or x3.stride(0) == c * length) and not x3.is_contiguous())
 
 
 def _run_accumulate(
@@ -90,10 +83,7 @@ def classwise_moments_accumulate_(
     name = resolve_backend(OP, x.device, backend, NATIVE_OP)
     if validate:
         V.check_index_range("labels", labels, num_classes)
-    length = math.prod(x.shape[2:])  # explicit: reshape(..., -1) is ambiguous for empty x
-    x3 = x.detach().reshape(x.shape[0], channels, length)  # statistics: no gradient; a view where strides allow
-    if not (name == "cpp" and _channels_last_ncl(x3)):  # the CPU kernel reads a channels-last view in place
-        x3 = x3.contiguous()
+    x3 = kernel_x3(x, keep_nlc=name == "cpp")  # statistics, no gradient; the CPU kernel reads channels-last in place
     labels = labels.to(torch.int64).contiguous()
     _run_accumulate(x3, labels, count, mean, m2, name)
 
