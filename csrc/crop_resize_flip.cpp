@@ -3,7 +3,9 @@
 // crop_resize_flip(x, boxes, flips, out_h, out_w):
 //   x [N, C, H, W] float16/bfloat16/float32/float64 or uint8 (any strides);
 //   boxes [N, 4] int64 pixel boxes (i, j, h, w), already clamped inside the
-//   image (1 <= h, i + h <= H; same for j, w); flips [N] bool.
+//   image (1 <= h, i + h <= H; same for j, w); flips [N] bool. The CPU kernels
+//   also take the normalised float32/float64 boxes (i/H, j/W, h/H, w/W) and 0/1
+//   integer flips of the Python API, converted and checked in C++.
 //   out[n] = bilinear resize (align_corners=False, no antialias) of
 //   x[n, :, i:i+h, j:j+w] to (out_h, out_w), flipped along W where flips[n].
 //   Output [N, C, out_h, out_w] contiguous, dtype of x (float32 for uint8,

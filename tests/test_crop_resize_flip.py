@@ -505,17 +505,58 @@ def test_cuda_backends_match_reference(dtype):
                                            atol=tol * scale, msg=b)
 
 
-def test_validate_false_skips_the_box_value_checks_only() -> None:
-    """recover passes validate=False for its own draws (the value checks sync a GPU per step)."""
+@pytest.mark.parametrize("backend", _backend_params([b for b in CPU_BACKENDS if b != "cpp"]))
+def test_validate_false_skips_the_box_value_checks_only(backend: str) -> None:
+    """recover passes validate=False for its own draws (the value checks sync a GPU per step); the cpp kernel
+    checks in C++ always (next test)."""
     from lpqld_fast.ops.crop_resize_flip import crop_resize_flip
 
     x = torch.rand(2, 1, 8, 8)
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.25, 1.5, 0.5]])  # row 1 reaches past the image
     flips = torch.tensor([False, True])
     with pytest.raises(ValueError, match="got row 1"):
-        crop_resize_flip(x, boxes, flips, 8)
-    out = crop_resize_flip(x, boxes, flips, 8, validate=False)  # clamped inside the image, as pixel_boxes does
+        crop_resize_flip(x, boxes, flips, 8, backend=backend)
+    out = crop_resize_flip(x, boxes, flips, 8, validate=False, backend=backend)  # clamped, as pixel_boxes does
     want = ref.crop_resize_flip(x, ref.pixel_boxes(boxes, 8, 8), flips, (8, 8))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="boxes must have shape"):  # structural checks stay
-        crop_resize_flip(x, boxes[:1], flips, 8, validate=False)
+        crop_resize_flip(x, boxes[:1], flips, 8, validate=False, backend=backend)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="needs the built extension (scripts/build_ext.sh)")
+@pytest.mark.parametrize("box_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("flip_dtype", [torch.bool, torch.uint8, torch.int64])
+def test_cpp_converts_and_checks_normalised_boxes_in_the_kernel(box_dtype: torch.dtype,
+                                                                 flip_dtype: torch.dtype) -> None:
+    """The cpp backend takes the normalised boxes and 0/1 flips as they are: the kernel's conversion gives
+    pixel_boxes' integers bit for bit (fwd and bwd), and its value checks run whatever ``validate`` says."""
+    from lpqld_fast.ops.crop_resize_flip import crop_resize_flip
+
+    g = torch.Generator().manual_seed(3)
+    n, h, w = 64, 29, 23
+    x = torch.rand(n, 2, h, w, generator=g, requires_grad=True)
+    # every rounding case: exact halves of the pixel grid, random values, and the [0, 1] ends
+    boxes = torch.rand(n, 4, generator=g, dtype=torch.float64)
+    boxes[:8] = torch.tensor([0.5 / h, 0.5 / w, 1.5 / h, 2.5 / w], dtype=torch.float64)
+    boxes[8:12] = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]],
+                               dtype=torch.float64)
+    boxes = boxes.to(box_dtype)
+    flips = (torch.rand(n, generator=g) < 0.5).to(flip_dtype)
+    out = crop_resize_flip(x, boxes, flips, (17, 19), backend="cpp")
+    pix = ref.pixel_boxes(boxes, h, w)
+    want = torch.ops.lpqld.crop_resize_flip(x, pix, flips.to(torch.bool), 17, 19)
+    assert torch.equal(out, want)
+    gy = torch.randn(out.shape, generator=g)
+    (gx,) = torch.autograd.grad(out, x, gy)
+    (gx_want,) = torch.autograd.grad(want, x, gy)
+    assert torch.equal(gx, gx_want)
+    bad = boxes.clone()
+    bad[5, 2] = float("nan")
+    for validate in (True, False):
+        with pytest.raises(ValueError, match=r"values in \[0, 1\], got row 5"):
+            crop_resize_flip(x, bad, flips, 8, backend="cpp", validate=validate)
+    if flip_dtype != torch.bool:
+        bad_flips = flips.clone()
+        bad_flips[3] = 2
+        with pytest.raises(ValueError, match="flips must hold 0/1"):
+            crop_resize_flip(x, boxes, bad_flips, 8, backend="cpp", validate=False)

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -68,6 +69,72 @@ void axis_taps(int64_t start, int64_t len, int64_t out, int64_t stride, bool rev
     }
   }
   if (reverse) std::reverse(taps, taps + out);
+}
+
+// A double as Python's repr writes it (shortest round trip, "1.0" not "1"), so the C++ message reads as the
+// Python layer's. Python switches to an exponent below 1e-4 and from 1e16 on; to_chars picks the shorter form,
+// which may differ there (only in how a refused value is printed).
+std::string py_float(double v) {
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof(buf), v);
+  std::string s(buf, res.ptr);
+  if (std::isfinite(v) && s.find_first_of(".e") == std::string::npos) s += ".0";
+  return s;
+}
+
+// Normalised boxes (i/H, j/W, h/H, w/W) -> int64 pixel boxes (i, j, h, w), exactly as
+// lpqld_fast.ops.reference.pixel_boxes computes them: the float32 product with the image size, rounded half to
+// even, h, w >= 1, then clamped inside the image. Done here rather than by ~16 small tensor ops in Python (they
+// were ~40% of a 28x28 replay call). Values outside [0, 1] (NaN included) are refused with the Python layer's
+// message; int64 boxes are already pixel boxes and pass through.
+at::Tensor pixel_boxes_cpu(const at::Tensor& boxes_in, int64_t h_img, int64_t w_img) {
+  if (boxes_in.scalar_type() == at::kLong) return boxes_in.contiguous();
+  TORCH_CHECK(boxes_in.dim() == 2 && boxes_in.size(1) == 4, "crop_resize_flip: boxes must be [N, 4], got ",
+              boxes_in.sizes());
+  TORCH_CHECK(boxes_in.device().is_cpu(), "crop_resize_flip: all tensors must be on the CPU");
+  TORCH_CHECK_TYPE(boxes_in.scalar_type() == at::kFloat || boxes_in.scalar_type() == at::kDouble,
+                   "crop_resize_flip: boxes must be int64 pixel boxes or float32/float64 normalised boxes, got ",
+                   boxes_in.scalar_type());
+  const int64_t n = boxes_in.size(0);
+  at::Tensor pix = at::empty({n, 4}, boxes_in.options().dtype(at::kLong));
+  int64_t* out = pix.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(boxes_in.scalar_type(), "pixel_boxes_cpu", [&] {
+    const at::Tensor b = boxes_in.contiguous();
+    const scalar_t* v = b.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < n; ++k) {
+      const scalar_t* r = v + 4 * k;
+      bool ok = true;
+      for (int c = 0; c < 4; ++c) ok = ok && r[c] >= scalar_t(0) && r[c] <= scalar_t(1);  // false for NaN
+      TORCH_CHECK_VALUE(ok, "boxes must hold finite normalised (i/H, j/W, h/H, w/W) values in [0, 1], got row ", k,
+                        ": [", py_float(r[0]), ", ", py_float(r[1]), ", ", py_float(r[2]), ", ",
+                        py_float(r[3]), "]");
+      // float32 products, as the reference's float32 tensor times a Python int
+      const auto px = [](scalar_t value, int64_t size) {
+        return static_cast<int64_t>(std::nearbyint(static_cast<float>(value) * static_cast<float>(size)));
+      };
+      const int64_t h = std::min(std::max(px(r[2], h_img), int64_t{1}), h_img);
+      const int64_t w = std::min(std::max(px(r[3], w_img), int64_t{1}), w_img);
+      out[4 * k + 0] = std::min(std::max(px(r[0], h_img), int64_t{0}), h_img - h);
+      out[4 * k + 1] = std::min(std::max(px(r[1], w_img), int64_t{0}), w_img - w);
+      out[4 * k + 2] = h;
+      out[4 * k + 3] = w;
+    }
+  });
+  return pix;
+}
+
+// bool flips pass through; integer flips must hold 0/1 (the Python layer's rule) and become bool.
+at::Tensor bool_flips_cpu(const at::Tensor& flips) {
+  if (flips.scalar_type() == at::kBool) return flips.contiguous();
+  TORCH_CHECK_TYPE(at::isIntegralType(flips.scalar_type(), /*includeBool=*/false),
+                   "crop_resize_flip: flips must be bool or 0/1 integers, got ", flips.scalar_type());
+  TORCH_CHECK(flips.device().is_cpu(), "crop_resize_flip: all tensors must be on the CPU");
+  const at::Tensor f = flips.to(at::kLong).contiguous();
+  const int64_t* v = f.data_ptr<int64_t>();
+  for (int64_t k = 0; k < f.numel(); ++k) {
+    TORCH_CHECK_VALUE(v[k] == 0 || v[k] == 1, "flips must hold 0/1 (or bool) values");
+  }
+  return f.to(at::kBool);
 }
 
 void check_common(const at::Tensor& t, const char* tname, const at::Tensor& boxes, const at::Tensor& flips,
@@ -275,8 +342,8 @@ at::Tensor crop_resize_flip_cpu(const at::Tensor& x, const at::Tensor& boxes_in,
   TORCH_CHECK(out_h >= 1 && out_w >= 1, "crop_resize_flip: out_h and out_w must be positive, got ", out_h, ", ",
               out_w);
   TORCH_CHECK(x.dim() == 4, "crop_resize_flip: x must be [N, C, H, W], got ", x.sizes());
-  const at::Tensor boxes = boxes_in.contiguous();
-  const at::Tensor flips = flips_in.contiguous();
+  const at::Tensor boxes = pixel_boxes_cpu(boxes_in, x.size(2), x.size(3));
+  const at::Tensor flips = bool_flips_cpu(flips_in);
   check_common(x, "x", boxes, flips, x.size(2), x.size(3));
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16 || st == at::kByte,
@@ -381,8 +448,9 @@ at::Tensor crop_resize_flip_backward_cpu(const at::Tensor& grad_out, const at::T
                                          const at::Tensor& flips_in, int64_t in_h, int64_t in_w) {
   TORCH_CHECK(grad_out.dim() == 4, "crop_resize_flip_backward: grad_out must be [N, C, oh, ow], got ",
               grad_out.sizes());
-  const at::Tensor boxes = boxes_in.contiguous();
-  const at::Tensor flips = flips_in.contiguous();
+  TORCH_CHECK(in_h >= 1 && in_w >= 1, "crop_resize_flip: image size must be positive, got ", in_h, "x", in_w);
+  const at::Tensor boxes = pixel_boxes_cpu(boxes_in, in_h, in_w);
+  const at::Tensor flips = bool_flips_cpu(flips_in);
   check_common(grad_out, "grad_out", boxes, flips, in_h, in_w);
   const auto st = grad_out.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,

@@ -82,17 +82,24 @@ def _check_crop_inputs(x: object, boxes: object, flips: object, out_size: object
     if flips.shape[0] != n:
         raise ValueError(f"flips has {flips.shape[0]} entries but x has {n} samples")
     oh_ow = _check_out_size(out_size)
-    if n and validate:
-        ok = (boxes >= 0) & (boxes <= 1)  # False for NaN too: one check, one host sync
-        if not bool(ok.all()):
-            k = int((~ok).any(dim=1).nonzero()[0, 0])
-            raise ValueError(
-                f"boxes must hold finite normalised (i/H, j/W, h/H, w/W) values in [0, 1], "
-                f"got row {k}: {boxes[k].tolist()}"
-            )
-    if validate and flips.dtype != torch.bool and n and bool(((flips != 0) & (flips != 1)).any()):
-        raise ValueError("flips must hold 0/1 (or bool) values")
+    if validate:
+        _check_crop_values(boxes, flips)
     return oh_ow
+
+
+def _check_crop_values(boxes: torch.Tensor, flips: torch.Tensor) -> None:
+    """Box and flip values (a host sync each on a GPU); the CPU kernel makes the same checks in C++."""
+    if not boxes.shape[0]:
+        return
+    ok = (boxes >= 0) & (boxes <= 1)  # False for NaN too: one check, one host sync
+    if not bool(ok.all()):
+        k = int((~ok).any(dim=1).nonzero()[0, 0])
+        raise ValueError(
+            f"boxes must hold finite normalised (i/H, j/W, h/H, w/W) values in [0, 1], "
+            f"got row {k}: {boxes[k].tolist()}"
+        )
+    if flips.dtype != torch.bool and bool(((flips != 0) & (flips != 1)).any()):
+        raise ValueError("flips must hold 0/1 (or bool) values")
 
 
 # ----------------------------------------------------------------------------- backends
@@ -161,10 +168,15 @@ def crop_resize_flip(
     align_corners=False, antialias=False), flipped along W where flips[n].
     Differentiable w.r.t. x (float input) with a hand-written backward. ``validate=False`` skips the value
     checks of boxes and flips (a device sync each on a GPU) for boxes known to be good, e.g. drawn by
-    lpqld_fast.augment; a NaN box is then undefined behaviour.
+    lpqld_fast.augment; a NaN box is then undefined behaviour. The ``cpp`` backend converts and checks the
+    normalised boxes and the flips inside the kernel, always (it costs no sync there).
     """
-    oh, ow = _check_crop_inputs(x, boxes, flips, out_size, validate)
+    oh, ow = _check_crop_inputs(x, boxes, flips, out_size, validate=False)
     name = resolve_backend(OP, x.device, backend, NATIVE_OP)
+    if name == "cpp":
+        return torch.ops.lpqld.crop_resize_flip(x, boxes, flips, oh, ow)
+    if validate:
+        _check_crop_values(boxes, flips)
     height, width = x.shape[2], x.shape[3]
     pix = ref.pixel_boxes(boxes, height, width).contiguous()
     flips_b = flips.to(torch.bool).contiguous()
