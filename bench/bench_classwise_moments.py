@@ -26,6 +26,12 @@ in one process, on the same tensors:
   read-pass        x.sum(dim=(2, 3)): one read of x, the practical floor
   cuda / triton    the GPU kernels, on a GPU only (plus the torch impls on GPU)
 
+Layout: NCHW rows at every shape and K; NHWC rows (sizes "layout=NHWC": x in
+channels_last, as the CPU presets' channels_last teacher hands its BN inputs to
+the squeeze statistics pass) at every shape for the first K. The plain
+strategies reduce over the spatial dims of the 4-D tensor, which reads either
+layout in place.
+
 bytes (the op's minimal traffic) = x + labels + read and write of the state rows
 of the classes present; read-pass: x + its [N, C] output.
 
@@ -109,15 +115,18 @@ def reference_loop_(
 
 
 def torch_index_add_(
-    x3: torch.Tensor, labels: torch.Tensor, count: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor
+    x: torch.Tensor, labels: torch.Tensor, count: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor
 ) -> None:
-    """Vectorised torch: spatial sums per (sample, channel), index_add_ into float64 [K, C] state."""
-    length = x3.shape[2]
-    p1 = x3.sum(dim=2).to(torch.float64)
-    p2 = torch.linalg.vector_norm(x3, dim=2).to(torch.float64).square_()
+    """Vectorised torch: spatial sums per (sample, channel), index_add_ into float64 [K, C] state.
+
+    x is [N, C, L] or [N, C, H, W] in either memory format (the reductions read it in place)."""
+    dims = tuple(range(2, x.dim()))
+    length = x[0, 0].numel()
+    p1 = x.sum(dim=dims).to(torch.float64)
+    p2 = torch.linalg.vector_norm(x, dim=dims).to(torch.float64).square_()
     s1.index_add_(0, labels, p1)
     s2.index_add_(0, labels, p2)
-    count.index_add_(0, labels, torch.full(labels.shape, float(length), dtype=torch.float64, device=x3.device))
+    count.index_add_(0, labels, torch.full(labels.shape, float(length), dtype=torch.float64, device=x.device))
 
 
 def _cpp_accumulate_(x: torch.Tensor, labels: torch.Tensor, count: torch.Tensor, mean: torch.Tensor,
@@ -170,12 +179,16 @@ def native_backends(device: torch.device | str) -> list[str]:
 # ----------------------------------------------------------------------------- cases
 
 
-def make_inputs(n: int, c: int, h: int, w: int, num_classes: int, device: str = "cpu", seed: int = 0):
+def make_inputs(n: int, c: int, h: int, w: int, num_classes: int, device: str = "cpu", seed: int = 0,
+                channels_last: bool = False):
     g = torch.Generator().manual_seed(seed * 1_000_003 + num_classes * 7919 + c)
     x = torch.empty(n, c, h, w, dtype=torch.float32)
     x.normal_(mean=0.5, std=2.0, generator=g)
     labels = torch.randint(0, num_classes, (n,), generator=g, dtype=torch.int64)
-    return x.to(device), labels.to(device)
+    x = x.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, labels.to(device)
 
 
 def _state(num_classes: int, c: int, device, dtype=torch.float64):
@@ -193,7 +206,7 @@ def check(x: torch.Tensor, labels: torch.Tensor, num_classes: int, impls: list[s
     c = x.shape[1]
     present = torch.unique(labels)
     cnt, s1, s2 = _state(num_classes, c, x.device)
-    torch_index_add_(x.reshape(x.shape[0], c, -1), labels, cnt, s1, s2)
+    torch_index_add_(x, labels, cnt, s1, s2)
     want_mean, want_var = index_add_finalize(cnt, s1, s2)
     want_mean, want_var = want_mean[present], want_var[present]
     got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -206,7 +219,7 @@ def check(x: torch.Tensor, labels: torch.Tensor, num_classes: int, impls: list[s
                     compiled_impl(impl)(x, labels, *st)
                     got[impl] = (st[1][present], (st[2] / st[0].clamp_min(1.0)[:, None])[present])
                 else:
-                    compiled_impl(impl)(x.reshape(x.shape[0], c, -1), labels, *st)
+                    compiled_impl(impl)(x, labels, *st)
                     m, v = index_add_finalize(*st)
                     got[impl] = (m[present], v[present])
             except Exception as e:  # noqa: BLE001 - a compile failure is reported, not timed
@@ -234,7 +247,7 @@ def check(x: torch.Tensor, labels: torch.Tensor, num_classes: int, impls: list[s
 
 def build_cases(
     n: int, c: int, h: int, w: int, num_classes: int, *, device: str = "cpu", layers: int | None = None, seed: int = 0,
-    check_reference: bool = True, compiled: bool = True,
+    check_reference: bool = True, compiled: bool = True, channels_last: bool = False,
 ) -> tuple[dict[str, Case], dict[str, str]]:
     """All available impls for one (shape, K) on ``device``, sharing one x and labels; plus check problems.
 
@@ -243,10 +256,13 @@ def build_cases(
     """
     from lpqld_fast import ops
 
-    x, labels = make_inputs(n, c, h, w, num_classes, device, seed)
-    x3 = x.reshape(n, c, -1)
+    x, labels = make_inputs(n, c, h, w, num_classes, device, seed, channels_last)
+    # NCHW: the [N, C, H*W] view, the plain strategy's one-dim reduction; NHWC: the 4-D tensor, read in place
+    x3 = x if channels_last else x.reshape(n, c, -1)
     u = int(torch.unique(labels).numel())
     sizes = {"N": n, "C": c, "H": h, "W": w, "K": num_classes}
+    if channels_last:
+        sizes["layout"] = "NHWC"
     if layers is not None:
         sizes["bn_layers"] = layers
     x_bytes = x.numel() * x.element_size()
@@ -310,13 +326,14 @@ def run(ctx: BenchContext) -> None:
     rows_before = len(ctx.rows)
     for device in devices:
         for c, h, w, layers in shapes:
-            for k in ks:
+            for k, nhwc in [(k, False) for k in ks] + [(ks[0], True)]:
                 # quick skips checking the (slow) reference loop: it must stay under 2 minutes
                 cases, problems = build_cases(batch, c, h, w, k, device=device, layers=layers,
                                               check_reference=ctx.profile != "quick",
-                                              compiled=cmp.enabled(ctx.profile))
+                                              compiled=cmp.enabled(ctx.profile), channels_last=nhwc)
                 for impl, msg in problems.items():
-                    ctx.fail(f"{KERNEL}/{impl} N={batch} C={c} H={h} W={w} K={k} on {device}: {msg}")
+                    ctx.fail(f"{KERNEL}/{impl} N={batch} C={c} H={h} W={w} K={k}{' NHWC' if nhwc else ''} on "
+                             f"{device}: {msg}")
                 ctx.time_group(list(cases.values()))  # round-robin: load noise hits every impl alike
                 del cases
     for line in summary(ctx.rows[rows_before:]):

@@ -41,6 +41,11 @@ sorted. Implementations, in one process on the same tensors:
                    this VM the page faults of a fresh 64 MB tensor cost about as
                    much as writing it): the memory-traffic floor of a fused fwd + bwd
 
+Layout: NCHW rows at every shape; NHWC rows (sizes "layout=NHWC": x in
+channels_last, what recover's CPU channels_last model hands the loss) at every
+quick shape and at the r18-224 shapes in full. The plain strategies reduce over
+the spatial dims of the 4-D tensor, which reads either layout in place.
+
 bytes = 3 x x (read in the forward; read and write of grad in the backward).
 Before timing, the fused and compiled impls are checked against torch-split (loss
 and grad). No compiled rows in the tiny profile. The summary states cpp /
@@ -136,11 +141,11 @@ def torch_var_mean(x: torch.Tensor, counts: list[int], tm: torch.Tensor, tv: tor
 def torch_index_add(x: torch.Tensor, seg: torch.Tensor, tm: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
     """Vectorised: index_add_ of per-(sample, channel) sums of x and x^2 (E[x^2] - mean^2: cancels for large means)."""
     n, c = x.shape[:2]
-    x3 = x.reshape(n, c, -1)
-    length = x3.shape[2]
+    dims = tuple(range(2, x.dim()))  # over the spatial dims of the 4-D tensor: either layout, read in place
+    length = x[0, 0].numel()
     s = tm.shape[0]
-    s1 = torch.zeros(s, c, device=x.device, dtype=x.dtype).index_add(0, seg, x3.sum(dim=2))
-    s2 = torch.zeros(s, c, device=x.device, dtype=x.dtype).index_add(0, seg, x3.square().sum(dim=2))
+    s1 = torch.zeros(s, c, device=x.device, dtype=x.dtype).index_add(0, seg, x.sum(dim=dims))
+    s2 = torch.zeros(s, c, device=x.device, dtype=x.dtype).index_add(0, seg, x.square().sum(dim=dims))
     cnt = torch.zeros(s, device=x.device, dtype=x.dtype).index_add(0, seg, torch.ones(n, device=x.device,
                                                                                    dtype=x.dtype))[:, None] * length
     mean = s1 / cnt.clamp_min(1)
@@ -162,9 +167,12 @@ def compiled_impl(impl: str) -> Callable:
 # ----------------------------------------------------------------------------- cases
 
 
-def make_inputs(n: int, c: int, h: int, w: int, num_segments: int, device: str = "cpu", seed: int = 0):
+def make_inputs(n: int, c: int, h: int, w: int, num_segments: int, device: str = "cpu", seed: int = 0,
+                channels_last: bool = False):
     g = torch.Generator().manual_seed(seed * 7919 + n * 31 + c)
     x = torch.empty(n, c, h, w).normal_(mean=0.3, std=1.5, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     seg = torch.arange(num_segments).repeat_interleave(-(-n // num_segments))[:n]  # grouped by class
     tm = 0.3 + 0.5 * torch.randn(num_segments, c, generator=g)
     tv = 2.25 * (1 + 0.5 * torch.rand(num_segments, c, generator=g))
@@ -194,15 +202,17 @@ QUICK_SKIP = ("reference-loop", "torch-split")  # the slowest loops: --quick kee
 
 def build_cases(family: str, n: int, c: int, h: int, w: int, *, device: str = "cpu",
                 num_segments: int = NUM_CLASSES, skip: tuple[str, ...] = (),
-                compiled: bool = True) -> tuple[list[Case], dict[str, str]]:
+                compiled: bool = True, channels_last: bool = False) -> tuple[list[Case], dict[str, str]]:
     """All available impls for one shape, sharing one x; plus {impl: problem} of the check."""
     from lpqld_fast.ops import segment_bn_loss
 
     s = min(num_segments, n)
-    x, seg, tm, tv = make_inputs(n, c, h, w, s, device)
+    x, seg, tm, tv = make_inputs(n, c, h, w, s, device, channels_last=channels_last)
     x.requires_grad_(True)
     counts = torch.bincount(seg, minlength=s).tolist()
     sizes = {"net": family, "N": n, "C": c, "H": h, "W": w, "S": s}
+    if channels_last:
+        sizes["layout"] = "NHWC"
     nbytes = 3 * x.numel() * x.element_size()
     fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "reference-loop": lambda t: reference_loop(t, seg, tm, tv),
@@ -264,12 +274,15 @@ def run(ctx: BenchContext) -> None:
             f"{fused_backends('cpu')}")
     first = len(ctx.rows)
     for device in devices:
-        for family, n, c, h, w in shapes:
+        layouts = [(shape, False) for shape in shapes] + [
+            (shape, True) for shape in shapes if ctx.profile != "full" or shape[0] == "r18-224"]
+        for (family, n, c, h, w), nhwc in layouts:
             cases, problems = build_cases(family, n, c, h, w, device=device,
                                           skip=QUICK_SKIP if ctx.profile == "quick" else (),
-                                          compiled=cmp.enabled(ctx.profile))
+                                          compiled=cmp.enabled(ctx.profile), channels_last=nhwc)
             for impl, msg in problems.items():
-                ctx.fail(f"{KERNEL}/{impl} {family} N={n} C={c} H={h} W={w} on {device}: {msg}")
+                ctx.fail(f"{KERNEL}/{impl} {family} N={n} C={c} H={h} W={w}{' NHWC' if nhwc else ''} on {device}: "
+                         f"{msg}")
             ctx.time_group(cases)
             del cases
     for line in summary(ctx.rows[first:]):
