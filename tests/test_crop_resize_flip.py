@@ -523,18 +523,28 @@ def test_validate_false_skips_the_box_value_checks_only(backend: str) -> None:
         crop_resize_flip(x, boxes[:1], flips, 8, validate=False, backend=backend)
 
 
-@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="needs the built extension (scripts/build_ext.sh)")
+def _native_params() -> list:
+    cuda_ok = torch.cuda.is_available() and _dispatch.backend_runs("cuda", torch.device("cuda"), NATIVE_OP)
+    return [pytest.param("cpp", marks=pytest.mark.skipif("cpp" not in CPU_BACKENDS,
+                                                         reason="needs the built extension (scripts/build_ext.sh)")),
+            pytest.param("cuda", marks=[pytest.mark.gpu,
+                                        pytest.mark.skipif(not cuda_ok, reason="needs a GPU and the CUDA build")])]
+
+
+@pytest.mark.parametrize("backend", _native_params())
 @pytest.mark.parametrize("box_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("flip_dtype", [torch.bool, torch.uint8, torch.int64])
-def test_cpp_converts_and_checks_normalised_boxes_in_the_kernel(box_dtype: torch.dtype,
-                                                                 flip_dtype: torch.dtype) -> None:
-    """The cpp backend takes the normalised boxes and 0/1 flips as they are: the kernel's conversion gives
-    pixel_boxes' integers bit for bit (fwd and bwd), and its value checks run whatever ``validate`` says."""
+def test_native_kernels_convert_normalised_boxes(backend: str, box_dtype: torch.dtype,
+                                                 flip_dtype: torch.dtype) -> None:
+    """The cpp and cuda kernels take the normalised boxes as they are (the Python layer no longer converts):
+    their conversion gives pixel_boxes' integers bit for bit, fwd and bwd. The cpp kernel also checks the values,
+    whatever ``validate`` says (no sync on the CPU)."""
     from lpqld_fast.ops.crop_resize_flip import crop_resize_flip
 
+    dev = "cpu" if backend == "cpp" else "cuda"
     g = torch.Generator().manual_seed(3)
     n, h, w = 64, 29, 23
-    x = torch.rand(n, 2, h, w, generator=g, requires_grad=True)
+    x = torch.rand(n, 2, h, w, generator=g).to(dev).requires_grad_(True)
     # every rounding case: exact halves of the pixel grid, random values, and the [0, 1] ends
     boxes = torch.rand(n, 4, generator=g, dtype=torch.float64)
     boxes[:8] = torch.tensor([0.5 / h, 0.5 / w, 1.5 / h, 2.5 / w], dtype=torch.float64)
@@ -542,14 +552,19 @@ def test_cpp_converts_and_checks_normalised_boxes_in_the_kernel(box_dtype: torch
                                dtype=torch.float64)
     boxes = boxes.to(box_dtype)
     flips = (torch.rand(n, generator=g) < 0.5).to(flip_dtype)
-    out = crop_resize_flip(x, boxes, flips, (17, 19), backend="cpp")
-    pix = ref.pixel_boxes(boxes, h, w)
-    want = torch.ops.lpqld.crop_resize_flip(x, pix, flips.to(torch.bool), 17, 19)
+    out = crop_resize_flip(x, boxes.to(dev), flips.to(dev), (17, 19), backend=backend)
+    pix = ref.pixel_boxes(boxes, h, w).to(dev)
+    want = torch.ops.lpqld.crop_resize_flip(x, pix, flips.to(dev, torch.bool), 17, 19)
     assert torch.equal(out, want)
-    gy = torch.randn(out.shape, generator=g)
+    gy = torch.randn(out.shape, generator=g).to(dev)
     (gx,) = torch.autograd.grad(out, x, gy)
     (gx_want,) = torch.autograd.grad(want, x, gy)
-    assert torch.equal(gx, gx_want)
+    if backend == "cpp":
+        assert torch.equal(gx, gx_want)
+    else:  # atomics: the order of the adds varies
+        torch.testing.assert_close(gx, gx_want, rtol=1e-5, atol=1e-6)
+    if backend != "cpp":
+        return
     bad = boxes.clone()
     bad[5, 2] = float("nan")
     for validate in (True, False):

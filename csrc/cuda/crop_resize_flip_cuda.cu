@@ -69,6 +69,32 @@ __device__ __forceinline__ void load_box(const int64_t* boxes, int64_t k, int64_
   bj = bj < 0 ? 0 : (bj > w_img - bw ? w_img - bw : bj);
 }
 
+// Normalised float boxes (i/H, j/W, h/H, w/W) -> int64 pixel boxes, one thread per box, with the rules of
+// lpqld_fast.ops.reference.pixel_boxes (float32 product, round half to even, h, w >= 1, clamped inside): one
+// launch instead of the ~16 small tensor ops of the Python conversion. Values are not checked here (the Python
+// layer checks them unless validate=False); a NaN still lands inside the image through the clamps.
+template <typename box_t>
+__global__ void pixel_boxes_kernel(const box_t* __restrict__ boxes, int64_t* __restrict__ pix, int64_t n,
+                                   int64_t h_img, int64_t w_img) {
+  const int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (k >= n) return;
+  const box_t* r = boxes + 4 * k;
+  const auto px = [](box_t v, int64_t size) -> int64_t {
+    const float p = rintf(__fmul_rn(static_cast<float>(v), static_cast<float>(size)));
+    return p != p ? 0 : static_cast<int64_t>(fminf(fmaxf(p, -1.0f), static_cast<float>(size) + 1.0f));
+  };
+  int64_t h = px(r[2], h_img), w = px(r[3], w_img);
+  h = h < 1 ? 1 : (h > h_img ? h_img : h);
+  w = w < 1 ? 1 : (w > w_img ? w_img : w);
+  int64_t i = px(r[0], h_img), j = px(r[1], w_img);
+  i = i < 0 ? 0 : (i > h_img - h ? h_img - h : i);
+  j = j < 0 ? 0 : (j > w_img - w ? w_img - w : j);
+  pix[4 * k + 0] = i;
+  pix[4 * k + 1] = j;
+  pix[4 * k + 2] = h;
+  pix[4 * k + 3] = w;
+}
+
 template <typename scalar_t>
 __global__ void crf_forward_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ boxes,
                                    const bool* __restrict__ flips, typename OutType<scalar_t>::type* __restrict__ out,
@@ -131,6 +157,28 @@ inline int grid_for(int64_t total) {
   return static_cast<int>(blocks < (1 << 20) ? blocks : (1 << 20));  // grid-stride loop covers the rest
 }
 
+// int64 boxes are pixel boxes already; float32/float64 boxes are the normalised ones of the Python API.
+at::Tensor pixel_boxes_cuda(const at::Tensor& boxes, int64_t h_img, int64_t w_img) {
+  if (boxes.scalar_type() == at::kLong) return boxes.contiguous();
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "crop_resize_flip: boxes must be [N, 4], got ", boxes.sizes());
+  TORCH_CHECK(boxes.is_cuda(), "crop_resize_flip: all tensors must be on the same CUDA device");
+  TORCH_CHECK_TYPE(boxes.scalar_type() == at::kFloat || boxes.scalar_type() == at::kDouble,
+                   "crop_resize_flip: boxes must be int64 pixel boxes or float32/float64 normalised boxes, got ",
+                   boxes.scalar_type());
+  c10::cuda::CUDAGuard guard(boxes.device());
+  const at::Tensor b = boxes.contiguous();
+  const int64_t n = b.size(0);
+  at::Tensor pix = at::empty({n, 4}, b.options().dtype(at::kLong));
+  if (n == 0) return pix;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "pixel_boxes_cuda", [&] {
+    pixel_boxes_kernel<scalar_t><<<static_cast<int>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        b.const_data_ptr<scalar_t>(), pix.data_ptr<int64_t>(), n, h_img, w_img);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return pix;
+}
+
 void check_args(const at::Tensor& t, const char* tname, const at::Tensor& boxes, const at::Tensor& flips) {
   lpqld::check_crop_resize_flip_args(t, tname, boxes, flips);
   TORCH_CHECK(t.is_cuda() && boxes.device() == t.device() && flips.device() == t.device(),
@@ -141,13 +189,14 @@ at::Tensor crop_resize_flip_cuda(const at::Tensor& x, const at::Tensor& boxes_in
                                  int64_t out_h, int64_t out_w) {
   TORCH_CHECK(out_h >= 1 && out_w >= 1, "crop_resize_flip: out_h and out_w must be positive, got ", out_h, ", ",
               out_w);
-  check_args(x, "x", boxes_in, flips_in);
+  TORCH_CHECK(x.dim() == 4, "crop_resize_flip: x must be [N, C, H, W], got ", x.sizes());
+  const at::Tensor boxes = pixel_boxes_cuda(boxes_in, x.size(2), x.size(3));
+  check_args(x, "x", boxes, flips_in);
   TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "crop_resize_flip: x must have a non-empty image");
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16 || st == at::kByte,
               "crop_resize_flip: x must be float16/bfloat16/float32/float64 or uint8, got ", st);
   c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor boxes = boxes_in.contiguous();
   const at::Tensor flips = flips_in.contiguous();
   const auto out_dtype = st == at::kByte ? at::kFloat : st;
   at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options().dtype(out_dtype));
@@ -167,14 +216,14 @@ at::Tensor crop_resize_flip_cuda(const at::Tensor& x, const at::Tensor& boxes_in
 
 at::Tensor crop_resize_flip_backward_cuda(const at::Tensor& grad_out, const at::Tensor& boxes_in,
                                           const at::Tensor& flips_in, int64_t in_h, int64_t in_w) {
-  check_args(grad_out, "grad_out", boxes_in, flips_in);
   TORCH_CHECK(in_h >= 1 && in_w >= 1, "crop_resize_flip_backward: image size must be positive, got ", in_h, "x",
               in_w);
+  const at::Tensor boxes = pixel_boxes_cuda(boxes_in, in_h, in_w);
+  check_args(grad_out, "grad_out", boxes, flips_in);
   const auto st = grad_out.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               "crop_resize_flip_backward: grad_out must be floating point, got ", st);
   c10::cuda::CUDAGuard guard(grad_out.device());
-  const at::Tensor boxes = boxes_in.contiguous();
   const at::Tensor flips = flips_in.contiguous();
   const at::Tensor g = grad_out.contiguous();
   const auto acc_dtype = st == at::kDouble ? at::kDouble : at::kFloat;

@@ -169,7 +169,8 @@ def crop_resize_flip(
     Differentiable w.r.t. x (float input) with a hand-written backward. ``validate=False`` skips the value
     checks of boxes and flips (a device sync each on a GPU) for boxes known to be good, e.g. drawn by
     lpqld_fast.augment; a NaN box is then undefined behaviour. The ``cpp`` backend converts and checks the
-    normalised boxes and the flips inside the kernel, always (it costs no sync there).
+    normalised boxes and the flips inside the kernel, always (it costs no sync there); the ``cuda`` backend
+    converts them in one launch (checks as ``validate`` says).
     """
     oh, ow = _check_crop_inputs(x, boxes, flips, out_size, validate=False)
     name = resolve_backend(OP, x.device, backend, NATIVE_OP)
@@ -177,16 +178,15 @@ def crop_resize_flip(
         return torch.ops.lpqld.crop_resize_flip(x, boxes, flips, oh, ow)
     if validate:
         _check_crop_values(boxes, flips)
-    height, width = x.shape[2], x.shape[3]
-    pix = ref.pixel_boxes(boxes, height, width).contiguous()
     flips_b = flips.to(torch.bool).contiguous()
+    if name == "cuda":
+        return torch.ops.lpqld.crop_resize_flip(x, boxes, flips_b, oh, ow)
+    pix = ref.pixel_boxes(boxes, x.shape[2], x.shape[3]).contiguous()
     if name == "reference":
         return ref.crop_resize_flip(x, pix, flips_b, (oh, ow))
-    if name == "triton":
-        if x.requires_grad and torch.is_grad_enabled():
-            return _CropResizeFlip.apply(x, pix, flips_b, oh, ow)
-        return _triton_module().crop_resize_flip_fwd(x, pix, flips_b, oh, ow)
-    return torch.ops.lpqld.crop_resize_flip(x, pix, flips_b, oh, ow)
+    if x.requires_grad and torch.is_grad_enabled():  # triton, the one backend left
+        return _CropResizeFlip.apply(x, pix, flips_b, oh, ow)
+    return _triton_module().crop_resize_flip_fwd(x, pix, flips_b, oh, ow)
 
 
 def crop_resize_flip_gather(
