@@ -51,6 +51,7 @@
 #include "common/checks.h"
 #include "common/op_math.h"
 #include "cpu/label_decode.h"
+#include "cpu/output_pool.h"
 #include "cpu/soft_label_kl_cpu.h"
 #include "cpu/soft_label_kl_rows.h"
 #include "cpu/soft_label_kl_topk.h"
@@ -190,7 +191,9 @@ std::tuple<at::Tensor, at::Tensor> soft_label_kl_fwd_cpu(const at::Tensor& logit
               "soft_label_kl_fwd (CPU): the top-k modes take at most 2^31 - 1 classes, got C = ", C);
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss_rows = at::zeros({B}, logits.options().dtype(acc_dtype));
-  at::Tensor grad = at::empty({B, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  // Pooled: the gradient dies after the student's backward, so the next step reuses its pages; a fresh 41 MiB
+  // tensor (B 1024, C 10450) is mapped and faulted in on every call (~5 ms of a ~15 ms call on the CPU).
+  at::Tensor grad = lpqld::pooled_empty({B, C}, logits.scalar_type());
   if (B == 0) return {loss_rows, grad};
 
   Problem P;
