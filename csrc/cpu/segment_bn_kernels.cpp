@@ -52,29 +52,39 @@ LPQLD_AFFINE_ROWS(double, affine_rows_f64)
       store_from_float(g + c, affine_one(load_as_float(x[c]), sc[c], al[c], hi[c], lo[c]));                   \
     }                                                                                                         \
   }
-// The same for a full block of 64 channels: the partial sums live in registers across the rows (the
-// variable-width loop above loads and stores them per row, ~3x slower on recover's 128-channel maps).
-#define LPQLD_NLC_SUMS64(T, NAME)                                                                             \
-  LPQLD_CLONES void NAME(const T* p, int64_t ldc, int64_t nl, const float* shift, float* a1, float* a2) {     \
-    float b1[64] = {}, b2[64] = {}, sh[64];                                                                   \
-    for (int c = 0; c < 64; ++c) sh[c] = shift[c];                                                            \
-    for (int64_t l = 0; l < nl; ++l) {                                                                        \
-      const T* row = p + l * ldc;                                                                             \
-      _Pragma("omp simd") for (int c = 0; c < 64; ++c) {                                                      \
-        const float d = load_as_float(row[c]) - sh[c];                                                        \
-        b1[c] += d;                                                                                           \
-        b2[c] += d * d;                                                                                       \
+// A whole [nl, 64] channels-last tile at once: per run of `fold` rows the float sums of x - shift and of their
+// squares, added in double into s1, s2 (zeroed here). Per half of 32 channels, so the running sums, the shifts
+// and a row fit AVX2's 16 vector registers (64 channels spilled them); the second half rereads the run's rows
+// from L1. One call per tile, so the fold of each run into double is vectorised per ISA too.
+#define LPQLD_NLC_MOMENTS64(T, NAME)                                                                          \
+  LPQLD_CLONES void NAME(const T* p, int64_t ldc, int64_t nl, int64_t fold, const float* shift, double* s1,   \
+                         double* s2) {                                                                        \
+    for (int c = 0; c < 64; ++c) s1[c] = s2[c] = 0.0;                                                         \
+    for (int64_t l0 = 0; l0 < nl; l0 += fold) {                                                               \
+      const int64_t l1 = l0 + fold < nl ? l0 + fold : nl;                                                     \
+      for (int h = 0; h < 64; h += 32) {                                                                      \
+        float b1[32] = {}, b2[32] = {}, sh[32];                                                               \
+        for (int c = 0; c < 32; ++c) sh[c] = shift[h + c];                                                    \
+        for (int64_t l = l0; l < l1; ++l) {                                                                   \
+          const T* row = p + l * ldc + h;                                                                     \
+          _Pragma("omp simd") for (int c = 0; c < 32; ++c) {                                                  \
+            const float d = load_as_float(row[c]) - sh[c];                                                    \
+            b1[c] += d;                                                                                       \
+            b2[c] += d * d;                                                                                   \
+          }                                                                                                   \
+        }                                                                                                     \
+        _Pragma("omp simd") for (int c = 0; c < 32; ++c) {                                                    \
+          s1[h + c] += static_cast<double>(b1[c]);                                                            \
+          s2[h + c] += static_cast<double>(b2[c]);                                                            \
+        }                                                                                                     \
       }                                                                                                       \
     }                                                                                                         \
-    for (int c = 0; c < 64; ++c) {                                                                            \
-      a1[c] += b1[c];                                                                                         \
-      a2[c] += b2[c];                                                                                         \
-    }                                                                                                         \
   }
+
 LPQLD_NLC_SUMS(float, nlc_sums_f32)
 LPQLD_NLC_SUMS(uint16_t, nlc_sums_bf16)
-LPQLD_NLC_SUMS64(float, nlc_sums64_f32)
-LPQLD_NLC_SUMS64(uint16_t, nlc_sums64_bf16)
+LPQLD_NLC_MOMENTS64(float, nlc_moments64_f32)
+LPQLD_NLC_MOMENTS64(uint16_t, nlc_moments64_bf16)
 LPQLD_NLC_AFFINE(float, nlc_affine_f32)
 LPQLD_NLC_AFFINE(uint16_t, nlc_affine_bf16)
 

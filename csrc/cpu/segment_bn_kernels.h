@@ -58,7 +58,8 @@ void affine_rows_f64(const double* x, double* g, int64_t n, int64_t rows, const 
                      const double* hi, const double* lo);
 #define LPQLD_NLC_DECLS(T, S)                                                                                    \
   void nlc_sums_##S(const T* p, int64_t ldc, int64_t nl, int64_t nc, const float* shift, float* a1, float* a2);  \
-  void nlc_sums64_##S(const T* p, int64_t ldc, int64_t nl, const float* shift, float* a1, float* a2);            \
+  void nlc_moments64_##S(const T* p, int64_t ldc, int64_t nl, int64_t fold, const float* shift, double* s1,      \
+                         double* s2);                                                                            \
   void nlc_affine_##S(const T* x, T* g, int64_t n, const float* sc, const float* al, const float* hi,           \
                       const float* lo);                                                                          \
   void nlc_bn_id_##S(const T* x, T* y, int64_t n, const float* s, const float* b);                              \

@@ -39,22 +39,25 @@ void nlc_tile_moments(const scalar_t* p, int64_t ldc, int64_t L, int64_t nc, con
   const double inv_l = 1.0 / static_cast<double>(L);
   for (int sweep = 0; sweep < 2; ++sweep) {
     for (int64_t c = 0; c < nc; ++c) s1[c] = s2[c] = 0.0;
-    for (int64_t l0 = 0; l0 < L; l0 += kNlcFold) {
+    bool summed = false;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (nc == 64) {
+        nlc_moments64_f32(p, ldc, L, kNlcFold, shift, s1, s2);
+        summed = true;
+      }
+    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (nc == 64) {
+        nlc_moments64_bf16(reinterpret_cast<const uint16_t*>(p), ldc, L, kNlcFold, shift, s1, s2);
+        summed = true;
+      }
+    }
+    for (int64_t l0 = 0; !summed && l0 < L; l0 += kNlcFold) {
       acc_t a1[kNlcBlock] = {}, a2[kNlcBlock] = {};
       const int64_t l1 = std::min(L, l0 + kNlcFold);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (nc == 64) {
-          nlc_sums64_f32(p + l0 * ldc, ldc, l1 - l0, shift, a1, a2);
-        } else {
-          nlc_sums_f32(p + l0 * ldc, ldc, l1 - l0, nc, shift, a1, a2);
-        }
+        nlc_sums_f32(p + l0 * ldc, ldc, l1 - l0, nc, shift, a1, a2);
       } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        const uint16_t* q = reinterpret_cast<const uint16_t*>(p) + l0 * ldc;
-        if (nc == 64) {
-          nlc_sums64_bf16(q, ldc, l1 - l0, shift, a1, a2);
-        } else {
-          nlc_sums_bf16(q, ldc, l1 - l0, nc, shift, a1, a2);
-        }
+        nlc_sums_bf16(reinterpret_cast<const uint16_t*>(p) + l0 * ldc, ldc, l1 - l0, nc, shift, a1, a2);
       } else {
         for (int64_t l = l0; l < l1; ++l) {
           const scalar_t* row = p + l * ldc;

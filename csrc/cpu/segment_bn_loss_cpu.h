@@ -45,7 +45,7 @@ using Layout = SegmentBNLayout;
 // Per-(sample, channel) exact mean and M2 of the channels-last [L, nc] tile p (row stride ldc, nc <=
 // kNlcBlock), the channels in SIMD lanes; `guess` (or null) is a shift near the means. Defined in
 // segment_bn_loss_cpu.cpp for float, double, Half and BFloat16; classwise_moments' channels-last path uses it.
-constexpr int64_t kNlcBlock = 64;  // channels per channels-last task (nlc_sums64_*: register-resident sums)
+constexpr int64_t kNlcBlock = 64;  // channels per channels-last task (nlc_moments64_*: one call per tile)
 template <typename scalar_t>
 void nlc_tile_moments(const scalar_t* p, int64_t ldc, int64_t L, int64_t nc, const double* guess, double* mean,
                       double* m2);
