@@ -100,7 +100,12 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
                  {**base, "name": "LPLD x40 + real-image init", "group": group, "recovery": "classwise-real"},
                  {**base, "name": "LPLD x40 + 1000 student epochs", "group": group,
                   "train": {**lpld_train, "epochs": 1000}},
-                 {**base, "name": "LPLD x40 + 3 teachers", "group": group, "teachers": 3}]
+                 {**base, "name": "LPLD x40 + 3 teachers", "group": group, "teachers": 3},
+                 # the switches that moved every seed, combined (candidates for fashion-mnist-best)
+                 {**base, "name": "LPLD x40 + 1000 epochs + uncertain batches", "group": group,
+                  "relabel": {**base["relabel"], "keep": "uncertain"}, "train": {**lpld_train, "epochs": 1000}},
+                 {**base, "name": "LPLD x40 + 1000 epochs + 3 teachers", "group": group, "teachers": 3,
+                  "train": {**lpld_train, "epochs": 1000}}]
         rows = [base, *extra] if kind == "beyond" else rows + extra
     if kind == "core":
         keep = {"SRe2L x1", "SRe2L x40", "SRe2L x100", "LPLD x1", "LPLD x40", "LPLD x100",
