@@ -106,6 +106,10 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
                   "relabel": {**base["relabel"], "keep": "uncertain"}, "train": {**lpld_train, "epochs": 1000}},
                  {**base, "name": "LPLD x40 + 1000 epochs + 3 teachers", "group": group, "teachers": 3,
                   "train": {**lpld_train, "epochs": 1000}}]
+        # the same switches onto the LPQLD row (top-k labels of more batches at the same bytes)
+        lpqld = next(r for r in rows if r["name"] == "LPQLD x40 MR-5")
+        extra += [{**lpqld, "group": group},
+                  {**lpqld, "name": "LPQLD x40 MR-5 + 3 teachers", "group": group, "teachers": 3}]
         rows = [base, *extra] if kind == "beyond" else rows + extra
     if kind == "core":
         keep = {"SRe2L x1", "SRe2L x40", "SRe2L x100", "LPLD x1", "LPLD x40", "LPLD x100",

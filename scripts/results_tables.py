@@ -107,7 +107,7 @@ def blocks(records: list[dict]) -> dict[str, str]:
     for key, groups in (("pruning", ("SRe2L-style recovery", "LPLD", "LPQLD MR-2", "LPQLD MR-3", "LPQLD MR-5")),
                         ("lpqld-vs-lpld", ("LPQLD vs LPLD at x40", "LPLD", "LPQLD MR-5")),
                         ("ablation", ("ablation",)),
-                        ("beyond", ("beyond the papers", "LPLD"))):
+                        ("beyond", ("beyond the papers", "LPLD", "LPQLD MR-5"))):
         at_x40 = key in ("lpqld-vs-lpld", "beyond")
         sel = [r for r in rows if r["group"] in groups and (not at_x40 or r["factor"] == 40)]
         if key == "beyond" and not any(r["group"] == "beyond the papers" for r in sel):
