@@ -168,9 +168,9 @@ def crop_resize_flip(
     align_corners=False, antialias=False), flipped along W where flips[n].
     Differentiable w.r.t. x (float input) with a hand-written backward. ``validate=False`` skips the value
     checks of boxes and flips (a device sync each on a GPU) for boxes known to be good, e.g. drawn by
-    lpqld_fast.augment; a NaN box is then undefined behaviour. The ``cpp`` backend converts and checks the
-    normalised boxes and the flips inside the kernel, always (it costs no sync there); the ``cuda`` backend
-    converts them in one launch (checks as ``validate`` says).
+    lpqld_fast.augment; a NaN box then gives an unspecified crop inside the image. The ``cpp`` backend converts
+    and checks the normalised boxes and the flips inside the kernel, always (it costs no sync there); the
+    ``cuda`` backend converts them in one launch and checks them as ``validate`` says.
     """
     oh, ow = _check_crop_inputs(x, boxes, flips, out_size, validate=False)
     name = resolve_backend(OP, x.device, backend, NATIVE_OP)
