@@ -105,6 +105,9 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
                  {**base, "name": "LPLD x40 + 1000 epochs + uncertain batches", "group": group,
                   "relabel": {**base["relabel"], "keep": "uncertain"}, "train": {**lpld_train, "epochs": 1000}},
                  {**base, "name": "LPLD x40 + 1000 epochs + 3 teachers", "group": group, "teachers": 3,
+                  "train": {**lpld_train, "epochs": 1000}},
+                 {**base, "name": "LPLD x40 + 1000 epochs + 3 teachers + uncertain batches", "group": group,
+                  "teachers": 3, "relabel": {**base["relabel"], "keep": "uncertain"},
                   "train": {**lpld_train, "epochs": 1000}}]
         # the same switches onto the LPQLD row (top-k labels of more batches at the same bytes)
         lpqld = next(r for r in rows if r["name"] == "LPQLD x40 MR-5")
