@@ -85,8 +85,8 @@ std::string py_float(double v) {
 // Normalised boxes (i/H, j/W, h/H, w/W) -> int64 pixel boxes (i, j, h, w), exactly as
 // lpqld_fast.ops.reference.pixel_boxes computes them: the float32 product with the image size, rounded half to
 // even, h, w >= 1, then clamped inside the image. Done here rather than by ~16 small tensor ops in Python (they
-// were ~40% of a 28x28 replay call). Values outside [0, 1] (NaN included) are refused with the Python layer's
-// message; int64 boxes are already pixel boxes and pass through.
+// and the value checks were more than half of a 28x28 replay call). Values outside [0, 1] (NaN included) are
+// refused with the Python layer's message; int64 boxes are already pixel boxes and pass through.
 at::Tensor pixel_boxes_cpu(const at::Tensor& boxes_in, int64_t h_img, int64_t w_img) {
   if (boxes_in.scalar_type() == at::kLong) return boxes_in.contiguous();
   TORCH_CHECK(boxes_in.dim() == 2 && boxes_in.size(1) == 4, "crop_resize_flip: boxes must be [N, 4], got ",
