@@ -38,12 +38,10 @@ inline const acc_t* chunk_as_acc(const scalar_t* p, int64_t start, int64_t n, ac
 
 using Layout = SegmentBNLayout;
 
-// A channels-last x (common/checks.h is_channels_last_ncl) is read in place by these kernels instead of
-// taking a transposing copy (recover's NHWC teacher: two ~10 ms copies of every 128 x 28 x 28 BN input per
-// iteration, profiled).
-
 // Per-(sample, channel) exact mean and M2 of the channels-last [L, nc] tile p (row stride ldc, nc <=
-// kNlcBlock), the channels in SIMD lanes; `guess` (or null) is a shift near the means. Defined in
+// kNlcBlock), the channels in SIMD lanes, so a channels-last x is read in place (a transposing copy cost recover's
+// NHWC teacher ~10 ms twice per 128 x 28 x 28 BN input per iteration, profiled); `guess` (or null) is a shift
+// near the means. Defined in
 // segment_bn_loss_cpu.cpp for float, double, Half and BFloat16; classwise_moments' channels-last path uses it.
 constexpr int64_t kNlcBlock = 64;  // channels per channels-last task (nlc_moments64_*: one call per tile)
 template <typename scalar_t>
