@@ -26,8 +26,13 @@ Strategies (``strategy``), per class c with n_c training images:
 - ``"ce-quantile"``: IPC images drawn at random (seeded) from quantile
   ``quantile`` (1 = easiest) of ``num_quantiles`` CE quantiles of the class,
   as in the appendix figure (ten quantiles).
+- ``"herding"``: herding on the scoring teacher's penultimate features
+  (L2-normalised, float64; Welling 2009, as iCaRL picks exemplars): each pick
+  keeps the running mean of the picked features closest to the class mean, so
+  the set covers the class as a whole rather than its easiest or a random
+  corner. Deterministic (seed unused); ties go to the lower train-set index.
 
-Scoring teacher (CE strategies): by default the FINAL teacher
+Scoring teacher (CE strategies and herding): by default the FINAL teacher
 ``<squeeze>/teacher.pt``; ``score_epoch=e`` scores with the expert checkpoint
 ``<squeeze>/checkpoints/epoch_{e:03d}.pt`` instead. CE is computed in eval mode
 on the un-augmented, normalised image (``(x/255 - mean)/std``), float32, one
@@ -57,9 +62,10 @@ from lpqld_fast.image_set import Unit, class_stream, finalize_recover, random_cl
 from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save_tensors, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher, load_teacher
 
-__all__ = ["STRATEGIES", "select_real_images", "teacher_cross_entropy", "select_indices", "load_real_indices"]
+__all__ = ["STRATEGIES", "select_real_images", "teacher_cross_entropy", "teacher_features", "select_indices",
+           "herding_order", "load_real_indices"]
 
-STRATEGIES = ("random", "ce-easiest", "ce-quantile")
+STRATEGIES = ("random", "ce-easiest", "ce-quantile", "herding")
 
 
 @torch.no_grad()
@@ -79,16 +85,55 @@ def teacher_cross_entropy(teacher: torch.nn.Module, images_uint8: torch.Tensor, 
     return torch.cat(out) if out else torch.zeros(0)
 
 
+@torch.no_grad()
+def teacher_features(teacher: torch.nn.Module, images_uint8: torch.Tensor, mean, std, batch_size: int = 500,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """Penultimate features (float32 [N, D]) of ``teacher`` (eval mode) on the un-augmented, normalised images."""
+    if not hasattr(teacher, "features"):
+        raise ValueError(f"herding needs a teacher with a features() method; {type(teacher).__name__} has none")
+    was_training = teacher.training
+    teacher.eval()
+    out = []
+    try:
+        for s in range(0, len(images_uint8), batch_size):
+            x = normalize(images_uint8[s:s + batch_size], mean, std).to(device)
+            out.append(teacher.features(x).float().cpu())
+    finally:
+        teacher.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def herding_order(features: torch.Tensor, ipc: int) -> torch.Tensor:
+    """Positions (int64 [ipc]) into ``features`` [n, D] picked by herding towards their mean.
+
+    Features are L2-normalised in float64; pick t minimises || mu - (s + f_i) / t || over the rows not yet
+    picked (s = sum of the picked rows), the first such row on ties.
+    """
+    f = F.normalize(features.double(), dim=1)
+    mu = f.mean(0)
+    taken = torch.zeros(len(f), dtype=torch.bool)
+    picked = []
+    s = torch.zeros_like(mu)
+    for t in range(1, ipc + 1):
+        d = ((mu - (s + f) / t) ** 2).sum(1)
+        d[taken] = float("inf")
+        i = int(torch.argmin(d))  # argmin returns the first minimum
+        picked.append(i)
+        taken[i] = True
+        s += f[i]
+    return torch.tensor(picked, dtype=torch.int64)
+
+
 def _class_name(names, c: int) -> str:
     return f"class {c} ({names[c]})" if names is not None and c < len(names) else f"class {c}"
 
 
 def select_indices(labels: torch.Tensor, num_classes: int, ipc: int, strategy: str = "random", seed: int = 0,
                    scores: torch.Tensor | None = None, quantile: int = 1, num_quantiles: int = 10,
-                   class_names=None) -> list[torch.Tensor]:
+                   class_names=None, features: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per class, the train-set indices (int64) of the selected images, in selection order.
 
-    ``scores`` (float [N], lower = easier) is required by the CE strategies.
+    ``scores`` (float [N], lower = easier) is required by the CE strategies, ``features`` ([N, D]) by herding.
     Raises ValueError naming the class when IPC exceeds what the class (or its
     quantile) holds.
     """
@@ -96,7 +141,10 @@ def select_indices(labels: torch.Tensor, num_classes: int, ipc: int, strategy: s
         raise ValueError(f"ipc must be a positive int, got {ipc!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy != "random":
+    if strategy == "herding":
+        if features is None or features.dim() != 2 or len(features) != len(labels):
+            raise ValueError("strategy 'herding' needs one feature row per image")
+    elif strategy != "random":
         if scores is None or scores.shape != labels.shape:
             raise ValueError(f"strategy {strategy!r} needs one cross-entropy score per image")
     if strategy == "ce-quantile":
@@ -112,6 +160,9 @@ def select_indices(labels: torch.Tensor, num_classes: int, ipc: int, strategy: s
             raise ValueError(f"ipc={ipc} exceeds the {n} training images of {_class_name(class_names, c)}")
         if strategy == "random":
             out.append(random_class_pick(idx, ipc, seed, c))
+            continue
+        if strategy == "herding":
+            out.append(idx[herding_order(features[idx], ipc)])
             continue
         # Rank by CE ascending, ties by train-set index (idx is ascending, so a stable sort keeps it).
         order = idx[torch.sort(scores[idx].double(), stable=True).indices]
@@ -153,7 +204,7 @@ def select_real_images(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if score_epoch is not None and strategy == "random":
-        raise ValueError("score_epoch only applies to the cross-entropy strategies, not 'random'")
+        raise ValueError("score_epoch only applies to the teacher-scored strategies, not 'random'")
     out, squeeze_dir = Path(out), Path(squeeze_dir)
     t0 = time.perf_counter()
     if data_root is None:
@@ -185,12 +236,14 @@ def select_real_images(
             return done
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(state_path, {"run": run_cfg})
-    scores = None
-    if scorer is not None:
+    scores = feats = None
+    if strategy == "herding":
+        feats = teacher_features(scorer.to(device), train.images, train.mean, train.std, device=device)
+    elif scorer is not None:
         scores = teacher_cross_entropy(scorer.to(device), train.images, train.labels, train.mean, train.std,
                                        device=device)
     picked = select_indices(train.labels, train.num_classes, ipc, strategy, seed, scores, quantile, num_quantiles,
-                            getattr(train, "class_names", None))
+                            getattr(train, "class_names", None), features=feats)
     units = []
     for c, idx in enumerate(picked):
         u = Unit(c, torch.full((ipc,), c, dtype=torch.int64), c)

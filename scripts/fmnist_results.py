@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from lpqld_fast.io_utils import atomic_write_json, read_json  # noqa: E402
 from lpqld_fast.pipeline import run_relabel_stage  # noqa: E402
 from lpqld_fast.presets import get_preset  # noqa: E402
+from lpqld_fast.real_images import select_real_images  # noqa: E402
 from lpqld_fast.records import stage_dirs  # noqa: E402
 from lpqld_fast.recover import run_recover  # noqa: E402
 from lpqld_fast.report import run_summary  # noqa: E402
@@ -40,6 +41,8 @@ RECOVERY = {  # name -> recover settings (the image set every row naming it shar
     "cs-only": {"classwise_batching": False, "classwise_supervision": True},
     "classwise-real": {"classwise_batching": True, "classwise_supervision": True, "init": "real"},
 }
+# image sets SELECTED from the real training images (lpqld_fast.real_images), no synthesis: name -> strategy
+REAL_SELECTION = {"real-random": "random", "real-herding": "herding"}
 FACTORS = (1, 10, 20, 40, 100)
 
 
@@ -98,6 +101,8 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
                  {**base, "name": "LPLD x40 + uncertain batches", "group": group,
                   "relabel": {**base["relabel"], "keep": "uncertain"}},
                  {**base, "name": "LPLD x40 + real-image init", "group": group, "recovery": "classwise-real"},
+                 {**base, "name": "LPLD x40 + random real images", "group": group, "recovery": "real-random"},
+                 {**base, "name": "LPLD x40 + herded real images", "group": group, "recovery": "real-herding"},
                  {**base, "name": "LPLD x40 + 1000 student epochs", "group": group,
                   "train": {**lpld_train, "epochs": 1000}},
                  {**base, "name": "LPLD x40 + 3 teachers", "group": group, "teachers": 3},
@@ -215,7 +220,7 @@ def main() -> int:
                     choices=["core", "main", "all", "ablation", "lpqld-vs-lpld", "late-drop", "beyond"],
                     help="core: a few rows; main: every factor and k without the ablations; lpqld-vs-lpld: the "
                          "x40 recipe cells; late-drop: LPQLD x40 MR-5 with and without train.ema; beyond: switches "
-                         "beyond the papers (mixing, real-image start, teacher ensemble, scored pruning, longer "
+                         "beyond the papers (mixing, real-image start or selection, teacher ensemble, scored pruning, longer "
                          "student) onto LPLD x40; all: everything")
     ap.add_argument("--records", default="docs/results/records", help="where the run records go")
     ap.add_argument("--only", default=None, help="substring filter on row names")
@@ -264,14 +269,17 @@ def main() -> int:
                 if path.exists():
                     continue
                 cfg = copy.deepcopy(base)
-                cfg["recover"].update({"ipc": ipc, **RECOVERY[spec["recovery"]]})
+                cfg["recover"].update({"ipc": ipc, **RECOVERY.get(spec["recovery"], {})})
                 cfg["relabel"].update(spec["relabel"])
                 # a stored batch cannot hold more images than the set: IPC1 (10 images) stores batches of 10
                 cfg["relabel"]["batch_size"] = min(cfg["relabel"]["batch_size"], 10 * ipc)
                 cfg["train"].update(spec["train"])
                 rec_dir = root / "recover" / f"{spec['recovery']}-ipc{ipc}-s{seed}"
                 t_row = time.perf_counter()
-                run_recover(cfg, squeeze_dir, rec_dir, seed=seed)
+                if spec["recovery"] in REAL_SELECTION:
+                    select_real_images(cfg, squeeze_dir, rec_dir, seed=seed, strategy=REAL_SELECTION[spec["recovery"]])
+                else:
+                    run_recover(cfg, squeeze_dir, rec_dir, seed=seed)
                 run = root / "rows" / f"ipc{ipc}-s{seed}" / row_slug(spec["name"])
                 row_squeeze = squeeze_dir
                 if spec.get("teachers", 1) > 1:  # the shared teacher plus members, in a squeeze folder of its own

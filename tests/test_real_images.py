@@ -13,7 +13,7 @@ from lpqld_fast.image_set import load_recovered
 from lpqld_fast.io_utils import save_tensors, sha256_tensors
 from lpqld_fast.models.teacher import build_teacher
 from lpqld_fast.pipeline import run_relabel_stage
-from lpqld_fast.real_images import load_real_indices, select_indices, select_real_images
+from lpqld_fast.real_images import herding_order, load_real_indices, select_indices, select_real_images
 from lpqld_fast.records import stage_dirs
 from lpqld_fast.store import LabelStore
 from lpqld_fast.train import run_train
@@ -120,6 +120,52 @@ def test_ce_easiest_picks_lowest_cross_entropy(setup, tmp_path) -> None:
         members = torch.nonzero(train.labels == c).flatten()
         hardest = set(members[torch.argsort(ce1[members])[8:]].tolist())  # quantile 5 of 5 = ranks 8, 9
         assert _class_rows(idx_q, lab_q, c) == hardest
+
+
+def _herding_by_hand(f: torch.Tensor, ipc: int) -> list[int]:
+    """Herding written out: each pick the unpicked row whose addition brings the mean of the picks closest to
+    the mean of all rows (L2-normalised rows, float64), the first such row on ties."""
+    rows = [r / r.norm() for r in f.double()]
+    mu = sum(rows) / len(rows)
+    picked: list[int] = []
+    for t in range(1, ipc + 1):
+        dist = {i: float(((mu - (sum(rows[j] for j in picked) + rows[i]) / t) ** 2).sum())
+                for i in range(len(rows)) if i not in picked}
+        best = min(dist.values())
+        picked.append(min(i for i, d in dist.items() if d == best))
+    return picked
+
+
+@pytest.mark.parametrize("n,d,ipc", [(1, 3, 1), (7, 2, 7), (20, 5, 6), (50, 16, 10)])
+def test_herding_order_matches_hand_written_herding(n, d, ipc) -> None:
+    f = torch.randn(n, d, generator=torch.Generator().manual_seed(n * 100 + d))
+    assert herding_order(f, ipc).tolist() == _herding_by_hand(f, ipc)
+    # Ties (duplicate rows) go to the lower position; the first pick is the row nearest the mean.
+    dup = torch.cat([f[:1], f[:1], f[1:]]) if n > 1 else f
+    assert herding_order(dup, 1).tolist() == _herding_by_hand(dup, 1)
+
+
+def test_herding_selection_uses_teacher_features(setup, tmp_path) -> None:
+    config, sq, train = setup
+    m = select_real_images(config, sq, tmp_path / "h", seed=0, strategy="herding", ipc=3)
+    assert m["recover"]["strategy"] == "herding" and m["recover"]["score_teacher"] == "teacher.pt"
+    _, labels, _ = load_recovered(tmp_path / "h")
+    idx = load_real_indices(tmp_path / "h")
+    teacher = build_teacher(config["squeeze"], train)
+    teacher.load_state_dict(torch.load(sq / "teacher.pt", weights_only=True))
+    teacher.eval()
+    x = (train.images.float() / 255 - torch.tensor(train.mean).view(1, -1, 1, 1)) / torch.tensor(train.std).view(
+        1, -1, 1, 1)
+    with torch.no_grad():
+        feats = teacher.features(x)
+    for c in range(10):
+        members = torch.nonzero(train.labels == c).flatten()
+        want = members[torch.tensor(_herding_by_hand(feats[members], 3))]
+        assert idx[labels == c].tolist() == want.tolist()  # stored in pick order
+    # seed does not enter herding; features are required by select_indices
+    assert torch.equal(torch.cat(select_indices(train.labels, 10, 3, "herding", seed=9, features=feats)), idx)
+    with pytest.raises(ValueError, match="one feature row per image"):
+        select_indices(train.labels, 10, 3, "herding")
 
 
 def test_ipc_larger_than_class_errors(setup, tmp_path) -> None:
