@@ -32,6 +32,7 @@ import torch
 
 from lpqld_fast import distributed, runtime
 from lpqld_fast.models import MODEL_NAMES as _MODELS
+from lpqld_fast.models import TEACHER_MODEL_NAMES as _TEACHERS
 from lpqld_fast.store.quantize import MODES as _LABEL_MODES
 from lpqld_fast.store.quantize import VALUE_DTYPES as _VALUE_DTYPES
 
@@ -71,7 +72,7 @@ def opt(default: Any, help: str, kind: str, *, lo: float | None = None, hi: floa
 class SqueezeConfig:
     """Teacher training (or loading) and the class-wise BN statistics pass."""
 
-    model: str = opt("convnet-bn", "teacher architecture", "choice", choices=_MODELS)
+    model: str = opt("convnet-bn", "teacher architecture (with BatchNorm)", "choice", choices=_TEACHERS)
     width: Any = opt(None, "ConvNet teacher channels (default: the architecture's 128; convnet models only)",
                      "opt_int", lo=1)
     epochs: int = opt(5, "teacher training epochs", "int", lo=1)
@@ -163,7 +164,8 @@ class RelabelConfig:
 class TrainConfig:
     """The student trained on the distilled images and stored labels."""
 
-    model: str = opt("convnet-bn", "student architecture", "choice", choices=_MODELS)
+    model: str = opt("convnet-bn", "student architecture (convnet-in: instance norm, the DC/MTT/KIP evaluation "
+                     "ConvNet)", "choice", choices=_MODELS)
     epochs: int = opt(300, "training epochs (raising it on a finished run trains on)", "int", lo=1)
     optimizer: str = opt("adamw", "student optimizer", "choice", choices=_OPTIMIZERS)
     lr: float = opt(1e-3, "peak learning rate (warmup, then cosine to 0)", "float", lo=0)

@@ -84,3 +84,19 @@ def test_get_model_unknown_name_lists_valid():
         get_model("vit", 10)
     for n in MODEL_NAMES:
         assert n in str(e.value)
+
+
+def test_convnet_in_is_instance_norm_student_only():
+    from torch import nn
+
+    from lpqld_fast.config import check_value
+
+    m = get_model("convnet-in", 10, in_chans=1, image_size=28)
+    assert isinstance(m, ConvNet) and not bn_layers(m)
+    norms = [x for x in m.modules() if isinstance(x, nn.GroupNorm)]
+    assert len(norms) == 3 and all(n.num_groups == n.num_channels == 128 for n in norms)
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    # a student choice; a teacher needs BatchNorm statistics, so squeeze refuses it by name
+    assert check_value("train", "model", "convnet-in") == "convnet-in"
+    with pytest.raises(ValueError, match="convnet-in"):
+        check_value("squeeze", "model", "convnet-in")
