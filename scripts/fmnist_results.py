@@ -225,7 +225,8 @@ def main() -> int:
     ap.add_argument("--records", default="docs/results/records", help="where the run records go")
     ap.add_argument("--only", default=None, help="substring filter on row names")
     ap.add_argument("--name", action="append", default=[], help="exact row name (repeatable): only these rows")
-    ap.add_argument("--set", action="append", default=[], help="preset override stage.key=value for every row")
+    ap.add_argument("--set", action="append", default=[],
+                    help="override stage.key=value for every row, applied after the row's own settings")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
     ap.add_argument("--tag", default=None,
                     help="appended to every row name as ' [TAG]' (records, run folders, tables): rows made under "
@@ -274,6 +275,7 @@ def main() -> int:
                 # a stored batch cannot hold more images than the set: IPC1 (10 images) stores batches of 10
                 cfg["relabel"]["batch_size"] = min(cfg["relabel"]["batch_size"], 10 * ipc)
                 cfg["train"].update(spec["train"])
+                cfg = apply_overrides(cfg, args.set)  # --set wins over the row's own settings
                 rec_dir = root / "recover" / f"{spec['recovery']}-ipc{ipc}-s{seed}"
                 t_row = time.perf_counter()
                 if spec["recovery"] in REAL_SELECTION:
@@ -295,7 +297,8 @@ def main() -> int:
                 teacher = read_json(squeeze_dir / "metrics.json", "squeeze metrics")
                 record = {"name": spec["name"], "group": spec["group"], "ipc": ipc, "seed": seed,
                           "factor": spec["factor"], "recovery": spec["recovery"],
-                          "relabel": spec["relabel"], "train": spec["train"], "command": command,
+                          "relabel": {k: cfg["relabel"][k] for k in spec["relabel"]},
+                          "train": {k: cfg["train"][k] for k in spec["train"]}, "set": args.set, "command": command,
                           **{k: s[k] for k in ("selected_acc", "selection", "best_acc", "last_acc", "total_bytes",
                                                "label_bytes", "image_bytes", "label_compression")},
                           "selected_epoch": metrics["selected_epoch"], "teacher_test_acc": teacher["teacher_test_acc"],
