@@ -23,10 +23,11 @@ from lpqld_fast import config as schema
 from lpqld_fast import distributed
 from lpqld_fast.data import DATASET_NAMES, dataset_info
 from lpqld_fast.io_utils import atomic_write_json, read_json
-from lpqld_fast.pipeline import BASELINE_SETTINGS, check_store_size, run_baseline, run_distill, run_relabel_stage
+from lpqld_fast.pipeline import (BASELINE_SETTINGS, check_store_size, run_baseline, run_distill, run_recover_stage,
+                                 run_relabel_stage)
 from lpqld_fast.presets import DATASET_PRESET, PRESETS, get_preset, preset_overrides
 from lpqld_fast.records import pin_commit, stage_dirs
-from lpqld_fast.recover import check_memory, run_recover
+from lpqld_fast.recover import check_memory
 from lpqld_fast.report import write_report
 from lpqld_fast.runtime import apply_threads, tune_cpu_allocator
 from lpqld_fast.squeeze import run_squeeze
@@ -140,8 +141,8 @@ def _squeeze(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 @command("recover")
 def _recover(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     d = stage_dirs(args.out)
-    return run_recover(config, d["squeeze"], d["recover"], seed=args.seed, device=args.device,
-                       units_at_once=args.units_at_once)
+    return run_recover_stage(config, d["squeeze"], d["recover"], seed=args.seed, device=args.device,
+                             units_at_once=args.units_at_once)
 
 
 @command("relabel")

@@ -123,6 +123,9 @@ class RecoverConfig:
                                       "bool")
     init: str = opt("noise", "initial images: noise (randn) or real (random training images of each image's "
                     "class, picked as the paper-001 baseline picks them)", "choice", choices=("noise", "real"))
+    select: str = opt("none", "none: synthesise (the papers); random / herding / ce-easiest: select IPC real "
+                      "training images per class instead (herding on the teacher's features covers each class; no "
+                      "synthesis, same image storage)", "choice", choices=("none", "random", "herding", "ce-easiest"))
     # Opt-in (not auto): 3x faster passes, but 1.2 points of student accuracy lost in one measured pair
     # (docs/RESULTS.md).
     bf16: Any = opt(False, "bf16 autocast of the teacher passes (auto: where native)", "auto_bool")
@@ -392,6 +395,9 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if out["squeeze"]["width"] is not None and not out["squeeze"]["model"].startswith("convnet"):
         raise ValueError(f"squeeze.width sets a ConvNet teacher's channels; squeeze.model "
                          f"{out['squeeze']['model']!r} has none (leave squeeze.width unset)")
+    if out["recover"]["select"] != "none" and out["recover"]["init"] != "noise":
+        raise ValueError(f"recover.select={out['recover']['select']!r} selects real images without synthesis; "
+                         f"recover.init={out['recover']['init']!r} only applies to synthesis (leave it 'noise')")
     for key in TOP_LEVEL:
         v = out.get(key)
         if v is not None and not isinstance(v, str):

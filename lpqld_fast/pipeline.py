@@ -107,6 +107,19 @@ class StageTimer:
         return out
 
 
+def run_recover_stage(config: dict[str, Any], squeeze_dir: str | Path, out: str | Path, seed: int = 0,
+                      device: str = "cpu", progress: bool = True, units_at_once: int | None = None) -> dict[str, Any]:
+    """The recover stage as ``recover.select`` asks: synthesis (``none``) or real training images selected by
+    that strategy (:func:`lpqld_fast.real_images.select_real_images`, written by rank 0); returns the manifest."""
+    strategy = config["recover"].get("select", "none")
+    if strategy == "none":
+        return run_recover(config, squeeze_dir, out, seed=seed, device=device, progress=progress,
+                           units_at_once=units_at_once)
+    manifest = distributed.on_main(select_real_images, config, squeeze_dir, out, seed=seed, strategy=strategy,
+                                   device=device)  # the other ranks read the set after on_main's barrier
+    return manifest if manifest is not None else read_json(Path(out) / "manifest.json", "recover manifest")
+
+
 def run_distill(config: dict[str, Any], run: str | Path, seed: int = 0, device: str = "cpu",
                 checkpoint: str | None = None, progress: bool = True,
                 units_at_once: int | None = None) -> dict[str, Any]:
@@ -114,8 +127,8 @@ def run_distill(config: dict[str, Any], run: str | Path, seed: int = 0, device: 
     d = stage_dirs(run)
     timed = StageTimer(run)
     timed("squeeze", run_squeeze, config, d["squeeze"], seed=seed, device=device, checkpoint=checkpoint)
-    timed("recover", run_recover, config, d["squeeze"], d["recover"], seed=seed, device=device, progress=progress,
-          units_at_once=units_at_once)
+    timed("recover", run_recover_stage, config, d["squeeze"], d["recover"], seed=seed, device=device,
+          progress=progress, units_at_once=units_at_once)
     timed("relabel", run_relabel_stage, config, run, seed=seed, device=device, progress=progress)
     summary = timed("train", run_train, config, d["recover"], d["relabel"], d["train"], seed=seed, device=device,
                     progress=progress)

@@ -25,11 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lpqld_fast.io_utils import atomic_write_json, read_json  # noqa: E402
-from lpqld_fast.pipeline import run_relabel_stage  # noqa: E402
+from lpqld_fast.pipeline import run_recover_stage, run_relabel_stage  # noqa: E402
 from lpqld_fast.presets import get_preset  # noqa: E402
-from lpqld_fast.real_images import select_real_images  # noqa: E402
 from lpqld_fast.records import stage_dirs  # noqa: E402
-from lpqld_fast.recover import run_recover  # noqa: E402
 from lpqld_fast.report import run_summary  # noqa: E402
 from lpqld_fast.squeeze import run_squeeze  # noqa: E402
 from lpqld_fast.train import run_train  # noqa: E402
@@ -40,9 +38,9 @@ RECOVERY = {  # name -> recover settings (the image set every row naming it shar
     "cb-only": {"classwise_batching": True, "classwise_supervision": False},
     "cs-only": {"classwise_batching": False, "classwise_supervision": True},
     "classwise-real": {"classwise_batching": True, "classwise_supervision": True, "init": "real"},
+    "real-random": {"select": "random"},  # real training images selected, no synthesis (lpqld_fast.real_images)
+    "real-herding": {"select": "herding"},
 }
-# image sets SELECTED from the real training images (lpqld_fast.real_images), no synthesis: name -> strategy
-REAL_SELECTION = {"real-random": "random", "real-herding": "herding"}
 FACTORS = (1, 10, 20, 40, 100)
 
 
@@ -111,6 +109,8 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
                   "relabel": {**base["relabel"], "keep": "uncertain"}, "train": {**lpld_train, "epochs": 1000}},
                  {**base, "name": "LPLD x40 + 1000 epochs + 3 teachers", "group": group, "teachers": 3,
                   "train": {**lpld_train, "epochs": 1000}},
+                 {**base, "name": "LPLD x40 + herded real images + 1000 epochs + 3 teachers", "group": group,
+                  "recovery": "real-herding", "teachers": 3, "train": {**lpld_train, "epochs": 1000}},
                  {**base, "name": "LPLD x40 + 1000 epochs + 3 teachers + uncertain batches", "group": group,
                   "teachers": 3, "relabel": {**base["relabel"], "keep": "uncertain"},
                   "train": {**lpld_train, "epochs": 1000}}]
@@ -270,7 +270,7 @@ def main() -> int:
                 if path.exists():
                     continue
                 cfg = copy.deepcopy(base)
-                cfg["recover"].update({"ipc": ipc, **RECOVERY.get(spec["recovery"], {})})
+                cfg["recover"].update({"ipc": ipc, **RECOVERY[spec["recovery"]]})
                 cfg["relabel"].update(spec["relabel"])
                 # a stored batch cannot hold more images than the set: IPC1 (10 images) stores batches of 10
                 cfg["relabel"]["batch_size"] = min(cfg["relabel"]["batch_size"], 10 * ipc)
@@ -278,10 +278,7 @@ def main() -> int:
                 cfg = apply_overrides(cfg, args.set)  # --set wins over the row's own settings
                 rec_dir = root / "recover" / f"{spec['recovery']}-ipc{ipc}-s{seed}"
                 t_row = time.perf_counter()
-                if spec["recovery"] in REAL_SELECTION:
-                    select_real_images(cfg, squeeze_dir, rec_dir, seed=seed, strategy=REAL_SELECTION[spec["recovery"]])
-                else:
-                    run_recover(cfg, squeeze_dir, rec_dir, seed=seed)
+                run_recover_stage(cfg, squeeze_dir, rec_dir, seed=seed)
                 run = root / "rows" / f"ipc{ipc}-s{seed}" / row_slug(spec["name"])
                 row_squeeze = squeeze_dir
                 if spec.get("teachers", 1) > 1:  # the shared teacher plus members, in a squeeze folder of its own

@@ -179,3 +179,18 @@ def test_ipc_larger_than_class_errors(setup, tmp_path) -> None:
         select_real_images(config, sq, tmp_path / "x", strategy="hardest", ipc=1)
     with pytest.raises(ValueError, match="ipc"):
         select_real_images(config, sq, tmp_path / "x", strategy="random", ipc=0)
+
+
+def test_recover_stage_selects_real_images_when_asked(setup, tmp_path) -> None:
+    from lpqld_fast.config import apply_overrides, check_config
+    from lpqld_fast.pipeline import run_recover_stage
+
+    config, sq, train = setup
+    cfg = apply_overrides(config, ["recover.select=herding", "recover.ipc=2"])
+    m = run_recover_stage(cfg, sq, tmp_path / "r", seed=0)
+    assert m["source"] == "real" and m["recover"]["strategy"] == "herding" and m["num_images"] == 20
+    want = select_real_images(config, sq, tmp_path / "direct", seed=0, strategy="herding", ipc=2)
+    assert m["images_sha256"] == want["images_sha256"]
+    assert run_recover_stage(cfg, sq, tmp_path / "r", seed=0) == m  # a rerun is a no-op
+    with pytest.raises(ValueError, match="recover.init='real' only applies to synthesis"):
+        check_config(apply_overrides(config, ["recover.select=random", "recover.init=real"]))
