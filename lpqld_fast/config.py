@@ -186,8 +186,9 @@ class TrainConfig:
                          "float_or_teacher")
     calibrate_batches: int = opt(1, "last mini-batches the calibration uses", "int", lo=1)
     t2_scale: bool = opt(False, "multiply the KL loss by T^2", "bool")
-    ema: float = opt(0.0, "decay per step of an average of the student's weights (0 = off); evaluations and "
-                     "student.pt then use the averaged weights", "float", lo=0, hi=1, hi_open=True)
+    ema: float = opt(0.0, "decay per step of an average of the student's weights (0 = off; step n uses at most "
+                     "(1+n)/(10+n)); evaluations and student.pt then use the averaged weights", "float", lo=0, hi=1,
+                     hi_open=True)
     hard_labels: bool = opt(False, "baseline: one-hot labels of the replayed images, stored labels ignored", "bool")
     # Under heavy pruning the student replays a few hundred stored crops; mixing pairs of them every step makes
     # each step's input new at no storage cost. The target (and calibration's) is the same mix of the two stored

@@ -20,21 +20,23 @@ def _model() -> nn.Module:
 
 def test_average_matches_the_definition_on_params_and_bn_buffers() -> None:
     model = _model()
-    decay = 0.75
+    decay = 0.5  # below the warm-up's (1+n)/(10+n) from update 9 on: both branches of the min run
     ema = WeightEMA(model, decay)
     want = {k: v.clone().double() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(5):
+    for step in range(12):
         model.train()
         loss = model(torch.randn(6, 1, 8, 8)).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         ema.update(model)
+        d = min(decay, (2 + step) / (11 + step))  # warm-up: update n = step + 1 uses min(decay, (1+n)/(10+n))
         for k, v in model.state_dict().items():
-            want[k] = v.double() if not v.is_floating_point() else decay * want[k] + (1 - decay) * v.double()
+            want[k] = v.double() if not v.is_floating_point() else d * want[k] + (1 - d) * v.double()
     got = ema.state_dict()
-    assert got["1.num_batches_tracked"].item() == 5  # integer buffers are copied, not averaged
+    assert got.pop(WeightEMA.UPDATES_KEY).item() == 12
+    assert got["1.num_batches_tracked"].item() == 12  # integer buffers are copied, not averaged
     for k, v in want.items():
         torch.testing.assert_close(got[k].double(), v, rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
     assert all(not p.requires_grad for p in ema.module.parameters())
@@ -49,6 +51,26 @@ def test_average_is_a_copy_not_a_view() -> None:
             p.add_(1.0)
     for k, v in ema.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_resume_restores_the_count_and_old_checkpoints_skip_the_warm_up() -> None:
+    model = _model()
+    a = WeightEMA(model, 0.99)
+    for _ in range(3):
+        a.update(model)
+    b = WeightEMA(_model(), 0.99)
+    b.load_state_dict(a.state_dict())
+    assert b.updates == 3
+    old = {k: v for k, v in a.state_dict().items() if k != WeightEMA.UPDATES_KEY}  # a checkpoint made before
+    b.load_state_dict(old)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in b.module.state_dict().items()}
+    b.update(model)  # the plain decay 0.99, not the warm-up's (1+n)/(10+n)
+    for (k, v), p in zip(before.items(), model.state_dict().values()):
+        if v.is_floating_point():
+            torch.testing.assert_close(b.module.state_dict()[k], 0.99 * v + 0.01 * p, msg=k)
 
 
 @pytest.mark.parametrize("decay", [0.0, 1.0, -0.5])
@@ -73,6 +95,8 @@ def test_train_with_ema_saves_and_evaluates_the_average(tmp_path, capsys) -> Non
         assert main(["distill", "--out", str(run), *args, "--set", "train.ema=0.5"]) == 0
         last = load_tensors(run / "train" / "last.pt")
         student = load_tensors(run / "train" / "student.pt")
+        n_steps = 3 * 4  # epochs x stored batches per epoch (20 images / 5)
+        assert last["ema"].pop(WeightEMA.UPDATES_KEY).item() == n_steps  # the count resumes with the weights
         assert student.keys() == last["ema"].keys()
         for k in student:  # student.pt is the average, not the last weights
             assert torch.equal(student[k], last["ema"][k]), k
