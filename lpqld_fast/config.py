@@ -123,9 +123,10 @@ class RecoverConfig:
                                       "bool")
     init: str = opt("noise", "initial images: noise (randn) or real (random training images of each image's "
                     "class, picked as the paper-001 baseline picks them)", "choice", choices=("noise", "real"))
-    select: str = opt("none", "none: synthesise (the papers); random / herding / ce-easiest: select IPC real "
-                      "training images per class instead (herding on the teacher's features covers each class; no "
-                      "synthesis, same image storage)", "choice", choices=("none", "random", "herding", "ce-easiest"))
+    select: str = opt("none", "none: synthesise (the papers); random / herding / herding-2x2 / ce-easiest: select "
+                      "IPC real training images per class instead (herding on the teacher's features covers each "
+                      "class; herding-2x2 tiles 4 herded images at half size into each; no synthesis, same image "
+                      "storage)", "choice", choices=("none", "random", "herding", "herding-2x2", "ce-easiest"))
     # Opt-in (not auto): 3x faster passes, but 1.2 points of student accuracy lost in one measured pair
     # (docs/RESULTS.md).
     bf16: Any = opt(False, "bf16 autocast of the teacher passes (auto: where native)", "auto_bool")

@@ -31,6 +31,13 @@ Strategies (``strategy``), per class c with n_c training images:
   keeps the running mean of the picked features closest to the class mean, so
   the set covers the class as a whole rather than its easiest or a random
   corner. Deterministic (seed unused); ties go to the lower train-set index.
+- ``"herding-2x2"``: 4 x IPC images per class picked by herding, each
+  downsampled by 2 (area average, rounded) and tiled 2 x 2 into IPC images of
+  the full size, in herding order (RDED's patch mosaics, Sun et al. 2024,
+  with herding instead of its confidence-ranked crops): four times the real
+  content per class in the same image storage, each at half the resolution.
+  ``indices.pt`` then holds [N, 4] (row-major tiles) instead of [N]. Needs an
+  even image height and width.
 
 Scoring teacher (CE strategies and herding): by default the FINAL teacher
 ``<squeeze>/teacher.pt``; ``score_epoch=e`` scores with the expert checkpoint
@@ -63,9 +70,10 @@ from lpqld_fast.io_utils import atomic_write_json, load_tensors, read_json, save
 from lpqld_fast.models.teacher import build_teacher, load_teacher
 
 __all__ = ["STRATEGIES", "select_real_images", "teacher_cross_entropy", "teacher_features", "select_indices",
-           "herding_order", "load_real_indices"]
+           "herding_order", "mosaic", "load_real_indices"]
 
-STRATEGIES = ("random", "ce-easiest", "ce-quantile", "herding")
+STRATEGIES = ("random", "ce-easiest", "ce-quantile", "herding", "herding-2x2")
+TILES = {"herding-2x2": 2}  # strategies that tile k x k downsampled images into one
 
 
 @torch.no_grad()
@@ -124,6 +132,19 @@ def herding_order(features: torch.Tensor, ipc: int) -> torch.Tensor:
     return torch.tensor(picked, dtype=torch.int64)
 
 
+def mosaic(images_uint8: torch.Tensor, k: int) -> torch.Tensor:
+    """[k*k*M, C, H, W] uint8 -> [M, C, H, W]: each run of k*k images downsampled by k (area average, rounded
+    half to even) and tiled row-major into one image."""
+    n, c, h, w = images_uint8.shape
+    if h % k or w % k:
+        raise ValueError(f"a {k}x{k} mosaic needs image sides divisible by {k}, got {h}x{w}")
+    if n % (k * k):
+        raise ValueError(f"a {k}x{k} mosaic needs a multiple of {k * k} images, got {n}")
+    small = F.avg_pool2d(images_uint8.double(), k).round().to(torch.uint8)  # [n, c, h/k, w/k]
+    small = small.view(n // (k * k), k, k, c, h // k, w // k)  # [M, row, col, C, h', w']
+    return small.permute(0, 3, 1, 4, 2, 5).reshape(n // (k * k), c, h, w).contiguous()
+
+
 def _class_name(names, c: int) -> str:
     return f"class {c} ({names[c]})" if names is not None and c < len(names) else f"class {c}"
 
@@ -141,7 +162,7 @@ def select_indices(labels: torch.Tensor, num_classes: int, ipc: int, strategy: s
         raise ValueError(f"ipc must be a positive int, got {ipc!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy == "herding":
+    if strategy in ("herding", "herding-2x2"):
         if features is None or features.dim() != 2 or len(features) != len(labels):
             raise ValueError("strategy 'herding' needs one feature row per image")
     elif strategy != "random":
@@ -161,7 +182,7 @@ def select_indices(labels: torch.Tensor, num_classes: int, ipc: int, strategy: s
         if strategy == "random":
             out.append(random_class_pick(idx, ipc, seed, c))
             continue
-        if strategy == "herding":
+        if strategy in ("herding", "herding-2x2"):
             out.append(idx[herding_order(features[idx], ipc)])
             continue
         # Rank by CE ascending, ties by train-set index (idx is ascending, so a stable sort keeps it).
@@ -237,23 +258,35 @@ def select_real_images(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(state_path, {"run": run_cfg})
     scores = feats = None
-    if strategy == "herding":
+    if strategy in ("herding", "herding-2x2"):
         feats = teacher_features(scorer.to(device), train.images, train.mean, train.std, device=device)
     elif scorer is not None:
         scores = teacher_cross_entropy(scorer.to(device), train.images, train.labels, train.mean, train.std,
                                        device=device)
-    picked = select_indices(train.labels, train.num_classes, ipc, strategy, seed, scores, quantile, num_quantiles,
-                            getattr(train, "class_names", None), features=feats)
+    k = TILES.get(strategy, 1)
+    if k > 1:
+        mosaic(train.images[:0], k)  # the size check, before the selection's work
+    try:
+        picked = select_indices(train.labels, train.num_classes, ipc * k * k, strategy, seed, scores, quantile,
+                                num_quantiles, getattr(train, "class_names", None), features=feats)
+    except ValueError as e:
+        if k == 1:
+            raise
+        raise ValueError(f"{e} ({strategy} tiles {k * k} training images into each of the ipc={ipc})") from None
+    if k > 1:
+        picked = [idx.view(ipc, k * k) for idx in picked]
     units = []
     for c, idx in enumerate(picked):
         u = Unit(c, torch.full((ipc,), c, dtype=torch.int64), c)
+        images = train.images[idx.flatten()]
+        images = mosaic(images, k) if k > 1 else images.clone()
         save_tensors(out / "units" / f"unit_{c:06d}.pt",
-                     {"images": train.images[idx].clone(), "labels": u.labels.clone(), "indices": idx.clone()})
+                     {"images": images, "labels": u.labels.clone(), "indices": idx.clone()})
         units.append(u)
     save_tensors(out / "indices.pt", {"indices": torch.cat(picked)})  # class-major, as images.pt
     return finalize_recover(out, units, train.num_classes, run_cfg, time.perf_counter() - t0)
 
 
 def load_real_indices(recover_dir: str | Path) -> torch.Tensor:
-    """The train-set index of every row of images.pt of a real-image set."""
+    """The train-set index of every row of images.pt of a real-image set ([N, k*k] for a k x k mosaic)."""
     return load_tensors(Path(recover_dir) / "indices.pt", what="real-image indices")["indices"]

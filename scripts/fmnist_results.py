@@ -40,6 +40,7 @@ RECOVERY = {  # name -> recover settings (the image set every row naming it shar
     "classwise-real": {"classwise_batching": True, "classwise_supervision": True, "init": "real"},
     "real-random": {"select": "random"},  # real training images selected, no synthesis (lpqld_fast.real_images)
     "real-herding": {"select": "herding"},
+    "real-herding-2x2": {"select": "herding-2x2"},
 }
 FACTORS = (1, 10, 20, 40, 100)
 
@@ -101,6 +102,7 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
                  {**base, "name": "LPLD x40 + real-image init", "group": group, "recovery": "classwise-real"},
                  {**base, "name": "LPLD x40 + random real images", "group": group, "recovery": "real-random"},
                  {**base, "name": "LPLD x40 + herded real images", "group": group, "recovery": "real-herding"},
+                 {**base, "name": "LPLD x40 + herded 2x2 mosaics", "group": group, "recovery": "real-herding-2x2"},
                  {**base, "name": "LPLD x40 + 1000 student epochs", "group": group,
                   "train": {**lpld_train, "epochs": 1000}},
                  {**base, "name": "LPLD x40 + 3 teachers", "group": group, "teachers": 3},

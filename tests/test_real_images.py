@@ -194,3 +194,42 @@ def test_recover_stage_selects_real_images_when_asked(setup, tmp_path) -> None:
     assert run_recover_stage(cfg, sq, tmp_path / "r", seed=0) == m  # a rerun is a no-op
     with pytest.raises(ValueError, match="recover.init='real' only applies to synthesis"):
         check_config(apply_overrides(config, ["recover.select=random", "recover.init=real"]))
+
+
+def test_mosaic_tiles_downsampled_images_row_major() -> None:
+    from lpqld_fast.real_images import mosaic
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, 3, 6, 4), dtype=torch.uint8, generator=g)
+    got = mosaic(x, 2)
+    assert got.shape == (2, 3, 6, 4) and got.dtype == torch.uint8
+    for m in range(2):
+        for t in range(4):
+            r, c = divmod(t, 2)
+            tile = x[4 * m + t].double().view(3, 3, 2, 2, 2).mean((2, 4))  # 2x2 area average
+            assert torch.equal(got[m, :, 3 * r:3 * r + 3, 2 * c:2 * c + 2], tile.round().to(torch.uint8))
+    assert torch.equal(mosaic(x, 1), x)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        mosaic(x[:, :, :5], 2)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        mosaic(x[:6], 2)
+
+
+def test_herding_2x2_tiles_the_herding_order(setup, tmp_path) -> None:
+    from lpqld_fast.real_images import mosaic
+
+    config, sq, train = setup
+    m = select_real_images(config, sq, tmp_path / "m", seed=0, strategy="herding-2x2", ipc=2)
+    images, labels, _ = load_recovered(tmp_path / "m")
+    assert m["num_images"] == 20 and images.shape == (20, 1, 28, 28)
+    idx = load_real_indices(tmp_path / "m")
+    assert idx.shape == (20, 4)
+    herded = load_real_indices(select_real_images(config, sq, tmp_path / "h", seed=0, strategy="herding",
+                                                  ipc=8) and tmp_path / "h")
+    for c in range(10):
+        rows = idx[labels == c]
+        assert rows.flatten().tolist() == herded[c * 8:(c + 1) * 8].tolist()  # herding order, 4 per image
+        assert torch.equal(images[labels == c], mosaic(train.images[rows.flatten()], 2))
+        assert bool((train.labels[rows] == c).all())
+    with pytest.raises(ValueError, match="tiles 4 training images into each of the ipc=3"):
+        select_real_images(config, sq, tmp_path / "x", seed=0, strategy="herding-2x2", ipc=3)
