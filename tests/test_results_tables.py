@@ -106,3 +106,17 @@ def test_demo_summary_compares_students_of_one_teacher(tmp_path) -> None:
     assert "teacher seed 0: student selected 79.00 +- 1.00" in text
     assert "teacher seed 1: student selected 70.00" in text
     assert text.count("| fashion-mnist-demo |") == 4
+
+
+def test_screening_block_names_each_screens_own_settings(tmp_path) -> None:
+    base = "python scripts/fmnist_results.py --rows beyond --tag {} --set train.bf16=false --set runtime.threads=1"
+    for name, extra, acc in (("LPLD x40 [screen]", "", 79.45), ("LPLD x40 [t4]", " --set train.t0=4", 79.6)):
+        rec = {"name": name, "seed": 0, "selected_acc": acc, "last_acc": acc - 0.1, "best_acc": acc + 0.2,
+               "teacher_test_acc": 91.38, "command": base.format(name[-3:-1]) + extra,
+               "record": {"commit": "0123456789"}}
+        (tmp_path / f"{name[-3:-1]}.json").write_text(json.dumps(rec))
+    text = rt.screening_block(tmp_path)
+    assert "from 2 records" in text
+    assert "| LPLD x40 [screen] | none (the base) | 0 | 79.45 | 79.35 | 79.65 | 91.38 | 0123456 |" in text
+    assert "| LPLD x40 [t4] | `train.t0=4` | 0 | 79.60 |" in text  # the settings all screens share are left out
+    assert rt.screening_block(tmp_path / "none") == ""
