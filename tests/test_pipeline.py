@@ -140,3 +140,17 @@ def test_train_test_subset_evaluates_on_a_fixed_balanced_subset(tmp_path, synthe
     capsys.readouterr()
     assert main(["train", "--out", str(run), *TINY, "--set", "train.test_subset=-1"]) == 2
     assert "train.test_subset must be an int >= 0 (0 = the whole test split), got -1" in capsys.readouterr().err
+
+
+def test_distill_with_selected_real_images(tmp_path, synthetic_preset) -> None:
+    """recover.select: the recover stage of `lpqld distill` selects herded real images, and every later stage
+    (relabel, train, report) runs on them unchanged."""
+    from lpqld_fast.real_images import load_real_indices
+
+    run = tmp_path / "run"
+    assert main(["distill", "--out", str(run), *TINY, "--set", "recover.select=herding"]) == 0
+    manifest = json.loads((run / "recover" / "manifest.json").read_text())
+    assert manifest["source"] == "real" and manifest["recover"]["strategy"] == "herding"
+    assert load_real_indices(run / "recover").shape == (20,)
+    assert (run / "report" / "REPORT.md").stat().st_size > 0
+    assert 0 <= json.loads((run / "train" / "train_metrics.json").read_text())["selected_acc"] <= 100
