@@ -89,15 +89,16 @@ PRESETS["fashion-mnist-demo"]["squeeze"].update({"width": 64, "epochs": 7})
 PRESETS["fashion-mnist-demo"]["train"]["test_eval"] = "selected"
 
 # The best measured Fashion-MNIST recipe at >= 40x smaller labels than the reference's full labels: LPLD at x40
-# (class-wise recovery, dense fp16 labels of 2.5% of the stored batches, the LPLD label pool, constant T = 20 for
-# teacher and student) with the two switches that moved every seed: three teachers whose mean logits relabel
-# stores (same store size; recovery uses the first teacher) and 1000 student epochs instead of 300. The row
-# "LPLD x40 + 1000 epochs + 3 teachers" of docs/RESULTS.md is this config (IPC10, three seeds, tests/test_presets.py
-# keeps the two equal). Stored CutMix, the former choice, did not hold with a second teacher (+0.9, -2.0, +0.7);
-# student-side mixing, scored pruning and real-image starts are measured there too. The two extra teachers cost
-# two more teacher trainings in squeeze; the student 3.3x the training time.
+# (dense fp16 labels of 2.5% of the stored batches, the LPLD label pool, constant T = 20 for teacher and student)
+# with three switches: real training images selected by herding on the teacher's features instead of synthesised
+# ones (same image storage), three teachers whose mean logits relabel stores (same store size; herding uses the
+# first teacher) and 1000 student epochs instead of 300. The row "LPLD x40 + herded real images + 1000 epochs +
+# 3 teachers" of docs/RESULTS.md is this config (IPC10, three seeds; tests/test_presets.py keeps the two equal).
+# At IPC1 herding loses to synthesis (docs/RESULTS.md), so this preset is for IPC >= 10. The two extra teachers
+# cost two more teacher trainings in squeeze; the student 3.3x the training time.
 PRESETS["fashion-mnist-best"] = copy.deepcopy(PRESETS["fashion-mnist"])
 PRESETS["fashion-mnist-best"]["squeeze"].update({"teachers": 3})
+PRESETS["fashion-mnist-best"]["recover"].update({"select": "herding"})
 PRESETS["fashion-mnist-best"]["relabel"].update({"label": "dense", "prune_ratio": 0.975})
 PRESETS["fashion-mnist-best"]["train"].update({"pool": "lpld", "temperature": "constant", "t0": 20.0,
                                                "calibrate": False, "student_t": "teacher", "epochs": 1000})
