@@ -382,6 +382,8 @@ def run_recover(
     out = Path(out)
     state_path = out / "recover_state.json"
     prev = read_json(state_path, "recover state").get("run") if state_path.exists() else None
+    if prev is not None and prev.get("source") == "real":  # refused before the teacher and statistics load
+        _check_same_run(out, prev, {})
     cfg, notes = recover_config(config["recover"], device, (prev or {}).get("recover"))
     progress = progress and distributed.is_main()  # one progress bar
     squeeze_dir = Path(squeeze_dir)
@@ -513,6 +515,9 @@ def _save_units(unit_dir: Path, group: list[Unit], imgs: torch.Tensor) -> None:
 def _run_diffs(prev: dict[str, Any], run_cfg: dict[str, Any]) -> list[str]:
     """What differs between a recorded recover run and ``run_cfg``: settings (a setting missing from the
     record counts as its default), dataset, seed, teacher."""
+    if prev.get("source") == "real":  # a set select_real_images wrote: its settings are not synthesis settings
+        strategy = prev.get("recover", {}).get("strategy")
+        return [f"recover.select {strategy!r} -> 'none' (the folder holds selected real training images)"]
     diffs = schema.result_diff("recover", prev.get("recover", {}), run_cfg["recover"])
     for key, what in (("dataset", "dataset"), ("seed", "--seed"), ("teacher_sha256", "teacher")):
         if prev.get(key) != run_cfg[key]:

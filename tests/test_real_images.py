@@ -2,6 +2,7 @@
 and the unchanged downstream relabel + train on it (tiny synthetic data)."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -233,3 +234,16 @@ def test_herding_2x2_tiles_the_herding_order(setup, tmp_path) -> None:
         assert bool((train.labels[rows] == c).all())
     with pytest.raises(ValueError, match="tiles 4 training images into each of the ipc=3"):
         select_real_images(config, sq, tmp_path / "x", seed=0, strategy="herding-2x2", ipc=3)
+
+
+def test_synthesis_refuses_a_folder_of_selected_real_images(setup, tmp_path) -> None:
+    """A run whose recover folder holds selected images, rerun with recover.select=none, must not be taken for a
+    finished synthesis (both write the same layout)."""
+    from lpqld_fast.config import apply_overrides
+    from lpqld_fast.pipeline import run_recover_stage
+
+    config, sq, _ = setup
+    cfg = apply_overrides(copy.deepcopy(config), ["recover.ipc=2", "recover.iterations=2"])  # (in place)
+    run_recover_stage(apply_overrides(copy.deepcopy(cfg), ["recover.select=random"]), sq, tmp_path / "r", seed=0)
+    with pytest.raises(ValueError, match="recover.select 'random' -> 'none'"):
+        run_recover_stage(cfg, sq, tmp_path / "r", seed=0)
