@@ -74,6 +74,7 @@ __all__ = ["STRATEGIES", "select_real_images", "teacher_cross_entropy", "teacher
 
 STRATEGIES = ("random", "ce-easiest", "ce-quantile", "herding", "herding-2x2")
 TILES = {"herding-2x2": 2}  # strategies that tile k x k downsampled images into one
+HERDING = ("herding", "herding-2x2")  # the strategies that pick by the teacher's features
 
 
 @torch.no_grad()
@@ -162,9 +163,9 @@ def select_indices(labels: torch.Tensor, num_classes: int, ipc: int, strategy: s
         raise ValueError(f"ipc must be a positive int, got {ipc!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy in ("herding", "herding-2x2"):
+    if strategy in HERDING:
         if features is None or features.dim() != 2 or len(features) != len(labels):
-            raise ValueError("strategy 'herding' needs one feature row per image")
+            raise ValueError(f"strategy {strategy!r} needs one feature row per image")
     elif strategy != "random":
         if scores is None or scores.shape != labels.shape:
             raise ValueError(f"strategy {strategy!r} needs one cross-entropy score per image")
@@ -182,7 +183,7 @@ def select_indices(labels: torch.Tensor, num_classes: int, ipc: int, strategy: s
         if strategy == "random":
             out.append(random_class_pick(idx, ipc, seed, c))
             continue
-        if strategy in ("herding", "herding-2x2"):
+        if strategy in HERDING:
             out.append(idx[herding_order(features[idx], ipc)])
             continue
         # Rank by CE ascending, ties by train-set index (idx is ascending, so a stable sort keeps it).
@@ -231,6 +232,9 @@ def select_real_images(
     if data_root is None:
         data_root = config.get("data_root")
     train = require_in_memory(get_dataset(config["dataset"], "train", root=data_root), "real-image selection")
+    k = TILES.get(strategy, 1)
+    if k > 1:
+        mosaic(train.images[:0], k)  # the size check, before any work
     teacher = load_teacher(squeeze_dir / "teacher.pt", build_teacher(config["squeeze"], train))
     teacher_hash = sha256_tensors(teacher.state_dict())
     rec_cfg: dict[str, Any] = {"source": "real", "strategy": strategy, "ipc": ipc}
@@ -255,17 +259,12 @@ def select_real_images(
         done = read_json(out / "manifest.json", "recover manifest")
         if all(done.get(k) == v for k, v in run_cfg.items()):
             return done
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(state_path, {"run": run_cfg})
     scores = feats = None
-    if strategy in ("herding", "herding-2x2"):
+    if strategy in HERDING:
         feats = teacher_features(scorer.to(device), train.images, train.mean, train.std, device=device)
     elif scorer is not None:
         scores = teacher_cross_entropy(scorer.to(device), train.images, train.labels, train.mean, train.std,
                                        device=device)
-    k = TILES.get(strategy, 1)
-    if k > 1:
-        mosaic(train.images[:0], k)  # the size check, before the selection's work
     try:
         picked = select_indices(train.labels, train.num_classes, ipc * k * k, strategy, seed, scores, quantile,
                                 num_quantiles, getattr(train, "class_names", None), features=feats)
@@ -275,6 +274,9 @@ def select_real_images(
         raise ValueError(f"{e} ({strategy} tiles {k * k} training images into each of the ipc={ipc})") from None
     if k > 1:
         picked = [idx.view(ipc, k * k) for idx in picked]
+    # written once the selection stands: a refused setting (ipc above a class's size) leaves no state behind
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(state_path, {"run": run_cfg})
     units = []
     for c, idx in enumerate(picked):
         u = Unit(c, torch.full((ipc,), c, dtype=torch.int64), c)

@@ -234,6 +234,8 @@ def test_herding_2x2_tiles_the_herding_order(setup, tmp_path) -> None:
         assert bool((train.labels[rows] == c).all())
     with pytest.raises(ValueError, match="tiles 4 training images into each of the ipc=3"):
         select_real_images(config, sq, tmp_path / "x", seed=0, strategy="herding-2x2", ipc=3)
+    assert not (tmp_path / "x").exists()  # nothing written: the corrected command is not refused
+    select_real_images(config, sq, tmp_path / "x", seed=0, strategy="herding-2x2", ipc=1)
 
 
 def test_synthesis_refuses_a_folder_of_selected_real_images(setup, tmp_path) -> None:
