@@ -78,37 +78,35 @@ HERDING = ("herding", "herding-2x2")  # the strategies that pick by the teacher'
 
 
 @torch.no_grad()
-def teacher_cross_entropy(teacher: torch.nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor,
-                          mean, std, batch_size: int = 500, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Per-image CE (float32 [N]) of ``teacher`` (eval mode) on the un-augmented, normalised images."""
-    was_training = teacher.training
-    teacher.eval()
-    out = []
-    try:
-        for s in range(0, len(labels), batch_size):
-            x = normalize(images_uint8[s:s + batch_size], mean, std).to(device)
-            z = teacher(x).float()
-            out.append(F.cross_entropy(z, labels[s:s + batch_size].to(device), reduction="none").cpu())
-    finally:
-        teacher.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-@torch.no_grad()
-def teacher_features(teacher: torch.nn.Module, images_uint8: torch.Tensor, mean, std, batch_size: int = 500,
-                     device: str | torch.device = "cpu") -> torch.Tensor:
-    """Penultimate features (float32 [N, D]) of ``teacher`` (eval mode) on the un-augmented, normalised images."""
-    if not hasattr(teacher, "features"):
-        raise ValueError(f"herding needs a teacher with a features() method; {type(teacher).__name__} has none")
+def _per_image(teacher: torch.nn.Module, images_uint8: torch.Tensor, mean, std, batch_size: int,
+               device: str | torch.device, fn) -> list[torch.Tensor]:
+    """``fn(teacher, x, rows)`` on each batch of normalised, un-augmented images, teacher in eval mode."""
     was_training = teacher.training
     teacher.eval()
     out = []
     try:
         for s in range(0, len(images_uint8), batch_size):
             x = normalize(images_uint8[s:s + batch_size], mean, std).to(device)
-            out.append(teacher.features(x).float().cpu())
+            out.append(fn(teacher, x, slice(s, s + batch_size)).float().cpu())
     finally:
         teacher.train(was_training)
+    return out
+
+
+def teacher_cross_entropy(teacher: torch.nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor,
+                          mean, std, batch_size: int = 500, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Per-image CE (float32 [N]) of ``teacher`` (eval mode) on the un-augmented, normalised images."""
+    out = _per_image(teacher, images_uint8, mean, std, batch_size, device, lambda t, x, rows: F.cross_entropy(
+        t(x).float(), labels[rows].to(x.device), reduction="none"))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def teacher_features(teacher: torch.nn.Module, images_uint8: torch.Tensor, mean, std, batch_size: int = 500,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """Penultimate features (float32 [N, D]) of ``teacher`` (eval mode) on the un-augmented, normalised images."""
+    if not hasattr(teacher, "features"):
+        raise ValueError(f"herding needs a teacher with a features() method; {type(teacher).__name__} has none")
+    out = _per_image(teacher, images_uint8, mean, std, batch_size, device, lambda t, x, rows: t.features(x))
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 

@@ -47,6 +47,16 @@ def _class_rows(indices: torch.Tensor, labels: torch.Tensor, c: int) -> set[int]
     return set(indices[labels == c].tolist())
 
 
+def _eval_teacher(config, sq, train, name: str = "teacher.pt"):
+    """The saved teacher in eval mode and the training images as it sees them: (x/255 - mean)/std."""
+    teacher = build_teacher(config["squeeze"], train)
+    teacher.load_state_dict(torch.load(sq / name, weights_only=True))
+    teacher.eval()
+    x = (train.images.float() / 255 - torch.tensor(train.mean).view(1, -1, 1, 1)) / torch.tensor(train.std).view(
+        1, -1, 1, 1)
+    return teacher, x
+
+
 def test_random_selection_is_seeded_with_ipc_per_class_and_trains(setup, tmp_path) -> None:
     config, sq, train = setup
     m = select_real_images(config, sq, tmp_path / "a", seed=3, strategy="random", ipc=4)
@@ -94,11 +104,7 @@ def test_ce_easiest_picks_lowest_cross_entropy(setup, tmp_path) -> None:
     idx = load_real_indices(tmp_path / "e")
     assert manifest["recover"]["score_teacher"] == "teacher.pt"
     # Hand computation: (x/255 - mean)/std, teacher in eval mode, CE per image, 3 lowest per class.
-    teacher = build_teacher(config["squeeze"], train)
-    teacher.load_state_dict(torch.load(sq / "teacher.pt", weights_only=True))
-    teacher.eval()
-    x = (train.images.float() / 255 - torch.tensor(train.mean).view(1, -1, 1, 1)) / torch.tensor(train.std).view(
-        1, -1, 1, 1)
+    teacher, x = _eval_teacher(config, sq, train)
     with torch.no_grad():
         ce = F.cross_entropy(teacher(x), train.labels, reduction="none")
     for c in range(10):
@@ -152,11 +158,7 @@ def test_herding_selection_uses_teacher_features(setup, tmp_path) -> None:
     assert m["recover"]["strategy"] == "herding" and m["recover"]["score_teacher"] == "teacher.pt"
     _, labels, _ = load_recovered(tmp_path / "h")
     idx = load_real_indices(tmp_path / "h")
-    teacher = build_teacher(config["squeeze"], train)
-    teacher.load_state_dict(torch.load(sq / "teacher.pt", weights_only=True))
-    teacher.eval()
-    x = (train.images.float() / 255 - torch.tensor(train.mean).view(1, -1, 1, 1)) / torch.tensor(train.std).view(
-        1, -1, 1, 1)
+    teacher, x = _eval_teacher(config, sq, train)
     with torch.no_grad():
         feats = teacher.features(x)
     for c in range(10):
