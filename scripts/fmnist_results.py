@@ -111,6 +111,8 @@ def rows_for(kind: str, num_classes: int, n_images: int) -> list[dict]:
                   "relabel": {**base["relabel"], "keep": "uncertain"}, "train": {**lpld_train, "epochs": 1000}},
                  {**base, "name": "LPLD x40 + 1000 epochs + 3 teachers", "group": group, "teachers": 3,
                   "train": {**lpld_train, "epochs": 1000}},
+                 {**base, "name": "LPLD x40 + herded real images + 3 teachers", "group": group,
+                  "recovery": "real-herding", "teachers": 3},
                  {**base, "name": "LPLD x40 + herded real images + 1000 epochs + 3 teachers", "group": group,
                   "recovery": "real-herding", "teachers": 3, "train": {**lpld_train, "epochs": 1000}},
                  {**base, "name": "LPLD x40 + 1000 epochs + 3 teachers + uncertain batches", "group": group,
