@@ -168,7 +168,7 @@ def plot_accuracy_vs_storage(rows: list[dict[str, Any]], path: Path, title: str 
     ax.set_xscale("log")
     ax.set_xlabel("total storage, images + labels (KiB)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)  # the long table titles fit the figure
     if any(groups) or references:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
