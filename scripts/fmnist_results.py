@@ -224,8 +224,8 @@ def main() -> int:
                     choices=["core", "main", "all", "ablation", "lpqld-vs-lpld", "late-drop", "beyond"],
                     help="core: a few rows; main: every factor and k without the ablations; lpqld-vs-lpld: the "
                          "x40 recipe cells; late-drop: LPQLD x40 MR-5 with and without train.ema; beyond: switches "
-                         "beyond the papers (mixing, real-image start or selection, teacher ensemble, scored pruning, longer "
-                         "student) onto LPLD x40; all: everything")
+                         "beyond the papers (mixing, real-image start or selection, teacher ensemble, scored "
+                         "pruning, longer student) onto LPLD x40; all: everything")
     ap.add_argument("--records", default="docs/results/records", help="where the run records go")
     ap.add_argument("--only", default=None, help="substring filter on row names")
     ap.add_argument("--name", action="append", default=[], help="exact row name (repeatable): only these rows")
