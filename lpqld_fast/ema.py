@@ -9,7 +9,7 @@ The decay warms up as TensorFlow's ExponentialMovingAverage(num_updates) does:
 update n uses min(decay, (1 + n) / (10 + n)). Without it the initial weights
 keep a share decay**n: a Fashion-MNIST IPC10 student makes only 2 steps per
 epoch, so at decay 0.999 after 300 epochs 55% of the "average" was the random
-initialisation and it evaluated at 13% (the plain student: 79%).
+initialisation and it evaluated at 13% (the plain student: 79%; docs/RESULTS.md "Screens").
 """
 from __future__ import annotations
 

@@ -149,8 +149,8 @@ def folder_lock(folder: str | os.PathLike, stage: str, enabled: bool = True) -> 
     second now fails (after ``LOCK_PATIENCE_S``) with ``FolderInUse`` naming the holder. The lock is a ``flock``
     on a file in the temp directory keyed by the folder's real path, so nothing is written into the folder (a
     refused command leaves it as it was) and a killed holder releases it with its process. It guards one machine
-    and one user: under torchrun only rank 0 takes it (``enabled``). Re-entrant within a process. Where no lock can be taken
-    (no fcntl, a read-only temp directory) the stage runs unguarded, with a warning.
+    and one user: under torchrun only rank 0 takes it (``enabled``). Re-entrant within a process. Where no lock
+    can be taken (no fcntl, a read-only temp directory) the stage runs unguarded, with a warning.
     """
     if not enabled:
         yield

@@ -131,12 +131,16 @@ def herding_order(features: torch.Tensor, ipc: int) -> torch.Tensor:
     return torch.tensor(picked, dtype=torch.int64)
 
 
+def _check_tile_sides(h: int, w: int, k: int) -> None:
+    if h % k or w % k:
+        raise ValueError(f"a {k}x{k} mosaic needs image sides divisible by {k}, got {h}x{w}")
+
+
 def mosaic(images_uint8: torch.Tensor, k: int) -> torch.Tensor:
     """[k*k*M, C, H, W] uint8 -> [M, C, H, W]: each run of k*k images downsampled by k (area average, rounded
     half to even) and tiled row-major into one image."""
     n, c, h, w = images_uint8.shape
-    if h % k or w % k:
-        raise ValueError(f"a {k}x{k} mosaic needs image sides divisible by {k}, got {h}x{w}")
+    _check_tile_sides(h, w, k)
     if n % (k * k):
         raise ValueError(f"a {k}x{k} mosaic needs a multiple of {k * k} images, got {n}")
     small = F.avg_pool2d(images_uint8.double(), k).round().to(torch.uint8)  # [n, c, h/k, w/k]
@@ -231,8 +235,7 @@ def select_real_images(
         data_root = config.get("data_root")
     train = require_in_memory(get_dataset(config["dataset"], "train", root=data_root), "real-image selection")
     k = TILES.get(strategy, 1)
-    if k > 1:
-        mosaic(train.images[:0], k)  # the size check, before any work
+    _check_tile_sides(*train.images.shape[-2:], k)  # before any work
     teacher = load_teacher(squeeze_dir / "teacher.pt", build_teacher(config["squeeze"], train))
     teacher_hash = sha256_tensors(teacher.state_dict())
     rec_cfg: dict[str, Any] = {"source": "real", "strategy": strategy, "ipc": ipc}

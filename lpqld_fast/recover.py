@@ -383,7 +383,7 @@ def run_recover(
     state_path = out / "recover_state.json"
     prev = read_json(state_path, "recover state").get("run") if state_path.exists() else None
     if prev is not None and prev.get("source") == "real":  # refused before the teacher and statistics load
-        _check_same_run(out, prev, {})
+        _check_same_run(out, prev, {})  # _run_diffs names a selected set without reading the new run's config
     cfg, notes = recover_config(config["recover"], device, (prev or {}).get("recover"))
     progress = progress and distributed.is_main()  # one progress bar
     squeeze_dir = Path(squeeze_dir)

@@ -80,7 +80,8 @@ def test_best_preset_is_the_measured_row() -> None:
         "fmnist_results", Path(__file__).resolve().parents[1] / "scripts/fmnist_results.py")
     fr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fr)
-    row = next(r for r in fr.rows_for("beyond", 10, 100) if r["name"] == "LPLD x40 + herded real images + 1000 epochs + 3 teachers")
+    name = "LPLD x40 + herded real images + 1000 epochs + 3 teachers"
+    row = next(r for r in fr.rows_for("beyond", 10, 100) if r["name"] == name)
     made = copy.deepcopy(get_preset("fashion-mnist"))
     made["squeeze"]["teachers"] = row.get("teachers", 1)
     made["relabel"].update(row["relabel"])
